@@ -1,2 +1,13 @@
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod console;
+pub mod edge;
 pub mod http;
+pub mod preview;
+pub mod projects;
+pub mod sandbox;
+pub mod startup;
+pub mod store;
+pub mod terminal;
 pub mod user;

@@ -1,1 +1,144 @@
-fn main() {}
+//! The `sandboxd` command: parses arguments, loads the configuration and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use sandboxd::api::auth::{self, Auth};
+use sandboxd::config::{parse_duration, Config};
+use sandboxd::user::UserId;
+
+#[derive(Parser)]
+#[command(
+    name = "sandboxd",
+    version,
+    about = "Per-user Docker sandboxes behind one Rust edge"
+)]
+struct Cli {
+    /// Configuration file (default: $SANDBOXD_CONFIG, else config/sandboxd.toml when present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve,
+    /// Print a bearer token for a user.
+    Token {
+        user: String,
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Manage the sandbox image.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build the sandbox image (skipped when it is up to date).
+    Build {
+        /// Build the base from Debian packages instead of pulling node:20.
+        #[arg(long)]
+        offline: bool,
+        /// Rebuild even when up to date.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    let path = path
+        .or_else(|| std::env::var_os("SANDBOXD_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("config/sandboxd.toml");
+            p.exists().then_some(p)
+        });
+    Config::load(path.as_deref(), std::env::vars())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDBOXD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandboxd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = load_config(cli.config)?;
+    match cli.cmd {
+        Cmd::Serve => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve(cfg))
+        }
+        Cmd::Token { user, ttl } => {
+            let user = UserId::parse(&user).context("invalid user id")?;
+            let ttl: Duration =
+                parse_duration(&ttl).context("invalid --ttl (e.g. 30m, 24h, 7d)")?;
+            let auth = Auth::new(&auth::load_secret(&cfg)?);
+            println!("{}", auth.issue(&user, ttl)?);
+            Ok(())
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Build { offline, force },
+        } => {
+            let script = PathBuf::from("sandbox-image/build.sh");
+            if !script.exists() {
+                bail!("sandbox-image/build.sh not found: run this from the sandboxd checkout");
+            }
+            let mut c = std::process::Command::new("bash");
+            c.arg(&script).env("SANDBOXD_IMAGE", &cfg.image);
+            if offline {
+                c.arg("--offline");
+            }
+            if force {
+                c.arg("--force");
+            }
+            let status = c.status().context("running sandbox-image/build.sh")?;
+            if !status.success() {
+                bail!("image build failed ({status})");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let running = sandboxd::startup::build(cfg).await?;
+    let cfg = running.app.cfg.clone();
+    if let Some(a) = running.http_addr {
+        tracing::info!("listening on http://{a}");
+    }
+    if let Some(a) = running.https_addr {
+        tracing::info!("listening on https://{a}");
+    }
+    if let Some(ca) = &running.dev_ca {
+        tracing::info!(
+            "development CA: {} (trust it: cp it to /usr/local/share/ca-certificates/sandboxd-dev.crt && update-ca-certificates, or curl --cacert {})",
+            ca.display(),
+            ca.display()
+        );
+    }
+    tracing::info!(domain = %cfg.domain, preview = %format!("user-<id>.{}", cfg.preview_domain), "ready");
+    running.run_until_signal().await
+}

@@ -1,0 +1,300 @@
+//! Handlers of the sandbox API. DTOs (the JSON shapes) live here, at the edge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::{json, read_body, Endpoint};
+use crate::app::App;
+use crate::http::Body;
+use crate::sandbox::exec::{ExecRequest, ExecResult};
+use crate::sandbox::Sandbox;
+use crate::user::UserId;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InitResponse {
+    container_id: String,
+    user_id: String,
+    state: &'static str,
+    preview_url: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusResponse {
+    container_id: String,
+    user_id: String,
+    state: &'static str,
+    created_at: String,
+    last_activity: String,
+    preview_url: String,
+    limits: LimitsDto,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LimitsDto {
+    memory_bytes: i64,
+    cpus: f64,
+    pids: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExecuteResponse {
+    output: String,
+    error: String,
+    exit_code: Option<i64>,
+    timed_out: bool,
+    truncated: bool,
+    oom_killed: bool,
+    duration_ms: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventDto {
+    kind: String,
+    reason: Option<String>,
+    container_id: Option<String>,
+    at: String,
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
+    match app.mgr.health().await {
+        Ok(()) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "health check failed");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unhealthy",
+                format!("{e:#}"),
+            ))
+        }
+    }
+}
+
+pub async fn dispatch(
+    app: &Arc<App>,
+    endpoint: Endpoint,
+    user: &UserId,
+    req: Request<Incoming>,
+    param: Option<String>,
+) -> Result<Response<Body>> {
+    app.mgr.touch(user);
+    match endpoint {
+        Endpoint::Init => init(app, user).await,
+        Endpoint::Execute => execute(app, user, req).await,
+        Endpoint::Status => status(app, user).await,
+        Endpoint::Exit => exit(app, user).await,
+        Endpoint::Events => events(app, user).await,
+        Endpoint::Projects => crate::projects::create(app, user, req).await,
+        Endpoint::Job => crate::projects::job(app, user, param.as_deref().unwrap_or("")).await,
+        Endpoint::PreviewLink => crate::preview::link(app, user).await,
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+fn init_response(app: &App, sb: &Sandbox) -> InitResponse {
+    InitResponse {
+        container_id: sb.container_id.clone(),
+        user_id: sb.user.to_string(),
+        state: sb.state.as_str(),
+        preview_url: app.mgr.preview_url(&sb.user),
+    }
+}
+
+async fn init(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+    let sb = app.mgr.ensure_running(user).await?;
+    Ok(json(StatusCode::OK, &init_response(app, &sb)))
+}
+
+async fn status(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+    let sb = app.mgr.status(user).await?;
+    let l = &app.cfg.limits;
+    Ok(json(
+        StatusCode::OK,
+        &StatusResponse {
+            container_id: sb.container_id.clone(),
+            user_id: user.to_string(),
+            state: sb.state.as_str(),
+            created_at: rfc3339(sb.created_at),
+            last_activity: rfc3339(sb.last_activity),
+            preview_url: app.mgr.preview_url(user),
+            limits: LimitsDto {
+                memory_bytes: l.memory_bytes,
+                cpus: l.nano_cpus as f64 / 1e9,
+                pids: l.pids,
+            },
+        },
+    ))
+}
+
+async fn exit(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+    let removed = app.mgr.exit(user).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"userId": user.as_str(), "removed": removed, "state": "removed"}),
+    ))
+}
+
+async fn events(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+    let rows = app.mgr.store().events(user, 100).await?;
+    let list: Vec<EventDto> = rows
+        .into_iter()
+        .map(|e| EventDto {
+            kind: e.kind,
+            reason: e.reason,
+            container_id: e.container_id,
+            at: rfc3339(e.at),
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &serde_json::json!({ "events": list })))
+}
+
+/// Parses and validates an execute request body.
+pub fn parse_execute(
+    body: &[u8],
+    default_timeout: Duration,
+    max_timeout: Duration,
+    max_code: usize,
+) -> Result<ExecRequest> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_json(format!("body is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
+    for key in obj.keys() {
+        if !["code", "timeoutMs", "encoding"].contains(&key.as_str()) {
+            return Err(ApiError::invalid(format!("unknown field {key:?}")));
+        }
+    }
+    let code = obj
+        .get("code")
+        .ok_or_else(|| ApiError::invalid("field \"code\" is required"))?
+        .as_str()
+        .ok_or_else(|| ApiError::invalid("field \"code\" must be a string"))?;
+    let code = match obj.get("encoding").map(|e| e.as_str()) {
+        None | Some(Some("utf8")) | Some(Some("utf-8")) => code.as_bytes().to_vec(),
+        Some(Some("base64")) => base64::engine::general_purpose::STANDARD
+            .decode(code)
+            .map_err(|_| ApiError::invalid("field \"code\" is not valid base64"))?,
+        _ => {
+            return Err(ApiError::invalid(
+                "field \"encoding\" must be \"utf8\" or \"base64\"",
+            ))
+        }
+    };
+    if code.len() > max_code {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "code_too_large",
+            format!("code is larger than {max_code} bytes"),
+        ));
+    }
+    let max_ms = max_timeout.as_millis() as u64;
+    let timeout = match obj.get("timeoutMs") {
+        None | Some(Value::Null) => default_timeout,
+        Some(t) => {
+            let ms = t
+                .as_u64()
+                .filter(|ms| (1..=max_ms).contains(ms))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "field \"timeoutMs\" must be an integer from 1 to {max_ms}"
+                    ))
+                })?;
+            Duration::from_millis(ms)
+        }
+    };
+    Ok(ExecRequest { code, timeout })
+}
+
+async fn execute(app: &Arc<App>, user: &UserId, req: Request<Incoming>) -> Result<Response<Body>> {
+    let body = read_body(req, app.cfg.max_body_bytes).await?;
+    let er = parse_execute(
+        &body,
+        app.cfg.exec_timeout,
+        app.cfg.exec_max_timeout,
+        app.cfg.exec_max_code_bytes,
+    )?;
+    let r: ExecResult = app.mgr.execute(user, er).await?;
+    Ok(json(
+        StatusCode::OK,
+        &ExecuteResponse {
+            output: String::from_utf8_lossy(&r.stdout).into_owned(),
+            error: String::from_utf8_lossy(&r.stderr).into_owned(),
+            exit_code: r.exit_code,
+            timed_out: r.timed_out,
+            truncated: r.truncated,
+            oom_killed: r.oom_killed,
+            duration_ms: r.duration_ms,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<ExecRequest> {
+        parse_execute(
+            body.as_bytes(),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn execute_validation() {
+        assert_eq!(
+            parse(r#"{"code":"1"}"#).unwrap().timeout,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            parse(r#"{"code":"1","timeoutMs":250}"#).unwrap().timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse("{").unwrap_err().status, StatusCode::BAD_REQUEST);
+        for bad in [
+            r#"[]"#,
+            r#"{}"#,
+            r#"{"code":1}"#,
+            r#"{"code":"1","timeoutMs":0}"#,
+            r#"{"code":"1","timeoutMs":-5}"#,
+            r#"{"code":"1","timeoutMs":1e12}"#,
+            r#"{"code":"1","timeoutMs":60001}"#,
+            r#"{"code":"1","timeoutMs":"100"}"#,
+            r#"{"code":"1","timeoutMs":1.5}"#,
+            r#"{"code":"1","extra":true}"#,
+            r#"{"code":"!!","encoding":"base64"}"#,
+            r#"{"code":"1","encoding":"rot13"}"#,
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        }
+        let r = parse(r#"{"code":"/w==","encoding":"base64"}"#).unwrap();
+        assert_eq!(r.code, vec![0xff]);
+        let big = format!(r#"{{"code":"{}"}}"#, "x".repeat((1 << 20) + 1));
+        assert_eq!(
+            parse(&big).unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! The application behind the edge: routes each request by Host to the API (and terminal and
+//! console) on the main host, or to the preview proxy on a user's preview host.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::HOST;
+use hyper::{Request, Response, StatusCode};
+
+use crate::api::{self, auth::Auth, error::ApiError};
+use crate::config::Config;
+use crate::edge::listener::{ConnInfo, Handler};
+use crate::edge::router::{self, normalize_host, request_host, Route, RouterConfig};
+use crate::http::Body;
+use crate::sandbox::Manager;
+
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub mgr: Arc<Manager>,
+    pub auth: Auth,
+    pub router: RouterConfig,
+    pub api: api::Table,
+    pub preview: crate::preview::Proxy,
+    pub jobs: crate::projects::Jobs,
+}
+
+impl App {
+    pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Arc<App> {
+        let mut main_hosts = vec![cfg.domain.clone()];
+        if cfg.domain == "localhost" {
+            main_hosts.extend(["127.0.0.1".to_owned(), "::1".to_owned()]);
+        }
+        let router = RouterConfig {
+            main_hosts,
+            preview_domain: cfg.preview_domain.clone(),
+            extra_ports: cfg.preview_extra_ports.clone(),
+        };
+        Arc::new(App {
+            preview: crate::preview::Proxy::new(&cfg),
+            jobs: crate::projects::Jobs::default(),
+            cfg,
+            mgr,
+            auth,
+            router,
+            api: api::Table::new(),
+        })
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<Body> {
+        // Header smuggling guards: one Host only, and an absolute-form URI must name the same
+        // host as the Host header. (hyper already refuses CR/LF inside header values.)
+        let mut hosts = req.headers().get_all(HOST).iter();
+        let first_host = hosts.next();
+        if hosts.next().is_some() {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_host",
+                "more than one Host header",
+            )
+            .into_response();
+        }
+        if let (Some(authority), Some(h)) = (req.uri().authority(), first_host) {
+            let same = h
+                .to_str()
+                .ok()
+                .and_then(normalize_host)
+                .zip(normalize_host(authority.as_str()))
+                .is_some_and(|(a, b)| a == b);
+            if !same {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_host",
+                    "URI authority and Host differ",
+                )
+                .into_response();
+            }
+        }
+        match router::route(&self.router, request_host(&req)) {
+            Route::Main => api::handle(&self, req, conn).await,
+            Route::Preview { user, port } => {
+                crate::preview::handle(&self, req, conn, user, port).await
+            }
+            Route::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_host", "no such host").into_response()
+            }
+        }
+    }
+}
+
+/// Adapter: the listener holds an `Arc<dyn Handler>`.
+pub struct AppHandler(pub Arc<App>);
+
+impl Handler for AppHandler {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+        Box::pin(self.0.clone().handle(req, conn))
+    }
+}

@@ -1,0 +1,590 @@
+//! Configuration: `config/sandboxd.toml` (every key documented there) overlaid with
+//! `SANDBOXD_<KEY>` environment variables, validated into [`Config`].
+//!
+//! The file and the environment share one flat namespace: the TOML key `max_containers` is the
+//! variable `SANDBOXD_MAX_CONTAINERS`. Unknown keys (in the file or as `SANDBOXD_*` variables) and
+//! invalid values stop start-up with a message naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+
+/// Environment variables with the prefix that are not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &["SANDBOXD_CONFIG", "SANDBOXD_LOG"];
+/// Variables under this prefix belong to the test harness and are ignored here.
+const ENV_TEST_PREFIX: &str = "SANDBOXD_TEST_";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Int,
+    Float,
+    Bool,
+    Duration,
+    List,
+}
+
+/// Every key, its kind and its default (as TOML text). `config/sandboxd.toml` documents them;
+/// a unit test checks that the file and this table agree.
+const KEYS: &[(&str, Kind, &str)] = &[
+    ("http_addr", Kind::Str, "\"127.0.0.1:8080\""),
+    ("https_addr", Kind::Str, "\"\""),
+    ("domain", Kind::Str, "\"localhost\""),
+    ("preview_domain", Kind::Str, "\"preview.localhost\""),
+    ("public_url", Kind::Str, "\"\""),
+    ("database_url", Kind::Str, "\"sqlite://data/sandboxd.db\""),
+    ("workspaces_dir", Kind::Str, "\"workspaces\""),
+    ("instance", Kind::Str, "\"sandboxd\""),
+    ("auth_secret", Kind::Str, "\"\""),
+    ("auth_secret_file", Kind::Str, "\"data/auth-secret\""),
+    ("image", Kind::Str, "\"sandboxd-sandbox:latest\""),
+    ("max_containers", Kind::Int, "20"),
+    ("certs_dir", Kind::Str, "\"certs\""),
+    ("memory_mb", Kind::Int, "512"),
+    ("cpus", Kind::Float, "0.5"),
+    ("pids_limit", Kind::Int, "128"),
+    ("nofile_limit", Kind::Int, "1024"),
+    ("fsize_limit_mb", Kind::Int, "1024"),
+    ("tmp_size_mb", Kind::Int, "256"),
+    ("home_size_mb", Kind::Int, "512"),
+    ("stop_timeout", Kind::Duration, "\"2s\""),
+    ("exec_timeout", Kind::Duration, "\"10s\""),
+    ("exec_max_timeout", Kind::Duration, "\"60s\""),
+    ("exec_max_output_bytes", Kind::Int, "1048576"),
+    ("exec_max_code_bytes", Kind::Int, "8388608"),
+    ("exec_per_user", Kind::Int, "4"),
+    ("max_body_bytes", Kind::Int, "10485760"),
+    ("start_timeout", Kind::Duration, "\"30s\""),
+    ("idle_pause_after", Kind::Duration, "\"5m\""),
+    ("idle_stop_after", Kind::Duration, "\"30m\""),
+    ("idle_check_every", Kind::Duration, "\"10s\""),
+    ("header_read_timeout", Kind::Duration, "\"10s\""),
+    ("tls_handshake_timeout", Kind::Duration, "\"10s\""),
+    ("shutdown_grace", Kind::Duration, "\"10s\""),
+    ("cert_reload_every", Kind::Duration, "\"5s\""),
+    ("max_connections", Kind::Int, "10000"),
+    ("allowed_origins", Kind::List, "[]"),
+    ("terminal_max_frame_bytes", Kind::Int, "1048576"),
+    ("terminal_per_user", Kind::Int, "8"),
+    ("preview_port", Kind::Int, "5173"),
+    ("preview_extra_ports", Kind::List, "[]"),
+    ("preview_access", Kind::Str, "\"public\""),
+    ("wake_timeout", Kind::Duration, "\"30s\""),
+    ("dev_command", Kind::Str, "\"\""),
+    ("sandbox_internet", Kind::Bool, "true"),
+    ("runtime", Kind::Str, "\"\""),
+    ("http_redirect", Kind::Bool, "false"),
+];
+
+/// Validated configuration. Built only through [`Config::load`] or [`Config::from_table`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    /// The main host (API, terminal, console), lowercase.
+    pub domain: String,
+    /// Previews live at `user-<id>.<preview_domain>`, lowercase.
+    pub preview_domain: String,
+    /// Base URL printed and returned to clients, e.g. `https://example.com`; derived when empty.
+    pub public_url: String,
+    pub database_url: String,
+    pub workspaces_dir: PathBuf,
+    pub instance: String,
+    pub auth_secret: Option<String>,
+    pub auth_secret_file: PathBuf,
+    pub image: String,
+    pub max_containers: usize,
+    pub certs_dir: PathBuf,
+    pub limits: Limits,
+    pub stop_timeout: Duration,
+    pub exec_timeout: Duration,
+    pub exec_max_timeout: Duration,
+    pub exec_max_output_bytes: usize,
+    pub exec_max_code_bytes: usize,
+    pub exec_per_user: usize,
+    pub max_body_bytes: usize,
+    pub start_timeout: Duration,
+    pub idle_pause_after: Duration,
+    pub idle_stop_after: Duration,
+    pub idle_check_every: Duration,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub cert_reload_every: Duration,
+    pub max_connections: usize,
+    pub allowed_origins: Vec<String>,
+    pub terminal_max_frame_bytes: usize,
+    pub terminal_per_user: usize,
+    pub preview_port: u16,
+    pub preview_extra_ports: Vec<u16>,
+    pub preview_access: PreviewAccess,
+    pub wake_timeout: Duration,
+    pub dev_command: String,
+    pub sandbox_internet: bool,
+    pub runtime: Option<String>,
+    pub http_redirect: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreviewAccess {
+    Public,
+    Owner,
+}
+
+/// Per-container resource limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids: i64,
+    pub nofile: i64,
+    pub fsize_bytes: i64,
+    pub tmp_size_bytes: i64,
+    pub home_size_bytes: i64,
+}
+
+impl Config {
+    /// Loads the file (if any) and overlays `SANDBOXD_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("SANDBOXD_") else {
+                continue;
+            };
+            if ENV_NOT_KEYS.contains(&name.as_str()) || name.starts_with(ENV_TEST_PREFIX) {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let kind =
+                kind_of(&key).ok_or_else(|| anyhow!("unknown configuration variable {name}"))?;
+            let parsed = env_value(kind, &value)
+                .with_context(|| format!("invalid value for {name}: {value:?}"))?;
+            table.insert(key, parsed);
+        }
+        Self::from_table(table)
+    }
+
+    /// Validates a table of keys (file and environment already merged), filling defaults.
+    pub fn from_table(mut table: toml::Table) -> anyhow::Result<Config> {
+        for key in table.keys() {
+            if kind_of(key).is_none() {
+                bail!("unknown configuration key {key}");
+            }
+        }
+        for (key, _, default) in KEYS {
+            if !table.contains_key(*key) {
+                let v: toml::Table = format!("v = {default}").parse().expect("valid default");
+                table.insert((*key).to_owned(), v["v"].clone());
+            }
+        }
+        let t = Table(table);
+        let opt_addr = |key: &str| -> anyhow::Result<Option<SocketAddr>> {
+            let s = t.str(key)?;
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse().map(Some).map_err(|_| {
+                anyhow!("invalid value for {key}: {s:?} is not an address like 127.0.0.1:8080")
+            })
+        };
+        let host_key = |key: &str| -> anyhow::Result<String> {
+            let s = t.str(key)?.trim_end_matches('.').to_ascii_lowercase();
+            let ok = !s.is_empty()
+                && s.len() <= 200
+                && s.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                bail!("invalid value for {key}: {s:?} is not a host name");
+            }
+            Ok(s)
+        };
+        let mb = |key: &str, min: i64, max: i64| -> anyhow::Result<i64> {
+            Ok(t.int_in(key, min, max)? * 1024 * 1024)
+        };
+        let cpus = t.float("cpus")?;
+        if !(0.01..=64.0).contains(&cpus) {
+            bail!("invalid value for cpus: {cpus} (0.01 to 64)");
+        }
+        let preview_access = match t.str("preview_access")?.as_str() {
+            "public" => PreviewAccess::Public,
+            "owner" => PreviewAccess::Owner,
+            other => bail!("invalid value for preview_access: {other:?} (public or owner)"),
+        };
+        let instance = t.str("instance")?;
+        let instance_ok = !instance.is_empty()
+            && instance.len() <= 32
+            && instance
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && instance.as_bytes()[0].is_ascii_lowercase();
+        if !instance_ok {
+            bail!("invalid value for instance: {instance:?} (1-32 of a-z0-9-, starting with a letter)");
+        }
+        let database_url = t.str("database_url")?;
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            bail!("invalid value for database_url: must start with sqlite: or postgres://");
+        }
+        let secret = t.str("auth_secret")?;
+        if !secret.is_empty() && secret.len() < 16 {
+            bail!("invalid value for auth_secret: at least 16 characters");
+        }
+        let ports = |key: &str| -> anyhow::Result<Vec<u16>> {
+            t.list(key)?
+                .iter()
+                .map(|p| {
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| anyhow!("invalid value for {key}: {p:?} is not a port"))
+                })
+                .collect()
+        };
+        let runtime = t.str("runtime")?;
+        let cfg = Config {
+            http_addr: opt_addr("http_addr")?,
+            https_addr: opt_addr("https_addr")?,
+            domain: host_key("domain")?,
+            preview_domain: host_key("preview_domain")?,
+            public_url: t.str("public_url")?.trim_end_matches('/').to_owned(),
+            database_url,
+            workspaces_dir: PathBuf::from(t.nonempty("workspaces_dir")?),
+            instance,
+            auth_secret: (!secret.is_empty()).then_some(secret),
+            auth_secret_file: PathBuf::from(t.nonempty("auth_secret_file")?),
+            image: t.nonempty("image")?,
+            max_containers: t.int_in("max_containers", 1, 100_000)? as usize,
+            certs_dir: PathBuf::from(t.nonempty("certs_dir")?),
+            limits: Limits {
+                memory_bytes: mb("memory_mb", 32, 1 << 20)?,
+                nano_cpus: (cpus * 1e9) as i64,
+                pids: t.int_in("pids_limit", 16, 1 << 22)?,
+                nofile: t.int_in("nofile_limit", 64, 1 << 20)?,
+                fsize_bytes: mb("fsize_limit_mb", 1, 1 << 24)?,
+                tmp_size_bytes: mb("tmp_size_mb", 1, 1 << 20)?,
+                home_size_bytes: mb("home_size_mb", 1, 1 << 20)?,
+            },
+            stop_timeout: t.duration_in("stop_timeout", 0, 300_000)?,
+            exec_timeout: t.duration_in("exec_timeout", 1, 3_600_000)?,
+            exec_max_timeout: t.duration_in("exec_max_timeout", 1, 3_600_000)?,
+            exec_max_output_bytes: t.int_in("exec_max_output_bytes", 1024, 1 << 30)? as usize,
+            exec_max_code_bytes: t.int_in("exec_max_code_bytes", 1024, 1 << 30)? as usize,
+            exec_per_user: t.int_in("exec_per_user", 1, 1024)? as usize,
+            max_body_bytes: t.int_in("max_body_bytes", 1024, 1 << 30)? as usize,
+            start_timeout: t.duration_in("start_timeout", 100, 600_000)?,
+            idle_pause_after: t.duration_in("idle_pause_after", 100, u32::MAX as u64)?,
+            idle_stop_after: t.duration_in("idle_stop_after", 100, u32::MAX as u64)?,
+            idle_check_every: t.duration_in("idle_check_every", 10, 3_600_000)?,
+            header_read_timeout: t.duration_in("header_read_timeout", 100, 600_000)?,
+            tls_handshake_timeout: t.duration_in("tls_handshake_timeout", 100, 600_000)?,
+            shutdown_grace: t.duration_in("shutdown_grace", 0, 600_000)?,
+            cert_reload_every: t.duration_in("cert_reload_every", 100, 3_600_000)?,
+            max_connections: t.int_in("max_connections", 1, 1_000_000)? as usize,
+            allowed_origins: t
+                .list("allowed_origins")?
+                .into_iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+            terminal_max_frame_bytes: t.int_in("terminal_max_frame_bytes", 1024, 1 << 28)? as usize,
+            terminal_per_user: t.int_in("terminal_per_user", 1, 1024)? as usize,
+            preview_port: t.int_in("preview_port", 1, 65535)? as u16,
+            preview_extra_ports: ports("preview_extra_ports")?,
+            preview_access,
+            wake_timeout: t.duration_in("wake_timeout", 100, 600_000)?,
+            dev_command: t.str("dev_command")?,
+            sandbox_internet: t.bool("sandbox_internet")?,
+            runtime: (!runtime.is_empty()).then_some(runtime),
+            http_redirect: t.bool("http_redirect")?,
+        };
+        if cfg.http_addr.is_none() && cfg.https_addr.is_none() {
+            bail!("invalid value for http_addr: http_addr and https_addr cannot both be empty");
+        }
+        if cfg.exec_timeout > cfg.exec_max_timeout {
+            bail!("invalid value for exec_timeout: larger than exec_max_timeout");
+        }
+        if cfg.idle_stop_after < cfg.idle_pause_after {
+            bail!("invalid value for idle_stop_after: shorter than idle_pause_after");
+        }
+        if cfg.preview_domain == cfg.domain {
+            bail!("invalid value for preview_domain: must differ from domain");
+        }
+        Ok(cfg)
+    }
+
+    /// The main host's origins accepted for browsers (terminal WebSocket), lowercase.
+    pub fn origins(&self) -> Vec<String> {
+        if !self.allowed_origins.is_empty() {
+            return self.allowed_origins.clone();
+        }
+        let mut out = vec![];
+        for (scheme, addr) in [("http", self.http_addr), ("https", self.https_addr)] {
+            let Some(addr) = addr else { continue };
+            let default_port = if scheme == "http" { 80 } else { 443 };
+            let hosts: Vec<String> = if self.domain == "localhost" {
+                vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()]
+            } else {
+                vec![self.domain.clone()]
+            };
+            for host in hosts {
+                if addr.port() == default_port {
+                    out.push(format!("{scheme}://{host}"));
+                }
+                out.push(format!("{scheme}://{host}:{}", addr.port()));
+            }
+        }
+        if !self.public_url.is_empty() {
+            out.push(self.public_url.to_ascii_lowercase());
+        }
+        out
+    }
+
+    /// Whether the domains are development ones, for which certificates are generated.
+    pub fn is_dev_domain(&self) -> bool {
+        let dev = |d: &str| {
+            d == "localhost"
+                || d.ends_with(".localhost")
+                || d.ends_with(".test")
+                || d.ends_with(".internal")
+        };
+        dev(&self.domain) && dev(&self.preview_domain)
+    }
+}
+
+fn kind_of(key: &str) -> Option<Kind> {
+    KEYS.iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, kind, _)| *kind)
+}
+
+fn env_value(kind: Kind, raw: &str) -> anyhow::Result<toml::Value> {
+    Ok(match kind {
+        Kind::Str | Kind::Duration => toml::Value::String(raw.to_owned()),
+        Kind::Int => toml::Value::Integer(raw.trim().parse()?),
+        Kind::Float => toml::Value::Float(raw.trim().parse()?),
+        Kind::Bool => toml::Value::Boolean(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => bail!("expected true or false"),
+        }),
+        Kind::List => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+    })
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `1d` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+/// Typed access to the merged table, each error naming its key.
+struct Table(toml::Table);
+
+impl Table {
+    fn get(&self, key: &str) -> &toml::Value {
+        &self.0[key]
+    }
+    fn str(&self, key: &str) -> anyhow::Result<String> {
+        self.get(key)
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("invalid value for {key}: expected a string"))
+    }
+    fn nonempty(&self, key: &str) -> anyhow::Result<String> {
+        let s = self.str(key)?;
+        if s.is_empty() {
+            bail!("invalid value for {key}: must not be empty");
+        }
+        Ok(s)
+    }
+    fn int_in(&self, key: &str, min: i64, max: i64) -> anyhow::Result<i64> {
+        let v = self
+            .get(key)
+            .as_integer()
+            .ok_or_else(|| anyhow!("invalid value for {key}: expected an integer"))?;
+        if v < min || v > max {
+            bail!("invalid value for {key}: {v} is outside {min}..={max}");
+        }
+        Ok(v)
+    }
+    fn float(&self, key: &str) -> anyhow::Result<f64> {
+        match self.get(key) {
+            toml::Value::Float(f) => Ok(*f),
+            toml::Value::Integer(i) => Ok(*i as f64),
+            _ => bail!("invalid value for {key}: expected a number"),
+        }
+    }
+    fn bool(&self, key: &str) -> anyhow::Result<bool> {
+        self.get(key)
+            .as_bool()
+            .ok_or_else(|| anyhow!("invalid value for {key}: expected true or false"))
+    }
+    fn list(&self, key: &str) -> anyhow::Result<Vec<String>> {
+        let arr = self
+            .get(key)
+            .as_array()
+            .ok_or_else(|| anyhow!("invalid value for {key}: expected a list"))?;
+        arr.iter()
+            .map(|v| match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                _ => bail!("invalid value for {key}: expected strings"),
+            })
+            .collect()
+    }
+    fn duration_in(&self, key: &str, min_ms: u64, max_ms: u64) -> anyhow::Result<Duration> {
+        let s = self.str(key)?;
+        let d = parse_duration(&s).ok_or_else(|| {
+            anyhow!("invalid value for {key}: {s:?} is not a duration like 500ms, 30s, 5m")
+        })?;
+        let ms = d.as_millis() as u64;
+        if ms < min_ms || ms > max_ms {
+            bail!("invalid value for {key}: {s} is outside {min_ms}ms..={max_ms}ms");
+        }
+        Ok(d)
+    }
+}
+
+/// All keys with their default TOML text, for documentation checks.
+pub fn documented_keys() -> BTreeMap<&'static str, &'static str> {
+    KEYS.iter().map(|(k, _, d)| (*k, *d)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.http_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.domain, "localhost");
+        assert_eq!(c.preview_domain, "preview.localhost");
+        assert_eq!(c.limits.memory_bytes, 512 * 1024 * 1024);
+        assert_eq!(c.limits.nano_cpus, 500_000_000);
+        assert_eq!(c.limits.pids, 128);
+        assert_eq!(c.exec_timeout, Duration::from_secs(10));
+        assert_eq!(c.instance, "sandboxd");
+    }
+
+    #[test]
+    fn env_overrides_and_names_bad_keys() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SANDBOXD_MAX_CONTAINERS", "3"),
+                ("SANDBOXD_PREVIEW_DOMAIN", "Preview.Example.Test."),
+                ("SANDBOXD_IDLE_PAUSE_AFTER", "500ms"),
+                ("SANDBOXD_ALLOWED_ORIGINS", "https://a.test, https://b.test"),
+                ("SANDBOXD_TEST_ANYTHING", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.max_containers, 3);
+        assert_eq!(c.preview_domain, "preview.example.test");
+        assert_eq!(c.idle_pause_after, Duration::from_millis(500));
+        assert_eq!(c.allowed_origins, vec!["https://a.test", "https://b.test"]);
+
+        let err = Config::load(None, env(&[("SANDBOXD_NOPE", "1")])).unwrap_err();
+        assert!(err.to_string().contains("SANDBOXD_NOPE"), "{err}");
+        let err = Config::load(None, env(&[("SANDBOXD_MAX_CONTAINERS", "many")])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("SANDBOXD_MAX_CONTAINERS"),
+            "{err:#}"
+        );
+        let err = Config::load(None, env(&[("SANDBOXD_MAX_CONTAINERS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("max_containers"), "{err}");
+        let err = Config::load(None, env(&[("SANDBOXD_HTTP_ADDR", "nope")])).unwrap_err();
+        assert!(err.to_string().contains("http_addr"), "{err}");
+        let err = Config::load(None, env(&[("SANDBOXD_EXEC_TIMEOUT", "10 parsecs")])).unwrap_err();
+        assert!(err.to_string().contains("exec_timeout"), "{err}");
+        let err = Config::load(None, env(&[("SANDBOXD_DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("database_url"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let table: toml::Table = "max_contaners = 3".parse().unwrap();
+        let err = Config::from_table(table).unwrap_err();
+        assert!(err.to_string().contains("max_contaners"), "{err}");
+        let table: toml::Table = "max_containers = \"3\"".parse().unwrap();
+        let err = Config::from_table(table).unwrap_err();
+        assert!(err.to_string().contains("max_containers"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_file_documents_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sandboxd.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        for (key, default) in documented_keys() {
+            let v: toml::Table = format!("v = {default}").parse().unwrap();
+            assert_eq!(table.get(key), Some(&v["v"]), "config/sandboxd.toml: {key}");
+        }
+        assert_eq!(table.len(), KEYS.len());
+        Config::load(Some(&path), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+
+    #[test]
+    fn origins_default_to_main_host() {
+        let c = Config::load(None, env(&[])).unwrap();
+        let o = c.origins();
+        assert!(o.contains(&"http://localhost:8080".to_owned()));
+        assert!(o.contains(&"http://127.0.0.1:8080".to_owned()));
+        assert!(!o.iter().any(|x| x.contains("preview")));
+    }
+}

@@ -1,0 +1,27 @@
+//! The edge: everything between a TCP socket and a routed HTTP request.
+//!
+//! - `listener` accepts connections (plain or TLS), applies the transport limits and serves
+//!   HTTP/1.1 and HTTP/2 (with upgrades) to a [`listener::Handler`];
+//! - `tls` owns the certificates: loading, SNI resolution, development certs and reload;
+//! - `router` maps a Host header to a [`router::Route`], as a pure function.
+//!
+//! Nothing here knows about Docker, the store or the API: those sit behind the `Handler`.
+
+pub mod listener;
+pub mod router;
+pub mod tls;
+
+use std::path::PathBuf;
+#[allow(unused_imports)]
+use std::sync::Arc;
+
+/// Builds the TLS acceptor from `certs_dir` (generating development certificates for
+/// development domains when none exist) and starts the reloader. Returns the development CA's
+/// path when there is one, so start-up can print how to trust it.
+pub fn tls_setup(
+    cfg: &crate::config::Config,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, Option<PathBuf>)> {
+    let _ = (cfg, shutdown);
+    anyhow::bail!("TLS not merged yet")
+}

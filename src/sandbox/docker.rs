@@ -1,0 +1,517 @@
+//! The only module that talks to the Docker engine (bollard). Everything above it deals in
+//! container ids that the manager obtained from Docker itself, never in client strings.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+
+use anyhow::{anyhow, Context};
+use bollard::container::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogOutput,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+};
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
+use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
+use bollard::Docker;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::io::AsyncWrite;
+
+use crate::config::Config;
+use crate::sandbox::spec;
+use crate::user::UserId;
+
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+}
+
+/// What Docker says about a container's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DockerState {
+    Created,
+    Running,
+    Paused,
+    Exited,
+    Other,
+}
+
+impl DockerState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "created" => Self::Created,
+            "running" | "restarting" => Self::Running,
+            "paused" => Self::Paused,
+            "exited" | "dead" => Self::Exited,
+            _ => Self::Other,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Managed {
+    pub id: String,
+    pub name: String,
+    pub user: UserId,
+    pub state: DockerState,
+    pub created: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Inspected {
+    pub state: DockerState,
+    pub ip: Option<IpAddr>,
+    pub oom_killed: bool,
+    pub pid: Option<i64>,
+}
+
+/// One chunk of an exec's output.
+pub enum ExecOutput {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+pub type ExecStream = Pin<Box<dyn Stream<Item = anyhow::Result<ExecOutput>> + Send>>;
+pub type ExecInput = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// What to run in an exec. Argument vectors only: nothing here is ever a shell string built
+/// from client input.
+pub struct ExecSpec<'a> {
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: Option<&'a str>,
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+pub struct ExecInfo {
+    pub running: bool,
+    pub exit_code: Option<i64>,
+    pub pid: Option<i64>,
+}
+
+/// True when the engine answered 404 (no such container, exec or image).
+pub fn is_not_found(err: &anyhow::Error) -> bool {
+    status_of(err) == Some(404)
+}
+
+/// True when the engine answered 409 (conflict, e.g. container paused or already in that state).
+pub fn is_conflict(err: &anyhow::Error) -> bool {
+    status_of(err) == Some(409)
+}
+
+fn status_of(err: &anyhow::Error) -> Option<u16> {
+    err.chain()
+        .find_map(|e| match e.downcast_ref::<BollardError>() {
+            Some(BollardError::DockerResponseServerError { status_code, .. }) => Some(*status_code),
+            _ => None,
+        })
+}
+
+impl Engine {
+    /// Connects through the local socket and negotiates the API version (Debian's engine
+    /// speaks 1.41, older than bollard's default).
+    pub async fn connect() -> anyhow::Result<Engine> {
+        let docker = Docker::connect_with_local_defaults()
+            .context("connecting to the Docker engine")?
+            .negotiate_version()
+            .await
+            .context("the Docker engine did not answer (is dockerd running?)")?;
+        Ok(Engine { docker })
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.docker
+            .ping()
+            .await
+            .context("pinging the Docker engine")?;
+        Ok(())
+    }
+
+    pub async fn image_exists(&self, image: &str) -> anyhow::Result<bool> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                if is_not_found(&e) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Creates the instance's private bridge network when missing: inter-container traffic
+    /// disabled (icc=false), no masquerade to the outside when internet access is off.
+    pub async fn ensure_network(&self, cfg: &Config) -> anyhow::Result<String> {
+        let name = spec::network_name(&cfg.instance);
+        match self
+            .docker
+            .inspect_network(&name, None::<InspectNetworkOptions<String>>)
+            .await
+        {
+            Ok(_) => return Ok(name),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                if !is_not_found(&e) {
+                    return Err(e.context("inspecting the sandbox network"));
+                }
+            }
+        }
+        let mut options = HashMap::from([(
+            "com.docker.network.bridge.enable_icc".to_owned(),
+            "false".to_owned(),
+        )]);
+        if !cfg.sandbox_internet {
+            options.insert(
+                "com.docker.network.bridge.enable_ip_masquerade".to_owned(),
+                "false".to_owned(),
+            );
+        }
+        let labels = HashMap::from([
+            (spec::LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (spec::LABEL_INSTANCE.to_owned(), cfg.instance.clone()),
+        ]);
+        let res = self
+            .docker
+            .create_network(CreateNetworkOptions {
+                name: name.clone(),
+                check_duplicate: true,
+                driver: "bridge".to_owned(),
+                internal: !cfg.sandbox_internet,
+                options,
+                labels,
+                ..Default::default()
+            })
+            .await;
+        match res {
+            Ok(_) => Ok(name),
+            // Another instance of the same name raced us to it: fine.
+            Err(e) if is_conflict(&anyhow::Error::from(clone_err(&e))) => Ok(name),
+            Err(e) => Err(anyhow::Error::from(e).context("creating the sandbox network")),
+        }
+    }
+
+    /// Removes the instance's network (tests clean up with this); ignores a missing one.
+    pub async fn remove_network(&self, instance: &str) -> anyhow::Result<()> {
+        match self
+            .docker
+            .remove_network(&spec::network_name(instance))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                if is_not_found(&e) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// This instance's containers, from their labels. Containers whose user label is not a
+    /// valid user id are reported separately so the caller can remove them.
+    pub async fn list_managed(
+        &self,
+        instance: &str,
+    ) -> anyhow::Result<(Vec<Managed>, Vec<String>)> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::<String> {
+                all: true,
+                filters: spec::instance_filters(instance),
+                ..Default::default()
+            }))
+            .await
+            .context("listing containers")?;
+        let mut good = vec![];
+        let mut bad = vec![];
+        for c in list {
+            let Some(id) = c.id else { continue };
+            let labels = c.labels.unwrap_or_default();
+            // The filter already selected our instance; check again rather than trust it.
+            if labels.get(spec::LABEL_INSTANCE).map(String::as_str) != Some(instance) {
+                continue;
+            }
+            match labels.get(spec::LABEL_USER).map(|u| UserId::parse(u)) {
+                Some(Ok(user)) => good.push(Managed {
+                    id,
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    user,
+                    state: DockerState::parse(c.state.as_deref().unwrap_or("")),
+                    created: c.created.unwrap_or(0) * 1000,
+                }),
+                _ => bad.push(id),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    pub async fn create(
+        &self,
+        cfg: &Config,
+        user: &UserId,
+        workspace: &Path,
+    ) -> anyhow::Result<(String, String)> {
+        let name = spec::container_name(&cfg.instance, user);
+        let res = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: name.clone(),
+                    platform: None,
+                }),
+                spec::container_config(cfg, user, workspace),
+            )
+            .await
+            .context("creating the container")?;
+        Ok((res.id, name))
+    }
+
+    pub async fn start(&self, id: &str) -> anyhow::Result<()> {
+        match self
+            .docker
+            .start_container(id, None::<StartContainerOptions<String>>)
+            .await
+        {
+            Ok(()) => Ok(()),
+            // 304: already running.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context("starting the container")),
+        }
+    }
+
+    pub async fn stop(&self, id: &str, timeout_secs: i64) -> anyhow::Result<()> {
+        match self
+            .docker
+            .stop_container(id, Some(StopContainerOptions { t: timeout_secs }))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context("stopping the container")),
+        }
+    }
+
+    /// Force-removes a container; a missing one is not an error.
+    pub async fn remove(&self, id: &str) -> anyhow::Result<()> {
+        match self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                if is_not_found(&e) {
+                    Ok(())
+                } else {
+                    Err(e.context("removing the container"))
+                }
+            }
+        }
+    }
+
+    pub async fn pause(&self, id: &str) -> anyhow::Result<()> {
+        self.docker
+            .pause_container(id)
+            .await
+            .context("pausing the container")
+    }
+
+    pub async fn unpause(&self, id: &str) -> anyhow::Result<()> {
+        self.docker
+            .unpause_container(id)
+            .await
+            .context("unpausing the container")
+    }
+
+    pub async fn inspect(&self, id: &str, network: &str) -> anyhow::Result<Inspected> {
+        let c = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .context("inspecting the container")?;
+        let st = c.state.unwrap_or_default();
+        let state = match (st.paused, st.running, st.status) {
+            (Some(true), _, _) => DockerState::Paused,
+            (_, Some(true), _) => DockerState::Running,
+            (_, _, Some(s)) => DockerState::parse(&s.to_string()),
+            _ => DockerState::Other,
+        };
+        let ip = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(network))
+            .and_then(|e| e.ip_address)
+            .and_then(|ip| ip.parse().ok());
+        Ok(Inspected {
+            state,
+            ip,
+            oom_killed: st.oom_killed.unwrap_or(false),
+            pid: st.pid.filter(|p| *p > 0),
+        })
+    }
+
+    /// Creates and starts an attached exec.
+    pub async fn exec(
+        &self,
+        container: &str,
+        spec: ExecSpec<'_>,
+    ) -> anyhow::Result<(String, ExecStream, ExecInput)> {
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions::<String> {
+                    cmd: Some(spec.cmd),
+                    env: Some(spec.env),
+                    working_dir: spec.working_dir.map(str::to_owned),
+                    attach_stdin: Some(spec.stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(spec.tty),
+                    user: Some(format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)),
+                    privileged: Some(false),
+                    // No detach keys: every byte, Ctrl-P Ctrl-Q included, reaches the program.
+                    detach_keys: Some(String::new()),
+                },
+            )
+            .await
+            .context("creating an exec")?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: spec.tty,
+                    output_capacity: Some(64 * 1024),
+                }),
+            )
+            .await
+            .context("starting an exec")?;
+        match started {
+            StartExecResults::Attached { output, input } => {
+                let output = output.filter_map(|item| async move {
+                    match item {
+                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                            Some(Ok(ExecOutput::Stdout(message)))
+                        }
+                        Ok(LogOutput::StdErr { message }) => Some(Ok(ExecOutput::Stderr(message))),
+                        Ok(LogOutput::StdIn { .. }) => None,
+                        Err(e) => Some(Err(anyhow!(e).context("reading exec output"))),
+                    }
+                });
+                Ok((created.id, Box::pin(output), input))
+            }
+            StartExecResults::Detached => Err(anyhow!("exec started detached")),
+        }
+    }
+
+    /// Runs a command to completion, discarding output beyond 64 KiB; returns its exit code.
+    pub async fn run(&self, container: &str, cmd: Vec<String>) -> anyhow::Result<(i64, String)> {
+        let (id, mut out, _input) = self
+            .exec(
+                container,
+                ExecSpec {
+                    cmd,
+                    env: vec![],
+                    working_dir: None,
+                    tty: false,
+                    stdin: false,
+                },
+            )
+            .await?;
+        let mut text = Vec::new();
+        while let Some(chunk) = out.next().await {
+            let (ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) = chunk?;
+            if text.len() < 64 * 1024 {
+                text.extend_from_slice(&b);
+            }
+        }
+        let info = self.exec_info(&id).await?;
+        Ok((
+            info.exit_code.unwrap_or(-1),
+            String::from_utf8_lossy(&text).into_owned(),
+        ))
+    }
+
+    pub async fn resize_exec(&self, exec_id: &str, cols: u16, rows: u16) -> anyhow::Result<()> {
+        self.docker
+            .resize_exec(
+                exec_id,
+                ResizeExecOptions {
+                    height: rows,
+                    width: cols,
+                },
+            )
+            .await
+            .context("resizing the terminal")
+    }
+
+    pub async fn exec_info(&self, exec_id: &str) -> anyhow::Result<ExecInfo> {
+        let i = self
+            .docker
+            .inspect_exec(exec_id)
+            .await
+            .context("inspecting an exec")?;
+        Ok(ExecInfo {
+            running: i.running.unwrap_or(false),
+            exit_code: i.exit_code,
+            pid: i.pid,
+        })
+    }
+
+    /// Uploads a tar archive, extracted by the engine at `path` inside the container.
+    pub async fn upload_tar(&self, container: &str, path: &str, tar: Bytes) -> anyhow::Result<()> {
+        self.docker
+            .upload_to_container(
+                container,
+                Some(UploadToContainerOptions {
+                    path: path.to_owned(),
+                    no_overwrite_dir_non_dir: "true".to_owned(),
+                }),
+                tar,
+            )
+            .await
+            .context("uploading files to the container")
+    }
+}
+
+/// bollard errors are not Clone; keep the status code, which is all callers look at.
+fn clone_err(e: &BollardError) -> BollardError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => BollardError::DockerResponseServerError {
+            status_code: *status_code,
+            message: message.clone(),
+        },
+        other => BollardError::IOError {
+            err: std::io::Error::other(other.to_string()),
+        },
+    }
+}

@@ -1,0 +1,780 @@
+//! The sandbox manager: one container per user, created, woken, paused, stopped and removed
+//! through one transition function per change, single-flight per user.
+//!
+//! Docker is the truth about containers (found by their labels at start-up), the store is the
+//! truth about sessions and history, and the table here is a cache of both. A container is only
+//! ever found through the authenticated [`UserId`], never through a string a client sent.
+
+pub mod docker;
+pub mod exec;
+pub mod reaper;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+use crate::store::{now_ms, Store};
+use crate::user::UserId;
+use docker::{DockerState, Engine};
+
+/// A sandbox's state as clients see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// Errors callers tell apart (the API maps each to a status and a stable code).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("no sandbox for this user")]
+    NotFound,
+    #[error("all {0} sandbox slots are in use and none is idle; retry later")]
+    CapacityFull(usize),
+    #[error("too many concurrent executions for this user (limit {0})")]
+    TooManyExecutions(usize),
+    #[error("the sandbox image {0} is missing; run `sandboxd image build`")]
+    ImageMissing(String),
+    #[error("the workspace folder is unusable: {0}")]
+    Workspace(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// A snapshot of one user's sandbox.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    pub user: UserId,
+    pub container_id: String,
+    pub container_name: String,
+    pub state: State,
+    pub ip: Option<IpAddr>,
+    pub created_at: i64,
+    pub last_activity: i64,
+}
+
+struct Container {
+    id: String,
+    name: String,
+    state: State,
+    ip: Option<IpAddr>,
+    created_at: i64,
+    /// Held while the container is live (running or paused): the global cap is the semaphore.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Per-user slot. The async mutex is the single-flight: every transition for a user runs
+/// under it, so 20 concurrent inits create exactly one container.
+pub struct Slot {
+    user: UserId,
+    inner: Mutex<Option<Container>>,
+    last_activity: AtomicI64,
+    flushed_activity: AtomicI64,
+    exec_permits: Arc<Semaphore>,
+    terminals: AtomicUsize,
+    /// Lock-free copy of the state and IP for the preview's hot path.
+    fast: StdMutex<Option<(State, Option<IpAddr>)>>,
+}
+
+impl Slot {
+    pub fn touch(&self) {
+        self.last_activity.fetch_max(now_ms(), Ordering::Relaxed);
+    }
+    pub fn last_activity(&self) -> i64 {
+        self.last_activity.load(Ordering::Relaxed)
+    }
+    pub fn open_terminals(&self) -> usize {
+        self.terminals.load(Ordering::Relaxed)
+    }
+    fn publish(&self, c: &Option<Container>) {
+        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = c.as_ref().map(|c| (c.state, c.ip));
+    }
+}
+
+/// Counts an open terminal for the idle policy until dropped.
+pub struct TerminalGuard(Arc<Slot>);
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        self.0.terminals.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pub struct Manager {
+    cfg: Arc<Config>,
+    engine: Engine,
+    store: Store,
+    network: String,
+    workspaces: PathBuf,
+    slots: StdMutex<HashMap<UserId, Arc<Slot>>>,
+    capacity: Arc<Semaphore>,
+}
+
+impl Manager {
+    /// Prepares the network and workspace root, then rebuilds state from Docker's labels and
+    /// reconciles the store.
+    pub async fn start(
+        cfg: Arc<Config>,
+        engine: Engine,
+        store: Store,
+    ) -> anyhow::Result<Arc<Self>> {
+        let network = engine.ensure_network(&cfg).await?;
+        std::fs::create_dir_all(&cfg.workspaces_dir)
+            .with_context(|| format!("creating workspaces_dir {}", cfg.workspaces_dir.display()))?;
+        let workspaces = cfg.workspaces_dir.canonicalize().with_context(|| {
+            format!("resolving workspaces_dir {}", cfg.workspaces_dir.display())
+        })?;
+        let mgr = Arc::new(Manager {
+            capacity: Arc::new(Semaphore::new(cfg.max_containers)),
+            cfg,
+            engine,
+            store,
+            network,
+            workspaces,
+            slots: StdMutex::new(HashMap::new()),
+        });
+        mgr.recover().await?;
+        Ok(mgr)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn slot(&self, user: &UserId) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(user.clone())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    user: user.clone(),
+                    inner: Mutex::new(None),
+                    last_activity: AtomicI64::new(now_ms()),
+                    flushed_activity: AtomicI64::new(0),
+                    exec_permits: Arc::new(Semaphore::new(self.cfg.exec_per_user)),
+                    terminals: AtomicUsize::new(0),
+                    fast: StdMutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    fn existing_slot(&self, user: &UserId) -> Option<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .cloned()
+    }
+
+    pub fn all_slots(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn workspace_path(&self, user: &UserId) -> PathBuf {
+        self.workspaces.join(format!("user-{user}"))
+    }
+
+    pub fn preview_url(&self, user: &UserId) -> String {
+        let (scheme, port) = match (self.cfg.https_addr, self.cfg.http_addr) {
+            (Some(a), _) => (
+                "https",
+                if a.port() == 443 {
+                    None
+                } else {
+                    Some(a.port())
+                },
+            ),
+            (None, Some(a)) => ("http", if a.port() == 80 { None } else { Some(a.port()) }),
+            (None, None) => ("http", None),
+        };
+        let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{scheme}://user-{user}.{}{port}/", self.cfg.preview_domain)
+    }
+
+    /// Records activity for the idle policy (in memory; the reaper flushes it to the store).
+    pub fn touch(&self, user: &UserId) {
+        if let Some(slot) = self.existing_slot(user) {
+            slot.touch();
+        }
+    }
+
+    /// Counts an open terminal until the guard drops.
+    pub fn terminal_opened(&self, user: &UserId) -> TerminalGuard {
+        let slot = self.slot(user);
+        slot.terminals.fetch_add(1, Ordering::Relaxed);
+        slot.touch();
+        TerminalGuard(slot)
+    }
+
+    /// Whether the store knows this user (the preview wakes only known users).
+    pub async fn is_known(&self, user: &UserId) -> anyhow::Result<bool> {
+        if self.existing_slot(user).is_some() {
+            return Ok(true);
+        }
+        Ok(self.store.session(user).await?.is_some())
+    }
+
+    /// The running container's IP without touching Docker (the preview's hot path).
+    pub fn running_ip(&self, user: &UserId) -> Option<IpAddr> {
+        let slot = self.existing_slot(user)?;
+        let fast = *slot.fast.lock().unwrap_or_else(|p| p.into_inner());
+        match fast {
+            Some((State::Running, Some(ip))) => {
+                slot.touch();
+                Some(ip)
+            }
+            _ => None,
+        }
+    }
+
+    /// Creates, starts or unpauses the user's sandbox, single-flight. Runs as its own task so a
+    /// caller that goes away (a dropped request) cannot leave a half-made container behind.
+    pub async fn ensure_running(self: &Arc<Self>, user: &UserId) -> Result<Sandbox, SandboxError> {
+        let this = self.clone();
+        let user = user.clone();
+        tokio::spawn(async move { this.ensure_running_inner(&user).await })
+            .await
+            .map_err(|e| SandboxError::Internal(anyhow!("start task failed: {e}")))?
+    }
+
+    async fn ensure_running_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
+        let slot = self.slot(user);
+        slot.touch();
+        let mut guard = slot.inner.lock().await;
+        let result = self.bring_up(&slot, &mut guard).await;
+        slot.publish(&guard);
+        result
+    }
+
+    async fn bring_up(
+        &self,
+        slot: &Slot,
+        guard: &mut Option<Container>,
+    ) -> Result<Sandbox, SandboxError> {
+        let user = &slot.user;
+        // Check the cached state against Docker: a container may have died or been removed
+        // behind our back (OOM of its init, an operator's `docker rm`).
+        if let Some(c) = guard.as_mut() {
+            match self.engine.inspect(&c.id, &self.network).await {
+                Ok(i) => {
+                    c.state = match i.state {
+                        DockerState::Running => State::Running,
+                        DockerState::Paused => State::Paused,
+                        _ => State::Stopped,
+                    };
+                    c.ip = i.ip.or(c.ip);
+                    if c.state == State::Stopped {
+                        c.permit = None;
+                    }
+                }
+                Err(e) if docker::is_not_found(&e) => {
+                    self.event(user, Some(&c.id), "removed", Some("container vanished"))
+                        .await;
+                    *guard = None;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match guard.as_mut() {
+            Some(c) if c.state == State::Running && c.ip.is_some() => {}
+            Some(c) if c.state == State::Paused => {
+                self.engine.unpause(&c.id).await?;
+                c.state = State::Running;
+                self.event(user, Some(&c.id), "resumed", None).await;
+                self.save(user, guard, None).await?;
+            }
+            Some(c) => {
+                // Stopped (or running without an address): start it again.
+                if c.permit.is_none() {
+                    c.permit = Some(self.acquire_capacity(user).await?);
+                }
+                let id = c.id.clone();
+                if let Err(e) = self.start_container(c).await {
+                    c.permit = None;
+                    self.event(user, Some(&id), "failed", Some(&format!("{e:#}")))
+                        .await;
+                    return Err(e.into());
+                }
+                self.event(user, Some(&id), "started", None).await;
+                self.save(user, guard, Some(now_ms())).await?;
+            }
+            None => {
+                let permit = self.acquire_capacity(user).await?;
+                let workspace = self.prepare_workspace(user)?;
+                if !self.engine.image_exists(&self.cfg.image).await? {
+                    return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
+                }
+                let (id, name) = self.engine.create(&self.cfg, user, &workspace).await?;
+                self.event(user, Some(&id), "created", None).await;
+                let mut c = Container {
+                    id: id.clone(),
+                    name,
+                    state: State::Stopped,
+                    ip: None,
+                    created_at: now_ms(),
+                    permit: Some(permit),
+                };
+                if let Err(e) = self.start_container(&mut c).await {
+                    // A container that never started is of no use: remove it, keep the story.
+                    let _ = self.engine.remove(&id).await;
+                    self.event(user, Some(&id), "failed", Some(&format!("{e:#}")))
+                        .await;
+                    return Err(e.into());
+                }
+                self.event(user, Some(&id), "started", None).await;
+                *guard = Some(c);
+                self.save(user, guard, Some(now_ms())).await?;
+            }
+        }
+        Ok(self.snapshot(slot, guard).expect("a container is present"))
+    }
+
+    async fn start_container(&self, c: &mut Container) -> anyhow::Result<()> {
+        tokio::time::timeout(self.cfg.start_timeout, async {
+            self.engine.start(&c.id).await?;
+            let i = self.engine.inspect(&c.id, &self.network).await?;
+            if i.state != DockerState::Running {
+                bail!("container is {:?} right after start", i.state);
+            }
+            c.ip =
+                Some(i.ip.ok_or_else(|| anyhow!("container has no address on {}", self.network))?);
+            c.state = State::Running;
+            Ok(())
+        })
+        .await
+        .map_err(|_| anyhow!("starting the container took longer than start_timeout"))?
+    }
+
+    /// Takes a slot under the global cap, evicting the least recently active paused sandbox of
+    /// another user when full. Paused means idle by policy, so nobody loses a live session.
+    async fn acquire_capacity(&self, user: &UserId) -> Result<OwnedSemaphorePermit, SandboxError> {
+        for _ in 0..3 {
+            if let Ok(p) = self.capacity.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            let mut candidates: Vec<Arc<Slot>> = self
+                .all_slots()
+                .into_iter()
+                .filter(|s| &s.user != user && s.open_terminals() == 0)
+                .filter(|s| {
+                    matches!(
+                        *s.fast.lock().unwrap_or_else(|p| p.into_inner()),
+                        Some((State::Paused, _))
+                    )
+                })
+                .collect();
+            candidates.sort_by_key(|s| s.last_activity());
+            let mut evicted = false;
+            for victim in candidates {
+                // try_lock: never wait on another user's transition while holding ours.
+                let Ok(mut g) = victim.inner.try_lock() else {
+                    continue;
+                };
+                if matches!(g.as_ref(), Some(c) if c.state == State::Paused) {
+                    self.stop_locked(&victim, &mut g, "evicted for capacity")
+                        .await?;
+                    evicted = true;
+                    break;
+                }
+            }
+            if !evicted {
+                break;
+            }
+        }
+        self.capacity
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SandboxError::CapacityFull(self.cfg.max_containers))
+    }
+
+    fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf, SandboxError> {
+        let path = self.workspace_path(user);
+        ensure_workspace_dir(&path).map_err(|e| SandboxError::Workspace(format!("{e:#}")))?;
+        Ok(path)
+    }
+
+    fn snapshot(&self, slot: &Slot, c: &Option<Container>) -> Option<Sandbox> {
+        c.as_ref().map(|c| Sandbox {
+            user: slot.user.clone(),
+            container_id: c.id.clone(),
+            container_name: c.name.clone(),
+            state: c.state,
+            ip: c.ip,
+            created_at: c.created_at,
+            last_activity: slot.last_activity(),
+        })
+    }
+
+    async fn save(
+        &self,
+        user: &UserId,
+        c: &Option<Container>,
+        started_at: Option<i64>,
+    ) -> anyhow::Result<()> {
+        match c {
+            Some(c) => {
+                self.store
+                    .save_session(user, Some((&c.id, &c.name)), c.state.as_str(), started_at)
+                    .await
+            }
+            None => self.store.save_session(user, None, "removed", None).await,
+        }
+    }
+
+    /// Appends to the history. A failing store must not undo a container operation that
+    /// already happened, so this logs instead of failing the caller.
+    async fn event(&self, user: &UserId, cid: Option<&str>, kind: &str, reason: Option<&str>) {
+        tracing::info!(user = %user, container = cid.unwrap_or("-"), kind, reason = reason.unwrap_or(""), "sandbox event");
+        if let Err(e) = self.store.add_event(user, cid, kind, reason).await {
+            tracing::error!(user = %user, error = format!("{e:#}"), "recording event failed");
+        }
+    }
+
+    /// The user's sandbox as it is now, without starting anything.
+    pub async fn status(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
+        let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
+        let mut guard = slot.inner.lock().await;
+        if let Some(c) = guard.as_mut() {
+            match self.engine.inspect(&c.id, &self.network).await {
+                Ok(i) => {
+                    c.state = match i.state {
+                        DockerState::Running => State::Running,
+                        DockerState::Paused => State::Paused,
+                        _ => State::Stopped,
+                    };
+                    if c.state == State::Stopped {
+                        c.permit = None;
+                    }
+                }
+                Err(e) if docker::is_not_found(&e) => *guard = None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        slot.publish(&guard);
+        self.snapshot(&slot, &guard).ok_or(SandboxError::NotFound)
+    }
+
+    /// Stops and removes the user's container; the workspace and the history stay.
+    pub async fn exit(&self, user: &UserId) -> Result<bool, SandboxError> {
+        let Some(slot) = self.existing_slot(user) else {
+            return Ok(false);
+        };
+        let mut guard = slot.inner.lock().await;
+        let Some(c) = guard.take() else {
+            return Ok(false);
+        };
+        slot.publish(&guard);
+        // Stop first so the init gets its short grace period, then force-remove.
+        if let Err(e) = self
+            .engine
+            .stop(&c.id, self.cfg.stop_timeout.as_secs() as i64)
+            .await
+        {
+            if !docker::is_not_found(&e) {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "stop before remove failed");
+            }
+        }
+        if let Err(e) = self.engine.remove(&c.id).await {
+            *guard = Some(c);
+            slot.publish(&guard);
+            return Err(e.into());
+        }
+        self.event(user, Some(&c.id), "removed", Some("exit requested"))
+            .await;
+        self.save(user, &guard, None).await?;
+        Ok(true)
+    }
+
+    /// Pauses the user's sandbox if it is running (idle policy).
+    pub async fn pause(&self, user: &UserId, reason: &str) -> anyhow::Result<()> {
+        let Some(slot) = self.existing_slot(user) else {
+            return Ok(());
+        };
+        let mut guard = slot.inner.lock().await;
+        if let Some(c) = guard.as_mut() {
+            if c.state == State::Running {
+                self.engine.pause(&c.id).await?;
+                c.state = State::Paused;
+                self.event(user, Some(&c.id), "paused", Some(reason)).await;
+                self.save(user, &guard, None).await?;
+            }
+        }
+        slot.publish(&guard);
+        Ok(())
+    }
+
+    /// Stops the user's sandbox if it is live (idle policy); the container stays for a wake.
+    pub async fn stop(&self, user: &UserId, reason: &str) -> anyhow::Result<()> {
+        let Some(slot) = self.existing_slot(user) else {
+            return Ok(());
+        };
+        let mut guard = slot.inner.lock().await;
+        self.stop_locked(&slot, &mut guard, reason).await
+    }
+
+    async fn stop_locked(
+        &self,
+        slot: &Slot,
+        guard: &mut Option<Container>,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let user = &slot.user;
+        if let Some(c) = guard.as_mut() {
+            if c.state != State::Stopped {
+                if c.state == State::Paused {
+                    // A paused container cannot receive the stop signal; resume it first.
+                    if let Err(e) = self.engine.unpause(&c.id).await {
+                        tracing::warn!(user = %user, error = format!("{e:#}"), "unpause before stop");
+                    }
+                }
+                self.engine
+                    .stop(&c.id, self.cfg.stop_timeout.as_secs() as i64)
+                    .await?;
+                c.state = State::Stopped;
+                c.permit = None;
+                self.event(user, Some(&c.id), "stopped", Some(reason)).await;
+                self.save(user, guard, None).await?;
+            }
+        }
+        slot.publish(guard);
+        Ok(())
+    }
+
+    /// Runs code for the user, creating or waking the sandbox first.
+    pub async fn execute(
+        self: &Arc<Self>,
+        user: &UserId,
+        req: exec::ExecRequest,
+    ) -> Result<exec::ExecResult, SandboxError> {
+        let slot = self.slot(user);
+        let _permit = slot
+            .exec_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SandboxError::TooManyExecutions(self.cfg.exec_per_user))?;
+        let sb = self.ensure_running(user).await?;
+        slot.touch();
+        let res = exec::run_code(&self.engine, &sb.container_id, req, &self.cfg).await;
+        slot.touch();
+        Ok(res?)
+    }
+
+    /// Rebuilds the table from Docker's labels and reconciles the store: adopted containers are
+    /// recorded, sessions whose container is gone are marked removed, duplicates are removed.
+    async fn recover(&self) -> anyhow::Result<()> {
+        let (found, bad) = self.engine.list_managed(&self.cfg.instance).await?;
+        for id in bad {
+            tracing::warn!(container = %id, "removing a labelled container with an invalid user");
+            self.engine.remove(&id).await?;
+        }
+        let mut by_user: HashMap<UserId, Vec<docker::Managed>> = HashMap::new();
+        for m in found {
+            by_user.entry(m.user.clone()).or_default().push(m);
+        }
+        let sessions: HashMap<String, crate::store::SessionRow> = self
+            .store
+            .sessions()
+            .await?
+            .into_iter()
+            .map(|s| (s.user_id.clone(), s))
+            .collect();
+        // Most recently active first, so that if the cap shrank the busiest keep their slot.
+        let mut users: Vec<_> = by_user.into_iter().collect();
+        users.sort_by_key(|(u, _)| {
+            std::cmp::Reverse(
+                sessions
+                    .get(u.as_str())
+                    .map(|s| s.last_activity)
+                    .unwrap_or(0),
+            )
+        });
+        for (user, mut list) in users {
+            // Keep the one the store names, else a live one, else the newest.
+            list.sort_by_key(|m| {
+                let named = sessions
+                    .get(user.as_str())
+                    .and_then(|s| s.container_id.as_deref())
+                    == Some(m.id.as_str());
+                let live = matches!(m.state, DockerState::Running | DockerState::Paused);
+                std::cmp::Reverse((named, live, m.created))
+            });
+            let keep = list.remove(0);
+            for dup in list {
+                tracing::warn!(user = %user, container = %dup.id, "removing a duplicate container");
+                self.engine.remove(&dup.id).await?;
+                self.event(
+                    &user,
+                    Some(&dup.id),
+                    "removed",
+                    Some("duplicate found at start-up"),
+                )
+                .await;
+            }
+            let i = match self.engine.inspect(&keep.id, &self.network).await {
+                Ok(i) => i,
+                Err(e) if docker::is_not_found(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut state = match i.state {
+                DockerState::Running => State::Running,
+                DockerState::Paused => State::Paused,
+                _ => State::Stopped,
+            };
+            let mut permit = None;
+            if state != State::Stopped {
+                permit = self.capacity.clone().try_acquire_owned().ok();
+                if permit.is_none() {
+                    tracing::warn!(user = %user, "over max_containers at start-up: stopping");
+                    if state == State::Paused {
+                        self.engine.unpause(&keep.id).await?;
+                    }
+                    self.engine
+                        .stop(&keep.id, self.cfg.stop_timeout.as_secs() as i64)
+                        .await?;
+                    state = State::Stopped;
+                }
+            }
+            let session = sessions.get(user.as_str());
+            let slot = self.slot(&user);
+            if let Some(s) = session {
+                slot.last_activity.store(s.last_activity, Ordering::Relaxed);
+                slot.flushed_activity
+                    .store(s.last_activity, Ordering::Relaxed);
+            }
+            let c = Container {
+                id: keep.id.clone(),
+                name: keep.name.clone(),
+                state,
+                ip: i.ip,
+                created_at: if keep.created > 0 {
+                    keep.created
+                } else {
+                    now_ms()
+                },
+                permit,
+            };
+            let mut g = slot.inner.lock().await;
+            *g = Some(c);
+            slot.publish(&g);
+            let changed = session.map(|s| {
+                s.container_id.as_deref() != Some(keep.id.as_str()) || s.state != state.as_str()
+            });
+            if changed != Some(false) {
+                self.event(&user, Some(&keep.id), "adopted", Some("found at start-up"))
+                    .await;
+            }
+            self.save(&user, &g, None).await?;
+        }
+        // Sessions that name a container Docker no longer has.
+        for (uid, s) in &sessions {
+            let Ok(user) = UserId::parse(uid) else {
+                continue;
+            };
+            let present = self.existing_slot(&user).is_some();
+            if !present && s.container_id.is_some() {
+                self.event(
+                    &user,
+                    s.container_id.as_deref(),
+                    "removed",
+                    Some("container missing at start-up"),
+                )
+                .await;
+                self.store
+                    .save_session(&user, None, "removed", None)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes in-memory activity to the store for slots whose activity moved.
+    pub async fn flush_activity(&self) {
+        for slot in self.all_slots() {
+            let last = slot.last_activity();
+            if slot.flushed_activity.swap(last, Ordering::Relaxed) != last {
+                if let Err(e) = self.store.touch(&slot.user, last).await {
+                    tracing::warn!(user = %slot.user, error = format!("{e:#}"), "flushing activity");
+                }
+            }
+        }
+    }
+
+    /// Current state per user (for the reaper), read without waiting on transitions.
+    pub fn fast_state(&self, slot: &Slot) -> Option<State> {
+        slot.fast
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|(s, _)| s)
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.cfg.max_containers - self.capacity.available_permits()
+    }
+
+    /// Waits until the engine and the store answer (health check).
+    pub async fn health(&self) -> anyhow::Result<()> {
+        let t = Duration::from_secs(3);
+        tokio::time::timeout(t, self.engine.ping())
+            .await
+            .map_err(|_| anyhow!("engine ping timed out"))??;
+        tokio::time::timeout(t, self.store.ping())
+            .await
+            .map_err(|_| anyhow!("store ping timed out"))??;
+        Ok(())
+    }
+}
+
+/// Creates `path` as a real directory owned by the sandbox user. Refuses a symlink or anything
+/// that is not a directory, so nothing planted there can redirect the bind mount or the chown.
+pub fn ensure_workspace_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => bail!("{} is a symlink", path.display()),
+        Ok(m) if !m.is_dir() => bail!("{} is not a directory", path.display()),
+        Ok(m) => {
+            if m.uid() != spec::SANDBOX_UID || m.gid() != spec::SANDBOX_GID {
+                std::os::unix::fs::lchown(path, Some(spec::SANDBOX_UID), Some(spec::SANDBOX_GID))
+                    .with_context(|| format!("chown {}", path.display()))?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(path).with_context(|| format!("mkdir {}", path.display()))?;
+            std::os::unix::fs::lchown(path, Some(spec::SANDBOX_UID), Some(spec::SANDBOX_GID))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
+    }
+    Ok(())
+}

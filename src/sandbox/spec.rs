@@ -1,0 +1,232 @@
+//! The container spec: names, labels and every hardening setting, as a pure function of the
+//! validated user and the configuration. Unit-tested here; asserted on a real container by
+//! `tests/hardening.rs`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bollard::container::{Config as ContainerConfig, NetworkingConfig};
+use bollard::models::{
+    EndpointSettings, HostConfig, HostConfigLogConfig, ResourcesUlimits, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+
+use crate::config::Config;
+use crate::user::UserId;
+
+pub const LABEL_MANAGED: &str = "sandboxd.managed";
+pub const LABEL_USER: &str = "sandboxd.user";
+pub const LABEL_INSTANCE: &str = "sandboxd.instance";
+
+/// uid:gid of the sandbox user inside the image.
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 1000;
+pub const WORKSPACE: &str = "/workspace";
+
+/// The private bridge network of an instance.
+pub fn network_name(instance: &str) -> String {
+    format!("{instance}-net")
+}
+
+/// A fresh container name: `<instance>-user-<id>-<8 hex>`. The suffix keeps names unique across
+/// re-creations, so a slow removal of an old container never blocks the new one.
+pub fn container_name(instance: &str, user: &UserId) -> String {
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{instance}-user-{user}-{suffix}")
+}
+
+/// The hostname inside the sandbox (no instance, no suffix: what the user sees in the prompt).
+pub fn hostname(user: &UserId) -> String {
+    format!("sandbox-{user}")
+}
+
+pub fn labels(instance: &str, user: &UserId) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_USER.to_owned(), user.to_string()),
+        (LABEL_INSTANCE.to_owned(), instance.to_owned()),
+    ])
+}
+
+/// Docker list filters selecting this instance's containers.
+pub fn instance_filters(instance: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_owned(),
+        vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_INSTANCE}={instance}"),
+        ],
+    )])
+}
+
+/// Environment of the sandbox's main process (and so of the autostarted dev server).
+pub fn env(cfg: &Config, user: &UserId) -> Vec<String> {
+    let preview_host = format!("user-{user}.{}", cfg.preview_domain);
+    let mut env = vec![
+        "HOME=/home/sandbox".to_owned(),
+        "TERM=xterm-256color".to_owned(),
+        format!("SANDBOXD_USER={user}"),
+        format!("SANDBOXD_PREVIEW_HOST={preview_host}"),
+        format!("SANDBOXD_PREVIEW_PORT={}", cfg.preview_port),
+        // Vite answers 403 to Host names it does not know; this variable (read by Vite 5+) adds
+        // the preview domain to `server.allowedHosts` without the user editing vite.config.
+        // Rejected alternative: rewriting Host to localhost in the proxy, which breaks apps that
+        // build absolute URLs from Host.
+        format!(
+            "__VITE_ADDITIONAL_SERVER_ALLOWED_HOSTS=.{}",
+            cfg.preview_domain
+        ),
+    ];
+    if !cfg.dev_command.is_empty() {
+        env.push(format!("SANDBOXD_DEV_COMMAND={}", cfg.dev_command));
+    }
+    env
+}
+
+/// The full create request for a user's container.
+pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> ContainerConfig<String> {
+    let l = &cfg.limits;
+    let tmpfs = HashMap::from([
+        (
+            "/tmp".to_owned(),
+            format!("rw,nosuid,nodev,size={},mode=1777", l.tmp_size_bytes),
+        ),
+        (
+            "/home/sandbox".to_owned(),
+            format!(
+                "rw,nosuid,nodev,size={},uid={SANDBOX_UID},gid={SANDBOX_GID},mode=0755",
+                l.home_size_bytes
+            ),
+        ),
+        (
+            "/run".to_owned(),
+            "rw,nosuid,nodev,noexec,size=16777216,mode=0755".to_owned(),
+        ),
+    ]);
+    let network = network_name(&cfg.instance);
+    let host_config = HostConfig {
+        binds: Some(vec![format!("{}:{WORKSPACE}:rw", workspace.display())]),
+        network_mode: Some(network.clone()),
+        // No port bindings at all: previews are reached over the private network.
+        port_bindings: Some(HashMap::new()),
+        publish_all_ports: Some(false),
+        memory: Some(l.memory_bytes),
+        // memory+swap equal to memory: no swap.
+        memory_swap: Some(l.memory_bytes),
+        nano_cpus: Some(l.nano_cpus),
+        pids_limit: Some(l.pids),
+        ulimits: Some(vec![
+            ResourcesUlimits {
+                name: Some("nofile".to_owned()),
+                soft: Some(l.nofile),
+                hard: Some(l.nofile),
+            },
+            ResourcesUlimits {
+                name: Some("fsize".to_owned()),
+                soft: Some(l.fsize_bytes),
+                hard: Some(l.fsize_bytes),
+            },
+            ResourcesUlimits {
+                name: Some("nproc".to_owned()),
+                soft: Some(l.pids * 4),
+                hard: Some(l.pids * 4),
+            },
+        ]),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(tmpfs),
+        init: Some(true),
+        privileged: Some(false),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("json-file".to_owned()),
+            config: Some(HashMap::from([
+                ("max-size".to_owned(), "1m".to_owned()),
+                ("max-file".to_owned(), "1".to_owned()),
+            ])),
+        }),
+        ipc_mode: Some("private".to_owned()),
+        runtime: cfg.runtime.clone(),
+        ..Default::default()
+    };
+    ContainerConfig {
+        image: Some(cfg.image.clone()),
+        hostname: Some(hostname(user)),
+        user: Some(format!("{SANDBOX_UID}:{SANDBOX_GID}")),
+        working_dir: Some(WORKSPACE.to_owned()),
+        env: Some(env(cfg, user)),
+        labels: Some(labels(&cfg.instance, user)),
+        stop_timeout: Some(cfg.stop_timeout.as_secs() as i64),
+        tty: Some(false),
+        open_stdin: Some(false),
+        attach_stdin: Some(false),
+        attach_stdout: Some(false),
+        attach_stderr: Some(false),
+        host_config: Some(host_config),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: HashMap::from([(network, EndpointSettings::default())]),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::load(None, Vec::<(String, String)>::new()).unwrap()
+    }
+
+    #[test]
+    fn names_come_from_the_validated_user_only() {
+        let u = UserId::parse("42").unwrap();
+        let n = container_name("sandboxd", &u);
+        assert!(n.starts_with("sandboxd-user-42-"), "{n}");
+        assert_eq!(n.len(), "sandboxd-user-42-".len() + 8);
+        assert_ne!(n, container_name("sandboxd", &u));
+    }
+
+    #[test]
+    fn hardening_is_complete() {
+        let u = UserId::parse("7").unwrap();
+        let c = container_config(&cfg(), &u, Path::new("/srv/ws/user-7"));
+        let h = c.host_config.as_ref().unwrap();
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.cap_add, None);
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert_eq!(h.memory, Some(512 * 1024 * 1024));
+        assert_eq!(h.memory_swap, h.memory);
+        assert_eq!(h.nano_cpus, Some(500_000_000));
+        assert_eq!(h.pids_limit, Some(128));
+        assert_eq!(h.init, Some(true));
+        assert_eq!(h.privileged, Some(false));
+        assert!(h.port_bindings.as_ref().unwrap().is_empty());
+        assert_eq!(h.network_mode.as_deref(), Some("sandboxd-net"));
+        assert_eq!(
+            h.binds,
+            Some(vec!["/srv/ws/user-7:/workspace:rw".to_owned()])
+        );
+        assert!(!h.binds.as_ref().unwrap()[0].contains("docker.sock"));
+        let names: Vec<_> = h
+            .ulimits
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|u| u.name.clone().unwrap())
+            .collect();
+        assert!(names.contains(&"nofile".to_owned()) && names.contains(&"fsize".to_owned()));
+        assert_eq!(c.user.as_deref(), Some("1000:1000"));
+        assert_eq!(c.stop_timeout, Some(2));
+        assert_eq!(c.labels.as_ref().unwrap()[LABEL_USER], "7");
+        assert!(c.exposed_ports.is_none());
+    }
+}

@@ -1,0 +1,141 @@
+//! Wiring, in numbered steps. `build` binds the listeners first (port 0 works, which is how the
+//! tests run the real server) and returns a [`Running`] server that knows its addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::api::auth::{self, Auth};
+use crate::app::{App, AppHandler};
+use crate::config::Config;
+use crate::edge::listener::{self, ListenerConfig};
+use crate::sandbox::docker::Engine;
+use crate::sandbox::{reaper, Manager};
+use crate::store::Store;
+
+pub struct Running {
+    pub http_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    pub app: Arc<App>,
+    /// Where the generated development CA lives, when one was generated or found.
+    pub dev_ca: Option<std::path::PathBuf>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
+    // 1. Listeners first, so the configuration knows the real ports (port 0 in tests).
+    let http = match cfg.http_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding http_addr {a}"))?,
+        ),
+        None => None,
+    };
+    let https = match cfg.https_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding https_addr {a}"))?,
+        ),
+        None => None,
+    };
+    cfg.http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    cfg.https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
+    let cfg = Arc::new(cfg);
+
+    // 2. Store (migrations run here), engine, manager (rebuilds state from Docker's labels).
+    let store = Store::connect(&cfg.database_url).await?;
+    let engine = Engine::connect().await?;
+    let mgr = Manager::start(cfg.clone(), engine, store).await?;
+    let auth = Auth::new(&auth::load_secret(&cfg)?);
+    let app = App::new(cfg.clone(), mgr.clone(), auth);
+
+    // 3. Background tasks: idle policy, certificate reload.
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let reaper = reaper::spawn(mgr.clone(), shutdown_rx.clone());
+    tasks.spawn(async move {
+        let _ = reaper.await;
+    });
+
+    // 4. TLS, when an HTTPS listener is configured.
+    let (tls, dev_ca) = match &https {
+        Some(_) => {
+            let (acceptor, ca) = crate::edge::tls_setup(&cfg, shutdown_rx.clone())?;
+            (Some(acceptor), ca)
+        }
+        None => (None, None),
+    };
+
+    // 5. Serve.
+    let lcfg = ListenerConfig {
+        tls_handshake_timeout: cfg.tls_handshake_timeout,
+        header_read_timeout: cfg.header_read_timeout,
+        max_header_bytes: 64 * 1024,
+        max_connections: cfg.max_connections,
+    };
+    let handler: Arc<dyn listener::Handler> = Arc::new(AppHandler(app.clone()));
+    if let Some(l) = http {
+        let (h, c, rx, g) = (
+            handler.clone(),
+            lcfg.clone(),
+            shutdown_rx.clone(),
+            cfg.shutdown_grace,
+        );
+        tasks.spawn(async move {
+            if let Err(e) = listener::serve(l, None, h, c, rx, g).await {
+                tracing::error!(error = format!("{e:#}"), "http listener failed");
+            }
+        });
+    }
+    if let Some(l) = https {
+        let (h, c, rx, g) = (
+            handler.clone(),
+            lcfg.clone(),
+            shutdown_rx.clone(),
+            cfg.shutdown_grace,
+        );
+        tasks.spawn(async move {
+            if let Err(e) = listener::serve(l, tls, h, c, rx, g).await {
+                tracing::error!(error = format!("{e:#}"), "https listener failed");
+            }
+        });
+    }
+    Ok(Running {
+        http_addr: cfg.http_addr,
+        https_addr: cfg.https_addr,
+        app,
+        dev_ca,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let in-flight requests finish within
+    /// `shutdown_grace`, flush activity. Sandboxes keep running.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.app.mgr.flush_activity().await;
+        self.app.mgr.store().close().await;
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        self.shutdown().await;
+        Ok(())
+    }
+}
