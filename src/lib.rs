@@ -1,2 +1,3 @@
+pub mod edge;
 pub mod http;
 pub mod user;

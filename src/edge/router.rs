@@ -1,0 +1,543 @@
+//! Host → route, as a pure function.
+//!
+//! The edge serves two kinds of hosts on one listener: the main host(s) (API + terminal) and
+//! `user-<id>.<preview-domain>` (one user's dev server). Everything the proxy later does with a
+//! user id starts here, so this module is strict: a Host that is not exactly one of the accepted
+//! shapes is `NotFound`, never "close enough".
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::user::UserId;
+
+/// The container port a preview host without a port prefix goes to (Vite's default).
+pub const DEFAULT_PREVIEW_PORT: u16 = 5173;
+
+/// The DNS limits (RFC 1035 §2.3.4) that `normalize_host` enforces.
+const MAX_LABEL_LEN: usize = 63;
+const MAX_NAME_LEN: usize = 253;
+
+/// What the router needs to know. Values are compared after [`normalize_host`], so
+/// `"LocalHost."` in a config file means `localhost`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// Hosts that serve the API and the terminal, e.g. `["localhost", "127.0.0.1", "::1"]`.
+    pub main_hosts: Vec<String>,
+    /// The domain under which `user-<id>.` hosts live, e.g. `preview.localhost`.
+    pub preview_domain: String,
+    /// Container ports besides [`DEFAULT_PREVIEW_PORT`] reachable as `<port>-user-<id>.…`.
+    pub extra_ports: Vec<u16>,
+}
+
+impl RouterConfig {
+    /// Checks that every configured host normalizes, so a typo in the config is reported at
+    /// start-up instead of silently turning into 404s (`route` treats an invalid configured
+    /// host as one that never matches).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.main_hosts.is_empty() {
+            anyhow::bail!("at least one main host is required");
+        }
+        for h in &self.main_hosts {
+            if normalize_host(h).is_none() {
+                anyhow::bail!("main host {h:?} is not a valid host name or IP address");
+            }
+        }
+        let preview = normalize_host(&self.preview_domain).ok_or_else(|| {
+            anyhow::anyhow!(
+                "preview domain {:?} is not a valid host name",
+                self.preview_domain
+            )
+        })?;
+        if preview.parse::<IpAddr>().is_ok() {
+            anyhow::bail!("preview domain {preview:?} must be a DNS name, not an IP address");
+        }
+        if self
+            .main_hosts
+            .iter()
+            .any(|h| normalize_host(h).as_deref() == Some(preview.as_str()))
+        {
+            anyhow::bail!("preview domain {preview:?} must differ from the main hosts");
+        }
+        if self.extra_ports.contains(&0) {
+            anyhow::bail!("extra preview port 0 is not a valid port");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The API and terminal host.
+    Main,
+    /// A user's preview: proxy to `port` of that user's container.
+    Preview { user: UserId, port: u16 },
+    /// Anything else, including a missing Host.
+    NotFound,
+}
+
+/// Normalizes a Host header (or SNI, or a configured host) for comparison.
+///
+/// Lowercases, strips a `:port` (also after `[v6]`), strips ONE trailing dot, and returns IP
+/// literals in their canonical form (IPv6 without brackets, so `[::1]:8443` → `::1`).
+/// Returns `None` for anything that is not a plausible host: empty labels, labels over 63 or
+/// names over 253 characters, characters outside `a-z 0-9 - .`, labels starting or ending with
+/// `-`, an all-numeric last label that is not an IPv4 address (`127.1`), whitespace, control
+/// characters, non-ASCII, userinfo (`a@b`), or a malformed port.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    // Checked up front so no later branch has to think about CR/LF/space/NUL/UTF-8.
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    let lower = raw.to_ascii_lowercase();
+
+    if let Some(rest) = lower.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`: the only place brackets are allowed.
+        let (inside, after) = rest.split_once(']')?;
+        if !after.is_empty() {
+            valid_port(after.strip_prefix(':')?)?;
+        }
+        // Zone ids (`%eth0`) fail to parse here, which is what we want: they have no meaning in
+        // a Host header.
+        let ip: Ipv6Addr = inside.parse().ok()?;
+        return Some(ip.to_string());
+    }
+
+    // A bare IPv6 literal (only from configuration; a Host header must bracket it). Two or more
+    // colons cannot be `name:port`.
+    if lower.bytes().filter(|&b| b == b':').count() >= 2 {
+        let ip: Ipv6Addr = lower.parse().ok()?;
+        return Some(ip.to_string());
+    }
+
+    let name = match lower.split_once(':') {
+        Some((name, port)) => {
+            valid_port(port)?;
+            name
+        }
+        None => lower.as_str(),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return Some(ip.to_string());
+    }
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return None;
+    }
+    let mut labels = name.split('.').peekable();
+    while let Some(label) = labels.next() {
+        let ok = !label.is_empty()
+            && label.len() <= MAX_LABEL_LEN
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return None;
+        }
+        // An all-numeric top label is not a DNS name, and such hosts (`127.1`, `1.2.3.256`) are
+        // the ones IP parsers disagree about; refuse rather than guess.
+        if labels.peek().is_none() && label.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    Some(name.to_owned())
+}
+
+/// A Host-header port: 1–5 ASCII digits, at most 65535. `0` is accepted here because it only
+/// gets stripped; routing never uses it.
+fn valid_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Maps a Host header to a route. See the module docs and [`RouterConfig`].
+pub fn route(cfg: &RouterConfig, host: Option<&str>) -> Route {
+    let Some(host) = host.and_then(normalize_host) else {
+        return Route::NotFound;
+    };
+    if cfg
+        .main_hosts
+        .iter()
+        .any(|m| normalize_host(m).as_deref() == Some(host.as_str()))
+    {
+        return Route::Main;
+    }
+    let Some(preview_domain) = normalize_host(&cfg.preview_domain) else {
+        return Route::NotFound;
+    };
+    // Exactly one label in front of the preview domain: deeper names (`a.user-1.preview…`) are
+    // not ours, and the bare preview domain has no user.
+    let Some(label) = host
+        .strip_suffix(preview_domain.as_str())
+        .and_then(|rest| rest.strip_suffix('.'))
+    else {
+        return Route::NotFound;
+    };
+    if label.is_empty() || label.contains('.') {
+        return Route::NotFound;
+    }
+    preview_label(label, &cfg.extra_ports).unwrap_or(Route::NotFound)
+}
+
+/// `user-<id>` or `<port>-user-<id>`.
+fn preview_label(label: &str, extra_ports: &[u16]) -> Option<Route> {
+    if let Some(id) = label.strip_prefix("user-") {
+        let user = UserId::parse(id).ok()?;
+        return Some(Route::Preview {
+            user,
+            port: DEFAULT_PREVIEW_PORT,
+        });
+    }
+    let (port, rest) = label.split_once('-')?;
+    let id = rest.strip_prefix("user-")?;
+    // Decimal without a leading zero, so every port has exactly one spelling (`05173` would
+    // otherwise be a second host name for the same origin).
+    if port.starts_with('0') {
+        return None;
+    }
+    let port = valid_port(port)?;
+    if !extra_ports.contains(&port) {
+        return None;
+    }
+    let user = UserId::parse(id).ok()?;
+    Some(Route::Preview { user, port })
+}
+
+/// The host a request is for, as the client sent it: the URI authority when there is one
+/// (HTTP/2 `:authority`, HTTP/1 absolute-form), else the `Host` header. This is the value to
+/// hand to [`route`] and [`sni_matches_host`]; using one function for both keeps the 421 check
+/// and the routing decision about the same string.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str());
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Whether a TLS SNI and an HTTP Host name the same host (both normalized first; a Host port is
+/// ignored). The listener answers 421 Misdirected Request when they differ, which also makes
+/// browsers retry on a fresh connection when they coalesced two hosts covered by one wildcard
+/// certificate. Either side failing to normalize counts as a mismatch.
+pub fn sni_matches_host(sni: &str, host: &str) -> bool {
+    match (normalize_host(sni), normalize_host(host)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RouterConfig {
+        RouterConfig {
+            main_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            preview_domain: "preview.localhost".into(),
+            extra_ports: vec![3000, 8080],
+        }
+    }
+
+    fn preview(id: &str, port: u16) -> Route {
+        Route::Preview {
+            user: UserId::parse(id).expect("test id is valid"),
+            port,
+        }
+    }
+
+    fn r(host: &str) -> Route {
+        route(&cfg(), Some(host))
+    }
+
+    #[test]
+    fn normalize_lowercases_and_strips_port_and_one_dot() {
+        assert_eq!(normalize_host("LocalHost").as_deref(), Some("localhost"));
+        assert_eq!(
+            normalize_host("localhost:8443").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(normalize_host("localhost.").as_deref(), Some("localhost"));
+        assert_eq!(
+            normalize_host("localhost.:80").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(
+            normalize_host("User-1.Preview.LOCALHOST.").as_deref(),
+            Some("user-1.preview.localhost")
+        );
+        assert_eq!(normalize_host("localhost.."), None);
+        assert_eq!(normalize_host(".localhost"), None);
+        assert_eq!(normalize_host("."), None);
+        assert_eq!(normalize_host(""), None);
+    }
+
+    #[test]
+    fn normalize_ports() {
+        assert_eq!(normalize_host("a.b:65535").as_deref(), Some("a.b"));
+        assert_eq!(normalize_host("a.b:65536"), None);
+        assert_eq!(normalize_host("a.b:"), None);
+        assert_eq!(normalize_host("a.b:80:80"), None);
+        assert_eq!(normalize_host("a.b:+80"), None);
+        assert_eq!(normalize_host("a.b:123456"), None);
+        assert_eq!(normalize_host("a.b: 80"), None);
+    }
+
+    #[test]
+    fn normalize_ip_literals() {
+        assert_eq!(normalize_host("127.0.0.1").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            normalize_host("127.0.0.1:8443").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(normalize_host("[::1]").as_deref(), Some("::1"));
+        assert_eq!(normalize_host("[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(normalize_host("::1").as_deref(), Some("::1"));
+        assert_eq!(
+            normalize_host("[0:0:0:0:0:0:0:1]").as_deref(),
+            Some("::1"),
+            "IPv6 comes back in canonical form"
+        );
+        assert_eq!(
+            normalize_host("[2001:DB8::A]").as_deref(),
+            Some("2001:db8::a")
+        );
+        assert_eq!(normalize_host("[::1"), None);
+        assert_eq!(normalize_host("[::1]x"), None);
+        assert_eq!(normalize_host("[::1]:"), None);
+        assert_eq!(normalize_host("[fe80::1%eth0]"), None);
+        assert_eq!(normalize_host("[localhost]"), None);
+        assert_eq!(normalize_host("::1:8443x"), None);
+        // Shapes that some parsers read as IPv4 and others as names.
+        assert_eq!(normalize_host("127.1"), None);
+        assert_eq!(normalize_host("1.2.3.256"), None);
+        assert_eq!(normalize_host("0x7f.0.0.1"), None);
+    }
+
+    #[test]
+    fn normalize_rejects_odd_bytes() {
+        for bad in [
+            "local host",
+            "localhost\r\n",
+            "localhost\nX-Evil: 1",
+            "localhost\t",
+            "local\0host",
+            "lócalhost",
+            "user_1.preview.localhost",
+            "a@localhost",
+            "localhost/x",
+            "localhost?",
+            "-a.localhost",
+            "a-.localhost",
+            "*.preview.localhost",
+        ] {
+            assert_eq!(normalize_host(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn normalize_length_limits() {
+        let label63 = "a".repeat(63);
+        let label64 = "a".repeat(64);
+        assert!(normalize_host(&format!("{label63}.localhost")).is_some());
+        assert_eq!(normalize_host(&format!("{label64}.localhost")), None);
+        // 4 × 63 + 3 dots = 255 > 253.
+        let long = [label63.as_str(); 4].join(".");
+        assert_eq!(normalize_host(&long), None);
+        let ok = format!("{}.{}.{}.{}", label63, label63, label63, "a".repeat(61));
+        assert_eq!(ok.len(), 253);
+        assert!(normalize_host(&ok).is_some());
+        // The one trailing dot does not count towards the limit.
+        assert!(normalize_host(&format!("{ok}.")).is_some());
+    }
+
+    #[test]
+    fn main_hosts() {
+        assert_eq!(r("localhost"), Route::Main);
+        assert_eq!(r("LOCALHOST"), Route::Main);
+        assert_eq!(r("localhost."), Route::Main);
+        assert_eq!(r("localhost:8443"), Route::Main, "main host with a port");
+        assert_eq!(r("127.0.0.1"), Route::Main);
+        assert_eq!(r("127.0.0.1:8080"), Route::Main);
+        assert_eq!(r("[::1]:8443"), Route::Main);
+        assert_eq!(r("[::1]"), Route::Main);
+        assert_eq!(r("127.0.0.2"), Route::NotFound);
+        assert_eq!(r("api.localhost"), Route::NotFound);
+        let public = RouterConfig {
+            main_hosts: vec!["API.Example.com.".into()],
+            preview_domain: "preview.example.com".into(),
+            extra_ports: vec![],
+        };
+        assert_eq!(route(&public, Some("api.example.com:443")), Route::Main);
+        assert_eq!(route(&public, Some("localhost")), Route::NotFound);
+    }
+
+    #[test]
+    fn missing_or_invalid_host() {
+        assert_eq!(route(&cfg(), None), Route::NotFound);
+        assert_eq!(r(""), Route::NotFound);
+        assert_eq!(r("localhost\r\n"), Route::NotFound);
+    }
+
+    #[test]
+    fn preview_hosts() {
+        assert_eq!(r("user-1.preview.localhost"), preview("1", 5173));
+        assert_eq!(r("user-42.preview.localhost:8443"), preview("42", 5173));
+        assert_eq!(r("USER-1.PREVIEW.LOCALHOST."), preview("1", 5173));
+        assert_eq!(
+            r("user-ABC.preview.localhost"),
+            preview("abc", 5173),
+            "ids are lowercased with the rest of the host"
+        );
+        let id32 = "a".repeat(32);
+        assert_eq!(
+            r(&format!("user-{id32}.preview.localhost")),
+            preview(&id32, 5173)
+        );
+    }
+
+    #[test]
+    fn preview_rejects() {
+        for bad in [
+            "preview.localhost",
+            ".preview.localhost",
+            "user-1..preview.localhost",
+            "a.user-1.preview.localhost",
+            "user-1.a.preview.localhost",
+            "user-.preview.localhost",
+            "user-a_b.preview.localhost",
+            "user-a-b.preview.localhost",
+            "user1.preview.localhost",
+            "users-1.preview.localhost",
+            "xuser-1.preview.localhost",
+            "user-1.preview.localhost.evil.com",
+            "user-1.xpreview.localhost",
+            "user-1-preview.localhost",
+            "user-1.localhost",
+        ] {
+            assert_eq!(r(bad), Route::NotFound, "{bad:?}");
+        }
+        let id33 = "a".repeat(33);
+        assert_eq!(
+            r(&format!("user-{id33}.preview.localhost")),
+            Route::NotFound
+        );
+    }
+
+    #[test]
+    fn preview_port_prefix() {
+        assert_eq!(r("3000-user-1.preview.localhost"), preview("1", 3000));
+        assert_eq!(r("8080-user-7.preview.localhost:443"), preview("7", 8080));
+        for bad in [
+            "3001-user-1.preview.localhost",
+            "5173-user-1.preview.localhost",
+            "0-user-1.preview.localhost",
+            "05173-user-1.preview.localhost",
+            "03000-user-1.preview.localhost",
+            "65536-user-1.preview.localhost",
+            "99999999-user-1.preview.localhost",
+            "3000-user-.preview.localhost",
+            "3000-user-a_b.preview.localhost",
+            "3000user-1.preview.localhost",
+            "3000-3000-user-1.preview.localhost",
+            "x-user-1.preview.localhost",
+            "3000-1.preview.localhost",
+        ] {
+            assert_eq!(r(bad), Route::NotFound, "{bad:?}");
+        }
+        let no_extra = RouterConfig {
+            extra_ports: vec![],
+            ..cfg()
+        };
+        assert_eq!(
+            route(&no_extra, Some("3000-user-1.preview.localhost")),
+            Route::NotFound
+        );
+    }
+
+    #[test]
+    fn preview_domain_that_is_a_subdomain_of_a_main_host() {
+        // `preview.localhost` sits under `localhost`; only exact main hosts are Main.
+        let c = RouterConfig {
+            main_hosts: vec!["localhost".into()],
+            preview_domain: "Preview.Localhost.".into(),
+            extra_ports: vec![],
+        };
+        assert_eq!(route(&c, Some("localhost")), Route::Main);
+        assert_eq!(route(&c, Some("preview.localhost")), Route::NotFound);
+        assert_eq!(
+            route(&c, Some("user-9.preview.localhost")),
+            preview("9", 5173)
+        );
+        assert_eq!(route(&c, Some("user-9.localhost")), Route::NotFound);
+    }
+
+    #[test]
+    fn invalid_config_never_matches() {
+        let c = RouterConfig {
+            main_hosts: vec!["bad host".into()],
+            preview_domain: "bad..domain".into(),
+            extra_ports: vec![],
+        };
+        assert!(c.validate().is_err());
+        assert_eq!(route(&c, Some("bad host")), Route::NotFound);
+        assert_eq!(route(&c, Some("user-1.bad..domain")), Route::NotFound);
+    }
+
+    #[test]
+    fn validate_config() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.preview_domain = "localhost".into();
+        assert!(c.validate().is_err(), "preview domain equal to a main host");
+        let mut c = cfg();
+        c.preview_domain = "127.0.0.1".into();
+        assert!(c.validate().is_err(), "IP preview domain");
+        let mut c = cfg();
+        c.extra_ports = vec![0];
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.main_hosts.clear();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn sni_vs_host() {
+        assert!(sni_matches_host("localhost", "localhost:8443"));
+        assert!(sni_matches_host(
+            "user-1.preview.localhost",
+            "USER-1.preview.localhost."
+        ));
+        assert!(!sni_matches_host(
+            "user-1.preview.localhost",
+            "user-2.preview.localhost"
+        ));
+        assert!(!sni_matches_host("localhost", "bad host"));
+        assert!(!sni_matches_host("", "localhost"));
+    }
+
+    #[test]
+    fn request_host_prefers_the_authority() {
+        let req = http::Request::builder()
+            .uri("/x")
+            .header("host", "user-1.preview.localhost")
+            .body(())
+            .expect("valid request");
+        assert_eq!(request_host(&req), Some("user-1.preview.localhost"));
+        let req = http::Request::builder()
+            .uri("https://localhost:8443/x")
+            .header("host", "user-1.preview.localhost")
+            .body(())
+            .expect("valid request");
+        assert_eq!(request_host(&req), Some("localhost:8443"));
+        let req = http::Request::builder()
+            .uri("/x")
+            .body(())
+            .expect("valid request");
+        assert_eq!(request_host(&req), None);
+        assert_eq!(route(&cfg(), request_host(&req)), Route::NotFound);
+    }
+}
