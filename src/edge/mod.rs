@@ -7,4 +7,5 @@
 //!
 //! Nothing here knows about Docker, the store or the API: those sit behind the `Handler`.
 
+pub mod listener;
 pub mod router;

@@ -1,0 +1,847 @@
+//! The accept loop: TCP (optionally TLS) → HTTP/1.1 or HTTP/2 → [`Handler`].
+//!
+//! Everything that protects the process from clients that never finish saying hello lives here,
+//! each with its own bound:
+//! - the TLS handshake runs inside the connection's task under `tls_handshake_timeout`, so a
+//!   stalled handshake never blocks the accept loop;
+//! - the first request must arrive within `header_read_timeout` (this also covers the protocol
+//!   sniffing of hyper-util's auto builder and HTTP/2 clients that open and never send a request,
+//!   which hyper's own HTTP/1 header timer does not see);
+//! - on HTTP/1, hyper's `header_read_timeout` then bounds every later request head and every idle
+//!   keep-alive gap, and `max_buf_size` bounds the head's size (431 past it);
+//! - on HTTP/2, `max_header_list_size` bounds headers and keep-alive pings drop dead peers;
+//! - a semaphore caps concurrent connections.
+//!
+//! When the shutdown signal flips, the loop stops accepting, asks every live connection to finish
+//! (HTTP/1: after the response in flight; HTTP/2: GOAWAY, then the open streams), waits up to the
+//! grace period and drops what is left. Upgraded connections (WebSockets) have left hyper by then
+//! and belong to whoever called `hyper::upgrade::on`; they are neither counted nor waited for.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use super::router::{request_host, sni_matches_host};
+use crate::http::{full, Body};
+
+/// What the handler may want to know about the connection a request came on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// The TLS server name the client asked for (lowercase, as rustls reports it).
+    pub sni: Option<String>,
+    /// Whether ALPN settled on `h2`. A plain-text HTTP/2 (prior knowledge) connection reports
+    /// `false`; look at `Request::version()` for the protocol actually spoken.
+    pub alpn_h2: bool,
+}
+
+/// The application behind the edge. Answers every request; errors are responses too.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+}
+
+/// Any `Fn(Request, Arc<ConnInfo>) -> impl Future<Output = Response>` is a handler, which keeps
+/// tests and small adapters free of boilerplate.
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request<Incoming>, Arc<ConnInfo>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+        Box::pin(self(req, conn))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub tls_handshake_timeout: Duration,
+    /// Time allowed for a request head, measured from the connection's start for the first
+    /// request and from the end of the previous response for later ones (so it is also the
+    /// HTTP/1 keep-alive idle timeout).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted. HTTP/1 answers 431 beyond it; hyper needs at least 8 KiB,
+    /// smaller values are raised to that.
+    pub max_header_bytes: usize,
+    /// Connections served at once. When all slots are taken the loop stops accepting, so new
+    /// clients wait in the kernel's backlog until a slot frees up (see `serve`).
+    pub max_connections: usize,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            // Below the common 1024 open-files soft limit would be too tight for a proxy that
+            // needs an upstream socket per connection; start-up should raise RLIMIT_NOFILE to
+            // match.
+            max_connections: 4096,
+        }
+    }
+}
+
+/// hyper refuses (panics on) a smaller HTTP/1 read buffer.
+const MIN_HTTP1_BUF: usize = 8 * 1024;
+/// Pause after a failed `accept`: errors like EMFILE repeat immediately, and spinning on them
+/// would starve the connections that could free descriptors.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// HTTP/2 pings find peers that vanished without a FIN (laptops closing, NAT timeouts).
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves `listener` until `shutdown` becomes true (or its sender is dropped), then drains.
+///
+/// Connection cap: a connection slot is taken *before* `accept`, so at the cap the loop simply
+/// stops accepting and the kernel backlog absorbs the burst; clients see latency, not resets.
+/// The rejected alternative, accept-then-close, turns a burst into errors for legitimate clients
+/// while doing nothing against the slow clients that hold the slots (those are cut by the
+/// timeouts above, which is what frees slots).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<dyn Handler>,
+    cfg: ListenerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let builder = Arc::new(http_builder(&cfg));
+    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut tasks = JoinSet::new();
+    let local_addr = listener.local_addr()?;
+    tracing::info!(addr = %local_addr, tls = tls.is_some(), "listening");
+
+    loop {
+        if *shutdown.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = shutdown.changed() => {
+                // A dropped sender can never say "stop" again; treat it as "stop now" rather than
+                // spinning on the error.
+                if changed.is_err() {
+                    break;
+                }
+            }
+            // Reap finished connection tasks so the set does not grow with the connection count.
+            Some(done) = tasks.join_next() => log_join(done),
+            accepted = accept_with_slot(&listener, &slots) => {
+                let (stream, peer, permit) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let conn = Conn {
+                    peer,
+                    tls: tls.clone(),
+                    handler: handler.clone(),
+                    builder: builder.clone(),
+                    handshake_timeout: cfg.tls_handshake_timeout,
+                    first_request_timeout: cfg.header_read_timeout,
+                    // Taken here, in the loop, so that a shutdown signalled while this
+                    // connection is still in its TLS handshake is seen by it too.
+                    watcher: graceful.watcher(),
+                    _permit: permit,
+                };
+                tasks.spawn(conn.run(stream));
+            }
+        }
+    }
+
+    // Closing the socket first makes new clients fail fast instead of queueing in a backlog
+    // nobody will read.
+    drop(listener);
+    let live = tasks.len();
+    tracing::info!(live, ?grace, "shutting down listener");
+    let drained = tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        while let Some(done) = tasks.join_next().await {
+            log_join(done);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "grace period over; closing remaining connections"
+        );
+        tasks.shutdown().await;
+    }
+    tracing::info!(addr = %local_addr, "listener stopped");
+    Ok(())
+}
+
+fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(MIN_HTTP1_BUF))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    builder
+}
+
+async fn accept_with_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = slots
+        .clone()
+        .acquire_owned()
+        .await
+        // The semaphore lives as long as `serve` and is never closed.
+        .map_err(std::io::Error::other)?;
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, permit))
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "connection task panicked");
+        }
+    }
+}
+
+/// One accepted connection and what it needs, moved into its task.
+struct Conn {
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<dyn Handler>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    first_request_timeout: Duration,
+    watcher: Watcher,
+    /// Held for the connection's lifetime: dropping it frees the slot.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    async fn run(self, stream: TcpStream) {
+        // Interactive traffic (terminal keystrokes, HMR updates) is latency-bound; Nagle would
+        // hold small writes back.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(peer = %self.peer, error = %e, "set_nodelay failed");
+        }
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "no local address; dropping");
+                return;
+            }
+        };
+        let Some(acceptor) = self.tls.clone() else {
+            let info = ConnInfo {
+                peer: self.peer,
+                local,
+                tls: false,
+                sni: None,
+                alpn_h2: false,
+            };
+            return self.serve_http(stream, info).await;
+        };
+        let stream =
+            match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+        let (_, tls_conn) = stream.get_ref();
+        let info = ConnInfo {
+            peer: self.peer,
+            local,
+            tls: true,
+            sni: tls_conn.server_name().map(str::to_owned),
+            alpn_h2: tls_conn.alpn_protocol() == Some(b"h2".as_slice()),
+        };
+        self.serve_http(stream, info).await
+    }
+
+    async fn serve_http<S>(self, stream: S, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = info.peer;
+        let info = Arc::new(info);
+        let got_request = Arc::new(AtomicBool::new(false));
+        let service = {
+            let handler = self.handler.clone();
+            let got_request = got_request.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                got_request.store(true, Ordering::Relaxed);
+                let info = info.clone();
+                let response: ResponseFuture = match misdirected(&req, &info) {
+                    Some(resp) => Box::pin(std::future::ready(resp)),
+                    None => handler.handle(req, info),
+                };
+                guarded(response, peer)
+            })
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = self.watcher.watch(conn);
+        tokio::pin!(conn);
+
+        // hyper's header timer starts only once HTTP/1 has been chosen; this deadline covers the
+        // protocol sniffing before it and HTTP/2 connections that never send a request.
+        let first = tokio::select! {
+            res = &mut conn => Some(res),
+            () = tokio::time::sleep(self.first_request_timeout) => None,
+        };
+        let res = match first {
+            Some(res) => res,
+            None if !got_request.load(Ordering::Relaxed) => {
+                tracing::debug!(%peer, "no request before the header timeout; closing");
+                return;
+            }
+            None => conn.await,
+        };
+        if let Err(e) = res {
+            // Client-side disconnects and timeouts are routine at an edge; not worth a warning.
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A panicking handler costs its request a 500, not the whole connection (on HTTP/1 the handler
+/// runs inside the connection's task).
+fn guarded(
+    response: ResponseFuture,
+    peer: SocketAddr,
+) -> Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>> {
+    Box::pin(async move {
+        match AssertUnwindSafe(response).catch_unwind().await {
+            Ok(resp) => Ok(resp),
+            Err(_) => {
+                tracing::error!(%peer, "handler panicked");
+                Ok(error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                ))
+            }
+        }
+    })
+}
+
+/// 421 when a TLS client's Host is not the name it did the handshake for. Without this, a
+/// browser that coalesced two hosts under one wildcard certificate onto one HTTP/2 connection
+/// would have its request for host B answered on the connection set up for host A; 421 tells it
+/// to open a proper connection. Requests without SNI (IP literals) or without a Host are left
+/// to the router.
+fn misdirected(req: &Request<Incoming>, info: &ConnInfo) -> Option<Response<Body>> {
+    let sni = info.sni.as_deref()?;
+    let host = request_host(req)?;
+    if sni_matches_host(sni, host) {
+        return None;
+    }
+    Some(error_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        "misdirected_request",
+        "the Host of this request does not match the TLS server name of the connection",
+    ))
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::task::JoinHandle;
+
+    struct Server {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(handler: Arc<dyn Handler>, cfg: ListenerConfig, grace: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, None, handler, cfg, rx, grace));
+        Server { addr, stop, task }
+    }
+
+    fn cfg() -> ListenerConfig {
+        ListenerConfig {
+            tls_handshake_timeout: Duration::from_secs(2),
+            header_read_timeout: Duration::from_secs(1),
+            max_header_bytes: 16 * 1024,
+            max_connections: 64,
+        }
+    }
+
+    /// Echoes what the handler saw; `/sleep` waits 500 ms, `/long` 10 s, `/panic` panics, and
+    /// `Upgrade: echo` switches protocols and echoes bytes.
+    fn echo_handler() -> Arc<dyn Handler> {
+        Arc::new(
+            |mut req: Request<Incoming>, conn: Arc<ConnInfo>| async move {
+                match req.uri().path() {
+                    "/sleep" => tokio::time::sleep(Duration::from_millis(500)).await,
+                    "/long" => tokio::time::sleep(Duration::from_secs(10)).await,
+                    "/panic" => panic!("test handler panic"),
+                    _ => {}
+                }
+                if req.headers().get("upgrade").map(|v| v.as_bytes()) == Some(b"echo") {
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on_upgrade.await else {
+                            return;
+                        };
+                        let mut io = TokioIo::new(upgraded);
+                        let mut buf = [0u8; 64];
+                        // Bounded: echoes until the client closes or 10 rounds.
+                        for _ in 0..10 {
+                            match io.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if io.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    let mut resp = Response::new(crate::http::empty());
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert(
+                        "connection",
+                        hyper::header::HeaderValue::from_static("upgrade"),
+                    );
+                    resp.headers_mut()
+                        .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+                    return resp;
+                }
+                let body = format!(
+                    "{} {:?} tls={} peer_is_loopback={} local={}",
+                    req.uri().path(),
+                    req.version(),
+                    conn.tls,
+                    conn.peer.ip().is_loopback(),
+                    conn.local
+                );
+                Response::new(full(body))
+            },
+        )
+    }
+
+    async fn http1_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Reads until EOF or error (or `limit`), returning what arrived and when the stream ended.
+    async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return (got, false),
+            }
+        }
+    }
+
+    async fn stop(server: Server) {
+        let _ = server.stop.send(true);
+        let res = tokio::time::timeout(Duration::from_secs(5), server.task)
+            .await
+            .expect("serve returns after shutdown")
+            .expect("serve task did not panic");
+        res.expect("serve returns Ok");
+    }
+
+    #[tokio::test]
+    async fn plain_http1_request() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let (status, body) = http1_get(server.addr, "/hello").await.expect("request");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            format!(
+                "/hello HTTP/1.1 tls=false peer_is_loopback=true local={}",
+                server.addr
+            )
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn http2_prior_knowledge() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let stream = TcpStream::connect(server.addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        // Two streams on one connection, to show it is really multiplexed HTTP/2.
+        for path in ["/a", "/b"] {
+            let req = Request::get(format!("http://localhost{path}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let resp = sender.send_request(req).await.expect("response");
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert!(
+                body.starts_with(format!("{path} HTTP/2.0 tls=false").as_bytes()),
+                "{body:?}"
+            );
+        }
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn slow_loris_is_cut_off_while_others_are_served() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let mut loris = TcpStream::connect(server.addr).await.expect("connect");
+        loris
+            .write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        let (mut reader, mut writer) = loris.into_split();
+        // One byte a second, for at most 8 seconds; stops as soon as a write fails.
+        let trickle = tokio::spawn(async move {
+            for b in b"st: localhost\r\n\r\n".iter().take(8) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if writer.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        // Meanwhile a well-behaved client is served at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        let (status, _) = http1_get(server.addr, "/ok").await.expect("normal client");
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(4), async {
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // hyper may answer 408 before closing; keep reading until the close.
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let elapsed = started.elapsed();
+        trickle.abort();
+        assert!(
+            closed.is_ok(),
+            "slow client still connected after {elapsed:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(2500),
+            "closed after {elapsed:?}, expected about the 1 s header timeout"
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn slow_second_request_on_keep_alive_is_cut_off() {
+        // After a first request the connection-level deadline is over; hyper's HTTP/1 header
+        // timer is what bounds the next head (and idle keep-alive).
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+            .await
+            .expect("first response in time")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Well past the connection-level deadline, then a trickled second head.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let started = Instant::now();
+        let _ = stream.write_all(b"GET /second HTTP/1.1\r\nHo").await;
+        let mut closed = false;
+        for b in b"st: localhost\r\n\r\n".iter().take(5) {
+            let (got, eof) = read_until_closed(&mut stream, Duration::from_millis(500)).await;
+            assert!(
+                !got.starts_with(b"HTTP/1.1 200"),
+                "second request was served"
+            );
+            if eof || stream.write_all(&[*b]).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+        assert!(
+            closed,
+            "slow second request still open after {:?}",
+            started.elapsed()
+        );
+        // The timer runs from the end of the first response, so it fires at most ~1 s after it.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn silent_and_h2_preface_trickling_clients_are_cut_off() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+        // A prefix of the HTTP/2 preface keeps hyper-util's protocol sniffing waiting.
+        let mut sniffing = TcpStream::connect(server.addr).await.expect("connect");
+        sniffing.write_all(b"PRI * HTTP/2").await.expect("write");
+        let (a, b) = tokio::join!(
+            read_until_closed(&mut silent, Duration::from_secs(4)),
+            read_until_closed(&mut sniffing, Duration::from_secs(4)),
+        );
+        assert!(a.1 && b.1, "both closed");
+        assert!(started.elapsed() < Duration::from_millis(2500));
+        // An HTTP/2 client that finishes the preface but never sends a request.
+        let idle = TcpStream::connect(server.addr).await.expect("connect");
+        let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(idle),
+        )
+        .await
+        .expect("h2 handshake");
+        let started = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(4), conn).await;
+        assert!(
+            ended.is_ok(),
+            "idle HTTP/2 connection was closed by the server"
+        );
+        assert!(started.elapsed() < Duration::from_millis(2500));
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn oversized_headers_get_431() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let big = "a".repeat(32 * 1024);
+        let req = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
+        // The server may close before reading everything; a failed write is fine.
+        let _ = stream.write_all(req.as_bytes()).await;
+        let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        assert!(closed);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn panicking_handler_gets_500() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let (status, body) = http1_get(server.addr, "/panic").await.expect("request");
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("\"code\":\"internal\""), "{body}");
+        let (status, _) = http1_get(server.addr, "/after").await.expect("request");
+        assert_eq!(status, StatusCode::OK, "server still serving");
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn http1_upgrade_round_trip() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        // Read exactly the response head, byte by byte, so no echoed data is swallowed.
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte))
+                .await
+                .expect("head in time")
+                .expect("read");
+            assert_eq!(n, 1, "connection closed during the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        for msg in [&b"ping"[..], b"second message"] {
+            stream.write_all(msg).await.expect("write");
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut back))
+                .await
+                .expect("echo in time")
+                .expect("read");
+            assert_eq!(back, msg);
+        }
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_finishes_in_flight_requests() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(3)).await;
+        let addr = server.addr;
+        let in_flight = tokio::spawn(async move { http1_get(addr, "/sleep").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop(server).await;
+        let elapsed = started.elapsed();
+        let (status, body) = in_flight
+            .await
+            .expect("client task")
+            .expect("in-flight request completed");
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("/sleep"), "{body}");
+        assert!(
+            elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2),
+            "serve waited for the request, then returned: {elapsed:?}"
+        );
+        // The listening socket is closed.
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn grace_period_bounds_shutdown() {
+        let server = start(echo_handler(), cfg(), Duration::from_millis(300)).await;
+        let addr = server.addr;
+        let in_flight = tokio::spawn(async move { http1_get(addr, "/long").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop(server).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let res = tokio::time::timeout(Duration::from_secs(2), in_flight)
+            .await
+            .expect("client saw the connection close")
+            .expect("client task");
+        assert!(res.is_err(), "the 10 s request was cut off");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_for_a_slot() {
+        let cfg = ListenerConfig {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(5),
+            ..cfg()
+        };
+        let server = start(echo_handler(), cfg, Duration::from_secs(1)).await;
+        // The first connection takes the only slot and stays open (keep-alive).
+        let first = TcpStream::connect(server.addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(first))
+            .await
+            .expect("handshake");
+        let first_conn = tokio::spawn(conn);
+        let req = Request::get("/one")
+            .header("host", "localhost")
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("first response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = resp.into_body().collect().await;
+
+        // The second connects (kernel backlog) but is not served while the first holds the slot.
+        let addr = server.addr;
+        let mut second = tokio::spawn(async move { http1_get(addr, "/two").await });
+        let waited = tokio::time::timeout(Duration::from_millis(400), &mut second).await;
+        assert!(waited.is_err(), "second connection was served over the cap");
+
+        // Closing the first frees the slot.
+        drop(sender);
+        first_conn.abort();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(2), second)
+            .await
+            .expect("served once the slot freed")
+            .expect("client task")
+            .expect("request");
+        assert_eq!(status, StatusCode::OK);
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn dropped_shutdown_sender_stops_the_listener() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        drop(server.stop);
+        let res = tokio::time::timeout(Duration::from_secs(2), server.task).await;
+        assert!(matches!(res, Ok(Ok(Ok(())))));
+    }
+}
