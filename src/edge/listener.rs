@@ -399,3 +399,449 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Bod
     );
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::task::JoinHandle;
+
+    struct Server {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start(handler: Arc<dyn Handler>, cfg: ListenerConfig, grace: Duration) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, None, handler, cfg, rx, grace));
+        Server { addr, stop, task }
+    }
+
+    fn cfg() -> ListenerConfig {
+        ListenerConfig {
+            tls_handshake_timeout: Duration::from_secs(2),
+            header_read_timeout: Duration::from_secs(1),
+            max_header_bytes: 16 * 1024,
+            max_connections: 64,
+        }
+    }
+
+    /// Echoes what the handler saw; `/sleep` waits 500 ms, `/long` 10 s, `/panic` panics, and
+    /// `Upgrade: echo` switches protocols and echoes bytes.
+    fn echo_handler() -> Arc<dyn Handler> {
+        Arc::new(
+            |mut req: Request<Incoming>, conn: Arc<ConnInfo>| async move {
+                match req.uri().path() {
+                    "/sleep" => tokio::time::sleep(Duration::from_millis(500)).await,
+                    "/long" => tokio::time::sleep(Duration::from_secs(10)).await,
+                    "/panic" => panic!("test handler panic"),
+                    _ => {}
+                }
+                if req.headers().get("upgrade").map(|v| v.as_bytes()) == Some(b"echo") {
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on_upgrade.await else {
+                            return;
+                        };
+                        let mut io = TokioIo::new(upgraded);
+                        let mut buf = [0u8; 64];
+                        // Bounded: echoes until the client closes or 10 rounds.
+                        for _ in 0..10 {
+                            match io.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if io.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    let mut resp = Response::new(crate::http::empty());
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert(
+                        "connection",
+                        hyper::header::HeaderValue::from_static("upgrade"),
+                    );
+                    resp.headers_mut()
+                        .insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+                    return resp;
+                }
+                let body = format!(
+                    "{} {:?} tls={} peer_is_loopback={} local={}",
+                    req.uri().path(),
+                    req.version(),
+                    conn.tls,
+                    conn.peer.ip().is_loopback(),
+                    conn.local
+                );
+                Response::new(full(body))
+            },
+        )
+    }
+
+    async fn http1_get(addr: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Reads until EOF or error (or `limit`), returning what arrived and when the stream ended.
+    async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return (got, false),
+            }
+        }
+    }
+
+    async fn stop(server: Server) {
+        let _ = server.stop.send(true);
+        let res = tokio::time::timeout(Duration::from_secs(5), server.task)
+            .await
+            .expect("serve returns after shutdown")
+            .expect("serve task did not panic");
+        res.expect("serve returns Ok");
+    }
+
+    #[tokio::test]
+    async fn plain_http1_request() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let (status, body) = http1_get(server.addr, "/hello").await.expect("request");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            format!(
+                "/hello HTTP/1.1 tls=false peer_is_loopback=true local={}",
+                server.addr
+            )
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn http2_prior_knowledge() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let stream = TcpStream::connect(server.addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        // Two streams on one connection, to show it is really multiplexed HTTP/2.
+        for path in ["/a", "/b"] {
+            let req = Request::get(format!("http://localhost{path}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let resp = sender.send_request(req).await.expect("response");
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert!(
+                body.starts_with(format!("{path} HTTP/2.0 tls=false").as_bytes()),
+                "{body:?}"
+            );
+        }
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn slow_loris_is_cut_off_while_others_are_served() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let mut loris = TcpStream::connect(server.addr).await.expect("connect");
+        loris
+            .write_all(b"GET / HTTP/1.1\r\nHo")
+            .await
+            .expect("write");
+        let (mut reader, mut writer) = loris.into_split();
+        // One byte a second, for at most 8 seconds; stops as soon as a write fails.
+        let trickle = tokio::spawn(async move {
+            for b in b"st: localhost\r\n\r\n".iter().take(8) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if writer.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        // Meanwhile a well-behaved client is served at once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, _) = http1_get(server.addr, "/ok").await.expect("normal client");
+        assert_eq!(status, StatusCode::OK);
+        // ... while the slow one is still connected: it did not have to wait for it.
+        let mut probe = [0u8; 1];
+        assert!(
+            matches!(reader.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "slow client was already gone when the normal one was served"
+        );
+
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(4), async {
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // hyper may answer 408 before closing; keep reading until the close.
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let elapsed = started.elapsed();
+        trickle.abort();
+        assert!(
+            closed.is_ok(),
+            "slow client still connected after {elapsed:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(2500),
+            "closed after {elapsed:?}, expected about the 1 s header timeout"
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn slow_second_request_on_keep_alive_is_cut_off() {
+        // After a first request the connection-level deadline is over; hyper's HTTP/1 header
+        // timer is what bounds the next head (and idle keep-alive).
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+            .await
+            .expect("first response in time")
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Well past the connection-level deadline, then a trickled second head.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let started = Instant::now();
+        let _ = stream.write_all(b"GET /second HTTP/1.1\r\nHo").await;
+        let mut closed = false;
+        for b in b"st: localhost\r\n\r\n".iter().take(5) {
+            let (got, eof) = read_until_closed(&mut stream, Duration::from_millis(500)).await;
+            assert!(
+                !got.starts_with(b"HTTP/1.1 200"),
+                "second request was served"
+            );
+            if eof || stream.write_all(&[*b]).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+        assert!(
+            closed,
+            "slow second request still open after {:?}",
+            started.elapsed()
+        );
+        // The timer runs from the end of the first response, so it fires at most ~1 s after it.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn silent_and_h2_preface_trickling_clients_are_cut_off() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+        // A prefix of the HTTP/2 preface keeps hyper-util's protocol sniffing waiting.
+        let mut sniffing = TcpStream::connect(server.addr).await.expect("connect");
+        sniffing.write_all(b"PRI * HTTP/2").await.expect("write");
+        let (a, b) = tokio::join!(
+            read_until_closed(&mut silent, Duration::from_secs(4)),
+            read_until_closed(&mut sniffing, Duration::from_secs(4)),
+        );
+        assert!(a.1 && b.1, "both closed");
+        assert!(started.elapsed() < Duration::from_millis(2500));
+        // An HTTP/2 client that finishes the preface but never sends a request.
+        let idle = TcpStream::connect(server.addr).await.expect("connect");
+        let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(idle),
+        )
+        .await
+        .expect("h2 handshake");
+        let started = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(4), conn).await;
+        assert!(
+            ended.is_ok(),
+            "idle HTTP/2 connection was closed by the server"
+        );
+        assert!(started.elapsed() < Duration::from_millis(2500));
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn oversized_headers_get_431() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let big = "a".repeat(32 * 1024);
+        let req = format!("GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
+        // The server may close before reading everything; a failed write is fine.
+        let _ = stream.write_all(req.as_bytes()).await;
+        let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+        assert!(closed);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn panicking_handler_gets_500() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let (status, body) = http1_get(server.addr, "/panic").await.expect("request");
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("\"code\":\"internal\""), "{body}");
+        let (status, _) = http1_get(server.addr, "/after").await.expect("request");
+        assert_eq!(status, StatusCode::OK, "server still serving");
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn http1_upgrade_round_trip() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        // Read exactly the response head, byte by byte, so no echoed data is swallowed.
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte))
+                .await
+                .expect("head in time")
+                .expect("read");
+            assert_eq!(n, 1, "connection closed during the head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        for msg in [&b"ping"[..], b"second message"] {
+            stream.write_all(msg).await.expect("write");
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut back))
+                .await
+                .expect("echo in time")
+                .expect("read");
+            assert_eq!(back, msg);
+        }
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_finishes_in_flight_requests() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(3)).await;
+        let addr = server.addr;
+        let in_flight = tokio::spawn(async move { http1_get(addr, "/sleep").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop(server).await;
+        let elapsed = started.elapsed();
+        let (status, body) = in_flight
+            .await
+            .expect("client task")
+            .expect("in-flight request completed");
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("/sleep"), "{body}");
+        assert!(
+            elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(2),
+            "serve waited for the request, then returned: {elapsed:?}"
+        );
+        // The listening socket is closed.
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn grace_period_bounds_shutdown() {
+        let server = start(echo_handler(), cfg(), Duration::from_millis(300)).await;
+        let addr = server.addr;
+        let in_flight = tokio::spawn(async move { http1_get(addr, "/long").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        stop(server).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let res = tokio::time::timeout(Duration::from_secs(2), in_flight)
+            .await
+            .expect("client saw the connection close")
+            .expect("client task");
+        assert!(res.is_err(), "the 10 s request was cut off");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_wait_for_a_slot() {
+        let cfg = ListenerConfig {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(5),
+            ..cfg()
+        };
+        let server = start(echo_handler(), cfg, Duration::from_secs(1)).await;
+        // The first connection takes the only slot and stays open (keep-alive).
+        let first = TcpStream::connect(server.addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(first))
+            .await
+            .expect("handshake");
+        let first_conn = tokio::spawn(conn);
+        let req = Request::get("/one")
+            .header("host", "localhost")
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("first response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let _ = resp.into_body().collect().await;
+
+        // The second connects (kernel backlog) but is not served while the first holds the slot.
+        let addr = server.addr;
+        let mut second = tokio::spawn(async move { http1_get(addr, "/two").await });
+        let waited = tokio::time::timeout(Duration::from_millis(400), &mut second).await;
+        assert!(waited.is_err(), "second connection was served over the cap");
+
+        // Closing the first frees the slot.
+        drop(sender);
+        first_conn.abort();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(2), second)
+            .await
+            .expect("served once the slot freed")
+            .expect("client task")
+            .expect("request");
+        assert_eq!(status, StatusCode::OK);
+        stop(server).await;
+    }
+
+    #[tokio::test]
+    async fn dropped_shutdown_sender_stops_the_listener() {
+        let server = start(echo_handler(), cfg(), Duration::from_secs(1)).await;
+        drop(server.stop);
+        let res = tokio::time::timeout(Duration::from_secs(2), server.task).await;
+        assert!(matches!(res, Ok(Ok(Ok(())))));
+    }
+}

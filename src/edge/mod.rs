@@ -12,7 +12,6 @@ pub mod router;
 pub mod tls;
 
 use std::path::PathBuf;
-#[allow(unused_imports)]
 use std::sync::Arc;
 
 /// Builds the TLS acceptor from `certs_dir` (generating development certificates for
@@ -22,6 +21,18 @@ pub fn tls_setup(
     cfg: &crate::config::Config,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(tokio_rustls::TlsAcceptor, Option<PathBuf>)> {
-    let _ = (cfg, shutdown);
-    anyhow::bail!("TLS not merged yet")
+    let dir = cfg.certs_dir.clone();
+    std::fs::create_dir_all(&dir)?;
+    let mut ca = None;
+    if cfg.is_dev_domain() {
+        let names = vec![
+            cfg.domain.clone(),
+            format!("*.{}", cfg.preview_domain),
+            "127.0.0.1".to_owned(),
+        ];
+        ca = tls::ensure_dev_certs(&dir, &names)?;
+    }
+    let store = Arc::new(tls::CertStore::load_from_dir(&dir)?);
+    tls::spawn_reloader(store.clone(), dir, cfg.cert_reload_every, shutdown);
+    Ok((tokio_rustls::TlsAcceptor::from(tls::server_config(store)?), ca))
 }
