@@ -130,7 +130,8 @@ build_offline_base() {
   run_quiet "apt-get update (chroot)" chroot "$rootfs_dir" \
     env DEBIAN_FRONTEND=noninteractive apt-get update
   run_quiet "apt-get install npm (chroot)" chroot "$rootfs_dir" \
-    env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    -o Dpkg::Options::=--force-unsafe-io npm
   # ca-certificates triggers may have regenerated the bundle; trust the host CA.
   cp "$HOST_CA_BUNDLE" "$rootfs_dir/etc/ssl/certs/ca-certificates.crt"
   run_quiet "apt-get clean (chroot)" chroot "$rootfs_dir" apt-get clean

@@ -93,7 +93,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
     conn_upgrade && req.headers().contains_key(header::UPGRADE)
 }
 
@@ -118,11 +121,18 @@ fn html(status: StatusCode, body: String) -> Response<Body> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn page(title: &str, body: &str, refresh: bool) -> String {
-    let meta = if refresh { r#"<meta http-equiv="refresh" content="2">"# } else { "" };
+    let meta = if refresh {
+        r#"<meta http-equiv="refresh" content="2">"#
+    } else {
+        ""
+    };
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">{meta}<title>{t}</title>\
          <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em;color:#222}}\
@@ -140,7 +150,10 @@ fn not_listening<B>(req: &Request<B>, port: u16) -> Response<Body> {
              <p><code>npm run dev -- --host 0.0.0.0 --port {port}</code></p>\
              <p>This page retries by itself every 2 seconds.</p>"
         );
-        return html(StatusCode::SERVICE_UNAVAILABLE, page("Nothing here yet", &body, true));
+        return html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            page("Nothing here yet", &body, true),
+        );
     }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -181,13 +194,20 @@ pub async fn handle(
 }
 
 /// Creates or wakes the sandbox (single-flight), within `wake_timeout`.
-async fn wake(app: &Arc<App>, req: &Request<Incoming>, user: &UserId) -> Result<IpAddr, Response<Body>> {
+async fn wake(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+    user: &UserId,
+) -> Result<IpAddr, Response<Body>> {
     match app.mgr.is_known(user).await {
         Ok(true) => {}
         Ok(false) => {
             let msg = "No sandbox exists for this preview address.";
             return Err(if wants_html(req) {
-                html(StatusCode::NOT_FOUND, page("No such preview", &format!("<p>{msg}</p>"), false))
+                html(
+                    StatusCode::NOT_FOUND,
+                    page("No such preview", &format!("<p>{msg}</p>"), false),
+                )
             } else {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_preview", msg).into_response()
             });
@@ -195,9 +215,14 @@ async fn wake(app: &Arc<App>, req: &Request<Incoming>, user: &UserId) -> Result<
         Err(e) => return Err(ApiError::internal(&e).into_response()),
     }
     match tokio::time::timeout(app.cfg.wake_timeout, app.mgr.ensure_running(user)).await {
-        Ok(Ok(sb)) => sb
-            .ip
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_GATEWAY, "no_address", "sandbox has no address").into_response()),
+        Ok(Ok(sb)) => sb.ip.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "no_address",
+                "sandbox has no address",
+            )
+            .into_response()
+        }),
         Ok(Err(e)) => Err(ApiError::from(e).into_response()),
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -216,7 +241,9 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
     let deadline = start + app.cfg.wake_timeout;
     let mut checked_app = false;
     loop {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+        {
             let _ = s.set_nodelay(true);
             return Some(s);
         }
@@ -236,13 +263,19 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
 
 /// Whether the sandbox's init started a dev server (its pid file names a live process).
 async fn dev_server_running(app: &Arc<App>, user: &UserId) -> bool {
-    let Ok(sb) = app.mgr.status(user).await else { return false };
+    let Ok(sb) = app.mgr.status(user).await else {
+        return false;
+    };
     let cmd = vec![
         "bash".to_owned(),
         "-c".to_owned(),
-        r#"p=$(cat /tmp/sandboxd-dev.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null"#.to_owned(),
+        r#"p=$(cat /tmp/sandboxd-dev.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null"#
+            .to_owned(),
     ];
-    matches!(app.mgr.engine().run(&sb.container_id, cmd).await, Ok((0, _)))
+    matches!(
+        app.mgr.engine().run(&sb.container_id, cmd).await,
+        Ok((0, _))
+    )
 }
 
 fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>) {
@@ -266,7 +299,9 @@ fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>) {
 
 fn upstream_uri(addr: SocketAddr, uri: &Uri) -> Uri {
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    format!("http://{addr}{pq}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+    format!("http://{addr}{pq}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 async fn forward(
@@ -303,26 +338,55 @@ async fn forward(
                 return Response::from_parts(rp, rb.map_err(Into::into).boxed());
             }
             Err(e) if e.is_connect() && attempt == 1 => {
-                // Nothing listening (yet): hold the request while the app comes up. A request
-                // body was not consumed by a failed connect only if it was empty; bodies that
-                // were sent are not replayed.
+                // Nothing listening: the app may be starting, or the container died or was
+                // restarted behind our back (its address can change). Refresh through the
+                // manager, then hold the request while the app comes up. A body that was
+                // already streamed is not replayed.
+                let sb = match app.mgr.ensure_running(user).await {
+                    Ok(sb) => sb,
+                    Err(e) => return ApiError::from(e).into_response(),
+                };
+                let Some(ip) = sb.ip else {
+                    return not_listening(
+                        &Request::from_parts(clone_parts(&parts), ()),
+                        addr.port(),
+                    );
+                };
+                let addr = SocketAddr::new(ip, addr.port());
+                parts.uri = upstream_uri(addr, &parts.uri);
                 match connect_app(app, user, addr).await {
                     Some(_) if is_bodyless(&parts) => continue,
                     Some(_) => {
-                        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "preview_starting", "the app just started; retry")
-                            .retry_after(1)
-                            .into_response()
+                        return ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "preview_starting",
+                            "the app just started; retry",
+                        )
+                        .retry_after(1)
+                        .into_response()
                     }
-                    None => return not_listening(&Request::from_parts(clone_parts(&parts), ()), addr.port()),
+                    None => {
+                        return not_listening(
+                            &Request::from_parts(clone_parts(&parts), ()),
+                            addr.port(),
+                        )
+                    }
                 }
             }
             Err(e) => {
                 tracing::warn!(user = %user, error = format!("{e:#}"), "preview upstream error");
                 if e.is_connect() {
-                    return not_listening(&Request::from_parts(clone_parts(&parts), ()), addr.port());
+                    return not_listening(
+                        &Request::from_parts(clone_parts(&parts), ()),
+                        addr.port(),
+                    );
                 }
-                return ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "the app in the sandbox failed to answer")
-                    .into_response();
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "the app in the sandbox failed to answer",
+                )
+                .into_response();
             }
         }
     }
@@ -338,11 +402,16 @@ fn is_bodyless(p: &hyper::http::request::Parts) -> bool {
 }
 
 fn clone_parts(p: &hyper::http::request::Parts) -> hyper::http::request::Parts {
-    let mut b = Request::builder().method(p.method.clone()).uri(p.uri.clone()).version(p.version);
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
     if let Some(h) = b.headers_mut() {
         *h = p.headers.clone();
     }
-    b.body(()).map(|r| r.into_parts().0).unwrap_or_else(|_| Request::new(()).into_parts().0)
+    b.body(())
+        .map(|r| r.into_parts().0)
+        .unwrap_or_else(|_| Request::new(()).into_parts().0)
 }
 
 /// WebSocket (or any HTTP/1.1 upgrade): a dedicated upstream connection, then bytes both ways.
@@ -353,16 +422,31 @@ async fn tunnel(
     user: UserId,
     addr: SocketAddr,
 ) -> Response<Body> {
-    let Some(stream) = connect_app(app, &user, addr).await else {
-        return not_listening(&req, addr.port());
-    };
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(user = %user, error = %e, "preview upgrade handshake");
-            return ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "upgrade failed").into_response();
+    let stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(_) => {
+            let ip = match app.mgr.ensure_running(&user).await {
+                Ok(sb) => sb.ip,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let Some(ip) = ip else {
+                return not_listening(&req, addr.port());
+            };
+            match connect_app(app, &user, SocketAddr::new(ip, addr.port())).await {
+                Some(s) => s,
+                None => return not_listening(&req, addr.port()),
+            }
         }
     };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "preview upgrade handshake");
+                return ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "upgrade failed")
+                    .into_response();
+            }
+        };
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
@@ -374,7 +458,9 @@ async fn tunnel(
     strip_hop_by_hop(&mut parts.headers);
     if let Some(u) = upgrade {
         parts.headers.insert(header::UPGRADE, u);
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     forwarded_headers(&mut parts.headers, &conn, host.as_deref());
     if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
@@ -393,7 +479,8 @@ async fn tunnel(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(user = %user, error = %e, "preview upgrade request");
-            return ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "upgrade failed").into_response();
+            return ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "upgrade failed")
+                .into_response();
         }
     };
     app.mgr.touch(&user);
@@ -538,7 +625,10 @@ fn check_owner(app: &Arc<App>, req: &Request<Incoming>, user: &UserId, conn: &Co
     }
     let msg = "This preview is private. Open it through the link from the sandbox API (POST /sandbox/preview-link).";
     Access::Denied(if wants_html(req) {
-        html(StatusCode::UNAUTHORIZED, page("Private preview", &format!("<p>{}</p>", escape(msg)), false))
+        html(
+            StatusCode::UNAUTHORIZED,
+            page("Private preview", &format!("<p>{}</p>", escape(msg)), false),
+        )
     } else {
         ApiError::new(StatusCode::UNAUTHORIZED, "preview_unauthorized", msg).into_response()
     })
@@ -592,7 +682,10 @@ mod tests {
     #[test]
     fn preview_cookie_is_stripped_others_kept() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "a=1; sandboxd_preview=tok; b=2".parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            "a=1; sandboxd_preview=tok; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie_value(&h, PREVIEW_COOKIE), Some("tok"));
         strip_preview_cookie(&mut h);
         assert_eq!(h[header::COOKIE], "a=1; b=2");

@@ -1,33 +1,318 @@
-//! Project templates (placeholder until the templates API lands).
-use std::sync::Arc;
+//! Project templates: `POST /sandbox/projects {"template":"node"|"react-vite","name":"my-app"}`
+//! scaffolds a project inside the sandbox, marks it as the preview app and starts its dev
+//! server. It answers 202 with a job; `GET /sandbox/jobs/{id}` shows the progress (step, status,
+//! the tail of the log). The name is validated and reaches the sandbox only as an argument of
+//! constant scripts, never inside a shell string.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
 
 use crate::api::error::ApiError;
+use crate::api::{json, read_body};
 use crate::app::App;
 use crate::http::Body;
+use crate::sandbox::docker::{ExecOutput, ExecSpec};
 use crate::user::UserId;
 
-#[derive(Default)]
-pub struct Jobs;
+/// Log bytes kept per job (the tail).
+const LOG_CAP: usize = 64 * 1024;
+/// Jobs kept per user (oldest finished ones are dropped).
+const JOBS_PER_USER: usize = 16;
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
 
-pub async fn create(
-    _app: &Arc<App>,
-    _user: &UserId,
-    _req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "templates not built yet",
-    ))
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Running,
+    Succeeded,
+    Failed,
 }
 
-pub async fn job(_app: &Arc<App>, _user: &UserId, _id: &str) -> Result<Response<Body>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "templates not built yet",
-    ))
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub id: String,
+    pub template: String,
+    pub project: String,
+    pub status: JobStatus,
+    pub step: String,
+    pub log: String,
+    pub error: Option<String>,
+    pub preview_url: String,
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    by_user: Mutex<HashMap<UserId, Vec<Arc<Mutex<Job>>>>>,
+}
+
+impl Jobs {
+    fn add(&self, user: &UserId, job: Job) -> Arc<Mutex<Job>> {
+        let job = Arc::new(Mutex::new(job));
+        let mut m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        let list = m.entry(user.clone()).or_default();
+        if list.len() >= JOBS_PER_USER {
+            if let Some(i) = list.iter().position(|j| {
+                j.lock().unwrap_or_else(|p| p.into_inner()).status != JobStatus::Running
+            }) {
+                list.remove(i);
+            }
+        }
+        list.push(job.clone());
+        job
+    }
+
+    fn get(&self, user: &UserId, id: &str) -> Option<Job> {
+        let m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(user)?
+            .iter()
+            .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .find(|j| j.id == id)
+    }
+
+    fn running(&self, user: &UserId) -> usize {
+        let m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(user).map_or(0, |l| {
+            l.iter()
+                .filter(|j| {
+                    j.lock().unwrap_or_else(|p| p.into_inner()).status == JobStatus::Running
+                })
+                .count()
+        })
+    }
+}
+
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+}
+
+/// Constant scripts; `$1` is the validated project name.
+const EXISTS: &str = r#"[ -e "/workspace/$1" ] || [ -L "/workspace/$1" ]"#;
+const NODE_TEMPLATE: &str = r#"set -e
+cd /workspace
+mkdir -- "$1"
+cd -- "$1"
+npm init -y
+cat > index.js <<'JS'
+const http = require('http');
+const port = Number(process.env.PORT) || 5173;
+http.createServer((req, res) => {
+  res.setHeader('content-type', 'text/html; charset=utf-8');
+  res.end('<!doctype html><title>Node app</title><h1>Hello from Node ' + process.version + '</h1>');
+}).listen(port, '0.0.0.0', () => console.log('listening on ' + port));
+JS
+npm pkg set scripts.dev="node index.js" scripts.start="node index.js"
+"#;
+const VITE_TEMPLATE: &str = r#"set -e
+cd /workspace
+npm create --yes vite@latest "$1" -- --template react --no-interactive
+cd -- "$1"
+npm install --no-audit --no-fund
+"#;
+const MARK_PREVIEW: &str = r#"set -e
+mkdir -p /workspace/.sandboxd
+node -e 'require("fs").writeFileSync("/workspace/.sandboxd/preview.json", JSON.stringify({cwd: process.argv[1]}) + "\n")' "$1"
+sandboxd-init --restart-dev
+"#;
+
+pub async fn create(
+    app: &Arc<App>,
+    user: &UserId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req, 64 * 1024).await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_json(format!("body is not valid JSON: {e}")))?;
+    let template = match v.get("template").and_then(|t| t.as_str()) {
+        Some(t @ ("node" | "react-vite")) => t.to_owned(),
+        _ => {
+            return Err(ApiError::invalid(
+                "field \"template\" must be \"node\" or \"react-vite\"",
+            ))
+        }
+    };
+    let name = v
+        .get("name")
+        .and_then(|n| n.as_str())
+        .filter(|n| valid_name(n))
+        .ok_or_else(|| ApiError::invalid("field \"name\" must match [a-z0-9][a-z0-9-_]{0,63}"))?
+        .to_owned();
+    if app.jobs.running(user) >= 2 {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_jobs",
+            "two project jobs are already running",
+        )
+        .retry_after(5));
+    }
+    let sb = app.mgr.ensure_running(user).await?;
+    let (code, _) = app
+        .mgr
+        .engine()
+        .run(&sb.container_id, script(EXISTS, &name))
+        .await?;
+    if code == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "project_exists",
+            format!("/workspace/{name} already exists"),
+        ));
+    }
+    let job = app.jobs.add(
+        user,
+        Job {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            template: template.clone(),
+            project: name.clone(),
+            status: JobStatus::Running,
+            step: "queued".into(),
+            log: String::new(),
+            error: None,
+            preview_url: app.mgr.preview_url(user),
+        },
+    );
+    let snapshot = job.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (app2, user2) = (app.clone(), user.clone());
+    tokio::spawn(async move {
+        let result = run_job(&app2, &user2, &job, &template, &name).await;
+        let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                j.status = JobStatus::Succeeded;
+                j.step = "done".into();
+            }
+            Err(e) => {
+                tracing::warn!(user = %user2, error = format!("{e:#}"), "project job failed");
+                j.status = JobStatus::Failed;
+                j.error = Some(format!("{e:#}"));
+            }
+        }
+    });
+    let mut resp = json(StatusCode::ACCEPTED, &snapshot);
+    if let Ok(v) = format!("/sandbox/jobs/{}", snapshot.id).parse() {
+        resp.headers_mut().insert(hyper::header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+pub async fn job(app: &Arc<App>, user: &UserId, id: &str) -> Result<Response<Body>, ApiError> {
+    app.jobs
+        .get(user, id)
+        .map(|j| json(StatusCode::OK, &j))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no such job"))
+}
+
+fn script(body: &str, name: &str) -> Vec<String> {
+    vec![
+        "bash".into(),
+        "-c".into(),
+        body.into(),
+        "sandboxd-project".into(),
+        name.into(),
+    ]
+}
+
+async fn run_job(
+    app: &Arc<App>,
+    user: &UserId,
+    job: &Mutex<Job>,
+    template: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let steps: [(&str, &str); 2] = [
+        (
+            "scaffold",
+            if template == "node" {
+                NODE_TEMPLATE
+            } else {
+                VITE_TEMPLATE
+            },
+        ),
+        ("start dev server", MARK_PREVIEW),
+    ];
+    for (step, body) in steps {
+        job.lock().unwrap_or_else(|p| p.into_inner()).step = step.into();
+        let sb = app.mgr.ensure_running(user).await?;
+        let (exec_id, mut out, _input) = app
+            .mgr
+            .engine()
+            .exec(
+                &sb.container_id,
+                ExecSpec {
+                    cmd: script(body, name),
+                    env: vec!["CI=1".into(), "npm_config_yes=true".into()],
+                    working_dir: Some("/workspace"),
+                    tty: false,
+                    stdin: false,
+                },
+            )
+            .await?;
+        let read = async {
+            while let Some(chunk) = out.next().await {
+                let (ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) = chunk?;
+                app.mgr.touch(user);
+                let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
+                j.log.push_str(&String::from_utf8_lossy(&b));
+                if j.log.len() > LOG_CAP {
+                    let cut = j.log.len() - LOG_CAP;
+                    let cut = (cut..j.log.len())
+                        .find(|i| j.log.is_char_boundary(*i))
+                        .unwrap_or(0);
+                    j.log.drain(..cut);
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(STEP_TIMEOUT, read)
+            .await
+            .map_err(|_| anyhow::anyhow!("step {step:?} timed out"))??;
+        let info = app.mgr.engine().exec_info(&exec_id).await?;
+        if info.exit_code != Some(0) {
+            anyhow::bail!("step {step:?} exited with {:?}", info.exit_code);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["my-app", "a", "0x", "a_b-c", &"a".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "_a",
+            "A",
+            "a b",
+            "../x",
+            "a/b",
+            "a.b",
+            &"a".repeat(65),
+            "$(id)",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scripts_are_constant() {
+        assert_eq!(script(EXISTS, "x")[4], "x");
+        assert!(!NODE_TEMPLATE.contains("{name}") && !VITE_TEMPLATE.contains("{name}"));
+    }
 }

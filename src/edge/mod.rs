@@ -34,5 +34,8 @@ pub fn tls_setup(
     }
     let store = Arc::new(tls::CertStore::load_from_dir(&dir)?);
     tls::spawn_reloader(store.clone(), dir, cfg.cert_reload_every, shutdown);
-    Ok((tokio_rustls::TlsAcceptor::from(tls::server_config(store)?), ca))
+    Ok((
+        tokio_rustls::TlsAcceptor::from(tls::server_config(store)?),
+        ca,
+    ))
 }

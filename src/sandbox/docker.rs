@@ -357,7 +357,7 @@ impl Engine {
         let state = match (st.paused, st.running, st.status) {
             (Some(true), _, _) => DockerState::Paused,
             (_, Some(true), _) => DockerState::Running,
-            (_, _, Some(s)) => DockerState::parse(&s.to_string()),
+            (_, _, Some(s)) => DockerState::parse(s.as_ref()),
             _ => DockerState::Other,
         };
         let ip = c

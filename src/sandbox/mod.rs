@@ -517,12 +517,28 @@ impl Manager {
         Ok(true)
     }
 
-    /// Pauses the user's sandbox if it is running (idle policy).
+    /// Pauses the user's sandbox if it is running.
     pub async fn pause(&self, user: &UserId, reason: &str) -> anyhow::Result<()> {
+        self.pause_if_idle(user, 0, reason).await
+    }
+
+    /// Pauses the user's sandbox if it is running and has been idle for `min_idle_ms`, checked
+    /// under the user's lock so a request that just touched it is never frozen mid-flight.
+    pub async fn pause_if_idle(
+        &self,
+        user: &UserId,
+        min_idle_ms: i64,
+        reason: &str,
+    ) -> anyhow::Result<()> {
         let Some(slot) = self.existing_slot(user) else {
             return Ok(());
         };
         let mut guard = slot.inner.lock().await;
+        if min_idle_ms > 0
+            && (now_ms() - slot.last_activity() < min_idle_ms || slot.open_terminals() > 0)
+        {
+            return Ok(());
+        }
         if let Some(c) = guard.as_mut() {
             if c.state == State::Running {
                 self.engine.pause(&c.id).await?;
@@ -535,12 +551,27 @@ impl Manager {
         Ok(())
     }
 
-    /// Stops the user's sandbox if it is live (idle policy); the container stays for a wake.
+    /// Stops the user's sandbox if it is live; the container stays for a wake.
     pub async fn stop(&self, user: &UserId, reason: &str) -> anyhow::Result<()> {
+        self.stop_if_idle(user, 0, reason).await
+    }
+
+    /// Stops the user's sandbox if it has been idle for `min_idle_ms` (checked under the lock).
+    pub async fn stop_if_idle(
+        &self,
+        user: &UserId,
+        min_idle_ms: i64,
+        reason: &str,
+    ) -> anyhow::Result<()> {
         let Some(slot) = self.existing_slot(user) else {
             return Ok(());
         };
         let mut guard = slot.inner.lock().await;
+        if min_idle_ms > 0
+            && (now_ms() - slot.last_activity() < min_idle_ms || slot.open_terminals() > 0)
+        {
+            return Ok(());
+        }
         self.stop_locked(&slot, &mut guard, reason).await
     }
 

@@ -45,10 +45,12 @@ pub async fn sweep(mgr: &Arc<Manager>) {
         let user = slot.user.clone();
         let result = match mgr.fast_state(&slot) {
             Some(State::Running | State::Paused) if idle >= stop_after => {
-                mgr.stop(&user, &format!("idle for {}", human(idle))).await
+                mgr.stop_if_idle(&user, stop_after, &format!("idle for {}", human(idle)))
+                    .await
             }
             Some(State::Running) if idle >= pause_after => {
-                mgr.pause(&user, &format!("idle for {}", human(idle))).await
+                mgr.pause_if_idle(&user, pause_after, &format!("idle for {}", human(idle)))
+                    .await
             }
             _ => Ok(()),
         };

@@ -89,12 +89,12 @@ pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> Contai
     let tmpfs = HashMap::from([
         (
             "/tmp".to_owned(),
-            format!("rw,nosuid,nodev,size={},mode=1777", l.tmp_size_bytes),
+            format!("rw,exec,nosuid,nodev,size={},mode=1777", l.tmp_size_bytes),
         ),
         (
             "/home/sandbox".to_owned(),
             format!(
-                "rw,nosuid,nodev,size={},uid={SANDBOX_UID},gid={SANDBOX_GID},mode=0755",
+                "rw,exec,nosuid,nodev,size={},uid={SANDBOX_UID},gid={SANDBOX_GID},mode=0755",
                 l.home_size_bytes
             ),
         ),
