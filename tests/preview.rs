@@ -1,0 +1,462 @@
+//! The preview edge against real containers: plain HTTP and HTTPS with a preview domain that is
+//! not *.localhost, lazy create and wake (stopped, paused), 100 concurrent first hits, cross-user
+//! isolation, the cap with eviction, the idle policy, and a real Vite app with HMR.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use sandboxd::user::UserId;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const PREVIEW_DOMAIN: &str = "preview.example.test";
+
+fn preview_host(user: &str) -> String {
+    format!("user-{user}.{PREVIEW_DOMAIN}")
+}
+
+/// A client that resolves the preview hosts of `users` to the server (the names do not exist
+/// in DNS), trusting the development CA when given.
+fn client_for(app: &TestApp, users: &[&str], ca: Option<&std::path::Path>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .redirect(reqwest::redirect::Policy::none());
+    for u in users {
+        b = b.resolve(&preview_host(u), app.addr);
+        if let Some(https) = app.https_addr {
+            b = b.resolve(&preview_host(u), https);
+        }
+    }
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).unwrap();
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+fn url(app: &TestApp, user: &str, path: &str) -> String {
+    format!("http://{}:{}{path}", preview_host(user), app.addr.port())
+}
+
+/// Writes a tiny app that answers with the user id and the Host it saw, and starts it through
+/// the image's dev-server autostart (the same path a container start takes).
+async fn start_app(app: &TestApp, user: &str) {
+    let code = r#"
+        const fs = require('fs');
+        fs.writeFileSync('/workspace/package.json', JSON.stringify({name: 'p', scripts: {dev: 'node server.js'}}));
+        fs.writeFileSync('/workspace/server.js', `
+            require('http').createServer((q, s) => {
+              if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 800);
+              s.setHeader('content-type', 'text/plain');
+              s.end('hello from ' + process.env.SANDBOXD_USER + ' host=' + q.headers.host + ' xfp=' + q.headers['x-forwarded-proto']);
+            }).listen(5173, '0.0.0.0');
+        `);
+        console.log(require('child_process').execFileSync('sandboxd-init', ['--restart-dev']).toString());
+    "#;
+    let r = app.execute(user, json!({"code": code})).await;
+    assert_eq!(r["exitCode"], 0, "{r}");
+}
+
+async fn get_text(c: &reqwest::Client, url: &str) -> (u16, String) {
+    let r = c.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn mgr(app: &TestApp) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
+    &app.running.as_ref().unwrap().app.mgr
+}
+
+#[tokio::test]
+async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    app.init("1").await;
+    start_app(&app, "1").await;
+    let ca = app.certs.join("dev-ca.crt");
+    assert!(ca.exists(), "development CA generated");
+    let c = client_for(&app, &["1", "2"], Some(&ca));
+
+    // Plain HTTP; the first request may wait for the app to listen.
+    let (s, body) = get_text(&c, &url(&app, "1", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        body.starts_with("hello from 1 host=user-1.preview.example.test"),
+        "{body}"
+    );
+    assert!(body.ends_with("xfp=http"), "{body}");
+
+    // HTTPS, trusting the generated CA, SNI = the preview host.
+    let https = app.https_addr.unwrap();
+    let (s, body) = get_text(
+        &c,
+        &format!("https://{}:{}/", preview_host("1"), https.port()),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.ends_with("xfp=https"), "{body}");
+
+    // Stopped: the request is held and answered by the autostarted app.
+    mgr(&app)
+        .stop(&UserId::parse("1").unwrap(), "test")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let (s, body) = get_text(&c, &url(&app, "1", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    eprintln!("wake from stopped: {:?}", t.elapsed());
+
+    // Paused: woken in milliseconds.
+    mgr(&app)
+        .pause(&UserId::parse("1").unwrap(), "test")
+        .await
+        .unwrap();
+    let st: serde_json::Value = app.get("1", "/sandbox/status").await.json().await.unwrap();
+    assert_eq!(st["state"], "paused");
+    let t = Instant::now();
+    let (s, _) = get_text(&c, &url(&app, "1", "/")).await;
+    assert_eq!(s, 200);
+    eprintln!("wake from paused: {:?}", t.elapsed());
+
+    // Unknown users and unknown hosts get 404; nothing is created for them.
+    let (s, _) = get_text(&c, &url(&app, "2", "/")).await;
+    assert_eq!(s, 404);
+    let r = app
+        .client
+        .get(format!("http://{}/", app.addr))
+        .header("host", "user-1.preview.elsewhere.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(app.containers().len(), 1);
+
+    // Streaming a slow response works, and a graceful shutdown lets it finish.
+    let slow = tokio::spawn({
+        let c = c.clone();
+        let u = url(&app, "1", "/slow");
+        async move { get_text(&c, &u).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut app = app;
+    app.shutdown().await;
+    let (s, body) = slow.await.unwrap();
+    assert_eq!((s, body.as_str()), (200, "slow done"));
+    // The sandbox survives the server's shutdown.
+    let id = app.containers()[0].clone();
+    assert_eq!(docker_inspect(&id)["State"]["Running"], true);
+}
+
+#[tokio::test]
+async fn hundred_concurrent_first_hits_make_one_container() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    app.init("3").await;
+    start_app(&app, "3").await;
+    // Exit removes the container; the user stays known, the workspace keeps the app.
+    assert_eq!(
+        app.post("3", "/sandbox/exit", json!({})).await.status(),
+        200
+    );
+    assert!(app.containers().is_empty());
+    let c = client_for(&app, &["3"], None);
+    let mut tasks = vec![];
+    for _ in 0..100 {
+        let (c, u) = (c.clone(), url(&app, "3", "/"));
+        tasks.push(tokio::spawn(async move { get_text(&c, &u).await }));
+    }
+    for t in tasks {
+        let (s, body) = t.await.unwrap();
+        assert_eq!(s, 200, "{body}");
+        assert!(body.starts_with("hello from 3"), "{body}");
+    }
+    assert_eq!(app.containers().len(), 1);
+}
+
+#[tokio::test]
+async fn previews_are_isolated_between_users() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    app.init("4").await;
+    app.init("5").await;
+    start_app(&app, "4").await;
+    start_app(&app, "5").await;
+    let c = client_for(&app, &["4", "5"], None);
+    let (_, a) = get_text(&c, &url(&app, "4", "/")).await;
+    let (_, b) = get_text(&c, &url(&app, "5", "/")).await;
+    assert!(a.starts_with("hello from 4"), "{a}");
+    assert!(b.starts_with("hello from 5"), "{b}");
+    // No header, path or absolute URI steers a request to another user's container.
+    let direct = |host: &'static str| {
+        app.client
+            .get(format!("http://{}/", app.addr))
+            .header("host", host)
+    };
+    let r = direct("user-4.preview.example.test")
+        .header("x-forwarded-host", "user-5.preview.example.test")
+        .header("authorization", format!("Bearer {}", app.token("5")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().starts_with("hello from 4"));
+    // Absolute-form URI naming another host than Host: refused.
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        b"GET http://user-5.preview.example.test/ HTTP/1.1\r\nHost: user-4.preview.example.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(!resp.contains("hello from"));
+    // Two Host headers: refused.
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: user-4.preview.example.test\r\nHost: user-5.preview.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // A port outside the allow-list is not routed.
+    let r = direct("22-user-4.preview.example.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn nothing_listening_gives_a_retrying_page_or_503() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    app.init("6").await;
+    let c = client_for(&app, &["6"], None);
+    let r = c
+        .get(url(&app, "6", "/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("http-equiv=\"refresh\""), "{body}");
+    assert!(body.contains("npm run dev"), "{body}");
+    let r = c.get(url(&app, "6", "/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "preview_not_listening");
+}
+
+#[tokio::test]
+async fn cap_evicts_the_least_recently_active_paused_sandbox() {
+    let app = spawn_app_with(|t| {
+        t.insert("max_containers".into(), 2.into());
+    })
+    .await;
+    app.init("7").await;
+    app.init("8").await;
+    // Nobody idle: refused.
+    let r = app.post("9", "/sandbox/init", json!({})).await;
+    assert_eq!(r.status(), 503);
+    // 7 paused (idle), then 8 paused later: 7 is the least recently active and goes.
+    mgr(&app)
+        .pause(&UserId::parse("7").unwrap(), "test")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    app.get("8", "/sandbox/status").await;
+    mgr(&app)
+        .pause(&UserId::parse("8").unwrap(), "test")
+        .await
+        .unwrap();
+    app.init("9").await;
+    let s7: serde_json::Value = app.get("7", "/sandbox/status").await.json().await.unwrap();
+    let s8: serde_json::Value = app.get("8", "/sandbox/status").await.json().await.unwrap();
+    assert_eq!(s7["state"], "stopped", "{s7}");
+    assert_eq!(s8["state"], "paused", "{s8}");
+    let ev: serde_json::Value = app.get("7", "/sandbox/events").await.json().await.unwrap();
+    assert!(ev.to_string().contains("evicted for capacity"), "{ev}");
+}
+
+#[tokio::test]
+async fn idle_sandboxes_are_paused_then_stopped_and_wake_on_use() {
+    let app = spawn_app_with(|t| {
+        t.insert("idle_pause_after".into(), "1s".into());
+        t.insert("idle_stop_after".into(), "3s".into());
+        t.insert("idle_check_every".into(), "200ms".into());
+    })
+    .await;
+    app.init("10").await;
+    let state = |app: &TestApp| {
+        let m = mgr(app).clone();
+        async move {
+            m.status(&UserId::parse("10").unwrap())
+                .await
+                .unwrap()
+                .state
+                .as_str()
+        }
+    };
+    let mut seen = vec![];
+    for _ in 0..100 {
+        let s = state(&app).await;
+        if seen.last() != Some(&s) {
+            seen.push(s);
+        }
+        if s == "stopped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, ["running", "paused", "stopped"]);
+    let r = app
+        .execute("10", json!({"code": "console.log('awake')"}))
+        .await;
+    assert_eq!(r["output"], "awake\n");
+}
+
+#[tokio::test]
+async fn react_vite_template_serves_through_the_preview_with_hmr() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+        t.insert("memory_mb".into(), 1024.into());
+        t.insert("cpus".into(), 1.0.into());
+    })
+    .await;
+    // Bad names and templates are refused before anything runs.
+    let r = app
+        .post(
+            "12",
+            "/sandbox/projects",
+            json!({"template": "react-vite", "name": "../x"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let r = app
+        .post(
+            "12",
+            "/sandbox/projects",
+            json!({"template": "php", "name": "x"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+
+    let r = app
+        .post(
+            "12",
+            "/sandbox/projects",
+            json!({"template": "react-vite", "name": "my-app"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let job: serde_json::Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut last = json!(null);
+    for _ in 0..600 {
+        last = app
+            .get("12", &format!("/sandbox/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if last["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last["status"], "succeeded", "{last}");
+    // The same name again: 409.
+    let r = app
+        .post(
+            "12",
+            "/sandbox/projects",
+            json!({"template": "node", "name": "my-app"}),
+        )
+        .await;
+    assert_eq!(r.status(), 409);
+    // Another user cannot see the job.
+    assert_eq!(
+        app.get("13", &format!("/sandbox/jobs/{id}")).await.status(),
+        404
+    );
+
+    let c = client_for(&app, &["12"], None);
+    let (s, body) = get_text(&c, &url(&app, "12", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("/@vite/client"), "{body}");
+
+    // HMR WebSocket through the preview.
+    let mut req = format!("ws://{}:{}/", preview_host("12"), app.addr.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "vite-hmr".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(app.addr))
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let first = next_text(&mut ws).await;
+    assert!(first.contains("connected"), "{first}");
+
+    // Load the modules as a browser would, so they are in Vite's module graph.
+    for path in ["/src/main.jsx", "/src/App.jsx"] {
+        let (s, body) = get_text(&c, &url(&app, "12", path)).await;
+        assert_eq!(s, 200, "{path}: {body}");
+    }
+    // Edit a source file through execute: an HMR update arrives on the socket.
+    let r = app
+        .execute(
+            "12",
+            json!({"code": "const f='/workspace/my-app/src/App.jsx'; const fs=require('fs'); fs.appendFileSync(f, '\\n// edited through sandboxd ' + Date.now() + '\\n'); console.log(fs.readFileSync(f,'utf8').slice(-60))"}),
+        )
+        .await;
+    assert_eq!(r["exitCode"], 0, "{r}");
+    let mut got = String::new();
+    for _ in 0..20 {
+        got = next_text(&mut ws).await;
+        eprintln!("hmr: {got}");
+        if got.contains("update") || got.contains("full-reload") {
+            break;
+        }
+    }
+    assert!(
+        got.contains("update") || got.contains("full-reload"),
+        "{got}"
+    );
+    let _ = ws.send(Message::Close(None)).await;
+}
+
+async fn next_text<S>(ws: &mut S) -> String
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s")
+            .expect("socket open")
+            .unwrap();
+        match m {
+            Message::Text(t) => return t.to_string(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
