@@ -79,6 +79,11 @@ impl App {
                 .into_response();
             }
         }
+        if self.cfg.http_redirect && !conn.tls {
+            if let Some(resp) = self.https_redirect(&req) {
+                return resp;
+            }
+        }
         match router::route(&self.router, request_host(&req)) {
             Route::Main => api::handle(&self, req, conn).await,
             Route::Preview { user, port } => {
@@ -88,6 +93,38 @@ impl App {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_host", "no such host").into_response()
             }
         }
+    }
+}
+
+impl App {
+    /// `http_redirect`: plain-HTTP requests for known hosts go to the same URL over HTTPS.
+    fn https_redirect(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let https = self.cfg.https_addr?;
+        let host = request_host(req).and_then(normalize_host)?;
+        if router::route(&self.router, Some(&host)) == Route::NotFound {
+            return None;
+        }
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let port = if https.port() == 443 {
+            String::new()
+        } else {
+            format!(":{}", https.port())
+        };
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let location = format!("https://{host}{port}{pq}");
+        let mut resp = Response::new(crate::http::empty());
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        resp.headers_mut()
+            .insert(hyper::header::LOCATION, location.parse().ok()?);
+        Some(resp)
     }
 }
 

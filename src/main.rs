@@ -123,7 +123,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A proxy needs a descriptor per client and per upstream connection: raise the soft limit of
+/// open files to the hard limit (the default soft limit of 1024 is far below `max_connections`).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+    }
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    raise_nofile();
     let running = sandboxd::startup::build(cfg).await?;
     let cfg = running.app.cfg.clone();
     if let Some(a) = running.http_addr {
