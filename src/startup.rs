@@ -81,20 +81,8 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         max_connections: cfg.max_connections,
     };
     let handler: Arc<dyn listener::Handler> = Arc::new(AppHandler(app.clone()));
-    if let Some(l) = http {
-        let (h, c, rx, g) = (
-            handler.clone(),
-            lcfg.clone(),
-            shutdown_rx.clone(),
-            cfg.shutdown_grace,
-        );
-        tasks.spawn(async move {
-            if let Err(e) = listener::serve(l, None, h, c, rx, g).await {
-                tracing::error!(error = format!("{e:#}"), "http listener failed");
-            }
-        });
-    }
-    if let Some(l) = https {
+    for (listener, tls, name) in [(http, None, "http"), (https, tls, "https")] {
+        let Some(l) = listener else { continue };
         let (h, c, rx, g) = (
             handler.clone(),
             lcfg.clone(),
@@ -103,7 +91,7 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         );
         tasks.spawn(async move {
             if let Err(e) = listener::serve(l, tls, h, c, rx, g).await {
-                tracing::error!(error = format!("{e:#}"), "https listener failed");
+                tracing::error!(error = format!("{e:#}"), "{name} listener failed");
             }
         });
     }

@@ -92,6 +92,21 @@ pub struct ExecInfo {
     pub pid: Option<i64>,
 }
 
+/// Maps "not found" to success: removing what is already gone is done.
+fn ok_if_not_found(res: Result<(), BollardError>, what: &'static str) -> anyhow::Result<()> {
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            if is_not_found(&e) {
+                Ok(())
+            } else {
+                Err(e.context(what))
+            }
+        }
+    }
+}
+
 /// True when the engine answered 404 (no such container, exec or image).
 pub fn is_not_found(err: &anyhow::Error) -> bool {
     status_of(err) == Some(404)
@@ -197,21 +212,11 @@ impl Engine {
 
     /// Removes the instance's network (tests clean up with this); ignores a missing one.
     pub async fn remove_network(&self, instance: &str) -> anyhow::Result<()> {
-        match self
+        let res = self
             .docker
             .remove_network(&spec::network_name(instance))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                if is_not_found(&e) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+            .await;
+        ok_if_not_found(res, "removing the sandbox network")
     }
 
     /// This instance's containers, from their labels. Containers whose user label is not a
@@ -309,7 +314,7 @@ impl Engine {
 
     /// Force-removes a container; a missing one is not an error.
     pub async fn remove(&self, id: &str) -> anyhow::Result<()> {
-        match self
+        let res = self
             .docker
             .remove_container(
                 id,
@@ -319,18 +324,8 @@ impl Engine {
                     ..Default::default()
                 }),
             )
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                if is_not_found(&e) {
-                    Ok(())
-                } else {
-                    Err(e.context("removing the container"))
-                }
-            }
-        }
+            .await;
+        ok_if_not_found(res, "removing the container")
     }
 
     pub async fn pause(&self, id: &str) -> anyhow::Result<()> {

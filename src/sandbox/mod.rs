@@ -102,6 +102,11 @@ impl Slot {
     pub fn last_activity(&self) -> i64 {
         self.last_activity.load(Ordering::Relaxed)
     }
+    /// Idle for at least `min_idle_ms` with no open terminal (always true for 0).
+    fn idle_for(&self, min_idle_ms: i64) -> bool {
+        min_idle_ms == 0
+            || (now_ms() - self.last_activity() >= min_idle_ms && self.open_terminals() == 0)
+    }
     pub fn open_terminals(&self) -> usize {
         self.terminals.load(Ordering::Relaxed)
     }
@@ -534,9 +539,7 @@ impl Manager {
             return Ok(());
         };
         let mut guard = slot.inner.lock().await;
-        if min_idle_ms > 0
-            && (now_ms() - slot.last_activity() < min_idle_ms || slot.open_terminals() > 0)
-        {
+        if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }
         if let Some(c) = guard.as_mut() {
@@ -567,9 +570,7 @@ impl Manager {
             return Ok(());
         };
         let mut guard = slot.inner.lock().await;
-        if min_idle_ms > 0
-            && (now_ms() - slot.last_activity() < min_idle_ms || slot.open_terminals() > 0)
-        {
+        if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }
         self.stop_locked(&slot, &mut guard, reason).await
