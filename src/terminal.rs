@@ -1,9 +1,10 @@
 //! The terminal: `GET /sandbox/terminal` upgraded to a WebSocket and bridged to a `docker exec`
-//! with a TTY running a login bash in the user's sandbox.
+//! running a login bash on a PTY in the user's sandbox.
 //!
 //! One WebSocket is one exec (its own PTY and session), never an attach to the container's PID
 //! 1: `exit` ends that terminal only. Every refusal (403 Origin, 400/426 handshake, 401 token,
-//! 422 query, 429 too many terminals) happens before the sandbox is touched or an exec exists.
+//! 422 query or missing `cwd`, 429 too many terminals) happens before the sandbox is touched or
+//! an exec exists.
 //!
 //! The PTY is made inside the container by util-linux `script`, run in a non-TTY exec; the
 //! engine's own TTY is not used. Rejected alternative: `create_exec` with `tty: true` plus
@@ -29,7 +30,8 @@
 //! that stayed in the terminal's session go too) and all their descendants. Rejected
 //! alternative: a pid file written by a wrapper and `pkill -s` on it; a pid that was reused after
 //! the shell exited would make that kill another terminal's session, and a `setsid` child would
-//! escape it.
+//! escape it. Only a process that both leaves the session and clears its environment (a
+//! deliberate `setsid env -i …` daemon) is not found.
 //!
 //! Backpressure: the bridge polls the exec's output only after the previous frame was flushed
 //! into the socket, and tungstenite's write buffer is bounded, so a client that reads slowly
@@ -253,6 +255,16 @@ fn truncate(s: &str, max: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// The longest prefix of at most `max` bytes that ends on a character boundary (a close
+/// reason must fit a 125-byte control frame).
+fn cut_bytes(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The text frame answering an invalid control message.
@@ -629,7 +641,8 @@ where
                     }
                 }
                 _ = ticker.tick() => {
-                    let silent = start.elapsed().as_millis() as u64 - last_seen.load(Ordering::Relaxed);
+                    let silent = (start.elapsed().as_millis() as u64)
+                        .saturating_sub(last_seen.load(Ordering::Relaxed));
                     if silent > timing.silence_limit.as_millis() as u64 {
                         return Outcome::Gone;
                     }
@@ -668,7 +681,7 @@ pub fn close_frame(outcome: &Outcome, exit: Option<i64>) -> Option<CloseFrame<'s
                 None => "exit".to_owned(),
             },
         ),
-        Outcome::Refused(code, reason) => (*code, truncate(reason, 100).to_owned()),
+        Outcome::Refused(code, reason) => (*code, cut_bytes(reason, 120).to_owned()),
         Outcome::EngineFailed(_) => (1011, "terminal failed".to_owned()),
         Outcome::ClientClosed | Outcome::Gone => return None,
     };
@@ -679,12 +692,13 @@ pub fn close_frame(outcome: &Outcome, exit: Option<i64>) -> Option<CloseFrame<'s
 }
 
 fn ws_config(max_frame: usize) -> WebSocketConfig {
-    let mut c = WebSocketConfig::default();
-    c.max_frame_size = Some(max_frame);
-    c.max_message_size = Some(max_frame);
-    c.write_buffer_size = WRITE_BUFFER;
-    c.max_write_buffer_size = MAX_WRITE_BUFFER;
-    c
+    WebSocketConfig {
+        max_frame_size: Some(max_frame),
+        max_message_size: Some(max_frame),
+        write_buffer_size: WRITE_BUFFER,
+        max_write_buffer_size: MAX_WRITE_BUFFER,
+        ..WebSocketConfig::default()
+    }
 }
 
 /// Kills a terminal's processes when dropped without [`Reaper::kill`] having run (a panic, a
@@ -1279,6 +1293,8 @@ mod tests {
             f.reason.len() <= 123,
             "close reasons must fit a control frame"
         );
+        let f = close_frame(&Outcome::Refused(1002, "é".repeat(100)), None).unwrap();
+        assert_eq!(f.reason.len(), 120);
         assert_eq!(
             u16::from(
                 close_frame(&Outcome::EngineFailed("e".into()), None)

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -407,9 +406,7 @@ async fn react_vite_template_serves_through_the_preview_with_hmr() {
         .unwrap();
     req.headers_mut()
         .insert("sec-websocket-protocol", "vite-hmr".parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(app.addr))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
     assert_eq!(resp.status(), 101);
     let first = next_text(&mut ws).await;

@@ -210,6 +210,36 @@ impl Engine {
         }
     }
 
+    /// The Linux bridge interface behind a bridge network (`br-<first 12 of its id>` unless
+    /// the network names its own) and whether the network is internal (no route out).
+    pub async fn bridge_interface(&self, network: &str) -> anyhow::Result<(String, bool)> {
+        let n = self
+            .docker
+            .inspect_network(network, None::<InspectNetworkOptions<String>>)
+            .await
+            .context("inspecting the sandbox network")?;
+        let named = n
+            .options
+            .as_ref()
+            .and_then(|o| o.get("com.docker.network.bridge.name"))
+            .filter(|s| !s.is_empty())
+            .cloned();
+        let id = n.id.unwrap_or_default();
+        let bridge = match named {
+            Some(b) => b,
+            None if id.len() >= 12 => format!("br-{}", &id[..12]),
+            None => return Err(anyhow!("network {network} has no id")),
+        };
+        let ok = bridge.len() <= 15
+            && bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            return Err(anyhow!("unexpected bridge interface name {bridge:?}"));
+        }
+        Ok((bridge, n.internal.unwrap_or(false)))
+    }
+
     /// Removes the instance's network (tests clean up with this); ignores a missing one.
     pub async fn remove_network(&self, instance: &str) -> anyhow::Result<()> {
         let res = self
@@ -389,7 +419,9 @@ impl Engine {
                     tty: Some(spec.tty),
                     user: Some(format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)),
                     privileged: Some(false),
-                    // No detach keys: every byte, Ctrl-P Ctrl-Q included, reaches the program.
+                    // Only meaningful with a TTY, where Docker always watches for a detach sequence (empty
+                    // means the default); the terminal therefore runs without a Docker TTY and makes
+                    // its PTY inside the container (see terminal.rs).
                     detach_keys: Some(String::new()),
                 },
             )
