@@ -75,8 +75,14 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("wake_timeout", Kind::Duration, "\"30s\""),
     ("dev_command", Kind::Str, "\"\""),
     ("sandbox_internet", Kind::Bool, "true"),
+    (
+        "sandbox_blocked_networks",
+        Kind::List,
+        "[\"169.254.0.0/16\", \"10.0.0.0/8\", \"172.16.0.0/12\", \"192.168.0.0/16\", \"100.64.0.0/10\"]",
+    ),
     ("runtime", Kind::Str, "\"\""),
     ("http_redirect", Kind::Bool, "false"),
+    ("console_dir", Kind::Str, "\"console/dist\""),
 ];
 
 /// Validated configuration. Built only through [`Config::load`] or [`Config::from_table`].
@@ -124,8 +130,12 @@ pub struct Config {
     pub wake_timeout: Duration,
     pub dev_command: String,
     pub sandbox_internet: bool,
+    /// IPv4 networks sandboxes may not reach even with internet access (metadata, LANs).
+    pub sandbox_blocked_networks: Vec<String>,
     pub runtime: Option<String>,
     pub http_redirect: bool,
+    /// The built web console (`scripts/ensure-console.sh` fills it), served at `/`.
+    pub console_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,8 +322,23 @@ impl Config {
             wake_timeout: t.duration_in("wake_timeout", 100, 600_000)?,
             dev_command: t.str("dev_command")?,
             sandbox_internet: t.bool("sandbox_internet")?,
+            sandbox_blocked_networks: t
+                .list("sandbox_blocked_networks")?
+                .into_iter()
+                .map(|n| {
+                    let n = n.trim().to_owned();
+                    if crate::sandbox::firewall::valid_cidr(&n) {
+                        Ok(n)
+                    } else {
+                        Err(anyhow!(
+                            "invalid value for sandbox_blocked_networks: {n:?} is not an IPv4 network like 10.0.0.0/8"
+                        ))
+                    }
+                })
+                .collect::<anyhow::Result<_>>()?,
             runtime: (!runtime.is_empty()).then_some(runtime),
             http_redirect: t.bool("http_redirect")?,
+            console_dir: PathBuf::from(t.nonempty("console_dir")?),
         };
         if cfg.http_addr.is_none() && cfg.https_addr.is_none() {
             bail!("invalid value for http_addr: http_addr and https_addr cannot both be empty");

@@ -36,6 +36,9 @@ use crate::user::UserId;
 
 /// Cookie that carries the owner's preview token (`preview_access = "owner"`).
 pub const PREVIEW_COOKIE: &str = "sandboxd_preview";
+/// Its name over HTTPS. Browsers accept a `__Host-` cookie only with `Secure`, `Path=/` and no
+/// `Domain`, so a sibling preview host cannot toss one onto this host (cookie tossing).
+pub const PREVIEW_COOKIE_TLS: &str = "__Host-sandboxd_preview";
 /// Query parameter of the signed link that sets the cookie.
 pub const LINK_PARAM: &str = "sandboxd_token";
 const PROBE_EVERY: Duration = Duration::from_millis(25);
@@ -554,14 +557,20 @@ enum Access {
     Denied(Response<Body>),
 }
 
-fn cookie_value<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Every value of the cookie `name` (a browser sends several when other hosts tossed some).
+fn cookie_values<'a>(h: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+fn cookie_value<'a>(h: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    cookie_values(h, name).next()
 }
 
 fn strip_preview_cookie(h: &mut HeaderMap) {
@@ -571,7 +580,11 @@ fn strip_preview_cookie(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{PREVIEW_COOKIE}=")))
+        .filter(|c| {
+            !c.is_empty()
+                && !c.starts_with(&format!("{PREVIEW_COOKIE}="))
+                && !c.starts_with(&format!("{PREVIEW_COOKIE_TLS}="))
+        })
         .map(str::to_owned)
         .collect();
     h.remove(header::COOKIE);
@@ -604,11 +617,16 @@ fn check_owner(app: &Arc<App>, req: &Request<Incoming>, user: &UserId, conn: &Co
                 loc.push('?');
                 loc.push_str(&rest.join("&"));
             }
-            // Host-only (no Domain attribute): the cookie goes back to this preview host only.
-            let secure = if conn.tls { "; Secure" } else { "" };
-            let cookie = format!(
-                "{PREVIEW_COOKIE}={t}; Path=/; HttpOnly; SameSite=Lax; Max-Age=43200{secure}"
-            );
+            // Host-only (no Domain attribute): the cookie goes back to this preview host only;
+            // over HTTPS also Secure and `__Host-`, which browsers refuse to take from a
+            // sibling host.
+            let (name, secure) = if conn.tls {
+                (PREVIEW_COOKIE_TLS, "; Secure")
+            } else {
+                (PREVIEW_COOKIE, "")
+            };
+            let cookie =
+                format!("{name}={t}; Path=/; HttpOnly; SameSite=Lax; Max-Age=43200{secure}");
             let mut r = Response::new(crate::http::empty());
             *r.status_mut() = StatusCode::SEE_OTHER;
             if let (Ok(l), Ok(c)) = (HeaderValue::from_str(&loc), HeaderValue::from_str(&cookie)) {
@@ -620,7 +638,13 @@ fn check_owner(app: &Arc<App>, req: &Request<Incoming>, user: &UserId, conn: &Co
             return Access::Redirect(r);
         }
     }
-    if cookie_value(req.headers(), PREVIEW_COOKIE).is_some_and(verify) {
+    // Any of the values may be the owner's: a tossed cookie in front must not lock them out.
+    let name = if conn.tls {
+        PREVIEW_COOKIE_TLS
+    } else {
+        PREVIEW_COOKIE
+    };
+    if cookie_values(req.headers(), name).any(verify) {
         return Access::Allowed;
     }
     let msg = "This preview is private. Open it through the link from the sandbox API (POST /sandbox/preview-link).";

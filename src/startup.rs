@@ -14,7 +14,7 @@ use crate::app::{App, AppHandler};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
 use crate::sandbox::docker::Engine;
-use crate::sandbox::{reaper, Manager};
+use crate::sandbox::{firewall, reaper, Manager};
 use crate::store::Store;
 
 pub struct Running {
@@ -52,6 +52,9 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
     // 2. Store (migrations run here), engine, manager (rebuilds state from Docker's labels).
     let store = Store::connect(&cfg.database_url).await?;
     let engine = Engine::connect().await?;
+    // 2b. The packet filter around the sandbox network, before any sandbox is adopted or made:
+    //     no sandbox may reach the host, another sandbox or a blocked network (firewall.rs).
+    install_firewall(&cfg, &engine).await?;
     let mgr = Manager::start(cfg.clone(), engine, store).await?;
     let auth = Auth::new(&auth::load_secret(&cfg)?);
     let app = App::new(cfg.clone(), mgr.clone(), auth);
@@ -105,6 +108,34 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
     })
 }
 
+/// Creates the sandbox network if needed and installs (or replaces) the instance's rules for its
+/// bridge. Fails start-up when iptables is missing or refuses: sandboxes must never run without.
+async fn install_firewall(cfg: &Config, engine: &Engine) -> anyhow::Result<()> {
+    let network = engine.ensure_network(cfg).await?;
+    let (bridge, internal) = engine.bridge_interface(&network).await?;
+    if internal == cfg.sandbox_internet {
+        // The network keeps the setting it was created with; the firewall enforces the
+        // configured one either way.
+        tracing::warn!(
+            network,
+            internal,
+            sandbox_internet = cfg.sandbox_internet,
+            "the sandbox network was created with another internet setting"
+        );
+    }
+    let policy = firewall::Policy {
+        bridge,
+        internet: cfg.sandbox_internet,
+        resolvers: firewall::host_resolvers(),
+        blocked: cfg.sandbox_blocked_networks.clone(),
+    };
+    let instance = cfg.instance.clone();
+    tokio::task::spawn_blocking(move || firewall::install(&instance, &policy))
+        .await
+        .context("firewall task")??;
+    Ok(())
+}
+
 impl Running {
     /// Graceful shutdown: stop accepting, let in-flight requests finish within
     /// `shutdown_grace`, flush activity. Sandboxes keep running.
@@ -112,6 +143,16 @@ impl Running {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         self.app.mgr.flush_activity().await;
+        // The rules confine sandboxes that keep running while sandboxd is down: they go only
+        // when no sandbox of this instance is live (start-up replaces stale ones anyway).
+        if self.app.mgr.live_count() == 0 {
+            let instance = self.app.cfg.instance.clone();
+            match tokio::task::spawn_blocking(move || firewall::remove(&instance)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "removing the firewall"),
+                Err(e) => tracing::warn!(error = %e, "removing the firewall"),
+            }
+        }
         self.app.mgr.store().close().await;
     }
 

@@ -23,12 +23,55 @@ rm -f "$d/$1.js" "$d/$1.pid"
 exit $rc
 "#;
 
-/// Kills every process of the run's session, then removes its files.
-const KILLER: &str = r#"d=/workspace/.sandboxd/exec
-p=$(cat "$d/$1.pid" 2>/dev/null)
-case "$p" in ''|*[!0-9]*) exit 0 ;; esac
-[ "$p" -gt 1 ] || exit 0
-pkill -KILL -s "$p"
+/// Marks every process of one run (value: the run id). Inherited through fork and exec, so it
+/// finds descendants that left the run's session (`setsid`, `detached: true`).
+pub const MARK_VAR: &str = "SANDBOXD_EXEC";
+
+/// Kills one run's processes from inside the container, when the host-side killer cannot see
+/// the container's processes (sandboxd in a container of its own): processes carrying the
+/// mark, the sessions they lead and all their descendants, in passes until none is left. `$1`
+/// is the run id (server-generated hex); nothing is formatted into this text. Then removes the
+/// run's files.
+const KILLER: &str = r#"id=$1
+case "$id" in ''|*[!0-9a-f]*) exit 2 ;; esac
+mark="SANDBOXD_EXEC=$id"
+for pass in 1 2 3 4 5 6 7 8; do
+  declare -A ppid=() sid=() take=() lead=()
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    { read -r line < "$d/stat"; } 2>/dev/null || continue
+    set -- ${line##*) }
+    ppid[$p]=$2
+    sid[$p]=$4
+  done
+  for p in "${!sid[@]}"; do
+    [ "$p" -gt 1 ] && [ "$p" != "$$" ] || continue
+    while IFS= read -r -d '' e; do
+      if [ "$e" = "$mark" ]; then
+        take[$p]=1
+        [ "${sid[$p]}" = "$p" ] && lead[$p]=1
+        break
+      fi
+    done 2>/dev/null < "/proc/$p/environ"
+  done
+  for p in "${!sid[@]}"; do
+    [ "$p" -gt 1 ] && [ "$p" != "$$" ] && [ -n "${lead[${sid[$p]}]}" ] && take[$p]=1
+  done
+  grew=1
+  while [ "$grew" = 1 ]; do
+    grew=0
+    for p in "${!ppid[@]}"; do
+      if [ -z "${take[$p]}" ] && [ "$p" != "$$" ] && [ -n "${take[${ppid[$p]}]}" ]; then
+        take[$p]=1
+        grew=1
+      fi
+    done
+  done
+  [ "${#take[@]}" -eq 0 ] && break
+  kill -KILL "${!take[@]}" 2>/dev/null
+  sleep 0.05
+done
+d=/workspace/.sandboxd/exec
 rm -f "$d/$1.js" "$d/$1.pid"
 "#;
 
@@ -79,7 +122,7 @@ pub async fn run_code(
                     "sandboxd-exec".into(),
                     run_id.clone(),
                 ],
-                env: vec![],
+                env: vec![format!("{MARK_VAR}={run_id}")],
                 working_dir: Some(super::spec::WORKSPACE),
                 tty: false,
                 stdin: true,
@@ -115,6 +158,16 @@ pub async fn run_code(
         }
     }
     if res.timed_out {
+        // From the host first: it works even when the run filled the pids limit (a fork
+        // bomb), where no exec can start in the container. The exec below then sweeps again
+        // and removes the run's files (or does the whole job when the host cannot see the
+        // container's processes).
+        let (cid, rid) = (container.to_owned(), run_id.clone());
+        match tokio::task::spawn_blocking(move || kill_run_from_host(&cid, &rid)).await {
+            Ok(Some(n)) => tracing::debug!(killed = n, "timed-out run killed from the host"),
+            Ok(None) => tracing::debug!("the container's processes are not visible here"),
+            Err(e) => tracing::warn!(error = %e, "host-side kill task"),
+        }
         if let Err(e) = engine
             .run(
                 container,
@@ -147,6 +200,104 @@ pub async fn run_code(
         res.oom_killed = after > before;
     }
     Ok(res)
+}
+
+/// The host's list of a container's processes (cgroup v1 pids controller, or v2).
+fn container_procs_file(container_id: &str) -> Option<std::path::PathBuf> {
+    [
+        format!("/sys/fs/cgroup/pids/docker/{container_id}/cgroup.procs"),
+        format!("/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cgroup.procs"),
+        format!("/sys/fs/cgroup/docker/{container_id}/cgroup.procs"),
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// `(ppid, session id)` of a host pid, from /proc/<pid>/stat.
+fn proc_stat(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain anything, ')' included: fields start after the last one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(1)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+fn carries(pid: i32, mark: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|e| e == mark))
+        .unwrap_or(false)
+}
+
+/// Kills one run's processes from the host: those in the container's cgroup that carry the
+/// run's mark, the sessions they lead and every descendant. Targets are stopped (SIGSTOP) as
+/// they are found, so none can fork or be re-parented while the set grows, then all are
+/// killed. `None` when the container's processes are not visible from here.
+pub fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
+    use std::collections::{HashMap, HashSet};
+    let procs = container_procs_file(container_id)?;
+    let mark = format!("{MARK_VAR}={run_id}").into_bytes();
+    let in_container = |pid: i32| {
+        // The pid is ours to signal only if /proc (this pid namespace) shows it in the cgroup.
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.contains(container_id))
+    };
+    let mut taken: HashSet<i32> = HashSet::new();
+    for _round in 0..64 {
+        let text = std::fs::read_to_string(&procs).ok()?;
+        let mut table: HashMap<i32, (i32, i32)> = HashMap::new();
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if let Some(ps) = proc_stat(pid) {
+                table.insert(pid, ps);
+            }
+        }
+        let mut found: HashSet<i32> = taken.clone();
+        for &pid in table.keys() {
+            if carries(pid, &mark) {
+                found.insert(pid);
+            }
+        }
+        // Sessions led by a marked process (the runner's own, and any a child made).
+        let leaders: HashSet<i32> = found
+            .iter()
+            .copied()
+            .filter(|p| table.get(p).is_some_and(|(_, sid)| sid == p))
+            .collect();
+        for (&pid, &(_, sid)) in &table {
+            if leaders.contains(&sid) {
+                found.insert(pid);
+            }
+        }
+        loop {
+            let before = found.len();
+            for (&pid, &(ppid, _)) in &table {
+                if found.contains(&ppid) {
+                    found.insert(pid);
+                }
+            }
+            if found.len() == before {
+                break;
+            }
+        }
+        let new: Vec<i32> = found
+            .difference(&taken)
+            .copied()
+            .filter(|p| *p > 1 && in_container(*p))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for &pid in &new {
+            // SAFETY: kill(2) with a pid read from the container's cgroup and checked above.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        taken.extend(new);
+    }
+    for &pid in &taken {
+        // SAFETY: as above; stopped processes die on SIGKILL.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    Some(taken.len())
 }
 
 /// The container cgroup's OOM-kill counter, read from the host (cgroup v1 or v2); `None` when
@@ -182,6 +333,7 @@ mod tests {
     #[test]
     fn scripts_take_no_interpolated_data() {
         // The run id reaches the scripts only as "$1"; nothing is formatted into them.
-        assert!(!RUNNER.contains('{') && !KILLER.contains('{'));
+        assert!(!RUNNER.contains('{'));
+        assert!(KILLER.starts_with("id=$1\ncase \"$id\" in ''|*[!0-9a-f]*) exit 2"));
     }
 }

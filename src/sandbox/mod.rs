@@ -7,6 +7,7 @@
 
 pub mod docker;
 pub mod exec;
+pub mod firewall;
 pub mod reaper;
 pub mod spec;
 

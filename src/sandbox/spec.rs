@@ -126,11 +126,9 @@ pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> Contai
                 soft: Some(l.fsize_bytes),
                 hard: Some(l.fsize_bytes),
             },
-            ResourcesUlimits {
-                name: Some("nproc".to_owned()),
-                soft: Some(l.pids * 4),
-                hard: Some(l.pids * 4),
-            },
+            // No `nproc`: RLIMIT_NPROC counts every process of a uid on the whole host, and all
+            // sandboxes run as uid 1000, so a few fork bombs would use up everyone's share. The
+            // pids cgroup (pids_limit) bounds each sandbox on its own.
         ]),
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
@@ -224,6 +222,10 @@ mod tests {
             .map(|u| u.name.clone().unwrap())
             .collect();
         assert!(names.contains(&"nofile".to_owned()) && names.contains(&"fsize".to_owned()));
+        assert!(
+            !names.contains(&"nproc".to_owned()),
+            "nproc is per uid, host-wide"
+        );
         assert_eq!(c.user.as_deref(), Some("1000:1000"));
         assert_eq!(c.stop_timeout, Some(2));
         assert_eq!(c.labels.as_ref().unwrap()[LABEL_USER], "7");

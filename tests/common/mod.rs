@@ -277,6 +277,8 @@ pub fn cleanup_instance(instance: &str) {
     let _ = Command::new("docker")
         .args(["network", "rm", &format!("{instance}-net")])
         .output();
+    // The instance's packet-filter chains (src/sandbox/firewall.rs).
+    let _ = sandboxd::sandbox::firewall::remove(instance);
 }
 
 impl Drop for TestApp {
