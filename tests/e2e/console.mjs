@@ -1,0 +1,309 @@
+// End-to-end test of the web console in Debian's Chromium, driven by playwright-core.
+// tests/console.rs starts a real sandboxd and runs this script; it can also be run by hand:
+//
+//   SANDBOXD_E2E_BASE=http://127.0.0.1:8080 SANDBOXD_E2E_TOKEN=$(sandboxd token 1) node tests/e2e/console.mjs
+//
+// Steps: paste the token, start the sandbox, `echo hello` in the terminal, a React + Vite
+// project shown in the preview iframe, run code. A screenshot per step goes to
+// SANDBOXD_E2E_ARTIFACTS (default tests/artifacts/console). Every wait is bounded; the whole
+// run is bounded by SANDBOXD_E2E_DEADLINE_S (default 480). Exit 0 = passed.
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const base = (process.env.SANDBOXD_E2E_BASE || '').replace(/\/$/, '');
+const token = process.env.SANDBOXD_E2E_TOKEN || '';
+const artifacts = resolve(process.env.SANDBOXD_E2E_ARTIFACTS || join(here, '..', 'artifacts', 'console'));
+const chromiumPath = process.env.SANDBOXD_E2E_CHROMIUM || '/usr/bin/chromium';
+const deadlineS = Number(process.env.SANDBOXD_E2E_DEADLINE_S || 480);
+// SANDBOXD_E2E_PROJECT=0 leaves out the React + Vite step (the HTTPS run does).
+const withProject = process.env.SANDBOXD_E2E_PROJECT !== '0';
+// SANDBOXD_E2E_IGNORE_TLS=1 accepts the development certificate (HTTPS run).
+const ignoreTls = process.env.SANDBOXD_E2E_IGNORE_TLS === '1';
+
+if (!base || !token) {
+  console.error('console.mjs: set SANDBOXD_E2E_BASE and SANDBOXD_E2E_TOKEN');
+  process.exit(2);
+}
+
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch (e) {
+  console.error(`console.mjs: playwright-core is missing (${e.message}); run scripts/ensure-browser.sh`);
+  process.exit(3);
+}
+
+mkdirSync(artifacts, { recursive: true });
+const logFile = join(artifacts, 'browser-console.log');
+writeFileSync(logFile, '');
+const t0 = Date.now();
+const log = (msg) => console.log(`[e2e +${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`);
+
+const killer = setTimeout(() => {
+  console.error(`console.mjs: the whole run exceeded ${deadlineS} s`);
+  process.exit(4);
+}, deadlineS * 1000);
+killer.unref();
+
+const profile = mkdtempSync(join(tmpdir(), 'sandboxd-e2e-chromium-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: chromiumPath,
+  headless: true,
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    // localhost names as IP literals: no host-resolver job that Chromium would abort with
+    // ERR_NETWORK_CHANGED whenever Docker adds or removes an interface on this machine.
+    '--host-resolver-rules=MAP localhost 127.0.0.1, MAP *.localhost 127.0.0.1',
+  ],
+  viewport: { width: 1440, height: 900 },
+  ignoreHTTPSErrors: ignoreTls,
+  timeout: 30_000,
+});
+const page = context.pages()[0] || (await context.newPage());
+page.setDefaultTimeout(15_000);
+
+// Problems of the console page itself (not of the app in the preview) fail the test.
+const problems = [];
+page.on('console', (m) => {
+  const url = (m.location() && m.location().url) || '';
+  appendFileSync(logFile, `${m.type()} ${url} ${m.text()}\n`);
+  const ours = url.startsWith(base) || url === '';
+  if (ours && m.type() === 'error' && /Content Security Policy|Refused to/i.test(m.text())) {
+    problems.push(`CSP: ${m.text()}`);
+  }
+});
+page.on('requestfailed', (r) => {
+  appendFileSync(logFile, `requestfailed ${r.url()} ${r.failure() ? r.failure().errorText : ''}\n`);
+});
+page.on('pageerror', (e) => {
+  appendFileSync(logFile, `pageerror ${e.message}\n`);
+  problems.push(`page error: ${e.message}`);
+});
+
+let shot = 0;
+async function screenshot(name) {
+  shot += 1;
+  const file = join(artifacts, `${String(shot).padStart(2, '0')}-${name}.png`);
+  await page.screenshot({ path: file });
+  log(`screenshot ${file}`);
+  return file;
+}
+
+async function text(sel) {
+  return ((await page.locator(sel).textContent()) || '').trim();
+}
+
+/** Polls `fn` until it returns a truthy value; fails with `what` after `ms`. */
+async function until(what, ms, fn, every = 250) {
+  const end = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e.message;
+    }
+    if (Date.now() > end) throw new Error(`timed out after ${ms / 1000} s waiting for ${what} (last: ${JSON.stringify(last)})`);
+    await page.waitForTimeout(every);
+  }
+}
+
+async function terminalLines() {
+  return page.$$eval('#terminal .xterm-rows > div', (rows) =>
+    rows.map((r) => (r.textContent || '').replace(/\u00a0/g, ' ').trimEnd()));
+}
+
+async function run() {
+  // 1. Sign in by pasting the token.
+  // Docker adding or removing an interface on this machine (this test's containers, or other
+  // tests') makes Chromium abort requests in flight with ERR_NETWORK_CHANGED, the page or one of
+  // its modules included: load it again, as a person would.
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      await page.goto(`${base}/`, { waitUntil: 'load', timeout: 30_000 });
+      await page.locator('#token').waitFor({ state: 'visible', timeout: 10_000 });
+      break;
+    } catch (e) {
+      if (attempt === 4) throw e;
+      log(`loading the console failed (${e.message.split('\n')[0]}): again`);
+      await page.waitForTimeout(1000);
+    }
+  }
+  await screenshot('signin');
+  // A token the server refuses is answered in words.
+  await page.locator('#token').fill('eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.bad');
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  const refused = await until('the refusal in words', 15_000, async () => text('#signin-error'));
+  if (!/unauthorized|refused/i.test(refused)) throw new Error(`unexpected sign-in error: ${refused}`);
+  log(`bad token refused: ${refused}`);
+  await page.locator('#token').fill(token);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.locator('#app-view').waitFor({ state: 'visible' });
+  const where = await page.evaluate(() => ({
+    url: location.href,
+    session: sessionStorage.getItem('sandboxd.token'),
+    local: localStorage.length,
+  }));
+  if (where.url.includes(token.slice(-16)) || where.url.includes('token=')) throw new Error(`the token reached the URL: ${where.url}`);
+  if (where.session !== token || where.local !== 0) throw new Error('the token is not (only) in sessionStorage');
+  log(`signed in as user ${await text('#who-user')}`);
+
+  // 2. Start the sandbox; the terminal connects by itself.
+  await page.getByRole('button', { name: 'Start / wake' }).click();
+  await until('the sandbox to be running', 90_000, async () => (await text('#sb-state')) === 'running');
+  await until('the terminal to open', 30_000, async () => (await text('#term-state')) === 'open');
+  const limits = await text('#sb-limits');
+  if (!/MiB memory/.test(limits)) throw new Error(`limits not shown: ${limits}`);
+  log(`sandbox running; limits: ${limits}; preview ${await text('#sb-preview')}`);
+  // The preview frame shows the preview origin (the app is not there yet: the proxy's page
+  // that retries by itself), not a browser error page.
+  // When the browser runs on the sandboxd machine, Chromium may abort the frame's first load
+  // with ERR_NETWORK_CHANGED (the new container's interface): then Reload, as a person would.
+  const previewOrigin = new URL(await page.locator('#sb-preview').getAttribute('href')).origin;
+  const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
+  for (let attempt = 1; ; attempt += 1) {
+    const seen = await until('the preview frame to load', 20_000, async () => {
+      const u = previewFrame() && previewFrame().url();
+      return u && u !== 'about:blank' ? u : null;
+    });
+    if (seen.startsWith(previewOrigin)) break;
+    if (attempt === 5) throw new Error(`the preview frame shows ${seen}, not ${previewOrigin}`);
+    log(`the preview frame shows ${seen} (a network change aborted it): Reload`);
+    await page.waitForTimeout(1000 * attempt);
+    const navigated = page.waitForEvent('framenavigated', { predicate: (f) => f !== page.mainFrame(), timeout: 20_000 });
+    await page.getByRole('button', { name: 'Reload' }).click();
+    await navigated;
+  }
+  await page.waitForTimeout(500);
+  await screenshot('started');
+
+  // 3. `echo hello` in the terminal: a row that is exactly `hello` is the command's output.
+  await until('a shell prompt', 30_000, async () => (await terminalLines()).some((l) => /[$#]\s*$/.test(l)));
+  await page.locator('#terminal').click();
+  await page.keyboard.type('echo hello', { delay: 20 });
+  await page.keyboard.press('Enter');
+  await until('"hello" in the terminal', 20_000, async () => (await terminalLines()).some((l) => l.trim() === 'hello'));
+  log('terminal echoed hello');
+  await screenshot('terminal');
+
+  // Resize follows the window: the PTY's size (stty size) matches the rows xterm.js shows.
+  const size = async (n) => {
+    await page.keyboard.type(`echo "size$((${n}*1)) $(stty size)"`, { delay: 5 });
+    await page.keyboard.press('Enter');
+    const re = new RegExp(`^size${n} (\\d+) (\\d+)$`);
+    const line = await until(`stty size #${n}`, 15_000, async () => (await terminalLines()).map((l) => l.trim()).find((l) => re.test(l)));
+    const [, rows, cols] = line.match(re).map(Number);
+    return { rows, cols };
+  };
+  const before = await size(1);
+  await page.setViewportSize({ width: 1100, height: 760 });
+  await page.waitForTimeout(800);
+  const after = await size(2);
+  const shownRows = (await terminalLines()).length;
+  if (after.cols === before.cols || after.rows !== shownRows) {
+    throw new Error(`resize not applied: before ${JSON.stringify(before)}, after ${JSON.stringify(after)}, xterm rows ${shownRows}`);
+  }
+  log(`resize followed the window: ${before.cols}x${before.rows} -> ${after.cols}x${after.rows}`);
+  await page.setViewportSize({ width: 1440, height: 900 });
+  await page.waitForTimeout(500);
+
+  if (withProject) await projectStep();
+  else log('React + Vite step left out (SANDBOXD_E2E_PROJECT=0)');
+
+  // 5. Run code: stdout, stderr, exit code, duration.
+  await page.locator('#code').fill("console.log('answer', 6 * 7);\nconsole.error('to stderr');");
+  await page.locator('#timeout').fill('10000');
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+  await until('the run result', 30_000, async () => {
+    if (/could not reach sandboxd/.test(await text('#run-error'))) {
+      log(`run code: ${await text('#run-error')}: Run again`);
+      await page.getByRole('button', { name: 'Run', exact: true }).click();
+    }
+    return (await text('#run-stdout')).includes('answer 42');
+  });
+  const summary = await text('#run-summary');
+  if (!/exit code 0 · \d+ ms/.test(summary)) throw new Error(`unexpected run summary: ${summary}`);
+  if (!(await text('#run-stderr')).includes('to stderr')) throw new Error('stderr not shown');
+  log(`run code: ${summary}`);
+  await screenshot('run-code');
+
+  // 6. An API error is shown in words: a timeout the server refuses (422).
+  await page.locator('#timeout').fill('0');
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+  const err = await until('the API error in words', 15_000, async () => text('#run-error'));
+  if (!/timeoutMs/.test(err) || !/invalid_request/.test(err)) throw new Error(`unexpected error text: ${err}`);
+  log(`API error shown: ${err}`);
+
+  // 7. Stop: the sandbox is removed, the terminal closes, the preview goes away.
+  await page.getByRole('button', { name: 'Stop' }).click();
+  await until('the sandbox to be removed', 30_000, async () => (await text('#sb-state')) === 'removed');
+  await until('the terminal to close', 10_000, async () => (await text('#term-state')) === 'closed');
+  if (await page.locator('#preview').isVisible()) throw new Error('the preview is still shown after Stop');
+  log('stopped');
+
+  if (problems.length) throw new Error(`the console page reported problems:\n${problems.join('\n')}`);
+}
+
+// 4. A React + Vite project, with visible progress, then the Vite page in the iframe.
+async function projectStep() {
+  await page.locator('#project-name').fill('my-app');
+  await page.getByRole('button', { name: 'Create React + Vite project' }).click();
+  await page.locator('#job').waitFor({ state: 'visible', timeout: 30_000 });
+  let progressShot = false;
+  const jobEnd = await until('the project job to finish', 300_000, async () => {
+    const state = await text('#job-state');
+    if (!progressShot && state === 'running' && (await text('#job-log')).length > 0) {
+      progressShot = true;
+      log(`project step: ${await text('#job-step')}`);
+      await screenshot('project-progress');
+    }
+    return state === 'running' ? null : state;
+  }, 500);
+  if (jobEnd !== 'succeeded') {
+    throw new Error(`the project job ended ${jobEnd}: ${await text('#projects-error')}\n${await text('#job-log')}`);
+  }
+  log('project job succeeded');
+  const frame = page.frameLocator('#preview');
+  // Served by Vite's dev server (its client script) and rendered by React (#root filled).
+  const heading = await until('the Vite page in the preview iframe', 120_000, async () => {
+    const vite = await frame.locator('script[src="/@vite/client"]').count();
+    const rendered = await frame.locator('#root *').count();
+    if (!vite || !rendered) return null;
+    return (await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '(no h1)';
+  }, 1000);
+  const src = await page.locator('#preview').getAttribute('src');
+  if (!/^https?:\/\/user-[a-z0-9]+\.preview\.localhost:\d+\/$/.test(src || '')) {
+    throw new Error(`unexpected preview URL in the iframe: ${src}`);
+  }
+  await page.waitForTimeout(1000); // let the page's logo and styles settle for the picture
+  log(`preview shows the Vite page "${heading}" (${src})`);
+  await screenshot('preview');
+}
+
+let code = 0;
+try {
+  await run();
+  log(`passed; screenshots in ${artifacts}`);
+} catch (e) {
+  code = 1;
+  console.error(`console.mjs: FAILED: ${e.stack || e}`);
+  try {
+    await screenshot('failure');
+    writeFileSync(join(artifacts, 'failure-page.txt'), await page.locator('body').innerText());
+  } catch (e2) {
+    console.error(`(no failure screenshot: ${e2.message})`);
+  }
+}
+await context.close().catch(() => {});
+rmSync(profile, { recursive: true, force: true });
+process.exit(code);
