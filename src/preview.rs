@@ -237,12 +237,14 @@ async fn wake(
     }
 }
 
-/// Connects to the app, retrying a refused port every 25 ms: up to `wake_timeout` while a dev
-/// server exists in the sandbox, else for a short grace only.
+/// Connects to the app, retrying a refused port every 25 ms up to `wake_timeout`. After a short
+/// grace, and then every second, it asks the sandbox whether an app can still come: the init's
+/// discovery is still running (a slow start under load) or a dev server process is alive. If
+/// not, it gives up early so the client gets the "nothing listens" answer instead of a hang.
 async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<TcpStream> {
     let start = tokio::time::Instant::now();
     let deadline = start + app.cfg.wake_timeout;
-    let mut checked_app = false;
+    let mut next_check = start + NO_APP_GRACE;
     loop {
         if let Ok(Ok(s)) =
             tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
@@ -254,9 +256,9 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
         if now >= deadline {
             return None;
         }
-        if !checked_app && now - start >= NO_APP_GRACE {
-            checked_app = true;
-            if !dev_server_running(app, user).await {
+        if now >= next_check {
+            next_check = now + Duration::from_secs(1);
+            if !app_may_come(app, user).await {
                 return None;
             }
         }
@@ -264,15 +266,17 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
     }
 }
 
-/// Whether the sandbox's init started a dev server (its pid file names a live process).
-async fn dev_server_running(app: &Arc<App>, user: &UserId) -> bool {
+/// Whether an app may still start listening: the init has not finished discovery yet, or the
+/// dev server it started (its pid file) is alive.
+async fn app_may_come(app: &Arc<App>, user: &UserId) -> bool {
     let Ok(sb) = app.mgr.status(user).await else {
         return false;
     };
     let cmd = vec![
         "bash".to_owned(),
         "-c".to_owned(),
-        r#"p=$(cat /tmp/sandboxd-dev.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null"#
+        r#"[ ! -e /tmp/sandboxd-init.done ] && exit 0
+p=$(cat /tmp/sandboxd-dev.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null"#
             .to_owned(),
     ];
     matches!(

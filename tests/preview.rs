@@ -182,6 +182,35 @@ async fn hundred_concurrent_first_hits_make_one_container() {
 }
 
 #[tokio::test]
+async fn many_users_first_hits_at_once_are_all_held_until_their_apps_answer() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    let users: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    for u in &users {
+        app.init(u).await;
+        start_app(&app, u).await;
+        assert_eq!(app.post(u, "/sandbox/exit", json!({})).await.status(), 200);
+    }
+    // All ten start at once on a small machine: slow app starts must be waited for, not
+    // answered with "nothing listens".
+    let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+    let c = client_for(&app, &refs, None);
+    let mut tasks = vec![];
+    for u in &users {
+        let (c, url, u) = (c.clone(), url(&app, u, "/"), u.clone());
+        tasks.push(tokio::spawn(async move { (u, get_text(&c, &url).await) }));
+    }
+    for t in tasks {
+        let (u, (s, body)) = t.await.unwrap();
+        assert_eq!(s, 200, "{u}: {body}");
+        assert!(body.starts_with(&format!("hello from {u}")), "{body}");
+    }
+    assert_eq!(app.containers().len(), 10);
+}
+
+#[tokio::test]
 async fn previews_are_isolated_between_users() {
     let app = spawn_app_with(|t| {
         t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
