@@ -42,6 +42,10 @@ pub const PREVIEW_COOKIE_TLS: &str = "__Host-sandboxd_preview";
 /// Query parameter of the signed link that sets the cookie.
 pub const LINK_PARAM: &str = "sandboxd_token";
 const PROBE_EVERY: Duration = Duration::from_millis(25);
+/// Per direction of a tunnel. Idle HMR sockets are the common case and there can be thousands:
+/// 4 KiB keeps an idle tunnel's memory small (16 KiB buffers cost ~28 KiB per tunnel in the
+/// density benchmark) while WebSocket messages, small as they are, still move in one read.
+const TUNNEL_BUF: usize = 4 * 1024;
 /// How long a refused port is retried before asking whether a dev server is starting at all.
 const NO_APP_GRACE: Duration = Duration::from_millis(1500);
 
@@ -252,6 +256,8 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
             let _ = s.set_nodelay(true);
             return Some(s);
         }
+        // A held request is activity: the idle policy must not pause a sandbox mid-start.
+        app.mgr.touch(user);
         let now = tokio::time::Instant::now();
         if now >= deadline {
             return None;
@@ -519,7 +525,7 @@ where
     let app_in = app.clone();
     let user_in = user.clone();
     let inbound = async move {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; TUNNEL_BUF];
         loop {
             let n = match cr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -539,7 +545,7 @@ where
         let _ = uw.shutdown().await;
     };
     let outbound = async move {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; TUNNEL_BUF];
         loop {
             let n = match ur.read(&mut buf).await {
                 Ok(0) | Err(_) => break,

@@ -111,6 +111,10 @@ impl Slot {
     pub fn open_terminals(&self) -> usize {
         self.terminals.load(Ordering::Relaxed)
     }
+    /// Marks the sandbox as not running for the fast path while a transition is under way.
+    fn hide(&self) {
+        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
     fn publish(&self, c: &Option<Container>) {
         *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = c.as_ref().map(|c| (c.state, c.ip));
     }
@@ -545,7 +549,13 @@ impl Manager {
         }
         if let Some(c) = guard.as_mut() {
             if c.state == State::Running {
-                self.engine.pause(&c.id).await?;
+                // Take the sandbox off the preview's fast path before freezing it, so no request
+                // is sent to a container that is being paused: they wait on our lock instead.
+                slot.hide();
+                if let Err(e) = self.engine.pause(&c.id).await {
+                    slot.publish(&guard);
+                    return Err(e);
+                }
                 c.state = State::Paused;
                 self.event(user, Some(&c.id), "paused", Some(reason)).await;
                 self.save(user, &guard, None).await?;
@@ -592,9 +602,15 @@ impl Manager {
                         tracing::warn!(user = %user, error = format!("{e:#}"), "unpause before stop");
                     }
                 }
-                self.engine
+                slot.hide();
+                let stopped = self
+                    .engine
                     .stop(&c.id, self.cfg.stop_timeout.as_secs() as i64)
-                    .await?;
+                    .await;
+                if let Err(e) = stopped {
+                    slot.publish(guard);
+                    return Err(e);
+                }
                 c.state = State::Stopped;
                 c.permit = None;
                 self.event(user, Some(&c.id), "stopped", Some(reason)).await;

@@ -1,0 +1,495 @@
+//! The results of one run and their rendering as `docs/benchmarks.md`.
+
+use std::fmt::Write as _;
+
+use crate::stats::Summary;
+use crate::wrk::WrkResult;
+
+/// One proxy path measured with wrk: under load and over a single connection (medians of the
+/// rounds).
+#[derive(Clone, Debug)]
+pub struct ProxyRow {
+    pub size: String,
+    pub key: &'static str,
+    pub label: String,
+    pub load: WrkResult,
+    pub single: WrkResult,
+    /// CPU time the proxy's processes used per request under load, µs.
+    pub cpu_us: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TimedRow {
+    pub label: String,
+    pub ms: Summary,
+    pub note: String,
+}
+
+/// Median phase times of a cold start or a wake, ms from the request.
+#[derive(Clone, Debug, Default)]
+pub struct Breakdown {
+    pub label: String,
+    pub created: Option<f64>,
+    pub running: f64,
+    pub app_process: f64,
+    pub listening: f64,
+    pub first_byte: f64,
+    /// CPU time the sandbox used until the first byte, and how long its quota throttled it.
+    pub cpu: Option<(f64, f64)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Fact {
+    pub label: String,
+    pub value: String,
+    pub note: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    /// None: not measured in this run.
+    pub pass: Option<bool>,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub date: String,
+    pub command: String,
+    pub duration_s: f64,
+    pub setup_s: Option<f64>,
+    pub machine: Vec<(String, String)>,
+    pub versions: Vec<(String, String)>,
+    pub settings: Vec<(String, String)>,
+    pub proxy: Vec<ProxyRow>,
+    pub wake: Vec<TimedRow>,
+    pub breakdown: Vec<Breakdown>,
+    pub exec: Vec<TimedRow>,
+    pub terminal: Vec<TimedRow>,
+    pub footprint: Vec<Fact>,
+    pub notes: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+pub fn ms(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+pub fn us(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 10_000.0 {
+        ms(v / 1000.0)
+    } else {
+        format!("{v:.0} µs")
+    }
+}
+
+pub fn ratio(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}×")
+    } else {
+        "–".into()
+    }
+}
+
+fn mark(pass: Option<bool>) -> &'static str {
+    match pass {
+        Some(true) => "**pass**",
+        Some(false) => "**miss**",
+        None => "not measured",
+    }
+}
+
+impl Report {
+    pub fn proxy_row(&self, size: &str, key: &str) -> Option<&ProxyRow> {
+        self.proxy.iter().find(|r| r.size == size && r.key == key)
+    }
+
+    fn proxy_ratio(&self, size: &str, a: &str, b: &str) -> f64 {
+        match (self.proxy_row(size, a), self.proxy_row(size, b)) {
+            (Some(x), Some(y)) if y.load.rps > 0.0 => x.load.rps / y.load.rps,
+            _ => f64::NAN,
+        }
+    }
+
+    fn added_p50(&self, size: &str, key: &str) -> f64 {
+        match (self.proxy_row(size, key), self.proxy_row(size, "a")) {
+            (Some(x), Some(d)) => x.single.p50_us - d.single.p50_us,
+            _ => f64::NAN,
+        }
+    }
+
+    fn wake_row(&self, prefix: &str) -> Option<&TimedRow> {
+        self.wake.iter().find(|r| r.label.starts_with(prefix))
+    }
+
+    /// Every target of issue 6 with its measured value.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut t = vec![];
+        let min_over = |f: &dyn Fn(&str) -> f64| {
+            ["small", "1 MiB"]
+                .iter()
+                .map(|s| f(s))
+                .fold(f64::NAN, f64::min)
+        };
+        let check = |v: f64, ok: &dyn Fn(f64) -> bool| v.is_finite().then(|| ok(v));
+        for (what, a, b, goal) in [
+            (
+                "proxy throughput vs nginx, HTTP (b/c)",
+                "b_http",
+                "c_http",
+                1.0,
+            ),
+            (
+                "proxy throughput vs nginx, HTTPS (b/c)",
+                "b_https",
+                "c_https",
+                1.0,
+            ),
+            (
+                "proxy throughput vs configurable-http-proxy (b/d)",
+                "b_http",
+                "d",
+                3.0,
+            ),
+        ] {
+            let v = min_over(&|s| self.proxy_ratio(s, a, b));
+            t.push(Target {
+                what: what.into(),
+                target: format!("≥ {goal:.1}× (both sizes)"),
+                measured: format!(
+                    "small {} · 1 MiB {}",
+                    ratio(self.proxy_ratio("small", a, b)),
+                    ratio(self.proxy_ratio("1 MiB", a, b))
+                ),
+                pass: check(v, &|v| v >= goal),
+            });
+        }
+        let added = self.added_p50("small", "b_http");
+        t.push(Target {
+            what: "p50 latency added over direct, plain HTTP (small, 1 connection)".into(),
+            target: "≤ 100 µs".into(),
+            measured: us(added),
+            pass: check(added, &|v| v <= 100.0),
+        });
+        for (prefix, what, goal) in [
+            ("cold first hit", "cold first hit p50", 1000.0),
+            ("wake from stopped", "wake from stopped p50", 600.0),
+            ("wake from paused", "wake from paused p50", 30.0),
+        ] {
+            let v = self.wake_row(prefix).map_or(f64::NAN, |r| r.ms.p50);
+            t.push(Target {
+                what: what.into(),
+                target: format!("≤ {}", ms(goal)),
+                measured: ms(v),
+                pass: check(v, &|v| v <= goal),
+            });
+        }
+        let exec = self.exec.first().map_or(f64::NAN, |r| r.ms.p50);
+        let floor = self
+            .exec
+            .iter()
+            .find(|r| r.label.contains("CLI"))
+            .map_or(f64::NAN, |r| r.ms.p50);
+        t.push(Target {
+            what: "execute p50 vs `docker exec` CLI floor".into(),
+            target: "≤ 1.5×".into(),
+            measured: format!("{} vs {} = {}", ms(exec), ms(floor), ratio(exec / floor)),
+            pass: check(exec / floor, &|v| v <= 1.5),
+        });
+        let echo = self.terminal.first().map_or(f64::NAN, |r| r.ms.p99);
+        t.push(Target {
+            what: "terminal echo p99".into(),
+            target: "≤ 10 ms".into(),
+            measured: ms(echo),
+            pass: check(echo, &|v| v <= 10.0),
+        });
+        let ws = self
+            .footprint
+            .iter()
+            .find(|f| f.label.contains("WebSocket"))
+            .and_then(|f| f.value.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        t.push(Target {
+            what: "sandboxd RSS with 5,000 idle WebSockets".into(),
+            target: "≤ 100 MiB".into(),
+            measured: if ws.is_finite() {
+                format!("{ws:.1} MiB")
+            } else {
+                "–".into()
+            },
+            pass: check(ws, &|v| v <= 100.0),
+        });
+        t
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let w = &mut o;
+        let _ = writeln!(w, "# Benchmarks\n");
+        let _ = writeln!(
+            w,
+            "Produced by `{}` on {}: the benchmarks took {:.0} s{} (the numbers below are from \
+             that run, nothing is edited by hand). Every figure is measured in the same run as \
+             the peer or direct path it is compared with. What is measured and how: \
+             [bench/README.md](../bench/README.md).\n",
+            self.command,
+            self.date,
+            self.duration_s,
+            self.setup_s
+                .map(|s| format!(", after {s:.0} s of setup (tools, engine, image, release build)"))
+                .unwrap_or_default()
+        );
+        if !self.errors.is_empty() {
+            let _ = writeln!(w, "**Some benchmarks failed in this run:**\n");
+            for e in &self.errors {
+                let _ = writeln!(w, "- {}", e.replace('\n', " "));
+            }
+            let _ = writeln!(w);
+        }
+
+        let _ = writeln!(w, "## Targets (issue 6)\n");
+        let _ = writeln!(
+            w,
+            "| target | goal | measured | result |\n|---|---|---|---|"
+        );
+        for t in self.targets() {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.target,
+                t.measured,
+                mark(t.pass)
+            );
+        }
+        let _ = writeln!(w);
+
+        let _ = writeln!(w, "## Machine and versions\n");
+        let _ = writeln!(w, "| | |\n|---|---|");
+        for (k, v) in self.machine.iter().chain(&self.versions) {
+            let _ = writeln!(w, "| {k} | {v} |");
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(w, "Settings of this run:\n");
+        for (k, v) in &self.settings {
+            let _ = writeln!(w, "- {k}: {v}");
+        }
+        let _ = writeln!(w);
+
+        self.render_proxy(w);
+        self.render_wake(w);
+        self.render_exec_terminal(w);
+        self.render_footprint(w);
+        if !self.notes.is_empty() {
+            let _ = writeln!(w, "## Notes from this run\n");
+            for n in &self.notes {
+                let _ = writeln!(w, "- {n}");
+            }
+            let _ = writeln!(w);
+        }
+        o
+    }
+
+    fn render_proxy(&self, w: &mut String) {
+        if self.proxy.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "## 1. Proxy throughput and latency\n");
+        let _ = writeln!(
+            w,
+            "Keep-alive GETs through each path to the same Node server in a sandbox (port 5173). \
+             *Load*: wrk, 1 thread, 32 connections; *1 conn*: wrk, 1 connection, one request at \
+             a time (pure per-request latency). Medians of the rounds. *Proxy CPU per request*: \
+             user + system CPU time of the proxy's processes (sandboxd; nginx's master and \
+             workers; configurable-http-proxy's Node process) during the load run, divided by \
+             the requests served: the cost that does not depend on what else runs on the \
+             machine.\n"
+        );
+        for size in ["small", "1 MiB"] {
+            let rows: Vec<&ProxyRow> = self.proxy.iter().filter(|r| r.size == size).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let direct = self.proxy_row(size, "a");
+            let _ = writeln!(w, "### {size} response\n");
+            let _ = writeln!(
+                w,
+                "| path | req/s (load) | vs direct | p50 (load) | p99 (load) | proxy CPU per request | p50 (1 conn) | p99 (1 conn) | added p50 over direct (1 conn) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in rows {
+                let vs = direct.map_or(f64::NAN, |d| r.load.rps / d.load.rps);
+                let added = direct.map_or(f64::NAN, |d| r.single.p50_us - d.single.p50_us);
+                let _ = writeln!(
+                    w,
+                    "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.label,
+                    r.load.rps,
+                    ratio(vs),
+                    us(r.load.p50_us),
+                    us(r.load.p99_us),
+                    r.cpu_us.map_or("–".into(), |c| format!("{c:.1} µs")),
+                    us(r.single.p50_us),
+                    us(r.single.p99_us),
+                    if r.key == "a" {
+                        "–".into()
+                    } else {
+                        us(added)
+                    },
+                    r.load.errors + r.single.errors
+                );
+            }
+            let _ = writeln!(w);
+        }
+        let _ = writeln!(w, "Ratios of requests/s under load (b = sandboxd, a = direct, c = nginx, d = configurable-http-proxy):\n");
+        let _ = writeln!(w, "| ratio | small | 1 MiB |\n|---|---:|---:|");
+        for (label, a, b) in [
+            ("b/a HTTP (sandboxd / direct)", "b_http", "a"),
+            ("b/a HTTPS (sandboxd over TLS / direct)", "b_https", "a"),
+            ("b/c HTTP (sandboxd / nginx)", "b_http", "c_http"),
+            ("b/c HTTPS (sandboxd / nginx)", "b_https", "c_https"),
+            (
+                "b/d HTTP (sandboxd / configurable-http-proxy)",
+                "b_http",
+                "d",
+            ),
+        ] {
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {} |",
+                ratio(self.proxy_ratio("small", a, b)),
+                ratio(self.proxy_ratio("1 MiB", a, b))
+            );
+        }
+        let _ = writeln!(w);
+    }
+
+    fn render_wake(&self, w: &mut String) {
+        if self.wake.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "## 2. Cold first hit and wake\n");
+        let _ = writeln!(
+            w,
+            "Time from a new connection's request to the response head (first byte) of `GET /` on \
+             the preview host, for a small Node app (`server.js`, started by the image's \
+             `sandboxd-init`). Sandboxes have the default limits (0.5 CPU, 512 MiB).\n"
+        );
+        let _ = writeln!(
+            w,
+            "| scenario | runs | p50 | p95 | max | how |\n|---|---:|---:|---:|---:|---|"
+        );
+        for r in &self.wake {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} |",
+                r.label,
+                r.ms.n,
+                ms(r.ms.p50),
+                ms(r.ms.p95),
+                ms(r.ms.max),
+                r.note
+            );
+        }
+        let _ = writeln!(w);
+        if !self.breakdown.is_empty() {
+            let _ = writeln!(
+                w,
+                "Where the time goes (medians, ms since the request was sent; container times \
+                 from the engine's `Created`/`State.StartedAt`, app times written by the app \
+                 itself: Node's `performance.timeOrigin` and the `listen` callback):\n"
+            );
+            let _ = writeln!(
+                w,
+                "| scenario | container created | container running | app process started | app listening | first byte | sandbox CPU time until then | of it, throttled by the CPU quota |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for b in &self.breakdown {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    b.label,
+                    b.created.map_or("–".into(), ms),
+                    ms(b.running),
+                    ms(b.app_process),
+                    ms(b.listening),
+                    ms(b.first_byte),
+                    b.cpu.map_or("–".into(), |c| ms(c.0)),
+                    b.cpu.map_or("–".into(), |c| ms(c.1)),
+                );
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    fn render_exec_terminal(&self, w: &mut String) {
+        if !self.exec.is_empty() {
+            let _ = writeln!(w, "## 3. Execute round trip\n");
+            let floor = self
+                .exec
+                .iter()
+                .find(|r| r.label.contains("CLI"))
+                .map_or(f64::NAN, |r| r.ms.p50);
+            let _ = writeln!(
+                w,
+                "| path | runs | p50 | p95 | max | p50 vs CLI floor | what |\n|---|---:|---:|---:|---:|---:|---|"
+            );
+            for r in &self.exec {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.label,
+                    r.ms.n,
+                    ms(r.ms.p50),
+                    ms(r.ms.p95),
+                    ms(r.ms.max),
+                    ratio(r.ms.p50 / floor),
+                    r.note
+                );
+            }
+            let _ = writeln!(w);
+        }
+        if !self.terminal.is_empty() {
+            let _ = writeln!(w, "## 4. Terminal echo latency\n");
+            let _ = writeln!(
+                w,
+                "| path | keystrokes | p50 | p99 | max | what |\n|---|---:|---:|---:|---:|---|"
+            );
+            for r in &self.terminal {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.label,
+                    r.ms.n,
+                    ms(r.ms.p50),
+                    ms(r.ms.p99),
+                    ms(r.ms.max),
+                    r.note
+                );
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    fn render_footprint(&self, w: &mut String) {
+        if self.footprint.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "## 5. Density and footprint\n");
+        let _ = writeln!(w, "| what | value | how |\n|---|---:|---|");
+        for f in &self.footprint {
+            let _ = writeln!(w, "| {} | {} | {} |", f.label, f.value, f.note);
+        }
+        let _ = writeln!(w);
+    }
+}
