@@ -9,7 +9,7 @@ use std::pin::Pin;
 use anyhow::{anyhow, Context};
 use bollard::container::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogOutput,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
@@ -509,21 +509,6 @@ impl Engine {
             exit_code: i.exit_code,
             pid: i.pid,
         })
-    }
-
-    /// Uploads a tar archive, extracted by the engine at `path` inside the container.
-    pub async fn upload_tar(&self, container: &str, path: &str, tar: Bytes) -> anyhow::Result<()> {
-        self.docker
-            .upload_to_container(
-                container,
-                Some(UploadToContainerOptions {
-                    path: path.to_owned(),
-                    no_overwrite_dir_non_dir: "true".to_owned(),
-                }),
-                tar,
-            )
-            .await
-            .context("uploading files to the container")
     }
 }
 
