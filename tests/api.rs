@@ -280,3 +280,28 @@ async fn execute_runs_content_byte_exact_and_large() {
     let r = app.execute("8", json!({"code": big})).await;
     assert_eq!(r["output"], "big ok\n", "{}", r["error"]);
 }
+
+/// The idle policy never freezes a sandbox under a run that outlasts the idle timeout: an
+/// execution in flight counts as activity, like an open terminal.
+#[tokio::test]
+async fn a_long_execution_is_not_paused_by_the_idle_policy() {
+    let app = spawn_app_with(|t| {
+        t.insert("idle_pause_after".into(), "1s".into());
+        t.insert("idle_stop_after".into(), "2s".into());
+        t.insert("idle_check_every".into(), "100ms".into());
+    })
+    .await;
+    app.init("31").await;
+    let r = app
+        .execute(
+            "31",
+            json!({"code": "setTimeout(() => console.log('still here'), 3500)", "timeoutMs": 10000}),
+        )
+        .await;
+    assert_eq!(r["output"], "still here\n", "{r}");
+    assert_eq!(r["exitCode"], 0, "{r}");
+    let ev: serde_json::Value = app.get("31", "/sandbox/events").await.json().await.unwrap();
+    let text = ev.to_string();
+    assert!(!text.contains("\"paused\""), "paused during a run: {ev}");
+    assert!(!text.contains("\"stopped\""), "stopped during a run: {ev}");
+}

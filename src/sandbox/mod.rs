@@ -92,6 +92,9 @@ pub struct Slot {
     flushed_activity: AtomicI64,
     exec_permits: Arc<Semaphore>,
     terminals: AtomicUsize,
+    /// Executions in flight: like an open terminal, they keep the sandbox from being paused,
+    /// stopped or evicted under a run that outlasts the idle timeout.
+    runs: AtomicUsize,
     /// Lock-free copy of the state and IP for the preview's hot path.
     fast: StdMutex<Option<(State, Option<IpAddr>)>>,
 }
@@ -105,11 +108,14 @@ impl Slot {
     }
     /// Idle for at least `min_idle_ms` with no open terminal (always true for 0).
     fn idle_for(&self, min_idle_ms: i64) -> bool {
-        min_idle_ms == 0
-            || (now_ms() - self.last_activity() >= min_idle_ms && self.open_terminals() == 0)
+        min_idle_ms == 0 || (now_ms() - self.last_activity() >= min_idle_ms && !self.busy())
     }
     pub fn open_terminals(&self) -> usize {
         self.terminals.load(Ordering::Relaxed)
+    }
+    /// An open terminal or an execution in flight: the idle policy leaves the sandbox alone.
+    pub fn busy(&self) -> bool {
+        self.open_terminals() > 0 || self.runs.load(Ordering::Relaxed) > 0
     }
     /// Marks the sandbox as not running for the fast path while a transition is under way.
     fn hide(&self) {
@@ -117,6 +123,23 @@ impl Slot {
     }
     fn publish(&self, c: &Option<Container>) {
         *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = c.as_ref().map(|c| (c.state, c.ip));
+    }
+}
+
+/// Counts an execution in flight for the idle policy until dropped.
+struct RunGuard<'a>(&'a Slot);
+
+impl<'a> RunGuard<'a> {
+    fn new(slot: &'a Slot) -> Self {
+        slot.runs.fetch_add(1, Ordering::Relaxed);
+        RunGuard(slot)
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        self.0.runs.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -189,6 +212,7 @@ impl Manager {
                     flushed_activity: AtomicI64::new(0),
                     exec_permits: Arc::new(Semaphore::new(self.cfg.exec_per_user)),
                     terminals: AtomicUsize::new(0),
+                    runs: AtomicUsize::new(0),
                     fast: StdMutex::new(None),
                 })
             })
@@ -397,7 +421,7 @@ impl Manager {
             let mut candidates: Vec<Arc<Slot>> = self
                 .all_slots()
                 .into_iter()
-                .filter(|s| &s.user != user && s.open_terminals() == 0)
+                .filter(|s| &s.user != user && !s.busy())
                 .filter(|s| {
                     matches!(
                         *s.fast.lock().unwrap_or_else(|p| p.into_inner()),
@@ -633,6 +657,7 @@ impl Manager {
             .clone()
             .try_acquire_owned()
             .map_err(|_| SandboxError::TooManyExecutions(self.cfg.exec_per_user))?;
+        let _running = RunGuard::new(&slot);
         let sb = self.ensure_running(user).await?;
         slot.touch();
         let res = exec::run_code(&self.engine, &sb.container_id, req, &self.cfg).await;

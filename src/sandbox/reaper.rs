@@ -37,7 +37,7 @@ pub async fn sweep(mgr: &Arc<Manager>) {
     let stop_after = mgr.config().idle_stop_after.as_millis() as i64;
     let now = now_ms();
     for slot in mgr.all_slots() {
-        if slot.open_terminals() > 0 {
+        if slot.busy() {
             slot.touch();
             continue;
         }
