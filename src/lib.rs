@@ -4,6 +4,7 @@ pub mod config;
 pub mod console;
 pub mod edge;
 pub mod http;
+pub mod metrics;
 pub mod preview;
 pub mod projects;
 pub mod sandbox;

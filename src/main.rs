@@ -151,6 +151,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(a) = running.https_addr {
         tracing::info!("listening on https://{a}");
     }
+    if let Some(a) = running.metrics_addr {
+        tracing::info!("metrics on http://{a}/metrics");
+    }
     if let Some(ca) = &running.dev_ca {
         tracing::info!(
             "development CA: {} (trust it: cp it to /usr/local/share/ca-certificates/sandboxd-dev.crt && update-ca-certificates, or curl --cacert {})",
