@@ -89,7 +89,9 @@ impl App {
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
                 let resp = crate::preview::handle(&self, req, conn, user, port).await;
-                self.mgr.metrics().preview_request(resp.status(), t.elapsed());
+                self.mgr
+                    .metrics()
+                    .preview_request(resp.status(), t.elapsed());
                 resp
             }
             Route::NotFound => {

@@ -349,7 +349,9 @@ impl Config {
         }
         if let Some(m) = cfg.metrics_addr {
             if m.port() != 0 && [cfg.http_addr, cfg.https_addr].contains(&Some(m)) {
-                bail!("invalid value for metrics_addr: metrics are never served on an edge listener");
+                bail!(
+                    "invalid value for metrics_addr: metrics are never served on an edge listener"
+                );
             }
         }
         if cfg.exec_timeout > cfg.exec_max_timeout {

@@ -5,6 +5,7 @@ pub mod console;
 pub mod edge;
 pub mod http;
 pub mod metrics;
+pub mod operator;
 pub mod preview;
 pub mod projects;
 pub mod sandbox;

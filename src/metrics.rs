@@ -80,7 +80,9 @@ impl Outcome {
         }
     }
 
-    pub fn of(res: &Result<crate::sandbox::exec::ExecResult, crate::sandbox::SandboxError>) -> Self {
+    pub fn of(
+        res: &Result<crate::sandbox::exec::ExecResult, crate::sandbox::SandboxError>,
+    ) -> Self {
         match res {
             Err(_) => Outcome::Failed,
             Ok(r) if r.timed_out => Outcome::Timeout,
@@ -264,7 +266,7 @@ impl Metrics {
         );
         // Every known series starts at zero, so rates and increases work from the first scrape.
         for state in [State::Running, State::Paused, State::Stopped] {
-            m.sandboxes.get_or_create(&StateLabel {
+            let _ = m.sandboxes.get_or_create(&StateLabel {
                 state: state.as_str(),
             });
         }
@@ -277,18 +279,18 @@ impl Metrics {
             Op::Remove,
         ] {
             let l = OpLabel { op: op.as_str() };
-            m.transitions.get_or_create(&l);
-            m.transition_seconds.get_or_create(&l);
+            let _ = m.transitions.get_or_create(&l);
+            let _ = m.transition_seconds.get_or_create(&l);
         }
-        m.transitions.get_or_create(&OpLabel { op: "outside" });
+        let _ = m.transitions.get_or_create(&OpLabel { op: "outside" });
         for from in [State::Paused, State::Stopped] {
-            m.wake_seconds.get_or_create(&FromLabel {
+            let _ = m.wake_seconds.get_or_create(&FromLabel {
                 from: from.as_str(),
             });
         }
         for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-            m.preview_requests.get_or_create(&ClassLabel { class });
-            m.preview_seconds.get_or_create(&ClassLabel { class });
+            let _ = m.preview_requests.get_or_create(&ClassLabel { class });
+            let _ = m.preview_seconds.get_or_create(&ClassLabel { class });
         }
         for o in [
             Outcome::Ok,
@@ -300,8 +302,8 @@ impl Metrics {
             let l = OutcomeLabel {
                 outcome: o.as_str(),
             };
-            m.executions.get_or_create(&l);
-            m.execution_seconds.get_or_create(&l);
+            let _ = m.executions.get_or_create(&l);
+            let _ = m.execution_seconds.get_or_create(&l);
         }
         Metrics { registry: r, ..m }
     }

@@ -266,7 +266,9 @@ impl Manager {
             return Ok(true);
         }
         let session = self.store.session(user).await;
-        Ok(session.inspect_err(|_| self.metrics.store_error())?.is_some())
+        Ok(session
+            .inspect_err(|_| self.metrics.store_error())?
+            .is_some())
     }
 
     /// The running container's IP without touching Docker (the preview's hot path).
