@@ -137,7 +137,9 @@ impl Prometheus {
 
 /// The scrape as sandboxd serves it (no Prometheus involved).
 async fn scrape(addr: SocketAddr) -> String {
-    let r = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    let r = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
@@ -168,8 +170,10 @@ async fn prometheus_scrapes_sandboxd_and_sees_wakes() {
     assert!(!text.contains("sandboxd_"), "{text}");
 
     let prom = start_prometheus(metrics).await;
-    prom.wait_for("up{job=\"sandboxd\"}", Duration::from_secs(30), |v| v == 1.0)
-        .await;
+    prom.wait_for("up{job=\"sandboxd\"}", Duration::from_secs(30), |v| {
+        v == 1.0
+    })
+    .await;
 
     let user = "metrics1";
     app.init(user).await;
@@ -227,7 +231,10 @@ async fn prometheus_scrapes_sandboxd_and_sees_wakes() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     // 2 (create + wake from stopped) starts.
-    assert!(text.contains("sandboxd_transitions_total{op=\"start\"} 2"), "{text}");
+    assert!(
+        text.contains("sandboxd_transitions_total{op=\"start\"} 2"),
+        "{text}"
+    );
 
     // And Prometheus has read the wakes.
     let limit = Duration::from_secs(30);
