@@ -40,21 +40,10 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
         }
     }
     // One direct connection first: a pool reports a refused connection only as a timeout.
-    if !cfg.database_url.starts_with("sqlite:") {
-        use sqlx::Connection;
-        sqlx::any::install_default_drivers();
-        let probe = async {
-            let opts: sqlx::any::AnyConnectOptions = cfg.database_url.parse()?;
-            sqlx::AnyConnection::connect_with(&opts)
-                .await?
-                .close()
-                .await
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, probe).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("store unreachable ({shown}): {e}"),
-            Err(_) => bail!("store unreachable ({shown}): no answer within 15s"),
-        }
+    match tokio::time::timeout(CONNECT_TIMEOUT, Store::probe(&cfg.database_url)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("store unreachable ({shown}): {e:#}"),
+        Err(_) => bail!("store unreachable ({shown}): no answer within 15s"),
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, Store::connect(&cfg.database_url)).await {
         Ok(Ok(s)) => Ok(s),
