@@ -263,6 +263,11 @@ async fn prometheus_scrapes_sandboxd_and_sees_wakes() {
         )
         .await;
     assert!(took < 30.0, "wake from paused took {took} s");
+    let took_stopped = prom
+        .query("sandboxd_wake_duration_seconds_sum{job=\"sandboxd\",from=\"stopped\"}")
+        .await
+        .unwrap_or_default();
+    eprintln!("wake from paused: {took:.3} s, from stopped: {took_stopped:.3} s (as Prometheus read them)");
     let previews = prom
         .wait_for(
             "sum(sandboxd_preview_requests_total{job=\"sandboxd\"})",
