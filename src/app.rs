@@ -87,7 +87,12 @@ impl App {
         match router::route(&self.router, request_host(&req)) {
             Route::Main => api::handle(&self, req, conn).await,
             Route::Preview { user, port } => {
-                crate::preview::handle(&self, req, conn, user, port).await
+                let t = std::time::Instant::now();
+                let resp = crate::preview::handle(&self, req, conn, user, port).await;
+                self.mgr
+                    .metrics()
+                    .preview_request(resp.status(), t.elapsed());
+                resp
             }
             Route::NotFound => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_host", "no such host").into_response()

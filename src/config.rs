@@ -32,6 +32,7 @@ enum Kind {
 const KEYS: &[(&str, Kind, &str)] = &[
     ("http_addr", Kind::Str, "\"127.0.0.1:8080\""),
     ("https_addr", Kind::Str, "\"\""),
+    ("metrics_addr", Kind::Str, "\"127.0.0.1:9464\""),
     ("domain", Kind::Str, "\"localhost\""),
     ("preview_domain", Kind::Str, "\"preview.localhost\""),
     ("public_url", Kind::Str, "\"\""),
@@ -90,6 +91,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
 pub struct Config {
     pub http_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
+    /// Prometheus metrics listener (`GET /metrics`); `None` when disabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// The main host (API, terminal, console), lowercase.
     pub domain: String,
     /// Previews live at `user-<id>.<preview_domain>`, lowercase.
@@ -273,6 +276,7 @@ impl Config {
         let cfg = Config {
             http_addr: opt_addr("http_addr")?,
             https_addr: opt_addr("https_addr")?,
+            metrics_addr: opt_addr("metrics_addr")?,
             domain: host_key("domain")?,
             preview_domain: host_key("preview_domain")?,
             public_url: t.str("public_url")?.trim_end_matches('/').to_owned(),
@@ -342,6 +346,13 @@ impl Config {
         };
         if cfg.http_addr.is_none() && cfg.https_addr.is_none() {
             bail!("invalid value for http_addr: http_addr and https_addr cannot both be empty");
+        }
+        if let Some(m) = cfg.metrics_addr {
+            if m.port() != 0 && [cfg.http_addr, cfg.https_addr].contains(&Some(m)) {
+                bail!(
+                    "invalid value for metrics_addr: metrics are never served on an edge listener"
+                );
+            }
         }
         if cfg.exec_timeout > cfg.exec_max_timeout {
             bail!("invalid value for exec_timeout: larger than exec_max_timeout");
@@ -532,6 +543,23 @@ mod tests {
         assert_eq!(c.limits.pids, 128);
         assert_eq!(c.exec_timeout, Duration::from_secs(10));
         assert_eq!(c.instance, "sandboxd");
+    }
+
+    #[test]
+    fn metrics_listener_is_loopback_by_default_and_never_an_edge_one() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let c = Config::load(None, env(&[("SANDBOXD_METRICS_ADDR", "")])).unwrap();
+        assert_eq!(c.metrics_addr, None);
+        let err = Config::load(
+            None,
+            env(&[
+                ("SANDBOXD_METRICS_ADDR", "127.0.0.1:8080"),
+                ("SANDBOXD_HTTP_ADDR", "127.0.0.1:8080"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics_addr"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@ pub mod config;
 pub mod console;
 pub mod edge;
 pub mod http;
+pub mod metrics;
+pub mod operator;
 pub mod preview;
 pub mod projects;
 pub mod sandbox;

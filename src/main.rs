@@ -36,6 +36,17 @@ enum Cmd {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// List every sandbox: user, state, container, created, last activity, memory in use.
+    Ps,
+    /// Show a user's sandbox events (newest last).
+    Events {
+        user: String,
+        /// How many of the newest events to show.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
+    },
+    /// Stop a user's sandbox (the container and the workspace stay; the next request wakes it).
+    Stop { user: String },
     /// Manage the sandbox image.
     Image {
         #[command(subcommand)]
@@ -99,6 +110,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", auth.issue(&user, ttl)?);
             Ok(())
         }
+        Cmd::Ps | Cmd::Events { .. } | Cmd::Stop { .. } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(operator(cfg, cli.cmd))
+        }
         Cmd::Image {
             cmd: ImageCmd::Build { offline, force },
         } => {
@@ -121,6 +136,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `ps`, `events`, `stop`: the same store and engine as the server (src/operator.rs).
+async fn operator(cfg: Config, cmd: Cmd) -> anyhow::Result<()> {
+    use sandboxd::operator as op;
+    let parse = |u: &str| UserId::parse(u).context("invalid user id");
+    match cmd {
+        Cmd::Ps => {
+            let store = op::open_store(&cfg).await?;
+            let engine = op::open_engine().await?;
+            print!("{}", op::render_ps(&op::ps(&cfg, &store, &engine).await?));
+        }
+        Cmd::Events { user, limit } => {
+            let user = parse(&user)?;
+            let store = op::open_store(&cfg).await?;
+            print!(
+                "{}",
+                op::render_events(&op::events(&store, &user, limit).await?)
+            );
+        }
+        Cmd::Stop { user } => {
+            let user = parse(&user)?;
+            let store = op::open_store(&cfg).await?;
+            let engine = op::open_engine().await?;
+            match op::stop(&cfg, &store, &engine, &user).await? {
+                op::StopOutcome::Stopped(c) => println!("stopped {user} (container {c})"),
+                op::StopOutcome::AlreadyStopped(c) => {
+                    println!("{user} is already stopped (container {c})")
+                }
+            }
+        }
+        _ => unreachable!("not an operator command"),
+    }
+    Ok(())
 }
 
 /// A proxy needs a descriptor per client and per upstream connection: raise the soft limit of
@@ -150,6 +199,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(a) = running.https_addr {
         tracing::info!("listening on https://{a}");
+    }
+    if let Some(a) = running.metrics_addr {
+        tracing::info!("metrics on http://{a}/metrics");
     }
     if let Some(ca) = &running.dev_ca {
         tracing::info!(

@@ -503,7 +503,9 @@ async fn tunnel(
     }
     let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
     let app2 = app.clone();
+    let open = app.mgr.metrics().tunnel_opened();
     tokio::spawn(async move {
+        let _open = open;
         let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
             return;
         };

@@ -20,6 +20,8 @@ use crate::store::Store;
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
+    /// The Prometheus metrics listener (`metrics_addr`), when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     /// Where the generated development CA lives, when one was generated or found.
     pub dev_ca: Option<std::path::PathBuf>,
@@ -45,6 +47,15 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         ),
         None => None,
     };
+    let metrics = match cfg.metrics_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding metrics_addr {a}"))?,
+        ),
+        None => None,
+    };
+    cfg.metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
     cfg.http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     cfg.https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
     let cfg = Arc::new(cfg);
@@ -66,6 +77,10 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
     tasks.spawn(async move {
         let _ = reaper.await;
     });
+    if let Some(l) = metrics {
+        let (m, rx) = (mgr.metrics().clone(), shutdown_rx.clone());
+        tasks.spawn(crate::metrics::serve(l, m, mgr.clone(), rx));
+    }
 
     // 4. TLS, when an HTTPS listener is configured.
     let (tls, dev_ca) = match &https {
@@ -101,6 +116,7 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
     Ok(Running {
         http_addr: cfg.http_addr,
         https_addr: cfg.https_addr,
+        metrics_addr: cfg.metrics_addr,
         app,
         dev_ca,
         shutdown,

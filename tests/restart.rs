@@ -58,6 +58,7 @@ async fn sigkill_and_restart_keeps_every_sandbox() {
     let db = test_db().await;
     let env: Vec<(String, String)> = [
         ("SANDBOXD_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("SANDBOXD_METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ("SANDBOXD_INSTANCE", instance.clone()),
         ("SANDBOXD_DATABASE_URL", db.url.clone()),
         (

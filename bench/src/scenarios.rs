@@ -348,6 +348,7 @@ impl Ctx {
         let mut env: Vec<(String, String)> = [
             ("SANDBOXD_HTTP_ADDR", self.http.to_string()),
             ("SANDBOXD_HTTPS_ADDR", self.https.to_string()),
+            ("SANDBOXD_METRICS_ADDR", String::new()),
             ("SANDBOXD_DOMAIN", "localhost".into()),
             ("SANDBOXD_PREVIEW_DOMAIN", PREVIEW_DOMAIN.into()),
             (

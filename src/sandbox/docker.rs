@@ -510,6 +510,32 @@ impl Engine {
             pid: i.pid,
         })
     }
+
+    /// Memory in use by a container as `docker stats` counts it (usage less inactive page
+    /// cache), from one stats sample (`stream: false, one_shot: true`). `None` when the engine
+    /// reports none (a stopped container).
+    pub async fn memory_in_use(&self, id: &str) -> anyhow::Result<Option<u64>> {
+        use bollard::container::{MemoryStatsStats, StatsOptions};
+        let mut s = self.docker.stats(
+            id,
+            Some(StatsOptions {
+                stream: false,
+                one_shot: true,
+            }),
+        );
+        let Some(stats) = s.next().await else {
+            return Ok(None);
+        };
+        let m = stats.context("reading container stats")?.memory_stats;
+        let inactive = match m.stats {
+            Some(MemoryStatsStats::V1(v1)) => v1.total_inactive_file,
+            Some(MemoryStatsStats::V2(v2)) => v2.inactive_file,
+            None => 0,
+        };
+        Ok(m.usage
+            .filter(|u| *u > 0)
+            .map(|u| u.saturating_sub(inactive)))
+    }
 }
 
 /// bollard errors are not Clone; keep the status code, which is all callers look at.

@@ -16,12 +16,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
+use crate::metrics::{Metrics, Op};
 use crate::store::{now_ms, Store};
 use crate::user::UserId;
 use docker::{DockerState, Engine};
@@ -161,6 +162,7 @@ pub struct Manager {
     workspaces: PathBuf,
     slots: StdMutex<HashMap<UserId, Arc<Slot>>>,
     capacity: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Manager {
@@ -185,6 +187,7 @@ impl Manager {
             network,
             workspaces,
             slots: StdMutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
         });
         mgr.recover().await?;
         Ok(mgr)
@@ -198,6 +201,15 @@ impl Manager {
     }
     pub fn store(&self) -> &Store {
         &self.store
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+    /// Counts an engine error for the metrics ("not found" is an answer, not an error).
+    fn engine_failed(&self, e: &anyhow::Error) {
+        if !docker::is_not_found(e) {
+            self.metrics.engine_error();
+        }
     }
 
     pub fn slot(&self, user: &UserId) -> Arc<Slot> {
@@ -277,7 +289,10 @@ impl Manager {
         if self.existing_slot(user).is_some() {
             return Ok(true);
         }
-        Ok(self.store.session(user).await?.is_some())
+        let session = self.store.session(user).await;
+        Ok(session
+            .inspect_err(|_| self.metrics.store_error())?
+            .is_some())
     }
 
     /// The running container's IP without touching Docker (the preview's hot path).
@@ -304,10 +319,11 @@ impl Manager {
     }
 
     async fn ensure_running_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
+        let asked = Instant::now();
         let slot = self.slot(user);
         slot.touch();
         let mut guard = slot.inner.lock().await;
-        let result = self.bring_up(&slot, &mut guard).await;
+        let result = self.bring_up(&slot, &mut guard, asked).await;
         slot.publish(&guard);
         result
     }
@@ -316,6 +332,7 @@ impl Manager {
         &self,
         slot: &Slot,
         guard: &mut Option<Container>,
+        asked: Instant,
     ) -> Result<Sandbox, SandboxError> {
         let user = &slot.user;
         // Check the cached state against Docker: a container may have died or been removed
@@ -334,17 +351,25 @@ impl Manager {
                     }
                 }
                 Err(e) if docker::is_not_found(&e) => {
+                    self.metrics.outside_change("destroy");
                     self.event(user, Some(&c.id), "removed", Some("container vanished"))
                         .await;
                     *guard = None;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.engine_failed(&e);
+                    return Err(e.into());
+                }
             }
         }
         match guard.as_mut() {
             Some(c) if c.state == State::Running && c.ip.is_some() => {}
             Some(c) if c.state == State::Paused => {
-                self.engine.unpause(&c.id).await?;
+                let t = Instant::now();
+                let r = self.engine.unpause(&c.id).await;
+                r.inspect_err(|e| self.engine_failed(e))?;
+                self.metrics.transition(Op::Unpause, t.elapsed());
+                self.metrics.wake(State::Paused, asked.elapsed());
                 c.state = State::Running;
                 self.event(user, Some(&c.id), "resumed", None).await;
                 self.save(user, guard, None).await?;
@@ -355,12 +380,16 @@ impl Manager {
                     c.permit = Some(self.acquire_capacity(user).await?);
                 }
                 let id = c.id.clone();
+                let t = Instant::now();
                 if let Err(e) = self.start_container(c).await {
+                    self.engine_failed(&e);
                     c.permit = None;
                     self.event(user, Some(&id), "failed", Some(&format!("{e:#}")))
                         .await;
                     return Err(e.into());
                 }
+                self.metrics.transition(Op::Start, t.elapsed());
+                self.metrics.wake(State::Stopped, asked.elapsed());
                 self.event(user, Some(&id), "started", None).await;
                 self.save(user, guard, Some(now_ms())).await?;
             }
@@ -370,7 +399,10 @@ impl Manager {
                 if !self.engine.image_exists(&self.cfg.image).await? {
                     return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
                 }
-                let (id, name) = self.engine.create(&self.cfg, user, &workspace).await?;
+                let t = Instant::now();
+                let created = self.engine.create(&self.cfg, user, &workspace).await;
+                let (id, name) = created.inspect_err(|e| self.engine_failed(e))?;
+                self.metrics.transition(Op::Create, t.elapsed());
                 self.event(user, Some(&id), "created", None).await;
                 let mut c = Container {
                     id: id.clone(),
@@ -380,13 +412,16 @@ impl Manager {
                     created_at: now_ms(),
                     permit: Some(permit),
                 };
+                let t = Instant::now();
                 if let Err(e) = self.start_container(&mut c).await {
+                    self.engine_failed(&e);
                     // A container that never started is of no use: remove it, keep the story.
                     let _ = self.engine.remove(&id).await;
                     self.event(user, Some(&id), "failed", Some(&format!("{e:#}")))
                         .await;
                     return Err(e.into());
                 }
+                self.metrics.transition(Op::Start, t.elapsed());
                 self.event(user, Some(&id), "started", None).await;
                 *guard = Some(c);
                 self.save(user, guard, Some(now_ms())).await?;
@@ -477,14 +512,15 @@ impl Manager {
         c: &Option<Container>,
         started_at: Option<i64>,
     ) -> anyhow::Result<()> {
-        match c {
+        let r = match c {
             Some(c) => {
                 self.store
                     .save_session(user, Some((&c.id, &c.name)), c.state.as_str(), started_at)
                     .await
             }
             None => self.store.save_session(user, None, "removed", None).await,
-        }
+        };
+        r.inspect_err(|_| self.metrics.store_error())
     }
 
     /// Appends to the history. A failing store must not undo a container operation that
@@ -492,6 +528,7 @@ impl Manager {
     async fn event(&self, user: &UserId, cid: Option<&str>, kind: &str, reason: Option<&str>) {
         tracing::info!(user = %user, container = cid.unwrap_or("-"), kind, reason = reason.unwrap_or(""), "sandbox event");
         if let Err(e) = self.store.add_event(user, cid, kind, reason).await {
+            self.metrics.store_error();
             tracing::error!(user = %user, error = format!("{e:#}"), "recording event failed");
         }
     }
@@ -530,6 +567,7 @@ impl Manager {
             return Ok(false);
         };
         slot.publish(&guard);
+        let t = Instant::now();
         // Stop first so the init gets its short grace period, then force-remove.
         if let Err(e) = self
             .engine
@@ -541,10 +579,12 @@ impl Manager {
             }
         }
         if let Err(e) = self.engine.remove(&c.id).await {
+            self.engine_failed(&e);
             *guard = Some(c);
             slot.publish(&guard);
             return Err(e.into());
         }
+        self.metrics.transition(Op::Remove, t.elapsed());
         self.event(user, Some(&c.id), "removed", Some("exit requested"))
             .await;
         self.save(user, &guard, None).await?;
@@ -576,10 +616,13 @@ impl Manager {
                 // Take the sandbox off the preview's fast path before freezing it, so no request
                 // is sent to a container that is being paused: they wait on our lock instead.
                 slot.hide();
+                let t = Instant::now();
                 if let Err(e) = self.engine.pause(&c.id).await {
+                    self.engine_failed(&e);
                     slot.publish(&guard);
                     return Err(e);
                 }
+                self.metrics.transition(Op::Pause, t.elapsed());
                 c.state = State::Paused;
                 self.event(user, Some(&c.id), "paused", Some(reason)).await;
                 self.save(user, &guard, None).await?;
@@ -627,14 +670,17 @@ impl Manager {
                     }
                 }
                 slot.hide();
+                let t = Instant::now();
                 let stopped = self
                     .engine
                     .stop(&c.id, self.cfg.stop_timeout.as_secs() as i64)
                     .await;
                 if let Err(e) = stopped {
+                    self.engine_failed(&e);
                     slot.publish(guard);
                     return Err(e);
                 }
+                self.metrics.transition(Op::Stop, t.elapsed());
                 c.state = State::Stopped;
                 c.permit = None;
                 self.event(user, Some(&c.id), "stopped", Some(reason)).await;
@@ -658,11 +704,18 @@ impl Manager {
             .try_acquire_owned()
             .map_err(|_| SandboxError::TooManyExecutions(self.cfg.exec_per_user))?;
         let _running = RunGuard::new(&slot);
-        let sb = self.ensure_running(user).await?;
-        slot.touch();
-        let res = exec::run_code(&self.engine, &sb.container_id, req, &self.cfg).await;
-        slot.touch();
-        Ok(res?)
+        let t = Instant::now();
+        let res = async {
+            let sb = self.ensure_running(user).await?;
+            slot.touch();
+            let res = exec::run_code(&self.engine, &sb.container_id, req, &self.cfg).await;
+            slot.touch();
+            Ok(res.inspect_err(|e| self.engine_failed(e))?)
+        }
+        .await;
+        self.metrics
+            .execution(crate::metrics::Outcome::of(&res), t.elapsed());
+        res
     }
 
     /// Rebuilds the table from Docker's labels and reconciles the store: adopted containers are
@@ -799,6 +852,7 @@ impl Manager {
             let last = slot.last_activity();
             if slot.flushed_activity.swap(last, Ordering::Relaxed) != last {
                 if let Err(e) = self.store.touch(&slot.user, last).await {
+                    self.metrics.store_error();
                     tracing::warn!(user = %slot.user, error = format!("{e:#}"), "flushing activity");
                 }
             }

@@ -121,6 +121,22 @@ impl Store {
         Ok(Store { pool, backend })
     }
 
+    /// One direct connection to a PostgreSQL store, closed at once: reports why it cannot be
+    /// reached (a pool reports a refused connection only as a timeout). SQLite: nothing to do.
+    pub async fn probe(url: &str) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        if url.starts_with("sqlite:") {
+            return Ok(());
+        }
+        sqlx::any::install_default_drivers();
+        let opts = AnyConnectOptions::from_str(url).context("parsing database_url")?;
+        sqlx::AnyConnection::connect_with(&opts)
+            .await?
+            .close()
+            .await?;
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

@@ -136,6 +136,7 @@ pub fn test_table(instance: &str, dir: &std::path::Path, db_url: &str) -> toml::
         t.insert(k.to_owned(), v);
     };
     set("http_addr", "127.0.0.1:0".into());
+    set("metrics_addr", "127.0.0.1:0".into());
     set("instance", instance.into());
     set("database_url", db_url.into());
     set(
