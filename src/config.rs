@@ -14,8 +14,11 @@ use anyhow::{anyhow, bail, Context};
 
 /// Environment variables with the prefix that are not configuration keys.
 const ENV_NOT_KEYS: &[&str] = &["SANDBOXD_CONFIG", "SANDBOXD_LOG"];
-/// Variables under this prefix belong to the test harness and are ignored here.
-const ENV_TEST_PREFIX: &str = "SANDBOXD_TEST_";
+/// Variables under these prefixes belong to the test suites, the browser test and the
+/// benchmarks (e.g. `SANDBOXD_E2E_BASE`), never to the server: every command ignores them, so a
+/// shell that exports them can still run `sandboxd token`. Other unknown `SANDBOXD_*` names
+/// (typos of real keys) stay errors.
+const ENV_RESERVED_PREFIXES: &[&str] = &["SANDBOXD_TEST_", "SANDBOXD_E2E_", "SANDBOXD_BENCH_"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -36,6 +39,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("domain", Kind::Str, "\"localhost\""),
     ("preview_domain", Kind::Str, "\"preview.localhost\""),
     ("public_url", Kind::Str, "\"\""),
+    ("preview_public_url", Kind::Str, "\"\""),
     ("database_url", Kind::Str, "\"sqlite://data/sandboxd.db\""),
     ("workspaces_dir", Kind::Str, "\"workspaces\""),
     ("instance", Kind::Str, "\"sandboxd\""),
@@ -99,6 +103,9 @@ pub struct Config {
     pub preview_domain: String,
     /// Base URL printed and returned to clients, e.g. `https://example.com`; derived when empty.
     pub public_url: String,
+    /// Scheme and port of preview URLs as clients reach them (`preview_public_url`, else
+    /// `public_url`); `None` = those of the listener each request came in on.
+    pub preview_public: Option<PublicBase>,
     pub database_url: String,
     pub workspaces_dir: PathBuf,
     pub instance: String,
@@ -147,6 +154,15 @@ pub enum PreviewAccess {
     Owner,
 }
 
+impl PreviewAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreviewAccess::Public => "public",
+            PreviewAccess::Owner => "owner",
+        }
+    }
+}
+
 /// Per-container resource limits.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -178,7 +194,9 @@ impl Config {
             let Some(rest) = name.strip_prefix("SANDBOXD_") else {
                 continue;
             };
-            if ENV_NOT_KEYS.contains(&name.as_str()) || name.starts_with(ENV_TEST_PREFIX) {
+            if ENV_NOT_KEYS.contains(&name.as_str())
+                || ENV_RESERVED_PREFIXES.iter().any(|p| name.starts_with(p))
+            {
                 continue;
             }
             let key = rest.to_ascii_lowercase();
@@ -273,13 +291,27 @@ impl Config {
                 .collect()
         };
         let runtime = t.str("runtime")?;
+        let preview_domain = host_key("preview_domain")?;
+        let public_url = t.str("public_url")?.trim_end_matches('/').to_owned();
+        let preview_public = match t.str("preview_public_url")?.as_str() {
+            "" if public_url.is_empty() => None,
+            "" => Some(
+                PublicBase::parse(&public_url, None)
+                    .map_err(|e| anyhow!("invalid value for public_url: {e}"))?,
+            ),
+            s => Some(
+                PublicBase::parse(s, Some(&preview_domain))
+                    .map_err(|e| anyhow!("invalid value for preview_public_url: {e}"))?,
+            ),
+        };
         let cfg = Config {
             http_addr: opt_addr("http_addr")?,
             https_addr: opt_addr("https_addr")?,
             metrics_addr: opt_addr("metrics_addr")?,
             domain: host_key("domain")?,
-            preview_domain: host_key("preview_domain")?,
-            public_url: t.str("public_url")?.trim_end_matches('/').to_owned(),
+            preview_domain,
+            public_url,
+            preview_public,
             database_url,
             workspaces_dir: PathBuf::from(t.nonempty("workspaces_dir")?),
             instance,
@@ -402,6 +434,52 @@ impl Config {
                 || d.ends_with(".internal")
         };
         dev(&self.domain) && dev(&self.preview_domain)
+    }
+}
+
+/// The scheme and port of a public base URL (`preview_public_url`, `public_url`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublicBase {
+    pub https: bool,
+    /// `None` = the scheme's default port.
+    pub port: Option<u16>,
+}
+
+impl PublicBase {
+    /// Parses `http(s)://host[:port][/...]`. With `host`, the URL's host must be that one and
+    /// nothing may follow it but `/`.
+    pub fn parse(s: &str, host: Option<&str>) -> Result<PublicBase, String> {
+        let uri: hyper::Uri = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a URL like https://preview.example.com"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("{s:?} must start with http:// or https://")),
+        };
+        let auth = uri
+            .authority()
+            .ok_or_else(|| format!("{s:?} has no host"))?;
+        if auth.as_str().contains('@') {
+            return Err(format!("{s:?} may not contain a user name"));
+        }
+        if let Some(want) = host {
+            let got = auth.host().trim_end_matches('.').to_ascii_lowercase();
+            if got != want {
+                return Err(format!(
+                    "the host of {s:?} must be the preview domain {want:?} \
+                     (previews are user-<id>.<preview_domain>)"
+                ));
+            }
+            if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+                return Err(format!("{s:?} may have no path or query"));
+            }
+        }
+        let default = if https { 443 } else { 80 };
+        Ok(PublicBase {
+            https,
+            port: auth.port_u16().filter(|p| *p != default),
+        })
     }
 }
 
@@ -639,5 +717,95 @@ mod tests {
         assert!(o.contains(&"http://localhost:8080".to_owned()));
         assert!(o.contains(&"http://127.0.0.1:8080".to_owned()));
         assert!(!o.iter().any(|x| x.contains("preview")));
+    }
+
+    #[test]
+    fn variables_of_tests_tools_and_benchmarks_are_not_configuration() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SANDBOXD_E2E_BASE", "http://127.0.0.1:8080"),
+                ("SANDBOXD_E2E_TOKEN", "x"),
+                ("SANDBOXD_TEST_DATABASE_URL", "sqlite"),
+                ("SANDBOXD_BENCH_USERS", "100"),
+                ("SANDBOXD_LOG", "debug"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.max_containers, 20);
+        // Typos of real keys and other unknown names still stop every command.
+        for typo in ["SANDBOXD_E2E", "SANDBOXD_MAX_CONTAINER", "SANDBOXD_TESTS_X"] {
+            let err = Config::load(None, env(&[(typo, "1")])).unwrap_err();
+            assert!(err.to_string().contains(typo), "{err}");
+        }
+    }
+
+    #[test]
+    fn public_bases_for_previews() {
+        let p = |s: &str| PublicBase::parse(s, Some("preview.example.com"));
+        assert_eq!(
+            p("https://preview.example.com"),
+            Ok(PublicBase {
+                https: true,
+                port: None
+            })
+        );
+        assert_eq!(
+            p("https://Preview.Example.com:443/"),
+            Ok(PublicBase {
+                https: true,
+                port: None
+            })
+        );
+        assert_eq!(
+            p("http://preview.example.com:8080"),
+            Ok(PublicBase {
+                https: false,
+                port: Some(8080)
+            })
+        );
+        assert_eq!(p("http://preview.example.com:443").unwrap().port, Some(443));
+        for bad in [
+            "preview.example.com",
+            "ftp://preview.example.com",
+            "https://other.example.com",
+            "https://preview.example.com/x",
+            "https://preview.example.com/?a=1",
+            "https://u@preview.example.com",
+            "https://",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        let load = |pairs: &[(&str, &str)]| Config::load(None, env(pairs));
+        let c = load(&[
+            ("SANDBOXD_PREVIEW_DOMAIN", "preview.example.com"),
+            (
+                "SANDBOXD_PREVIEW_PUBLIC_URL",
+                "https://preview.example.com:8443",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.preview_public,
+            Some(PublicBase {
+                https: true,
+                port: Some(8443)
+            })
+        );
+        let err =
+            load(&[("SANDBOXD_PREVIEW_PUBLIC_URL", "https://preview.example.com")]).unwrap_err();
+        assert!(err.to_string().contains("preview_public_url"), "{err}");
+        // Without it, public_url gives the scheme and port; without both, the listener does.
+        let c = load(&[("SANDBOXD_PUBLIC_URL", "https://example.com/")]).unwrap();
+        assert_eq!(
+            c.preview_public,
+            Some(PublicBase {
+                https: true,
+                port: None
+            })
+        );
+        assert_eq!(load(&[]).unwrap().preview_public, None);
+        let err = load(&[("SANDBOXD_PUBLIC_URL", "example.com")]).unwrap_err();
+        assert!(err.to_string().contains("public_url"), "{err}");
     }
 }

@@ -607,6 +607,34 @@ fn strip_preview_cookie(h: &mut HeaderMap) {
     }
 }
 
+/// The cookie a valid preview link sets. Always host-only (no `Domain`): it goes back to this
+/// preview host only.
+///
+/// The console shows the preview in an iframe, and the preview domain is (and should be, see
+/// the README) another site than the console, so the cookie must be `SameSite=None` to be set
+/// and sent there; `Partitioned` (CHIPS) keys it to the top-level site that opened the link (the
+/// console, or the preview itself in its own tab), so other sites that frame the preview do not
+/// get it. Both need `Secure`:
+/// - over HTTPS: `__Host-sandboxd_preview`, `Secure`, `SameSite=None`, `Partitioned` (the
+///   `__Host-` prefix makes browsers refuse it from a sibling host);
+/// - over plain HTTP on a `localhost` preview domain (the development set-up): browsers treat
+///   `*.localhost` as a secure context and accept `Secure` cookies from it, so the same
+///   attributes under the name `sandboxd_preview` (`__Host-` is reserved for HTTPS);
+/// - over plain HTTP elsewhere: `sandboxd_preview` with `SameSite=Lax`, as `Secure` cookies
+///   are refused there; the preview then opens in its own tab, not inside a console on another
+///   site.
+fn owner_cookie(token: &str, tls: bool, preview_domain: &str) -> String {
+    const BASE: &str = "Path=/; HttpOnly; Max-Age=43200";
+    let local = preview_domain == "localhost" || preview_domain.ends_with(".localhost");
+    if tls {
+        format!("{PREVIEW_COOKIE_TLS}={token}; {BASE}; Secure; SameSite=None; Partitioned")
+    } else if local {
+        format!("{PREVIEW_COOKIE}={token}; {BASE}; Secure; SameSite=None; Partitioned")
+    } else {
+        format!("{PREVIEW_COOKIE}={token}; {BASE}; SameSite=Lax")
+    }
+}
+
 /// `preview_access = "owner"`: the owner's preview token, from the signed link (then set as a
 /// host-only cookie and redirected away from the URL) or from the cookie. Another user's token
 /// or cookie does not open it.
@@ -629,16 +657,7 @@ fn check_owner(app: &Arc<App>, req: &Request<Incoming>, user: &UserId, conn: &Co
                 loc.push('?');
                 loc.push_str(&rest.join("&"));
             }
-            // Host-only (no Domain attribute): the cookie goes back to this preview host only;
-            // over HTTPS also Secure and `__Host-`, which browsers refuse to take from a
-            // sibling host.
-            let (name, secure) = if conn.tls {
-                (PREVIEW_COOKIE_TLS, "; Secure")
-            } else {
-                (PREVIEW_COOKIE, "")
-            };
-            let cookie =
-                format!("{name}={t}; Path=/; HttpOnly; SameSite=Lax; Max-Age=43200{secure}");
+            let cookie = owner_cookie(t, conn.tls, &app.cfg.preview_domain);
             let mut r = Response::new(crate::http::empty());
             *r.status_mut() = StatusCode::SEE_OTHER;
             if let (Ok(l), Ok(c)) = (HeaderValue::from_str(&loc), HeaderValue::from_str(&cookie)) {
@@ -670,11 +689,37 @@ fn check_owner(app: &Arc<App>, req: &Request<Incoming>, user: &UserId, conn: &Co
     })
 }
 
+/// The URL of `user`'s preview as the client of `conn` reaches it: the scheme and port of the
+/// configured public base (`preview_public_url`, else `public_url`), else those of the
+/// listener the request came in on, so a console over HTTP embeds an HTTP preview and one over
+/// HTTPS an HTTPS preview. Default ports (80, 443) are left out.
+pub fn url(cfg: &Config, user: &UserId, conn: &ConnInfo) -> String {
+    url_via(cfg, user, conn.tls, conn.local.port())
+}
+
+fn url_via(cfg: &Config, user: &UserId, tls: bool, listener_port: u16) -> String {
+    let (https, port) = match cfg.preview_public {
+        Some(b) => (b.https, b.port),
+        None => (tls, Some(listener_port)),
+    };
+    let default = if https { 443 } else { 80 };
+    let port = port
+        .filter(|p| *p != default)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://user-{user}.{}{port}/", cfg.preview_domain)
+}
+
 /// `POST /sandbox/preview-link`: a short-lived signed link that opens the caller's preview.
-pub async fn link(app: &Arc<App>, user: &UserId) -> Result<Response<Body>, ApiError> {
+pub async fn link(
+    app: &Arc<App>,
+    user: &UserId,
+    conn: &ConnInfo,
+) -> Result<Response<Body>, ApiError> {
     let ttl = Duration::from_secs(12 * 3600);
     let token = app.auth.issue_scoped(user, ttl, Some("preview"))?;
-    let url = format!("{}?{LINK_PARAM}={token}", app.mgr.preview_url(user));
+    let url = format!("{}?{LINK_PARAM}={token}", url(&app.cfg, user, conn));
     Ok(crate::api::json(
         StatusCode::OK,
         &serde_json::json!({"url": url, "expiresInSeconds": ttl.as_secs()}),
@@ -725,6 +770,89 @@ mod tests {
         assert_eq!(cookie_value(&h, PREVIEW_COOKIE), Some("tok"));
         strip_preview_cookie(&mut h);
         assert_eq!(h[header::COOKIE], "a=1; b=2");
+    }
+
+    #[test]
+    fn preview_urls_follow_the_listener_unless_a_public_base_is_set() {
+        let load = |pairs: &[(&str, &str)]| {
+            Config::load(
+                None,
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            )
+            .unwrap()
+        };
+        let user = UserId::parse("42").unwrap();
+        let cfg = load(&[("SANDBOXD_HTTPS_ADDR", "127.0.0.1:8443")]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "http://user-42.preview.localhost:8080/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, true, 8443),
+            "https://user-42.preview.localhost:8443/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, false, 80),
+            "http://user-42.preview.localhost/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, true, 443),
+            "https://user-42.preview.localhost/"
+        );
+        // A default port of the other scheme is kept.
+        assert_eq!(
+            url_via(&cfg, &user, true, 80),
+            "https://user-42.preview.localhost:80/"
+        );
+        let cfg = load(&[
+            ("SANDBOXD_PREVIEW_DOMAIN", "preview.example.com"),
+            ("SANDBOXD_PREVIEW_PUBLIC_URL", "https://preview.example.com"),
+        ]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "https://user-42.preview.example.com/"
+        );
+        let cfg = load(&[
+            ("SANDBOXD_PREVIEW_DOMAIN", "preview.example.com"),
+            (
+                "SANDBOXD_PREVIEW_PUBLIC_URL",
+                "http://preview.example.com:9000/",
+            ),
+        ]);
+        assert_eq!(
+            url_via(&cfg, &user, true, 8443),
+            "http://user-42.preview.example.com:9000/"
+        );
+        let cfg = load(&[("SANDBOXD_PUBLIC_URL", "https://localhost:8443")]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "https://user-42.preview.localhost:8443/"
+        );
+    }
+
+    #[test]
+    fn owner_cookies_are_host_only_and_secure_where_browsers_allow_it() {
+        let c = owner_cookie("t", true, "preview.example.com");
+        assert_eq!(
+            c,
+            "__Host-sandboxd_preview=t; Path=/; HttpOnly; Max-Age=43200; Secure; SameSite=None; Partitioned"
+        );
+        let c = owner_cookie("t", false, "preview.localhost");
+        assert!(c.starts_with("sandboxd_preview=t;"), "{c}");
+        assert!(c.contains("; Secure; SameSite=None; Partitioned"), "{c}");
+        let c = owner_cookie("t", false, "preview.example.com");
+        assert_eq!(
+            c,
+            "sandboxd_preview=t; Path=/; HttpOnly; Max-Age=43200; SameSite=Lax"
+        );
+        for c in [
+            owner_cookie("t", true, "preview.localhost"),
+            owner_cookie("t", false, "x.test"),
+        ] {
+            assert!(!c.to_ascii_lowercase().contains("domain"), "{c}");
+        }
     }
 
     #[test]

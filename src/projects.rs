@@ -130,6 +130,7 @@ pub async fn create(
     app: &Arc<App>,
     user: &UserId,
     req: Request<Incoming>,
+    conn: &crate::edge::listener::ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
     let body = read_body(req, 64 * 1024).await?;
     let v: serde_json::Value = serde_json::from_slice(&body)
@@ -179,7 +180,7 @@ pub async fn create(
             step: "queued".into(),
             log: String::new(),
             error: None,
-            preview_url: app.mgr.preview_url(user),
+            preview_url: crate::preview::url(&app.cfg, user, conn),
         },
     );
     let snapshot = job.lock().unwrap_or_else(|p| p.into_inner()).clone();

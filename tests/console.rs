@@ -319,3 +319,149 @@ async fn console_over_https_in_chromium() {
     )
     .await;
 }
+
+/// The preview URL follows the listener a request came in on, with the HTTPS listener on as
+/// `scripts/up` runs it: over HTTP an `http://…:<http port>/` URL (which a browser on the HTTP
+/// console can open), over HTTPS an `https://…:<https port>/` one; the same for preview links.
+#[tokio::test]
+async fn preview_urls_follow_the_listener_of_the_request() {
+    let _serial = SERIAL.lock().await;
+    let app = spawn_app_with(|t| {
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    let (http, https) = (app.addr.port(), app.https_addr.unwrap().port());
+    let pem = std::fs::read(app.certs.join("dev-ca.crt")).unwrap();
+    let tls = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .resolve("localhost", app.https_addr.unwrap())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let over_https = |method: reqwest::Method, path: &str| {
+        tls.request(method, format!("https://localhost:{https}{path}"))
+            .bearer_auth(app.token("7"))
+            .json(&serde_json::json!({}))
+    };
+    let http_url = format!("http://user-7.preview.localhost:{http}/");
+    let https_url = format!("https://user-7.preview.localhost:{https}/");
+
+    let a = app.init("7").await;
+    assert_eq!(a["previewUrl"], http_url.as_str());
+    assert_eq!(a["previewAccess"], "public");
+    let s: serde_json::Value = app.get("7", "/sandbox/status").await.json().await.unwrap();
+    assert_eq!(s["previewUrl"], http_url.as_str());
+
+    let r = over_https(reqwest::Method::POST, "/sandbox/init")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let a: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(a["previewUrl"], https_url.as_str());
+    let r = over_https(reqwest::Method::GET, "/sandbox/status")
+        .send()
+        .await
+        .unwrap();
+    let s: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(s["previewUrl"], https_url.as_str());
+
+    // Preview links the same way.
+    let l: serde_json::Value = app
+        .post("7", "/sandbox/preview-link", serde_json::json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        l["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{http_url}?sandboxd_token=")),
+        "{l}"
+    );
+    let r = over_https(reqwest::Method::POST, "/sandbox/preview-link")
+        .send()
+        .await
+        .unwrap();
+    let l: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        l["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{https_url}?sandboxd_token=")),
+        "{l}"
+    );
+}
+
+/// A configured public base wins over the listener (deployments behind a load balancer).
+#[tokio::test]
+async fn a_configured_preview_public_url_overrides_the_listener() {
+    let _serial = SERIAL.lock().await;
+    let app = spawn_app_with(|t| {
+        t.insert(
+            "preview_public_url".into(),
+            "https://preview.localhost".into(),
+        );
+    })
+    .await;
+    let a = app.init("8").await;
+    assert_eq!(a["previewUrl"], "https://user-8.preview.localhost/");
+}
+
+/// `scripts/up`'s default configuration: the console over HTTP with the HTTPS listener on (both
+/// addresses set, development certificates). The console shows the HTTP preview URL and the
+/// Node project's page appears inside its preview frame (not the browser's certificate error).
+#[tokio::test]
+async fn console_as_scripts_up_runs_it_shows_the_preview_in_chromium() {
+    let _serial = SERIAL.lock().await;
+    require_browser();
+    let dist = console_dist();
+    let app = spawn_app_with(|t| {
+        t.insert("console_dir".into(), dist.display().to_string().into());
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    assert!(app.https_addr.is_some() && app.certs.join("dev-ca.crt").is_file());
+    let expect = format!("http://user-1.preview.localhost:{}/", app.addr.port());
+    run_browser(
+        &app,
+        &app.base,
+        "console-up",
+        &[
+            ("SANDBOXD_E2E_PROJECT", "node"),
+            ("SANDBOXD_E2E_PREVIEW_URL", &expect),
+        ],
+        &["signin", "started", "preview", "run-code"],
+    )
+    .await;
+}
+
+/// `preview_access = "owner"` in the same set-up: the console asks for a preview link, the frame
+/// opens it (the link sets the preview's cookie and redirects to the page without the token)
+/// and shows the app.
+#[tokio::test]
+async fn console_opens_an_owner_only_preview_through_a_link_in_chromium() {
+    let _serial = SERIAL.lock().await;
+    require_browser();
+    let dist = console_dist();
+    let app = spawn_app_with(|t| {
+        t.insert("console_dir".into(), dist.display().to_string().into());
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+        t.insert("preview_access".into(), "owner".into());
+    })
+    .await;
+    let expect = format!("http://user-1.preview.localhost:{}/", app.addr.port());
+    run_browser(
+        &app,
+        &app.base,
+        "console-owner",
+        &[
+            ("SANDBOXD_E2E_PROJECT", "node"),
+            ("SANDBOXD_E2E_PREVIEW_URL", &expect),
+            ("SANDBOXD_E2E_PREVIEW_ACCESS", "owner"),
+        ],
+        &["signin", "started", "preview"],
+    )
+    .await;
+}

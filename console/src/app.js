@@ -117,6 +117,7 @@ function signOut(reason) {
   disconnectTerminal();
   stopJobPolling();
   setPreview(null);
+  previewLink = null;
   $('app-view').hidden = true;
   $('who').hidden = true;
   $('signin-view').hidden = false;
@@ -182,8 +183,10 @@ function renderStatus(s) {
   $('sb-created').textContent = s && s.createdAt ? when(s.createdAt) : '—';
   $('sb-activity').textContent = s && s.lastActivity ? when(s.lastActivity) : '—';
   const link = $('sb-preview');
+  if (s && s.previewAccess) previewAccess = s.previewAccess;
   if (s && s.previewUrl) {
-    link.href = s.previewUrl;
+    if (previewAccess !== 'owner') link.href = s.previewUrl;
+    else if (previewLink && previewLink.for === s.previewUrl) link.href = previewLink.url;
     link.textContent = s.previewUrl;
     link.hidden = false;
     $('sb-preview-none').hidden = true;
@@ -239,10 +242,28 @@ async function stop() {
 // Preview
 
 let previewUrl = null;
+// `public` or `owner` (from the sandbox's status). An owner-only preview opens through a signed
+// link (`POST /sandbox/preview-link`), which sets the preview's cookie and redirects to the
+// page; the frame and the "open" links use one. A link is kept for 11 of its 12 hours.
+let previewAccess = 'public';
+let previewLink = null;
+let previewSeq = 0;
+const LINK_REUSE_MS = 11 * 3600 * 1000;
+
+async function openableUrl(url) {
+  if (previewAccess !== 'owner') return url;
+  if (previewLink && previewLink.for === url && Date.now() - previewLink.at < LINK_REUSE_MS) {
+    return previewLink.url;
+  }
+  const r = await api('POST', '/sandbox/preview-link', {});
+  previewLink = { for: url, url: r.url, at: Date.now() };
+  return r.url;
+}
 
 function setPreview(url, reload = false) {
   const frame = $('preview');
   const open = $('preview-open');
+  const seq = ++previewSeq;
   if (!url) {
     previewUrl = null;
     frame.hidden = true;
@@ -251,14 +272,20 @@ function setPreview(url, reload = false) {
     $('preview-empty').hidden = false;
     return;
   }
-  open.href = url;
   open.hidden = false;
   frame.hidden = false;
   $('preview-empty').hidden = true;
-  if (url !== previewUrl || reload) {
-    previewUrl = url;
-    frame.src = url;
-  }
+  if (url === previewUrl && !reload) return;
+  previewUrl = url;
+  openableUrl(url).then(
+    (u) => {
+      if (seq !== previewSeq) return;
+      open.href = u;
+      $('sb-preview').href = u;
+      frame.src = u;
+    },
+    (e) => showError('sandbox-error', e),
+  );
 }
 
 // ---------------------------------------------------------------------------------------------

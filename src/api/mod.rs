@@ -127,7 +127,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, conn: Arc<ConnInfo>)
                 Ok(u) => u,
                 Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
             };
-            sandbox::dispatch(app, endpoint, &user, req, param).await
+            sandbox::dispatch(app, endpoint, &user, req, param, &conn).await
         }
     };
     result.unwrap_or_else(ApiError::into_response)

@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::{json, read_body, Endpoint};
 use crate::app::App;
+use crate::edge::listener::ConnInfo;
 use crate::http::Body;
 use crate::sandbox::exec::{ExecRequest, ExecResult};
 use crate::sandbox::Sandbox;
@@ -26,6 +27,8 @@ struct InitResponse {
     user_id: String,
     state: &'static str,
     preview_url: String,
+    /// `public` or `owner` (then open the preview through `POST /sandbox/preview-link`).
+    preview_access: &'static str,
 }
 
 #[derive(Serialize)]
@@ -37,6 +40,7 @@ struct StatusResponse {
     created_at: String,
     last_activity: String,
     preview_url: String,
+    preview_access: &'static str,
     limits: LimitsDto,
 }
 
@@ -95,36 +99,38 @@ pub async fn dispatch(
     user: &UserId,
     req: Request<Incoming>,
     param: Option<String>,
+    conn: &ConnInfo,
 ) -> Result<Response<Body>> {
     app.mgr.touch(user);
     match endpoint {
-        Endpoint::Init => init(app, user).await,
+        Endpoint::Init => init(app, user, conn).await,
         Endpoint::Execute => execute(app, user, req).await,
-        Endpoint::Status => status(app, user).await,
+        Endpoint::Status => status(app, user, conn).await,
         Endpoint::Exit => exit(app, user).await,
         Endpoint::Events => events(app, user).await,
-        Endpoint::Projects => crate::projects::create(app, user, req).await,
+        Endpoint::Projects => crate::projects::create(app, user, req, conn).await,
         Endpoint::Job => crate::projects::job(app, user, param.as_deref().unwrap_or("")).await,
-        Endpoint::PreviewLink => crate::preview::link(app, user).await,
+        Endpoint::PreviewLink => crate::preview::link(app, user, conn).await,
         _ => Err(ApiError::not_found()),
     }
 }
 
-fn init_response(app: &App, sb: &Sandbox) -> InitResponse {
+fn init_response(app: &App, sb: &Sandbox, conn: &ConnInfo) -> InitResponse {
     InitResponse {
         container_id: sb.container_id.clone(),
         user_id: sb.user.to_string(),
         state: sb.state.as_str(),
-        preview_url: app.mgr.preview_url(&sb.user),
+        preview_url: crate::preview::url(&app.cfg, &sb.user, conn),
+        preview_access: app.cfg.preview_access.as_str(),
     }
 }
 
-async fn init(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+async fn init(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
     let sb = app.mgr.ensure_running(user).await?;
-    Ok(json(StatusCode::OK, &init_response(app, &sb)))
+    Ok(json(StatusCode::OK, &init_response(app, &sb, conn)))
 }
 
-async fn status(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
+async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
     let sb = app.mgr.status(user).await?;
     let l = &app.cfg.limits;
     Ok(json(
@@ -135,7 +141,8 @@ async fn status(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
             state: sb.state.as_str(),
             created_at: rfc3339(sb.created_at),
             last_activity: rfc3339(sb.last_activity),
-            preview_url: app.mgr.preview_url(user),
+            preview_url: crate::preview::url(&app.cfg, user, conn),
+            preview_access: app.cfg.preview_access.as_str(),
             limits: LimitsDto {
                 memory_bytes: l.memory_bytes,
                 cpus: l.nano_cpus as f64 / 1e9,

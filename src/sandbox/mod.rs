@@ -252,23 +252,6 @@ impl Manager {
         self.workspaces.join(format!("user-{user}"))
     }
 
-    pub fn preview_url(&self, user: &UserId) -> String {
-        let (scheme, port) = match (self.cfg.https_addr, self.cfg.http_addr) {
-            (Some(a), _) => (
-                "https",
-                if a.port() == 443 {
-                    None
-                } else {
-                    Some(a.port())
-                },
-            ),
-            (None, Some(a)) => ("http", if a.port() == 80 { None } else { Some(a.port()) }),
-            (None, None) => ("http", None),
-        };
-        let port = port.map(|p| format!(":{p}")).unwrap_or_default();
-        format!("{scheme}://user-{user}.{}{port}/", self.cfg.preview_domain)
-    }
-
     /// Records activity for the idle policy (in memory; the reaper flushes it to the store).
     pub fn touch(&self, user: &UserId) {
         if let Some(slot) = self.existing_slot(user) {

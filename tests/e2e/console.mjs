@@ -1,10 +1,13 @@
 // End-to-end test of the web console in Debian's Chromium, driven by playwright-core.
 // tests/console.rs starts a real sandboxd and runs this script; it can also be run by hand:
 //
-//   SANDBOXD_E2E_BASE=http://127.0.0.1:8080 SANDBOXD_E2E_TOKEN=$(sandboxd token 1) node tests/e2e/console.mjs
+//   SANDBOXD_E2E_BASE=http://127.0.0.1:8080 SANDBOXD_E2E_TOKEN=$(target/release/sandboxd token 1) node tests/e2e/console.mjs
 //
-// Steps: paste the token, start the sandbox, `echo hello` in the terminal, a React + Vite
-// project shown in the preview iframe, run code. A screenshot per step goes to
+// (sandboxd ignores SANDBOXD_E2E_*, SANDBOXD_TEST_* and SANDBOXD_BENCH_* variables, so the
+// line works in a shell that exports them too.)
+//
+// Steps: paste the token, start the sandbox, `echo hello` in the terminal, a React + Vite (or
+// Node) project shown in the preview iframe, run code. A screenshot per step goes to
 // SANDBOXD_E2E_ARTIFACTS (default tests/artifacts/console). Every wait is bounded; the whole
 // run is bounded by SANDBOXD_E2E_DEADLINE_S (default 480). Exit 0 = passed.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
@@ -18,8 +21,15 @@ const token = process.env.SANDBOXD_E2E_TOKEN || '';
 const artifacts = resolve(process.env.SANDBOXD_E2E_ARTIFACTS || join(here, '..', 'artifacts', 'console'));
 const chromiumPath = process.env.SANDBOXD_E2E_CHROMIUM || '/usr/bin/chromium';
 const deadlineS = Number(process.env.SANDBOXD_E2E_DEADLINE_S || 480);
-// SANDBOXD_E2E_PROJECT=0 leaves out the React + Vite step (the HTTPS run does).
-const withProject = process.env.SANDBOXD_E2E_PROJECT !== '0';
+// SANDBOXD_E2E_PROJECT=0 leaves out the project step (the HTTPS run does); =node creates the
+// small Node project instead of React + Vite.
+const projectKind = { 0: null, node: 'node' }[process.env.SANDBOXD_E2E_PROJECT] ?? 'react-vite';
+// SANDBOXD_E2E_PREVIEW_URL: the preview URL the console must show (e.g. the HTTP one when the
+// console is on HTTP, even with the HTTPS listener on).
+const expectPreviewUrl = process.env.SANDBOXD_E2E_PREVIEW_URL || '';
+// SANDBOXD_E2E_PREVIEW_ACCESS=owner: the server runs with preview_access = "owner", so the
+// frame must open through a signed link.
+const ownerPreview = process.env.SANDBOXD_E2E_PREVIEW_ACCESS === 'owner';
 // SANDBOXD_E2E_IGNORE_TLS=1 accepts the development certificate (HTTPS run).
 const ignoreTls = process.env.SANDBOXD_E2E_IGNORE_TLS === '1';
 
@@ -164,12 +174,16 @@ async function run() {
   await until('the terminal to open', 30_000, async () => (await text('#term-state')) === 'open');
   const limits = await text('#sb-limits');
   if (!/MiB memory/.test(limits)) throw new Error(`limits not shown: ${limits}`);
-  log(`sandbox running; limits: ${limits}; preview ${await text('#sb-preview')}`);
+  const shownPreview = await text('#sb-preview');
+  log(`sandbox running; limits: ${limits}; preview ${shownPreview}`);
+  if (expectPreviewUrl && shownPreview !== expectPreviewUrl) {
+    throw new Error(`the console shows the preview URL ${shownPreview}, expected ${expectPreviewUrl}`);
+  }
   // The preview frame shows the preview origin (the app is not there yet: the proxy's page
   // that retries by itself), not a browser error page.
   // When the browser runs on the sandboxd machine, Chromium may abort the frame's first load
   // with ERR_NETWORK_CHANGED (the new container's interface): then Reload, as a person would.
-  const previewOrigin = new URL(await page.locator('#sb-preview').getAttribute('href')).origin;
+  const previewOrigin = new URL(shownPreview).origin;
   const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
   for (let attempt = 1; ; attempt += 1) {
     const seen = await until('the preview frame to load', 20_000, async () => {
@@ -217,8 +231,8 @@ async function run() {
   await page.setViewportSize({ width: 1440, height: 900 });
   await page.waitForTimeout(500);
 
-  if (withProject) await projectStep();
-  else log('React + Vite step left out (SANDBOXD_E2E_PROJECT=0)');
+  if (projectKind) await projectStep(projectKind);
+  else log('project step left out (SANDBOXD_E2E_PROJECT=0)');
 
   // 5. Run code: stdout, stderr, exit code, duration.
   await page.locator('#code').fill("console.log('answer', 6 * 7);\nconsole.error('to stderr');");
@@ -254,10 +268,11 @@ async function run() {
   if (problems.length) throw new Error(`the console page reported problems:\n${problems.join('\n')}`);
 }
 
-// 4. A React + Vite project, with visible progress, then the Vite page in the iframe.
-async function projectStep() {
+// 4. A React + Vite (or Node) project, with visible progress, then its page in the iframe.
+async function projectStep(kind) {
+  const vite = kind === 'react-vite';
   await page.locator('#project-name').fill('my-app');
-  await page.getByRole('button', { name: 'Create React + Vite project' }).click();
+  await page.getByRole('button', { name: vite ? 'Create React + Vite project' : 'Create Node project' }).click();
   await page.locator('#job').waitFor({ state: 'visible', timeout: 30_000 });
   let progressShot = false;
   const jobEnd = await until('the project job to finish', 300_000, async () => {
@@ -274,19 +289,29 @@ async function projectStep() {
   }
   log('project job succeeded');
   const frame = page.frameLocator('#preview');
-  // Served by Vite's dev server (its client script) and rendered by React (#root filled).
-  const heading = await until('the Vite page in the preview iframe', 120_000, async () => {
-    const vite = await frame.locator('script[src="/@vite/client"]').count();
-    const rendered = await frame.locator('#root *').count();
-    if (!vite || !rendered) return null;
-    return (await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '(no h1)';
+  const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
+    if (vite) {
+      // Served by Vite's dev server (its client script) and rendered by React (#root filled).
+      const client = await frame.locator('script[src="/@vite/client"]').count();
+      const rendered = await frame.locator('#root *').count();
+      if (!client || !rendered) return null;
+      return (await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '(no h1)';
+    }
+    const h1 = (await frame.locator('h1').first().textContent({ timeout: 2_000 })) || '';
+    return /^Hello from Node v\d+/.test(h1) ? h1 : null;
   }, 1000);
   const src = await page.locator('#preview').getAttribute('src');
-  if (!/^https?:\/\/user-[a-z0-9]+\.preview\.localhost:\d+\/$/.test(src || '')) {
+  const plain = /^https?:\/\/user-[a-z0-9]+\.preview\.localhost:\d+\/$/;
+  const link = /^https?:\/\/user-[a-z0-9]+\.preview\.localhost:\d+\/\?sandboxd_token=[\w.-]+$/;
+  if (!(ownerPreview ? link : plain).test(src || '')) {
     throw new Error(`unexpected preview URL in the iframe: ${src}`);
   }
+  const inFrame = page.frames().find((f) => f !== page.mainFrame()).url();
+  if (expectPreviewUrl && inFrame !== expectPreviewUrl) {
+    throw new Error(`the preview frame shows ${inFrame}, expected ${expectPreviewUrl} (the link's token must be gone)`);
+  }
   await page.waitForTimeout(1000); // let the page's logo and styles settle for the picture
-  log(`preview shows the Vite page "${heading}" (${src})`);
+  log(`preview shows the ${kind} page "${heading}" (${src}; the frame is at ${inFrame})`);
   await screenshot('preview');
 }
 

@@ -558,8 +558,9 @@ async fn private_previews_open_only_for_their_owner_through_a_host_only_cookie()
         .unwrap();
     assert_eq!(r.status(), 401);
 
-    // The owner's link: a redirect that sets a host-only, Secure, HttpOnly, SameSite=Lax
-    // cookie and drops the token from the URL.
+    // The owner's link: a redirect that sets a host-only, Secure, HttpOnly, partitioned
+    // cookie (SameSite=None, so that the console can show it in its iframe) and drops the token
+    // from the URL.
     let link = |user: &str| {
         let app = &app;
         let user = user.to_owned();
@@ -586,7 +587,13 @@ async fn private_previews_open_only_for_their_owner_through_a_host_only_cookie()
         .split(';')
         .map(|a| a.trim().to_ascii_lowercase())
         .collect();
-    for want in ["secure", "httponly", "samesite=lax", "path=/"] {
+    for want in [
+        "secure",
+        "httponly",
+        "samesite=none",
+        "partitioned",
+        "path=/",
+    ] {
         assert!(attrs.iter().any(|a| a == want), "{want} missing: {cookie}");
     }
     assert!(
