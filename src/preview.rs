@@ -32,6 +32,7 @@ use crate::app::App;
 use crate::config::{Config, PreviewAccess};
 use crate::edge::listener::ConnInfo;
 use crate::http::{full, Body};
+use crate::sandbox::SandboxError;
 use crate::user::UserId;
 
 /// Cookie that carries the owner's preview token (`preview_access = "owner"`).
@@ -171,6 +172,34 @@ fn not_listening<B>(req: &Request<B>, port: u16) -> Response<Body> {
     .into_response()
 }
 
+/// The answer while the container engine is down (sandbox/health.rs): browsers get a page that
+/// retries by itself, other clients 503 `engine_unavailable` with `Retry-After`.
+fn engine_down<B>(req: &Request<B>, message: String) -> Response<Body> {
+    if wants_html(req) {
+        let body = "<p>The sandbox engine is restarting or unreachable; your sandbox will be \
+                    back as soon as it answers.</p>\
+                    <p>This page retries by itself every 2 seconds.</p>";
+        let mut r = html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            page("Waiting for the sandbox engine", body, true),
+        );
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::sandbox::health::RETRY_AFTER_SECS),
+        );
+        return r;
+    }
+    ApiError::engine_unavailable(message).into_response()
+}
+
+/// Maps a manager error to the preview's answer.
+fn sandbox_error<B>(req: &Request<B>, e: SandboxError) -> Response<Body> {
+    match e {
+        SandboxError::EngineUnavailable(m) => engine_down(req, m),
+        e => ApiError::from(e).into_response(),
+    }
+}
+
 pub async fn handle(
     app: &Arc<App>,
     mut req: Request<Incoming>,
@@ -230,7 +259,7 @@ async fn wake(
             )
             .into_response()
         }),
-        Ok(Err(e)) => Err(ApiError::from(e).into_response()),
+        Ok(Err(e)) => Err(sandbox_error(req, e)),
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "wake_timeout",
@@ -357,7 +386,9 @@ async fn forward(
                 // already streamed is not replayed.
                 let sb = match app.mgr.ensure_running(user).await {
                     Ok(sb) => sb,
-                    Err(e) => return ApiError::from(e).into_response(),
+                    Err(e) => {
+                        return sandbox_error(&Request::from_parts(clone_parts(&parts), ()), e)
+                    }
                 };
                 let Some(ip) = sb.ip else {
                     return not_listening(

@@ -174,6 +174,8 @@ const WRITE_BUFFER: usize = 64 * 1024;
 const MAX_WRITE_BUFFER: usize = 512 * 1024;
 /// The client has this long to finish the HTTP upgrade after our 101.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The close reason when the engine went away under an open terminal.
+pub const ENGINE_DOWN_REASON: &str = "engine unavailable";
 /// Bound on each closing step (close handshake, draining after an error).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const KILL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -503,6 +505,8 @@ pub enum Outcome {
     Refused(u16, String),
     /// The engine failed (reading output); close with 1011.
     EngineFailed(String),
+    /// The engine went away (down or restarting, see sandbox/health.rs); close with 1011.
+    EngineDown,
 }
 
 /// Bridge timing (the defaults in production, short values in tests).
@@ -683,6 +687,7 @@ pub fn close_frame(outcome: &Outcome, exit: Option<i64>) -> Option<CloseFrame<'s
         ),
         Outcome::Refused(code, reason) => (*code, cut_bytes(reason, 120).to_owned()),
         Outcome::EngineFailed(_) => (1011, "terminal failed".to_owned()),
+        Outcome::EngineDown => (1011, ENGINE_DOWN_REASON.to_owned()),
         Outcome::ClientClosed | Outcome::Gone => return None,
     };
     Some(CloseFrame {
@@ -886,8 +891,7 @@ async fn open(
     };
     let (exec_id, output, input) = app
         .mgr
-        .engine()
-        .exec(
+        .engine_call(app.mgr.engine().exec(
             &sandbox.container_id,
             ExecSpec {
                 // -q no banner, -f flush at once, -e the shell's status is ours, -c the command.
@@ -909,9 +913,8 @@ async fn open(
                 tty: false,
                 stdin: true,
             },
-        )
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+        ))
+        .await?;
     let pty = ExecPty {
         mgr: app.mgr.clone(),
         user: user.clone(),
@@ -982,21 +985,29 @@ async fn session(
         })
     });
     let (mut sink, mut stream) = ws.split();
-    let outcome = bridge(
-        &mut sink,
-        &mut stream,
-        output,
-        input,
-        pty,
-        Timing::default(),
-    )
-    .await;
-    let Ok(mut ws) = sink.reunite(stream) else {
-        return outcome;
+    let health = pty.mgr.health_tracker();
+    // The engine going down ends the session at once: its exec stream may neither end nor fail
+    // while the engine is frozen.
+    let mut outcome = tokio::select! {
+        o = bridge(&mut sink, &mut stream, output, input, pty, Timing::default()) => o,
+        _ = crate::sandbox::health::wait_down(health.subscribe()) => Outcome::EngineDown,
     };
     let exit = match outcome {
-        Outcome::ShellExited => exit_code(pty).await,
+        Outcome::ShellExited => match exit_code(pty).await {
+            Ok(code) => code,
+            Err(()) => {
+                outcome = Outcome::EngineDown;
+                None
+            }
+        },
+        Outcome::EngineFailed(_) if !health.is_up() => {
+            outcome = Outcome::EngineDown;
+            None
+        }
         _ => None,
+    };
+    let Ok(mut ws) = sink.reunite(stream) else {
+        return outcome;
     };
     let frame = close_frame(&outcome, exit);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -1031,16 +1042,18 @@ async fn session(
 }
 
 /// The shell's exit status; Docker may report the exec as running for a moment after its
-/// output ended.
-async fn exit_code(pty: &ExecPty) -> Option<i64> {
+/// output ended. `Err` when the engine is gone (the output ended because it went away).
+async fn exit_code(pty: &ExecPty) -> Result<Option<i64>, ()> {
+    let health = pty.mgr.health_tracker();
     for _ in 0..40 {
         match pty.mgr.engine().exec_info(&pty.exec_id).await {
-            Ok(i) if !i.running => return i.exit_code,
+            Ok(i) if !i.running => return Ok(i.exit_code),
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(_) => return None,
+            Err(e) if health.note_error(&e) => return Err(()),
+            Err(_) => return Ok(None),
         }
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -1303,6 +1316,9 @@ mod tests {
             ),
             1011
         );
+        let f = close_frame(&Outcome::EngineDown, None).unwrap();
+        assert_eq!(u16::from(f.code), 1011);
+        assert_eq!(f.reason, ENGINE_DOWN_REASON);
         assert!(close_frame(&Outcome::ClientClosed, None).is_none());
         assert!(close_frame(&Outcome::Gone, None).is_none());
     }

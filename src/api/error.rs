@@ -58,6 +58,11 @@ impl ApiError {
             format!("request body is larger than {limit} bytes"),
         )
     }
+    /// 503 while the container engine is unreachable or restarting (sandbox/health.rs).
+    pub fn engine_unavailable(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable", msg)
+            .retry_after(crate::sandbox::health::RETRY_AFTER_SECS)
+    }
     pub fn internal(err: &anyhow::Error) -> Self {
         tracing::error!(error = format!("{err:#}"), "request failed");
         Self::new(
@@ -117,6 +122,7 @@ impl From<SandboxError> for ApiError {
                     e.to_string(),
                 )
             }
+            SandboxError::EngineUnavailable(msg) => Self::engine_unavailable(msg),
             SandboxError::Internal(err) => Self::internal(&err),
         }
     }

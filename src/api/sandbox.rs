@@ -79,18 +79,57 @@ pub fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// `GET /healthz`: 200 when the engine and the store answer; 503 naming what does not. While
+/// the health tracker knows the engine is down it answers at once, without asking it.
 pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
-    match app.mgr.health().await {
-        Ok(()) => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
-        Err(e) => {
-            tracing::warn!(error = format!("{e:#}"), "health check failed");
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unhealthy",
-                format!("{e:#}"),
-            ))
+    use crate::sandbox::health::{PING_TIMEOUT, RETRY_AFTER_SECS};
+    let tracker = app.mgr.health_tracker();
+    let engine = if tracker.is_up() {
+        match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine().ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracker.note_error(&e);
+                Err(format!("the container engine (Docker) is unavailable: {e:#}"))
+            }
+            Err(_) => Err(format!(
+                "the container engine (Docker) did not answer within {PING_TIMEOUT:?}"
+            )),
         }
+    } else {
+        Err(tracker.down_message())
+    };
+    let store = match tokio::time::timeout(Duration::from_secs(1), app.mgr.store().ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("the store is unavailable: {e:#}")),
+        Err(_) => Err("the store did not answer within 1s".to_owned()),
+    };
+    let word = |r: &std::result::Result<(), String>| if r.is_ok() { "ok" } else { "unavailable" };
+    if engine.is_ok() && store.is_ok() {
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "engine": "ok", "store": "ok"}),
+        ));
     }
+    let (code, message) = match (&engine, &store) {
+        (Err(m), _) => ("engine_unavailable", m.clone()),
+        (_, Err(m)) => ("store_unavailable", m.clone()),
+        _ => unreachable!("one of them failed"),
+    };
+    tracing::warn!(error = %message, "health check failed");
+    let mut resp = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({
+            "status": "unavailable",
+            "engine": word(&engine),
+            "store": word(&store),
+            "error": {"code": code, "message": message},
+        }),
+    );
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(RETRY_AFTER_SECS),
+    );
+    Ok(resp)
 }
 
 pub async fn dispatch(

@@ -23,6 +23,11 @@ use crate::config::Config;
 use crate::sandbox::spec;
 use crate::user::UserId;
 
+/// Bound on the engine's answer (its response head) to any call; streams such as an exec's
+/// output are not bounded by it. Requests do not wait this long for a dead engine: the health
+/// tracker (health.rs) answers them first.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Engine {
     docker: Docker,
@@ -131,6 +136,7 @@ impl Engine {
     pub async fn connect() -> anyhow::Result<Engine> {
         let docker = Docker::connect_with_local_defaults()
             .context("connecting to the Docker engine")?
+            .with_timeout(CALL_TIMEOUT)
             .negotiate_version()
             .await
             .context("the Docker engine did not answer (is dockerd running?)")?;
@@ -329,8 +335,12 @@ impl Engine {
     }
 
     pub async fn stop(&self, id: &str, timeout_secs: i64) -> anyhow::Result<()> {
+        // The engine answers a stop only after the grace period: bound it beyond that.
+        let grace = std::time::Duration::from_secs(timeout_secs.max(0) as u64);
         match self
             .docker
+            .clone()
+            .with_timeout(CALL_TIMEOUT + grace)
             .stop_container(id, Some(StopContainerOptions { t: timeout_secs }))
             .await
         {

@@ -8,6 +8,7 @@
 pub mod docker;
 pub mod exec;
 pub mod firewall;
+pub mod health;
 pub mod reaper;
 pub mod spec;
 
@@ -58,6 +59,9 @@ pub enum SandboxError {
     ImageMissing(String),
     #[error("the workspace folder is unusable: {0}")]
     Workspace(String),
+    /// The engine is unreachable or restarting (see health.rs).
+    #[error("{0}")]
+    EngineUnavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -163,6 +167,7 @@ pub struct Manager {
     slots: StdMutex<HashMap<UserId, Arc<Slot>>>,
     capacity: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    health: Arc<health::Health>,
 }
 
 impl Manager {
@@ -181,6 +186,7 @@ impl Manager {
         })?;
         let mgr = Arc::new(Manager {
             capacity: Arc::new(Semaphore::new(cfg.max_containers)),
+            health: health::Health::monitored(engine.clone()),
             cfg,
             engine,
             store,
@@ -190,7 +196,84 @@ impl Manager {
             metrics: Arc::new(Metrics::new()),
         });
         mgr.recover().await?;
+        mgr.follow_health();
         Ok(mgr)
+    }
+
+    pub fn health_tracker(&self) -> &health::Health {
+        &self.health
+    }
+
+    /// Runs engine work for a request: refused at once while the engine is down, abandoned
+    /// (the caller gets its answer) when the engine goes down mid-way, and a transport failure
+    /// marks the engine down. Engine answers such as 404 pass through unchanged.
+    pub async fn engine_bound<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, SandboxError>>,
+    ) -> Result<T, SandboxError> {
+        let rx = self.health.subscribe();
+        if !self.health.is_up() {
+            return Err(SandboxError::EngineUnavailable(self.health.down_message()));
+        }
+        tokio::select! {
+            r = work => match r {
+                Err(SandboxError::Internal(e)) if self.health.note_error(&e) => {
+                    Err(SandboxError::EngineUnavailable(self.health.down_message()))
+                }
+                r => r,
+            },
+            _ = health::wait_down(rx) => {
+                Err(SandboxError::EngineUnavailable(self.health.down_message()))
+            }
+        }
+    }
+
+    /// Like [`Self::engine_bound`] but never abandons `work`, for work that must not stop
+    /// half-way.
+    async fn engine_checked<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, SandboxError>>,
+    ) -> Result<T, SandboxError> {
+        if !self.health.is_up() {
+            return Err(SandboxError::EngineUnavailable(self.health.down_message()));
+        }
+        match work.await {
+            Err(SandboxError::Internal(e)) if self.health.note_error(&e) => {
+                Err(SandboxError::EngineUnavailable(self.health.down_message()))
+            }
+            r => r,
+        }
+    }
+
+    /// [`Self::engine_bound`] for a plain engine call.
+    pub async fn engine_call<T>(
+        &self,
+        call: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> Result<T, SandboxError> {
+        self.engine_bound(async { call.await.map_err(SandboxError::Internal) })
+            .await
+    }
+
+    /// Takes every sandbox off the preview's fast path while the engine is down, and re-reads
+    /// each one from the engine when it is back (a restart stops containers; the next request
+    /// then starts them through the usual wake path).
+    fn follow_health(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let mut rx = self.health.subscribe();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let up = rx.borrow_and_update().is_up();
+                let Some(mgr) = weak.upgrade() else { break };
+                for slot in mgr.all_slots() {
+                    slot.hide();
+                }
+                if up {
+                    for slot in mgr.all_slots() {
+                        let _ = mgr.status_inner(&slot.user).await;
+                    }
+                }
+            }
+        });
     }
 
     pub fn config(&self) -> &Config {
@@ -280,6 +363,9 @@ impl Manager {
 
     /// The running container's IP without touching Docker (the preview's hot path).
     pub fn running_ip(&self, user: &UserId) -> Option<IpAddr> {
+        if !self.health.is_up() {
+            return None;
+        }
         let slot = self.existing_slot(user)?;
         let fast = *slot.fast.lock().unwrap_or_else(|p| p.into_inner());
         match fast {
@@ -296,9 +382,12 @@ impl Manager {
     pub async fn ensure_running(self: &Arc<Self>, user: &UserId) -> Result<Sandbox, SandboxError> {
         let this = self.clone();
         let user = user.clone();
-        tokio::spawn(async move { this.ensure_running_inner(&user).await })
-            .await
-            .map_err(|e| SandboxError::Internal(anyhow!("start task failed: {e}")))?
+        self.engine_bound(async move {
+            tokio::spawn(async move { this.ensure_running_inner(&user).await })
+                .await
+                .map_err(|e| SandboxError::Internal(anyhow!("start task failed: {e}")))?
+        })
+        .await
     }
 
     async fn ensure_running_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
@@ -518,6 +607,10 @@ impl Manager {
 
     /// The user's sandbox as it is now, without starting anything.
     pub async fn status(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
+        self.engine_bound(self.status_inner(user)).await
+    }
+
+    async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
         let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
         let mut guard = slot.inner.lock().await;
         if let Some(c) = guard.as_mut() {
@@ -542,6 +635,12 @@ impl Manager {
 
     /// Stops and removes the user's container; the workspace and the history stay.
     pub async fn exit(&self, user: &UserId) -> Result<bool, SandboxError> {
+        // Not abandoned mid-way (it takes the container out of the table first); each of its
+        // calls fails fast when the engine goes away and is bounded by the client's timeout.
+        self.engine_checked(self.exit_inner(user)).await
+    }
+
+    async fn exit_inner(&self, user: &UserId) -> Result<bool, SandboxError> {
         let Some(slot) = self.existing_slot(user) else {
             return Ok(false);
         };
@@ -691,9 +790,15 @@ impl Manager {
         let res = async {
             let sb = self.ensure_running(user).await?;
             slot.touch();
-            let res = exec::run_code(&self.engine, &sb.container_id, req, &self.cfg).await;
+            let res = self
+                .engine_call(async {
+                    exec::run_code(&self.engine, &sb.container_id, req, &self.cfg)
+                        .await
+                        .inspect_err(|e| self.engine_failed(e))
+                })
+                .await;
             slot.touch();
-            Ok(res.inspect_err(|e| self.engine_failed(e))?)
+            res
         }
         .await;
         self.metrics

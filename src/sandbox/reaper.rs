@@ -36,6 +36,11 @@ pub async fn sweep(mgr: &Arc<Manager>) {
     let pause_after = mgr.config().idle_pause_after.as_millis() as i64;
     let stop_after = mgr.config().idle_stop_after.as_millis() as i64;
     let now = now_ms();
+    if !mgr.health_tracker().is_up() {
+        // Nothing can be paused or stopped while the engine is away; try again next round.
+        mgr.flush_activity().await;
+        return;
+    }
     for slot in mgr.all_slots() {
         if slot.busy() {
             slot.touch();

@@ -1,0 +1,236 @@
+//! Whether the container engine answers, known without asking it on every request.
+//!
+//! A monitor pings the engine every second with a one-second timeout. Any engine call that fails
+//! with a transport error (connection refused or reset, a timeout) marks the engine down at
+//! once, without waiting for the next ping. While the engine is down, requests that need it are
+//! answered at once with 503 `engine_unavailable` and `Retry-After` instead of waiting on a
+//! socket nobody serves; work already waiting on the engine is abandoned when it goes down
+//! (see [`Health::wait_down`]). The next successful ping marks it up again, and the manager
+//! re-reads its containers (an engine restart stops them all when live-restore is off).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use tokio::sync::watch;
+
+use super::docker::Engine;
+
+/// How often the monitor pings the engine.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long a ping may take before the engine counts as down.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// The `Retry-After` (seconds) sent while the engine is down.
+pub const RETRY_AFTER_SECS: u32 = 2;
+
+/// The engine's availability as last seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineStatus {
+    Up,
+    /// Down since (ms since the epoch), with the error that said so.
+    Down { since: i64, error: String },
+}
+
+impl EngineStatus {
+    pub fn is_up(&self) -> bool {
+        matches!(self, EngineStatus::Up)
+    }
+}
+
+pub struct Health {
+    tx: watch::Sender<EngineStatus>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+impl Health {
+    /// Starts as up: the manager only starts after the engine answered.
+    pub fn new() -> Health {
+        Health {
+            tx: watch::Sender::new(EngineStatus::Up),
+        }
+    }
+
+    /// A tracker with its monitor task, which ends when the tracker is dropped.
+    pub fn monitored(engine: Engine) -> Arc<Health> {
+        let h = Arc::new(Health::new());
+        spawn_monitor(Arc::downgrade(&h), engine, PING_EVERY, PING_TIMEOUT);
+        h
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.tx.borrow().is_up()
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<EngineStatus> {
+        self.tx.subscribe()
+    }
+
+    /// Records that the engine answered.
+    pub fn mark_up(&self) {
+        self.tx.send_if_modified(|s| {
+            if s.is_up() {
+                return false;
+            }
+            tracing::info!("the container engine answers again");
+            *s = EngineStatus::Up;
+            true
+        });
+    }
+
+    /// Records that the engine did not answer; keeps the first error of an outage.
+    pub fn mark_down(&self, error: &str) {
+        self.tx.send_if_modified(|s| {
+            if !s.is_up() {
+                return false;
+            }
+            tracing::warn!(error, "the container engine is unavailable");
+            *s = EngineStatus::Down {
+                since: crate::store::now_ms(),
+                error: error.to_owned(),
+            };
+            true
+        });
+    }
+
+    /// Marks the engine down when `err` is a transport failure; returns whether it was one.
+    pub fn note_error(&self, err: &anyhow::Error) -> bool {
+        if is_unavailable(err) {
+            self.mark_down(&format!("{err:#}"));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The message clients see while the engine is down.
+    pub fn down_message(&self) -> String {
+        match self.status() {
+            EngineStatus::Up => "the container engine (Docker) is unavailable".to_owned(),
+            EngineStatus::Down { error, .. } => {
+                format!("the container engine (Docker) is unavailable: {error}")
+            }
+        }
+    }
+}
+
+/// Resolves when the engine is (or goes) down; never while it stays up.
+pub async fn wait_down(mut rx: watch::Receiver<EngineStatus>) {
+    // An error means the tracker is gone: then nobody will say "down" any more.
+    if rx.wait_for(|s| !s.is_up()).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn spawn_monitor(health: Weak<Health>, engine: Engine, every: Duration, timeout: Duration) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let result = tokio::time::timeout(timeout, engine.ping()).await;
+            let Some(h) = health.upgrade() else { break };
+            match result {
+                Ok(Ok(())) => h.mark_up(),
+                Ok(Err(e)) => h.mark_down(&format!("{e:#}")),
+                Err(_) => h.mark_down(&format!("no answer to a ping within {timeout:?}")),
+            }
+        }
+    });
+}
+
+/// True when an engine call failed because the engine could not be reached or did not answer
+/// in time (as opposed to an answer such as 404 or 409).
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        if let Some(b) = e.downcast_ref::<BollardError>() {
+            return matches!(
+                b,
+                BollardError::RequestTimeoutError
+                    | BollardError::IOError { .. }
+                    | BollardError::HyperResponseError { .. }
+                    | BollardError::HyperLegacyError { .. }
+                    | BollardError::HttpClientError { .. }
+                    | BollardError::SocketNotFoundError(_)
+            );
+        }
+        e.is::<tokio::time::error::Elapsed>()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | BrokenPipe
+                        | NotFound
+                        | TimedOut
+                        | UnexpectedEof
+                )
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn classifies_transport_failures_only() {
+        let refused = anyhow::Error::from(BollardError::IOError {
+            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        })
+        .context("starting the container");
+        assert!(is_unavailable(&refused));
+        assert!(is_unavailable(&anyhow::Error::from(
+            BollardError::RequestTimeoutError
+        )));
+        let answered = anyhow::Error::from(BollardError::DockerResponseServerError {
+            status_code: 404,
+            message: "no such container".into(),
+        })
+        .context("inspecting the container");
+        assert!(!is_unavailable(&answered));
+        let io: anyhow::Result<()> =
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).context("reading");
+        assert!(is_unavailable(&io.unwrap_err()));
+        assert!(!is_unavailable(&anyhow::anyhow!("container is Exited")));
+    }
+
+    #[tokio::test]
+    async fn down_and_up_are_published_once_each() {
+        let h = Health::new();
+        assert!(h.is_up());
+        let mut rx = h.subscribe();
+        h.mark_down("refused");
+        h.mark_down("refused again");
+        assert!(rx.has_changed().unwrap());
+        let s = rx.borrow_and_update().clone();
+        assert!(matches!(s, EngineStatus::Down { ref error, .. } if error == "refused"));
+        assert!(h.down_message().contains("refused"));
+        // wait_down resolves at once while down.
+        tokio::time::timeout(Duration::from_millis(100), wait_down(h.subscribe()))
+            .await
+            .expect("resolves while down");
+        h.mark_up();
+        h.mark_up();
+        assert!(rx.has_changed().unwrap());
+        assert!(rx.borrow_and_update().is_up());
+        assert!(!rx.has_changed().unwrap());
+        // ... and stays pending while up.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), wait_down(h.subscribe()))
+                .await
+                .is_err()
+        );
+    }
+}
