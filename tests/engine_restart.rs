@@ -196,11 +196,23 @@ impl Lab {
             t,
         );
         must(&ip, &["link", "set", &peer, "netns", ns], t);
-        must(&ip, &["addr", "add", &format!("{HOST_IP}/30"), "dev", veth], t);
+        must(
+            &ip,
+            &["addr", "add", &format!("{HOST_IP}/30"), "dev", veth],
+            t,
+        );
         must(&ip, &["link", "set", veth, "up"], t);
         must(
             &ip,
-            &["-n", ns, "addr", "add", &format!("{NS_IP}/30"), "dev", &peer],
+            &[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{NS_IP}/30"),
+                "dev",
+                &peer,
+            ],
             t,
         );
         must(&ip, &["-n", ns, "link", "set", &peer, "up"], t);
@@ -319,33 +331,36 @@ impl Lab {
             .stderr(log_file(&self.lib.join("load.log")))
             .spawn()
             .expect("docker save starts");
-        let mut load = Command::new(&self.docker)
+        let load = Command::new(&self.docker)
             .args(["-H", &self.sock, "load", "-q"])
-            .stdin(save.stdout.take().unwrap())
+            .stdin(save.stdout.take().expect("piped"))
             .stdout(log_file(&self.lib.join("load.log")))
             .stderr(log_file(&self.lib.join("load.log")))
-            .spawn()
-            .expect("docker load starts");
+            .spawn();
+        let mut load = match load {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = save.kill();
+                let _ = save.wait();
+                panic!("docker load: {e}");
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(600);
-        let mut done = (None, None);
-        while done.0.is_none() || done.1.is_none() {
-            if done.0.is_none() {
-                done.0 = save.try_wait().unwrap();
-            }
-            if done.1.is_none() {
-                done.1 = load.try_wait().unwrap();
-            }
+        let mut in_time = true;
+        while !(matches!(save.try_wait(), Ok(Some(_))) && matches!(load.try_wait(), Ok(Some(_)))) {
             if Instant::now() > deadline {
+                in_time = false;
                 let _ = save.kill();
                 let _ = load.kill();
-                let _ = save.wait();
-                let _ = load.wait();
-                panic!("loading the image took more than 600 s");
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let saved = save.wait().map(|s| s.success()).unwrap_or(false);
+        let loaded = load.wait().map(|s| s.success()).unwrap_or(false);
+        assert!(in_time, "loading the image took more than 600 s");
         assert!(
-            done.0.unwrap().success() && done.1.unwrap().success(),
+            saved && loaded,
             "docker save {image} | docker load failed (is the image built on the host?):\n{}",
             tail(&self.lib.join("load.log"))
         );
@@ -428,14 +443,27 @@ impl Drop for Lab {
         if let Some(mut d) = self.dockerd.take() {
             stop_child(&mut d, Duration::from_secs(15));
         }
-        eprintln!("[engine_restart] cleanup: engine stopped after {:?}", t0.elapsed());
+        eprintln!(
+            "[engine_restart] cleanup: engine stopped after {:?}",
+            t0.elapsed()
+        );
         // Whatever still runs in the lab's containers (the engine may have been down), then
         // the shims of the lab's containerd: found by the lab's container ids and socket path.
         for id in self.container_ids() {
-            for ctl in ["pids", "memory", "cpu,cpuacct", "freezer", "blkio", "devices"] {
+            for ctl in [
+                "pids",
+                "memory",
+                "cpu,cpuacct",
+                "freezer",
+                "blkio",
+                "devices",
+            ] {
                 let procs = format!("/sys/fs/cgroup/{ctl}/docker/{id}/cgroup.procs");
                 if let Ok(list) = std::fs::read_to_string(&procs) {
-                    for pid in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    for pid in list
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                    {
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
                 }
@@ -448,9 +476,7 @@ impl Drop for Lab {
                     continue;
                 };
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let is_shim = cmdline
-                    .split(|b| *b == 0)
-                    .any(|arg| arg == sock.as_bytes());
+                let is_shim = cmdline.split(|b| *b == 0).any(|arg| arg == sock.as_bytes());
                 let ours = self.containerd.as_ref().map(|c| c.id() as i32) == Some(pid);
                 if is_shim && !ours {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -460,7 +486,10 @@ impl Drop for Lab {
         if let Some(mut c) = self.containerd.take() {
             stop_child(&mut c, Duration::from_secs(10));
         }
-        eprintln!("[engine_restart] cleanup: containerd stopped after {:?}", t0.elapsed());
+        eprintln!(
+            "[engine_restart] cleanup: containerd stopped after {:?}",
+            t0.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(200));
         for id in self.container_ids() {
             if let Ok(ctls) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -489,10 +518,16 @@ impl Drop for Lab {
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }
         }
-        eprintln!("[engine_restart] cleanup: unmounted after {:?}", t0.elapsed());
+        eprintln!(
+            "[engine_restart] cleanup: unmounted after {:?}",
+            t0.elapsed()
+        );
         let _ = std::fs::remove_dir_all(&self.run);
         let _ = std::fs::remove_dir_all(&self.lib);
-        eprintln!("[engine_restart] cleanup: folders removed after {:?}", t0.elapsed());
+        eprintln!(
+            "[engine_restart] cleanup: folders removed after {:?}",
+            t0.elapsed()
+        );
         let ip = need("ip");
         let _ = run(&ip, &["netns", "del", &self.ns], Duration::from_secs(10));
         let _ = run(&ip, &["link", "del", &self.veth], Duration::from_secs(10));
@@ -531,7 +566,12 @@ fn client(timeout: Duration) -> reqwest::Client {
         .unwrap()
 }
 
-async fn call(c: &reqwest::Client, method: &str, path: &str, body: Value) -> (u16, Value, Duration) {
+async fn call(
+    c: &reqwest::Client,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> (u16, Value, Duration) {
     let t0 = Instant::now();
     let req = match method {
         "GET" => c.get(api(path)),
@@ -691,7 +731,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         tokio::spawn(async move {
             let t0 = Instant::now();
             let r = c.get(preview("/slow")).send().await;
-            (r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()), t0.elapsed())
+            (
+                r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
+                t0.elapsed(),
+            )
         })
     };
     let stop_polling = Arc::new(AtomicBool::new(false));
@@ -736,7 +779,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     .expect("with a close frame");
     assert_eq!(u16::from(close.code), 1011, "{close:?}");
     assert_eq!(close.reason, "engine unavailable", "{close:?}");
-    eprintln!("[engine_restart] terminal closed {:?} after the kill", t_kill.elapsed());
+    eprintln!(
+        "[engine_restart] terminal closed {:?} after the kill",
+        t_kill.elapsed()
+    );
 
     // The execution in flight ends with 503 engine_unavailable, not a hang.
     let (s, v, _) = tokio::time::timeout(Duration::from_secs(5), exec_in_flight)
@@ -755,13 +801,20 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     assert_eq!(v["engine"], "unavailable", "{v}");
     assert_eq!(v["store"], "ok", "{v}");
     assert_eq!(v["error"]["code"], "engine_unavailable", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("engine"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("engine"),
+        "{v}"
+    );
 
     // API calls: 503 engine_unavailable with Retry-After, within 2 s.
     for (method, path, body) in [
         ("GET", "/sandbox/status", Value::Null),
         ("POST", "/sandbox/init", json!({})),
-        ("POST", "/sandbox/execute", json!({"code": "console.log(1)"})),
+        (
+            "POST",
+            "/sandbox/execute",
+            json!({"code": "console.log(1)"}),
+        ),
     ] {
         let t0 = Instant::now();
         let req = match method {
@@ -770,7 +823,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         };
         let r = req.bearer_auth(token()).send().await.unwrap();
         let took = t0.elapsed();
-        assert!(took < Duration::from_secs(2), "{method} {path} took {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{method} {path} took {took:?}"
+        );
         assert_eq!(r.status(), 503, "{method} {path}");
         let retry: u32 = r
             .headers()
@@ -782,7 +838,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
             .unwrap();
         assert!((1..=2).contains(&retry), "Retry-After {retry}");
         let v: Value = r.json().await.unwrap();
-        assert_eq!(v["error"]["code"], "engine_unavailable", "{method} {path}: {v}");
+        assert_eq!(
+            v["error"]["code"], "engine_unavailable",
+            "{method} {path}: {v}"
+        );
     }
     // Store-only calls keep working.
     assert!(!events(&quick).await.is_empty());
@@ -797,7 +856,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(r.status(), 503);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     let page = r.text().await.unwrap();
     assert!(page.contains("http-equiv=\"refresh\""), "{page}");
     assert!(page.contains("engine"), "{page}");
@@ -808,7 +870,9 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     assert_eq!(v["error"]["code"], "engine_unavailable", "{v}");
 
     // A new terminal is refused with 503 at the handshake.
-    let refused = open_terminal().await.err().expect("no terminal while the engine is down");
+    let refused = open_terminal()
+        .await
+        .expect_err("no terminal while the engine is down");
     assert!(refused.contains("503"), "{refused}");
 
     let (slow, took) = tokio::time::timeout(Duration::from_secs(10), slow_in_flight)
@@ -823,8 +887,14 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     let seen = poller.await.unwrap();
     let worst = Duration::from_millis(worst_ms.load(Ordering::Relaxed));
     eprintln!("[engine_restart] preview poller statuses {seen:?}, slowest answer {worst:?}");
-    assert!(worst < Duration::from_secs(5), "a preview request took {worst:?}");
-    assert!(seen.get(&503).is_some(), "the poller saw the outage: {seen:?}");
+    assert!(
+        worst < Duration::from_secs(5),
+        "a preview request took {worst:?}"
+    );
+    assert!(
+        seen.contains_key(&503),
+        "the poller saw the outage: {seen:?}"
+    );
 
     // The engine comes back on the same data root; live-restore is off, so it stops the sandbox.
     let outage = t_kill.elapsed();
@@ -833,7 +903,11 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     let state = lab
         .dk(&["inspect", "--format", "{{.State.Running}}", &cid], 10)
         .unwrap();
-    assert_eq!(state.trim(), "false", "the engine restart stopped the sandbox");
+    assert_eq!(
+        state.trim(),
+        "false",
+        "the engine restart stopped the sandbox"
+    );
 
     // Without restarting sandboxd: healthy again within a few pings.
     let t_back = Instant::now();
@@ -850,7 +924,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("[engine_restart] /healthz 200 again {:?} after the engine answered", t_back.elapsed());
+    eprintln!(
+        "[engine_restart] /healthz 200 again {:?} after the engine answered",
+        t_back.elapsed()
+    );
 
     // The stopped sandbox is started again by the next request (a preview: the app is
     // autostarted), the same container, not a new one.
@@ -865,7 +942,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     let r = c.get(preview("/")).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", lab.sandboxd_log());
     assert_eq!(r.text().await.unwrap(), format!("hello from {USER}"));
-    eprintln!("[engine_restart] first preview after the restart answered in {:?}", t0.elapsed());
+    eprintln!(
+        "[engine_restart] first preview after the restart answered in {:?}",
+        t0.elapsed()
+    );
     let (s, v, _) = call(&c, "GET", "/sandbox/status", Value::Null).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["state"], "running", "{v}");
@@ -889,7 +969,11 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         assert!(after.contains(e), "event lost across the restart: {e}");
     }
     assert_eq!(count(&after, "created"), 1, "{after:?}");
-    assert_eq!(count(&after, "started"), count(&before, "started") + 1, "{after:?}");
+    assert_eq!(
+        count(&after, "started"),
+        count(&before, "started") + 1,
+        "{after:?}"
+    );
     let ats: std::collections::HashSet<String> = after.iter().map(|e| e.to_string()).collect();
     assert_eq!(ats.len(), after.len(), "a duplicated event: {after:?}");
     {
@@ -903,7 +987,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         assert_eq!(rows.len(), 1, "one session row");
         let row = &rows[0];
         assert_eq!(row.get::<String, _>(0), USER);
-        assert_eq!(row.get::<Option<String>, _>(1).as_deref(), Some(cid.as_str()));
+        assert_eq!(
+            row.get::<Option<String>, _>(1).as_deref(),
+            Some(cid.as_str())
+        );
         assert_eq!(row.get::<String, _>(2), "running");
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM events WHERE kind = 'created'")
             .fetch_one(&mut conn)
@@ -915,7 +1002,10 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     }
     // The lab's engine has exactly the one sandbox container.
     let ids = lab.dk(&["ps", "-aq", "--no-trunc"], 10).unwrap();
-    assert_eq!(ids.split_whitespace().collect::<Vec<_>>(), vec![cid.as_str()]);
+    assert_eq!(
+        ids.split_whitespace().collect::<Vec<_>>(),
+        vec![cid.as_str()]
+    );
 
     drop(lab);
     eprintln!("[engine_restart] whole test {:?}", t_all.elapsed());

@@ -89,7 +89,9 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracker.note_error(&e);
-                Err(format!("the container engine (Docker) is unavailable: {e:#}"))
+                Err(format!(
+                    "the container engine (Docker) is unavailable: {e:#}"
+                ))
             }
             Err(_) => Err(format!(
                 "the container engine (Docker) did not answer within {PING_TIMEOUT:?}"

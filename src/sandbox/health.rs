@@ -28,7 +28,10 @@ pub const RETRY_AFTER_SECS: u32 = 2;
 pub enum EngineStatus {
     Up,
     /// Down since (ms since the epoch), with the error that said so.
-    Down { since: i64, error: String },
+    Down {
+        since: i64,
+        error: String,
+    },
 }
 
 impl EngineStatus {
