@@ -1049,7 +1049,7 @@ async fn exit_code(pty: &ExecPty) -> Result<Option<i64>, ()> {
         match pty.mgr.engine().exec_info(&pty.exec_id).await {
             Ok(i) if !i.running => return Ok(i.exit_code),
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) if health.note_error(&e) => return Err(()),
+            Err(e) if health.note_error(&e).await => return Err(()),
             Err(_) => return Ok(None),
         }
     }

@@ -88,7 +88,7 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
         match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine().ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                tracker.note_error(&e);
+                tracker.note_error(&e).await;
                 Err(format!(
                     "the container engine (Docker) is unavailable: {e:#}"
                 ))

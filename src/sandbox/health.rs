@@ -42,6 +42,8 @@ impl EngineStatus {
 
 pub struct Health {
     tx: watch::Sender<EngineStatus>,
+    /// Asked once more before a failed call marks the engine down (None in unit tests).
+    engine: Option<Engine>,
 }
 
 impl Default for Health {
@@ -55,12 +57,16 @@ impl Health {
     pub fn new() -> Health {
         Health {
             tx: watch::Sender::new(EngineStatus::Up),
+            engine: None,
         }
     }
 
     /// A tracker with its monitor task, which ends when the tracker is dropped.
     pub fn monitored(engine: Engine) -> Arc<Health> {
-        let h = Arc::new(Health::new());
+        let h = Arc::new(Health {
+            engine: Some(engine.clone()),
+            ..Health::new()
+        });
         spawn_monitor(Arc::downgrade(&h), engine, PING_EVERY, PING_TIMEOUT);
         h
     }
@@ -104,14 +110,23 @@ impl Health {
         });
     }
 
-    /// Marks the engine down when `err` is a transport failure; returns whether it was one.
-    pub fn note_error(&self, err: &anyhow::Error) -> bool {
-        if is_unavailable(err) {
-            self.mark_down(&format!("{err:#}"));
-            true
-        } else {
-            false
+    /// Marks the engine down when `err` is a transport failure and a ping confirms it (a
+    /// refused connection fails the ping at once; a silent engine within [`PING_TIMEOUT`]), so
+    /// one broken stream never turns a healthy engine "down". Returns whether it is down.
+    pub async fn note_error(&self, err: &anyhow::Error) -> bool {
+        if !is_unavailable(err) {
+            return false;
         }
+        if !self.is_up() {
+            return true;
+        }
+        if let Some(engine) = &self.engine {
+            if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, engine.ping()).await {
+                return false;
+            }
+        }
+        self.mark_down(&format!("{err:#}"));
+        true
     }
 
     /// The message clients see while the engine is down.
@@ -212,6 +227,8 @@ mod tests {
     #[tokio::test]
     async fn down_and_up_are_published_once_each() {
         let h = Health::new();
+        assert!(h.is_up());
+        assert!(!h.note_error(&anyhow::anyhow!("an answer, not a transport error")).await);
         assert!(h.is_up());
         let mut rx = h.subscribe();
         h.mark_down("refused");

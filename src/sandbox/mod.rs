@@ -217,7 +217,7 @@ impl Manager {
         }
         tokio::select! {
             r = work => match r {
-                Err(SandboxError::Internal(e)) if self.health.note_error(&e) => {
+                Err(SandboxError::Internal(e)) if self.health.note_error(&e).await => {
                     Err(SandboxError::EngineUnavailable(self.health.down_message()))
                 }
                 r => r,
@@ -238,7 +238,7 @@ impl Manager {
             return Err(SandboxError::EngineUnavailable(self.health.down_message()));
         }
         match work.await {
-            Err(SandboxError::Internal(e)) if self.health.note_error(&e) => {
+            Err(SandboxError::Internal(e)) if self.health.note_error(&e).await => {
                 Err(SandboxError::EngineUnavailable(self.health.down_message()))
             }
             r => r,
