@@ -108,6 +108,19 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// The lab's daemons die with the test's thread, so even a killed test run leaves no engine or
+/// sandboxd running (scripts/clean-engine-lab.sh removes the rest: shims, folders, namespace).
+fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only prctl, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 /// SIGTERM, then SIGKILL after `grace`; reaps the child.
 fn stop_child(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
@@ -244,7 +257,7 @@ impl Lab {
     /// containerd's shims need to see dockerd's overlay mounts.
     fn start_engine(&mut self) -> Duration {
         let t0 = Instant::now();
-        let ctd = Command::new(need("nsenter"))
+        let ctd = die_with_test(&mut Command::new(need("nsenter")))
             .args([&self.netns_path(), &need("containerd"), "--config"])
             .arg(self.lib.join("containerd.toml"))
             .stdin(Stdio::null())
@@ -262,7 +275,7 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let dd = Command::new(need("nsenter"))
+        let dd = die_with_test(&mut Command::new(need("nsenter")))
             .args([&self.netns_path(), &need("dockerd")])
             .arg("--containerd")
             .arg(self.containerd_sock())
@@ -375,7 +388,7 @@ impl Lab {
         // `ip netns exec` (unlike nsenter) also gives sandboxd the namespace's view of
         // /sys/class/net, where it checks the sandbox bridge before installing its rules.
         let mut cmd = Command::new(need("ip"));
-        cmd.args([
+        die_with_test(&mut cmd).args([
             "netns",
             "exec",
             &self.ns,

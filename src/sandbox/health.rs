@@ -228,7 +228,10 @@ mod tests {
     async fn down_and_up_are_published_once_each() {
         let h = Health::new();
         assert!(h.is_up());
-        assert!(!h.note_error(&anyhow::anyhow!("an answer, not a transport error")).await);
+        assert!(
+            !h.note_error(&anyhow::anyhow!("an answer, not a transport error"))
+                .await
+        );
         assert!(h.is_up());
         let mut rx = h.subscribe();
         h.mark_down("refused");
