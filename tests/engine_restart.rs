@@ -548,6 +548,39 @@ impl Drop for Lab {
     }
 }
 
+/// The database URL as sandboxd in the namespace can use it. SQLite is a file; PostgreSQL at
+/// 127.0.0.1 is the host's loopback, which the namespace cannot reach, so the test relays one
+/// port on its side of the veth pair to it.
+async fn reachable_from_lab(url: &str) -> String {
+    if !url.starts_with("postgres") {
+        return url.to_owned();
+    }
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (auth, hostpath) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let (hostport, path) = hostpath.split_once('/').unwrap_or((hostpath, ""));
+    let target = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    let listener = tokio::net::TcpListener::bind((HOST_IP, 0)).await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut up).await;
+                }
+            });
+        }
+    });
+    format!("{scheme}://{auth}{relay}/{path}")
+}
+
 fn token() -> String {
     sandboxd::api::auth::Auth::new(common::SECRET.as_bytes())
         .issue(
@@ -687,7 +720,8 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     eprintln!("[engine_restart] image loaded into the private engine in {load:?}");
     let db = common::test_db().await;
     let instance = common::instance_name();
-    lab.start_sandboxd(&instance, &db.url);
+    let sandboxd_db = reachable_from_lab(&db.url).await;
+    lab.start_sandboxd(&instance, &sandboxd_db);
 
     let c = client(Duration::from_secs(90));
     // sandboxd answers once it adopted state from the engine.
