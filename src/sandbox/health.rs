@@ -110,20 +110,26 @@ impl Health {
         });
     }
 
-    /// Marks the engine down when `err` is a transport failure and a ping confirms it (a
-    /// refused connection fails the ping at once; a silent engine within [`PING_TIMEOUT`]), so
-    /// one broken stream never turns a healthy engine "down". Returns whether it is down.
+    /// After an engine call failed: whether the engine is down, marking it so. A ping decides
+    /// (a refused connection fails it at once, a silent engine within [`PING_TIMEOUT`]), so one
+    /// broken stream never turns a healthy engine "down", and a failure that does not look like
+    /// a transport error (a stream cut mid-way) still counts when the engine is gone. Without an
+    /// engine to ask (unit tests) the error's kind decides.
     pub async fn note_error(&self, err: &anyhow::Error) -> bool {
-        if !is_unavailable(err) {
-            return false;
-        }
         if !self.is_up() {
             return true;
         }
-        if let Some(engine) = &self.engine {
-            if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, engine.ping()).await {
-                return false;
+        if answered(err) {
+            return false;
+        }
+        match &self.engine {
+            Some(engine) => {
+                if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, engine.ping()).await {
+                    return false;
+                }
             }
+            None if !is_unavailable(err) => return false,
+            None => {}
         }
         self.mark_down(&format!("{err:#}"));
         true
@@ -163,6 +169,16 @@ fn spawn_monitor(health: Weak<Health>, engine: Engine, every: Duration, timeout:
             }
         }
     });
+}
+
+/// True when the engine itself answered the call (with an error status): it is up.
+fn answered(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<BollardError>(),
+            Some(BollardError::DockerResponseServerError { .. })
+        )
+    })
 }
 
 /// True when an engine call failed because the engine could not be reached or did not answer
@@ -218,6 +234,8 @@ mod tests {
         })
         .context("inspecting the container");
         assert!(!is_unavailable(&answered));
+        assert!(super::answered(&answered));
+        assert!(!super::answered(&refused));
         let io: anyhow::Result<()> =
             Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).context("reading");
         assert!(is_unavailable(&io.unwrap_err()));
