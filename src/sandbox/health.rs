@@ -1,12 +1,16 @@
 //! Whether the container engine answers, known without asking it on every request.
 //!
-//! A monitor pings the engine every second with a one-second timeout. Any engine call that fails
-//! with a transport error (connection refused or reset, a timeout) marks the engine down at
-//! once, without waiting for the next ping. While the engine is down, requests that need it are
-//! answered at once with 503 `engine_unavailable` and `Retry-After` instead of waiting on a
-//! socket nobody serves; work already waiting on the engine is abandoned when it goes down
-//! (see [`Health::wait_down`]). The next successful ping marks it up again, and the manager
-//! re-reads its containers (an engine restart stops them all when live-restore is off).
+//! A monitor pings the engine every second with a one-second timeout: a refused connection marks
+//! it down at once, silence only after two unanswered pings in a row (one slow answer on a busy
+//! machine is not an outage). An engine call that fails without an answer from the engine (a
+//! refused or reset connection, a timeout, a stream cut mid-way) asks the engine once more and,
+//! when that ping fails too, marks it down at once instead of waiting for the monitor.
+//!
+//! While the engine is down, requests that need it are answered at once with 503
+//! `engine_unavailable` and `Retry-After` instead of waiting on a socket nobody serves; work
+//! already waiting on the engine is abandoned when it goes down (see [`wait_down`]). The next
+//! successful ping marks it up again, and the manager re-reads its containers (an engine restart
+//! stops them all when live-restore is off).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -20,6 +24,8 @@ use super::docker::Engine;
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 /// How long a ping may take before the engine counts as down.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Unanswered pings in a row before a silent (not refusing) engine counts as down.
+pub const SILENT_PINGS: u32 = 2;
 /// The `Retry-After` (seconds) sent while the engine is down.
 pub const RETRY_AFTER_SECS: u32 = 2;
 
@@ -158,14 +164,25 @@ fn spawn_monitor(health: Weak<Health>, engine: Engine, every: Duration, timeout:
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A refused connection is certain; one slow ping on a busy machine is not: silence
+        // counts only when two pings in a row go unanswered.
+        let mut silent = 0;
         loop {
             ticker.tick().await;
             let result = tokio::time::timeout(timeout, engine.ping()).await;
             let Some(h) = health.upgrade() else { break };
             match result {
-                Ok(Ok(())) => h.mark_up(),
+                Ok(Ok(())) => {
+                    silent = 0;
+                    h.mark_up();
+                }
                 Ok(Err(e)) => h.mark_down(&format!("{e:#}")),
-                Err(_) => h.mark_down(&format!("no answer to a ping within {timeout:?}")),
+                Err(_) => {
+                    silent += 1;
+                    if silent >= SILENT_PINGS {
+                        h.mark_down(&format!("no answer to {silent} pings of {timeout:?}"));
+                    }
+                }
             }
         }
     });
