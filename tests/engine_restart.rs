@@ -315,6 +315,14 @@ impl Lab {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) dockerd: an engine that accepts connections and
+    /// never answers.
+    fn freeze_engine(&self, frozen: bool) {
+        let pid = self.dockerd.as_ref().expect("dockerd runs").id() as i32;
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "signal to dockerd");
+    }
+
     /// The engine dies the hard way: dockerd and containerd are killed (SIGKILL).
     fn kill_engine(&mut self) {
         for child in [self.dockerd.take(), self.containerd.take()]
@@ -753,6 +761,34 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     let r = c.get(preview("/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), format!("hello from {USER}"));
+    // A frozen engine (it accepts connections and never answers): requests waiting on it, and
+    // new ones, get 503 engine_unavailable instead of hanging; it thaws, everything works.
+    let quick = client(Duration::from_secs(10));
+    lab.freeze_engine(true);
+    let t0 = Instant::now();
+    let (s, v, took) = call(&quick, "GET", "/sandbox/status", Value::Null).await;
+    lab.freeze_engine(false);
+    assert_eq!(s, 503, "status while the engine is frozen: {v}");
+    assert_eq!(v["error"]["code"], "engine_unavailable", "{v}");
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    eprintln!(
+        "[engine_restart] frozen engine: 503 after {:?}",
+        t0.elapsed()
+    );
+    let t0 = Instant::now();
+    loop {
+        let (s, v, _) = call(&quick, "GET", "/sandbox/status", Value::Null).await;
+        if s == 200 {
+            assert_eq!(v["state"], "running", "{v}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "status still {s} 10 s after the engine thawed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let mut term = open_terminal().await.expect("terminal opens");
     assert_eq!(term_run(&mut term, "echo up").await, "up");
     let before = events(&c).await;
@@ -760,7 +796,6 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
 
     // Requests in flight when the engine goes: an execution that would take 5 s, a slow
     // preview request, and a poller on the preview that must always get an answer quickly.
-    let quick = client(Duration::from_secs(10));
     let exec_in_flight = {
         let c = quick.clone();
         tokio::spawn(async move {
