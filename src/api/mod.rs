@@ -306,7 +306,11 @@ mod tests {
             "error codes missing from docs/openapi.json: {missing:?}"
         );
         // The scan itself works: it sees the codes of the preview proxy and the terminal.
-        for c in ["unknown_preview", "too_many_terminals", "misdirected_request"] {
+        for c in [
+            "unknown_preview",
+            "too_many_terminals",
+            "misdirected_request",
+        ] {
             assert!(found.contains(c), "scan found {found:?}");
         }
     }
