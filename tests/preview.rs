@@ -306,6 +306,7 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
     assert!(r.headers().get("retry-after").is_some());
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "preview_not_listening");
+    openapi::check_error(&v);
 }
 
 #[tokio::test]
