@@ -558,6 +558,7 @@ async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
     let db = sqlite_db();
     let mut table = test_table(&instance, dir.path(), &db.url);
     table.insert("log_format".into(), "json".into());
+    table.insert("wake_timeout".into(), "5s".into());
     let cfg_path = dir.path().join("sandboxd.toml");
     std::fs::write(&cfg_path, toml::to_string(&table).unwrap()).unwrap();
 
@@ -670,6 +671,17 @@ async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
         .await,
         200
     );
+    // A preview host: the owner is the line's user; the query (a link token) stays out.
+    let port = addr.rsplit(':').next().unwrap();
+    let r = c
+        .get(format!("{base}/?sandboxd_token={query_token}"))
+        .header("host", format!("user-77.preview.localhost:{port}"))
+        .header("x-request-id", "log-preview")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "nothing listens in the sandbox");
+    assert_eq!(r.headers()["x-request-id"], "log-preview");
 
     // Collect until the last access line is there.
     let parsed = |lines: &[String]| -> Vec<serde_json::Value> {
@@ -685,9 +697,9 @@ async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
             .collect()
     };
     let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while access(&parsed(&lines), "log-init").is_empty() {
+    while access(&parsed(&lines), "log-preview").is_empty() {
         if next(&mut lines, until).is_none() {
-            panic!("no access line for log-init: {lines:#?}");
+            panic!("no access line for log-preview: {lines:#?}");
         }
     }
     // Let any late line of these requests arrive too.
@@ -701,13 +713,19 @@ async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
         ("log-query", "/sandbox/terminal", 400, None),
         ("log-query-2", "/sandbox/status", 401, None),
         ("log-init", "/sandbox/init", 200, Some("77")),
+        ("log-preview", "/", 503, Some("77")),
     ] {
         let a = access(&all, id);
         assert_eq!(a.len(), 1, "one access line for {id}: {a:#?}");
         let a = &a[0];
         assert_eq!(a["level"], "INFO");
         assert_eq!(a["method"], if id == "log-init" { "POST" } else { "GET" });
-        assert_eq!(a["host"], "main", "{a}");
+        let host = if id == "log-preview" {
+            "preview"
+        } else {
+            "main"
+        };
+        assert_eq!(a["host"], host, "{a}");
         assert_eq!(a["path"], path, "{a}");
         assert_eq!(a["status"], status, "{a}");
         assert!(a["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{a}");

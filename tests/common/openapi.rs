@@ -79,7 +79,7 @@ fn validate(schema: &Value, body: &Value, what: &str) {
         .unwrap_or_else(|e| panic!("schema of {what} does not compile: {e}"));
     let errors: Vec<String> = v
         .iter_errors(body)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .map(|e| format!("{e} (at \"{}\")", e.instance_path()))
         .collect();
     assert!(
         errors.is_empty(),
