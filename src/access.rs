@@ -66,7 +66,7 @@ pub struct Access {
     host: HostKind,
     start: Instant,
     user: Arc<OnceLock<String>>,
-    pub span: tracing::Span,
+    span: tracing::Span,
 }
 
 impl Access {
