@@ -143,6 +143,7 @@ async fn bad_input_gets_json_errors_with_stable_codes() {
 
     // Authentication.
     let r = app.client.post(url("/sandbox/init")).send().await.unwrap();
+    let r = openapi::checked("POST", "/sandbox/init", r).await;
     assert_eq!(r.status(), 401);
     assert_eq!(code(&r.json().await.unwrap()), "unauthorized");
     for bad in ["nope", "a.b.c", &format!("{}x", app.token("1"))] {
@@ -173,10 +174,11 @@ async fn bad_input_gets_json_errors_with_stable_codes() {
             .body(body)
             .send()
     };
-    let r = send(vec![b'x'; 70_000]).await.unwrap();
+    let execute = "/sandbox/execute";
+    let r = openapi::checked("POST", execute, send(vec![b'x'; 70_000]).await.unwrap()).await;
     assert_eq!(r.status(), 413);
     assert_eq!(code(&r.json().await.unwrap()), "body_too_large");
-    let r = send(b"{not json".to_vec()).await.unwrap();
+    let r = openapi::checked("POST", execute, send(b"{not json".to_vec()).await.unwrap()).await;
     assert_eq!(r.status(), 400);
     assert_eq!(code(&r.json().await.unwrap()), "invalid_json");
     for body in [
@@ -189,6 +191,7 @@ async fn bad_input_gets_json_errors_with_stable_codes() {
         r#"[]"#,
     ] {
         let r = send(body.as_bytes().to_vec()).await.unwrap();
+        let r = openapi::checked("POST", execute, r).await;
         assert_eq!(r.status(), 422, "{body}");
         assert_eq!(code(&r.json().await.unwrap()), "invalid_request");
     }
@@ -196,6 +199,7 @@ async fn bad_input_gets_json_errors_with_stable_codes() {
     assert!(app.containers().is_empty());
     // Health.
     let r = app.client.get(url("/healthz")).send().await.unwrap();
+    let r = openapi::checked("GET", "/healthz", r).await;
     assert_eq!(r.status(), 200);
 }
 
