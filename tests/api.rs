@@ -297,6 +297,7 @@ async fn openapi_document_is_served_and_every_endpoint_answers_as_documented() {
     // The document itself, without a token, byte for byte the committed file.
     let r = c.get(url("/openapi.json")).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
     let (s, doc) = openapi::json_of("GET", "/openapi.json", r).await;
     assert_eq!(s, 200);
     assert_eq!(&doc, openapi::doc());
