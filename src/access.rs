@@ -38,7 +38,7 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// a preview host) for the access line and for the request's later log lines.
 pub fn note_user(user: &str) {
     let _ = REQUEST_USER.try_with(|u| u.set(user.to_owned()));
-    tracing::Span::current().record("user", user);
+    tracing::Span::current().record("user", tracing::field::display(user));
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +97,13 @@ impl Access {
     pub fn log(&self, status: StatusCode) {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let duration_ms = (duration_ms * 1000.0).round() / 1000.0;
-        let user = self.user.get().map(String::as_str);
+        let user = self.user.get().map(tracing::field::display);
         self.span.in_scope(|| {
             tracing::info!(
                 target: "sandboxd::access",
                 request_id = %self.id,
                 method = %self.method,
-                host = self.host.as_str(),
+                host = %self.host.as_str(),
                 path = %self.path,
                 status = status.as_u16(),
                 duration_ms,

@@ -85,7 +85,10 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => fmt.init(),
+        // Colours only for a terminal, not for a file or a log collector.
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         // One object per line: the event's fields at the top level, the request's span
         // (request_id, user) under "span".
         LogFormat::Json => fmt
