@@ -490,6 +490,26 @@ fn openapi_check_refuses_undocumented_answers() {
         404,
         &json!({"error": {"code": "no_such_code", "message": "x"}})
     )));
+    // /healthz's 503: the envelope, with what failed beside it; nothing else.
+    openapi::check(
+        "GET",
+        "/healthz",
+        503,
+        &json!({"error": {"code": "unhealthy", "message": "x"}}),
+    );
+    openapi::check(
+        "GET",
+        "/healthz",
+        503,
+        &json!({"status": "unavailable", "engine": "unavailable", "store": "ok",
+            "error": {"code": "engine_unavailable", "message": "x"}}),
+    );
+    assert!(refused(|| openapi::check(
+        "GET",
+        "/healthz",
+        503,
+        &json!({"error": {"code": "unhealthy", "message": "x"}, "extra": 1})
+    )));
     // Concrete paths map to their templates.
     assert_eq!(
         openapi::template_of("/sandbox/jobs/abc?x=1"),
