@@ -46,11 +46,44 @@ impl App {
         })
     }
 
+    /// Every request: a request id (kept from the client when sane, else new), a span that
+    /// carries it through every log line of the request, the `X-Request-Id` header on the
+    /// request (so the preview app gets it) and on the response, and one access line.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Response<Body> {
+        use crate::access::{Access, HostKind, X_REQUEST_ID};
+        let route = router::route(&self.router, request_host(&req));
+        let host = match route {
+            Route::Main => HostKind::Main,
+            Route::Preview { .. } => HostKind::Preview,
+            Route::NotFound => HostKind::Unknown,
+        };
+        let access = Access::start(
+            crate::access::request_id(req.headers()),
+            req.method().clone(),
+            req.uri().path(),
+            host,
+        );
+        req.headers_mut()
+            .insert(X_REQUEST_ID, access.header_value());
+        let mut resp = access
+            .run(async move {
+                if let Route::Preview { user, .. } = &route {
+                    crate::access::note_user(user.as_str());
+                }
+                self.route(req, conn).await
+            })
+            .await;
+        resp.headers_mut()
+            .insert(X_REQUEST_ID, access.header_value());
+        access.log(resp.status());
+        resp
+    }
+
+    async fn route(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
         // Header smuggling guards: one Host only, and an absolute-form URI must name the same
         // host as the Host header. (hyper already refuses CR/LF inside header values.)
         let mut hosts = req.headers().get_all(HOST).iter();

@@ -88,6 +88,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("runtime", Kind::Str, "\"\""),
     ("http_redirect", Kind::Bool, "false"),
     ("console_dir", Kind::Str, "\"console/dist\""),
+    ("log_format", Kind::Str, "\"text\""),
 ];
 
 /// Validated configuration. Built only through [`Config::load`] or [`Config::from_table`].
@@ -146,6 +147,14 @@ pub struct Config {
     pub http_redirect: bool,
     /// The built web console (`scripts/ensure-console.sh` fills it), served at `/`.
     pub console_dir: PathBuf,
+    /// `text` (human) or `json` (one object per line) log lines on stderr.
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,6 +384,11 @@ impl Config {
             runtime: (!runtime.is_empty()).then_some(runtime),
             http_redirect: t.bool("http_redirect")?,
             console_dir: PathBuf::from(t.nonempty("console_dir")?),
+            log_format: match t.str("log_format")?.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => bail!("invalid value for log_format: {other:?} (text or json)"),
+            },
         };
         if cfg.http_addr.is_none() && cfg.https_addr.is_none() {
             bail!("invalid value for http_addr: http_addr and https_addr cannot both be empty");

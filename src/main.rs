@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use sandboxd::api::auth::{self, Auth};
-use sandboxd::config::{parse_duration, Config};
+use sandboxd::config::{parse_duration, Config, LogFormat};
 use sandboxd::user::UserId;
 
 #[derive(Parser)]
@@ -79,13 +79,6 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SANDBOXD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -95,8 +88,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines on stderr, in the configured format; the level from `SANDBOXD_LOG` (default info).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDBOXD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Colours only for a terminal, not for a file or a log collector.
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One object per line: the event's fields at the top level, the request's span
+        // (request_id, user) under "span".
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = load_config(cli.config)?;
+    init_logging(cfg.log_format);
     match cli.cmd {
         Cmd::Serve => {
             let rt = tokio::runtime::Runtime::new()?;

@@ -185,7 +185,7 @@ pub async fn create(
     );
     let snapshot = job.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let (app2, user2) = (app.clone(), user.clone());
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let result = run_job(&app2, &user2, &job, &template, &name).await;
         let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -199,7 +199,7 @@ pub async fn create(
                 j.error = Some(format!("{e:#}"));
             }
         }
-    });
+    }));
     let mut resp = json(StatusCode::ACCEPTED, &snapshot);
     if let Ok(v) = format!("/sandbox/jobs/{}", snapshot.id).parse() {
         resp.headers_mut().insert(hyper::header::LOCATION, v);

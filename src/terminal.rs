@@ -858,6 +858,7 @@ async fn open(
         .auth
         .verify(&token)
         .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    crate::access::note_user(user.as_str());
     // 4. How many: count first, then check, so two racing opens can never both slip under.
     let guard = app.mgr.terminal_opened(&user);
     if app.mgr.slot(&user).open_terminals() > app.cfg.terminal_per_user {
@@ -926,7 +927,8 @@ async fn open(
     let on_upgrade = hyper::upgrade::on(&mut *req);
     let max_frame = app.cfg.terminal_max_frame_bytes;
     tracing::info!(user = %user, terminal = %id, "terminal opened");
-    tokio::spawn(async move {
+    // In the request's span: the session's log lines carry its request id.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let _guard = guard;
         let upgraded = match tokio::time::timeout(UPGRADE_TIMEOUT, on_upgrade).await {
             Ok(Ok(u)) => u,
@@ -950,7 +952,7 @@ async fn open(
         let outcome = session(ws, output, input, &pty).await;
         reaper.kill().await;
         tracing::info!(user = %user, terminal = %id, outcome = ?outcome, "terminal closed");
-    });
+    }));
 
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

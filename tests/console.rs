@@ -150,6 +150,7 @@ async fn console_paths_outside_the_allow_list_are_404() {
         assert_eq!(r.status(), 404, "{path}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "not_found", "{path}");
+        openapi::check_error(&body);
         stream_paths.push(path);
     }
     // Raw dot segments, which HTTP clients normalise away: sent by hand on a socket.
@@ -191,6 +192,7 @@ async fn a_missing_console_build_is_named() {
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "console_not_built");
+    openapi::check("GET", "/", 503, &body);
     assert!(
         body["error"]["message"]
             .as_str()

@@ -51,6 +51,7 @@ async fn start_app(app: &TestApp, user: &str) {
         fs.writeFileSync('/workspace/server.js', `
             require('http').createServer((q, s) => {
               if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 800);
+              if (q.url === '/headers') return s.end(JSON.stringify(q.headers));
               s.setHeader('content-type', 'text/plain');
               s.end('hello from ' + process.env.SANDBOXD_USER + ' host=' + q.headers.host + ' xfp=' + q.headers['x-forwarded-proto']);
             }).listen(5173, '0.0.0.0');
@@ -91,6 +92,22 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
         "{body}"
     );
     assert!(body.ends_with("xfp=http"), "{body}");
+
+    // Request ids reach the app: the client's, or one the edge made (issue 11).
+    let r = c
+        .get(url(&app, "1", "/headers"))
+        .header("x-request-id", "preview-rid-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "preview-rid-1");
+    let seen: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(seen["x-request-id"], "preview-rid-1", "{seen}");
+    let r = c.get(url(&app, "1", "/headers")).send().await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let seen: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(seen["x-request-id"], made.as_str(), "{seen}");
+    assert_eq!(made.len(), 32);
 
     // HTTPS, trusting the generated CA, SNI = the preview host.
     let https = app.https_addr.unwrap();
@@ -289,6 +306,7 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
     assert!(r.headers().get("retry-after").is_some());
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "preview_not_listening");
+    openapi::check_error(&v);
 }
 
 #[tokio::test]

@@ -346,6 +346,8 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
         Err(WsError::Http(resp)) => {
             let body: serde_json::Value =
                 serde_json::from_slice(resp.body().as_deref().unwrap_or(b"{}")).unwrap_or_default();
+            // Every refusal is a documented answer of the terminal route (docs/openapi.json).
+            openapi::check("GET", "/sandbox/terminal", resp.status().as_u16(), &body);
             (
                 resp.status().as_u16(),
                 body["error"]["code"].as_str().unwrap_or("").to_owned(),

@@ -33,64 +33,72 @@ pub enum Endpoint {
     PreviewLink,
     Console,
     ConsoleAsset,
+    OpenApi,
 }
+
+/// The OpenAPI 3.1 description of this API (docs/openapi.json), served at `/openapi.json`.
+/// A unit test checks that every route of the table below has an entry in it.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Path → endpoint, with the methods each accepts.
 pub struct Table(matchit::Router<(Endpoint, &'static [Method], &'static str)>);
 
+/// Every route: path, endpoint, accepted methods, and the `Allow` header for 405.
+pub const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
+    (
+        "/healthz",
+        Endpoint::Health,
+        &[Method::GET, Method::HEAD],
+        "GET, HEAD",
+    ),
+    ("/sandbox/init", Endpoint::Init, &[Method::POST], "POST"),
+    (
+        "/sandbox/execute",
+        Endpoint::Execute,
+        &[Method::POST],
+        "POST",
+    ),
+    ("/sandbox/status", Endpoint::Status, &[Method::GET], "GET"),
+    ("/sandbox/exit", Endpoint::Exit, &[Method::POST], "POST"),
+    ("/sandbox/events", Endpoint::Events, &[Method::GET], "GET"),
+    (
+        "/sandbox/terminal",
+        Endpoint::Terminal,
+        &[Method::GET],
+        "GET",
+    ),
+    (
+        "/sandbox/projects",
+        Endpoint::Projects,
+        &[Method::POST],
+        "POST",
+    ),
+    ("/sandbox/jobs/{id}", Endpoint::Job, &[Method::GET], "GET"),
+    (
+        "/sandbox/preview-link",
+        Endpoint::PreviewLink,
+        &[Method::POST],
+        "POST",
+    ),
+    (
+        "/",
+        Endpoint::Console,
+        &[Method::GET, Method::HEAD],
+        "GET, HEAD",
+    ),
+    (
+        "/console/{file}",
+        Endpoint::ConsoleAsset,
+        &[Method::GET, Method::HEAD],
+        "GET, HEAD",
+    ),
+    ("/openapi.json", Endpoint::OpenApi, &[Method::GET], "GET"),
+];
+
 impl Table {
     pub fn new() -> Table {
         let mut r = matchit::Router::new();
-        let routes: &[(&str, Endpoint, &'static [Method], &'static str)] = &[
-            (
-                "/healthz",
-                Endpoint::Health,
-                &[Method::GET, Method::HEAD],
-                "GET, HEAD",
-            ),
-            ("/sandbox/init", Endpoint::Init, &[Method::POST], "POST"),
-            (
-                "/sandbox/execute",
-                Endpoint::Execute,
-                &[Method::POST],
-                "POST",
-            ),
-            ("/sandbox/status", Endpoint::Status, &[Method::GET], "GET"),
-            ("/sandbox/exit", Endpoint::Exit, &[Method::POST], "POST"),
-            ("/sandbox/events", Endpoint::Events, &[Method::GET], "GET"),
-            (
-                "/sandbox/terminal",
-                Endpoint::Terminal,
-                &[Method::GET],
-                "GET",
-            ),
-            (
-                "/sandbox/projects",
-                Endpoint::Projects,
-                &[Method::POST],
-                "POST",
-            ),
-            ("/sandbox/jobs/{id}", Endpoint::Job, &[Method::GET], "GET"),
-            (
-                "/sandbox/preview-link",
-                Endpoint::PreviewLink,
-                &[Method::POST],
-                "POST",
-            ),
-            (
-                "/",
-                Endpoint::Console,
-                &[Method::GET, Method::HEAD],
-                "GET, HEAD",
-            ),
-            (
-                "/console/{file}",
-                Endpoint::ConsoleAsset,
-                &[Method::GET, Method::HEAD],
-                "GET, HEAD",
-            ),
-        ];
-        for (path, ep, methods, allow) in routes {
+        for (path, ep, methods, allow) in ROUTES {
             r.insert(*path, (*ep, *methods, *allow))
                 .expect("static routes do not overlap");
         }
@@ -118,6 +126,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, conn: Arc<ConnInfo>)
     };
     let result = match endpoint {
         Endpoint::Health => sandbox::health(app).await,
+        Endpoint::OpenApi => Ok(openapi()),
         Endpoint::Terminal => return crate::terminal::handle(app, req, conn).await,
         Endpoint::Console | Endpoint::ConsoleAsset => {
             return crate::console::handle(app, &req, param.as_deref().or(Some(&path)))
@@ -127,6 +136,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, conn: Arc<ConnInfo>)
                 Ok(u) => u,
                 Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
             };
+            crate::access::note_user(user.as_str());
             sandbox::dispatch(app, endpoint, &user, req, param, &conn).await
         }
     };
@@ -163,6 +173,18 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
     }
 }
 
+/// Public and static: readable by API tools running on other origins (Swagger UI, editors).
+fn openapi() -> Response<Body> {
+    let mut resp = Response::new(full(OPENAPI));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    resp
+}
+
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(full(body));
@@ -186,5 +208,128 @@ mod tests {
         );
         assert!(t.0.at("/sandbox/nope").is_err());
         assert!(t.0.at("/sandbox/init/x").is_err());
+    }
+
+    /// Adding a route without documenting it (path and every method) fails here.
+    #[test]
+    fn openapi_documents_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("docs/openapi.json");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1."));
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, ep, methods, _) in ROUTES {
+            let entry = paths
+                .get(*path)
+                .unwrap_or_else(|| panic!("{path} ({ep:?}) is missing from docs/openapi.json"));
+            for m in *methods {
+                let op = &entry[m.as_str().to_ascii_lowercase()];
+                assert!(
+                    op["responses"].is_object(),
+                    "{m} {path} is missing from docs/openapi.json"
+                );
+            }
+            let documented = entry.as_object().unwrap().keys().filter(|k| {
+                ["get", "head", "post", "put", "patch", "delete", "options"].contains(&k.as_str())
+            });
+            for m in documented {
+                assert!(
+                    methods.iter().any(|x| x.as_str().eq_ignore_ascii_case(m)),
+                    "docs/openapi.json documents {m} {path}, which the server refuses"
+                );
+            }
+        }
+        assert_eq!(
+            paths.len(),
+            ROUTES.len(),
+            "docs/openapi.json documents a route the table lacks"
+        );
+        // Every error code the document uses is in the enum; the enum has the stable codes.
+        let codes: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        for c in [
+            "not_found",
+            "unauthorized",
+            "invalid_request",
+            "engine_unavailable",
+            "bad_framing",
+        ] {
+            assert!(codes.contains(&c), "{c}");
+        }
+    }
+
+    /// Every code the sources hand to `ApiError::new` (and the helpers) is in the enum.
+    #[test]
+    fn openapi_lists_every_error_code() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let codes = doc["components"]["schemas"]["ErrorCode"]["enum"].clone();
+        let mut missing = vec![];
+        let mut found = std::collections::BTreeSet::new();
+        for file in crate_sources(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (i, _) in text.match_indices("StatusCode::") {
+                // `StatusCode::X,\n "code",` as ApiError::new and error_response take them.
+                let rest = &text[i..];
+                let Some(comma) = rest.find(',') else {
+                    continue;
+                };
+                let after = rest[comma + 1..].trim_start();
+                let Some(lit) = after.strip_prefix('"') else {
+                    continue;
+                };
+                let Some(end) = lit.find('"') else { continue };
+                let code = &lit[..end];
+                if code.is_empty() || !code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    continue;
+                }
+                found.insert(code.to_owned());
+                if !codes.as_array().unwrap().iter().any(|c| c == code) {
+                    missing.push(format!("{code} ({})", file.display()));
+                }
+            }
+        }
+        for code in [
+            "unauthorized",
+            "not_found",
+            "method_not_allowed",
+            "invalid_json",
+            "invalid_request",
+            "body_too_large",
+            "internal",
+        ] {
+            if !codes.as_array().unwrap().iter().any(|c| c == code) {
+                missing.push(code.to_owned());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "error codes missing from docs/openapi.json: {missing:?}"
+        );
+        // The scan itself works: it sees the codes of the preview proxy and the terminal.
+        for c in [
+            "unknown_preview",
+            "too_many_terminals",
+            "misdirected_request",
+        ] {
+            assert!(found.contains(c), "scan found {found:?}");
+        }
+    }
+
+    fn crate_sources(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(crate_sources(&p));
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+        out
     }
 }

@@ -390,7 +390,8 @@ fn misdirected(req: &Request<Incoming>, info: &ConnInfo) -> Option<Response<Body
 }
 
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "code": code, "message": message }).to_string();
+    // The API's error envelope (docs/openapi.json, `Error`).
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

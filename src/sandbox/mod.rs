@@ -383,7 +383,9 @@ impl Manager {
         let this = self.clone();
         let user = user.clone();
         self.engine_bound(async move {
-            tokio::spawn(async move { this.ensure_running_inner(&user).await })
+            // In the caller's span: the transition's log lines carry its request id.
+            let task = async move { this.ensure_running_inner(&user).await };
+            tokio::spawn(tracing::Instrument::in_current_span(task))
                 .await
                 .map_err(|e| SandboxError::Internal(anyhow!("start task failed: {e}")))?
         })

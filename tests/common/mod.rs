@@ -4,6 +4,8 @@
 //! removed by label when the `TestApp` drops, even when the test panicked.
 #![allow(dead_code)]
 
+pub mod openapi;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -189,23 +191,28 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Every answer through `post` and `get` is checked against docs/openapi.json.
     pub async fn post(&self, user: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
+        let r = self
+            .client
             .post(format!("{}{path}", self.base))
             .bearer_auth(self.token(user))
             .json(&body)
             .send()
             .await
-            .unwrap()
+            .unwrap();
+        openapi::checked("POST", path, r).await
     }
 
     pub async fn get(&self, user: &str, path: &str) -> reqwest::Response {
-        self.client
+        let r = self
+            .client
             .get(format!("{}{path}", self.base))
             .bearer_auth(self.token(user))
             .send()
             .await
-            .unwrap()
+            .unwrap();
+        openapi::checked("GET", path, r).await
     }
 
     pub async fn init(&self, user: &str) -> serde_json::Value {

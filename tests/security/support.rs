@@ -69,10 +69,21 @@ pub async fn ws_open(
     .expect("handshake within 90 s")
 }
 
-/// The HTTP status of a refused upgrade.
+/// The HTTP status of a refused terminal upgrade, whose answer is checked against
+/// docs/openapi.json.
 pub fn refused_status(r: Result<(Ws, impl Sized), WsError>) -> u16 {
     match r {
-        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let ct = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let body = resp.body().as_deref().unwrap_or(&[]);
+            crate::common::openapi::check_answer("GET", "/sandbox/terminal", status, ct, body);
+            status
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("the upgrade should have been refused"),
     }
