@@ -349,8 +349,7 @@ async fn forward(
         // Backstop: an answer whose head is late may be a request sent to a container that
         // was paused or stopped behind our back. Re-check the sandbox instead of waiting
         // forever; a sandbox that runs normally just has a slow app, and we keep waiting.
-        let result = match tokio::time::timeout(app.cfg.upstream_head_timeout, &mut sent).await
-        {
+        let result = match tokio::time::timeout(app.cfg.upstream_head_timeout, &mut sent).await {
             Ok(r) => r,
             Err(_) => match late_answer(app, user).await {
                 Late::KeepWaiting => sent.await,
@@ -461,8 +460,12 @@ async fn late_answer(app: &Arc<App>, user: &UserId) -> Late {
         Ok(sb) => match sb.ip {
             Some(ip) => Late::Restarted(ip),
             None => Late::Failed(
-                ApiError::new(StatusCode::BAD_GATEWAY, "no_address", "sandbox has no address")
-                    .into_response(),
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "no_address",
+                    "sandbox has no address",
+                )
+                .into_response(),
             ),
         },
         Err(e) => Late::Failed(ApiError::from(e).into_response()),

@@ -163,7 +163,10 @@ impl Tracker {
     fn on_head(&mut self, head: &[u8], out: &mut Vec<u8>) {
         let mut lines = head.split(|&b| b == b'\n').map(trim_eol);
         let request_line = lines.next().unwrap_or_default();
-        let method = request_line.split(|&b| b == b' ').next().unwrap_or_default();
+        let method = request_line
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default();
         let mut lengths = 0usize;
         let mut length: Option<&[u8]> = None;
         let mut te = false;
@@ -278,8 +281,14 @@ fn trim_eol(line: &[u8]) -> &[u8] {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -433,8 +442,14 @@ mod tests {
             let s = String::from_utf8_lossy(out);
             assert!(t.blocked());
             assert!(s.starts_with("POST / HTTP/1.1\r\nHost: a\r\n"), "{s}");
-            assert!(s.contains("x-sandboxd-bad-framing: content-length\r\n"), "{s}");
-            assert!(s.contains("x-sandboxd-bad-framing: transfer-encoding\r\n"), "{s}");
+            assert!(
+                s.contains("x-sandboxd-bad-framing: content-length\r\n"),
+                "{s}"
+            );
+            assert!(
+                s.contains("x-sandboxd-bad-framing: transfer-encoding\r\n"),
+                "{s}"
+            );
             assert!(!s.to_ascii_lowercase().contains("content-length:"), "{s}");
             assert!(!s.contains("smuggled"), "{s}");
             assert!(s.ends_with("\r\n\r\n"));
@@ -470,8 +485,8 @@ mod tests {
     #[test]
     fn header_lookalikes_in_bodies_are_not_heads() {
         let body = b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut input = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len())
-            .into_bytes();
+        let mut input =
+            format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         input.extend_from_slice(body);
         every_split(&input, |out, t| {
             assert_eq!(out, input.as_slice());
@@ -481,7 +496,10 @@ mod tests {
 
     #[test]
     fn upgrades_and_http2_switch_the_check_off() {
-        let (_, t) = run(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 4);
+        let (_, t) = run(
+            b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            4,
+        );
         assert!(t.passthrough());
         let (out, t) = run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", 3);
         assert!(t.passthrough());

@@ -37,13 +37,22 @@ pub fn describe(ev: &EngineEvent) -> String {
     }
 }
 
+/// A `kill` only sends a signal (the `die` that may follow is the change); a `stop` follows
+/// its `die`. Following them as well would only name the change after the wrong event.
+pub fn changes_state(action: &str) -> bool {
+    !matches!(action, "kill" | "stop")
+}
+
 /// Next wait after a failed or broken subscription.
 pub fn next_backoff(current: Duration) -> Duration {
     (current * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 
 /// Runs until `shutdown` turns true.
-pub fn spawn(mgr: Arc<Manager>, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    mgr: Arc<Manager>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let instance = mgr.config().instance.clone();
         let permits = Arc::new(Semaphore::new(CONCURRENT));
@@ -94,6 +103,9 @@ pub fn spawn(mgr: Arc<Manager>, mut shutdown: watch::Receiver<bool>) -> tokio::t
                 match item {
                     Some(Ok(ev)) => {
                         backoff = BACKOFF_MIN;
+                        if !changes_state(&ev.action) {
+                            continue;
+                        }
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             return;
                         };
@@ -106,7 +118,10 @@ pub fn spawn(mgr: Arc<Manager>, mut shutdown: watch::Receiver<bool>) -> tokio::t
                         });
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(error = format!("{e:#}"), "engine event stream broke; reconnecting");
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "engine event stream broke; reconnecting"
+                        );
                         break;
                     }
                     None => {
@@ -140,6 +155,14 @@ mod tests {
         assert_eq!(describe(&ev("kill", None, Some("9"))), "kill (signal 9)");
         assert_eq!(describe(&ev("pause", None, None)), "pause");
         assert_eq!(describe(&ev("die", None, None)), "die");
+    }
+
+    #[test]
+    fn signals_are_not_changes() {
+        assert!(!changes_state("kill") && !changes_state("stop"));
+        for a in ["start", "die", "oom", "pause", "unpause", "destroy"] {
+            assert!(changes_state(a), "{a}");
+        }
     }
 
     #[test]
