@@ -51,6 +51,7 @@ fn client_for(app: &TestApp, user: &str) -> reqwest::Client {
 async fn spawn(memory_mb: Option<i64>) -> TestApp {
     spawn_app_with(|t| {
         t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+        t.insert("upstream_head_timeout".into(), "1s".into());
         if let Some(m) = memory_mb {
             t.insert("memory_mb".into(), m.into());
         }
@@ -69,6 +70,7 @@ async fn start_app(app: &TestApp, user: &str) {
             require('http').createServer((q, s) => {
               seen.push(q.url); if (seen.length > 200) seen.shift();
               if (q.url === '/seen') return s.end(JSON.stringify(seen));
+              if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 1500);
               s.end('hello from ' + process.env.SANDBOXD_USER);
             }).listen(5173, '0.0.0.0');
         `);
@@ -323,6 +325,29 @@ async fn outside_pause_and_stop_wake_on_the_next_request_and_own_transitions_sta
     )
     .await;
     assert_eq!(ev["reason"], "external: pause");
+
+    // Backstop: a slow answer (over upstream_head_timeout) from a running app is waited for;
+    // a request in flight when the container is paused behind our back, with no other
+    // request to wake it, is answered once the late head makes sandboxd re-check and resume.
+    let slow = preview_url(&app, user, "/slow");
+    assert_eq!(get_preview(&c, &slow).await, (200, "slow done".to_owned()));
+    let id = container_id(&app, user).await;
+    let in_flight = tokio::spawn({
+        let (c, slow) = (c.clone(), slow.clone());
+        async move {
+            let t = Instant::now();
+            (get_preview(&c, &slow).await, t.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    docker(&["pause", &id]);
+    let (answer, took) = tokio::time::timeout(NEXT_REQUEST, in_flight)
+        .await
+        .expect("the request in flight during an outside pause never hangs")
+        .unwrap();
+    assert_eq!(answer, (200, "slow done".to_owned()));
+    eprintln!("request in flight during an outside pause answered after {took:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The API sees it too, and execute wakes it.
     let id = container_id(&app, user).await;
