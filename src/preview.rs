@@ -826,6 +826,26 @@ mod tests {
     }
 
     #[test]
+    fn only_bodyless_safe_methods_are_sent_again() {
+        let parts = |m: &str, h: &[(&str, &str)]| {
+            let mut b = Request::builder().method(m).uri("/");
+            for (k, v) in h {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(is_idempotent(&parts("GET", &[])));
+        assert!(is_idempotent(&parts("HEAD", &[("content-length", "0")])));
+        assert!(!is_idempotent(&parts("GET", &[("content-length", "5")])));
+        assert!(!is_idempotent(&parts(
+            "GET",
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(!is_idempotent(&parts("POST", &[])));
+        assert!(!is_idempotent(&parts("DELETE", &[])));
+    }
+
+    #[test]
     fn page_escapes() {
         assert!(!page("<x>", "", false).contains("<x>"));
     }
