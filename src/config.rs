@@ -78,6 +78,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("preview_extra_ports", Kind::List, "[]"),
     ("preview_access", Kind::Str, "\"public\""),
     ("wake_timeout", Kind::Duration, "\"30s\""),
+    ("upstream_head_timeout", Kind::Duration, "\"5s\""),
     ("dev_command", Kind::Str, "\"\""),
     ("sandbox_internet", Kind::Bool, "true"),
     (
@@ -139,6 +140,8 @@ pub struct Config {
     pub preview_extra_ports: Vec<u16>,
     pub preview_access: PreviewAccess,
     pub wake_timeout: Duration,
+    /// How long the preview waits for the app's response head before re-checking the sandbox.
+    pub upstream_head_timeout: Duration,
     pub dev_command: String,
     pub sandbox_internet: bool,
     /// IPv4 networks sandboxes may not reach even with internet access (metadata, LANs).
@@ -365,6 +368,7 @@ impl Config {
             preview_extra_ports: ports("preview_extra_ports")?,
             preview_access,
             wake_timeout: t.duration_in("wake_timeout", 100, 600_000)?,
+            upstream_head_timeout: t.duration_in("upstream_head_timeout", 100, 3_600_000)?,
             dev_command: t.str("dev_command")?,
             sandbox_internet: t.bool("sandbox_internet")?,
             sandbox_blocked_networks: t

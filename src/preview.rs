@@ -32,7 +32,7 @@ use crate::app::App;
 use crate::config::{Config, PreviewAccess};
 use crate::edge::listener::ConnInfo;
 use crate::http::{full, Body};
-use crate::sandbox::SandboxError;
+use crate::sandbox::{SandboxError, State};
 use crate::user::UserId;
 
 /// Cookie that carries the owner's preview token (`preview_access = "owner"`).
@@ -372,7 +372,35 @@ async fn forward(
             None => crate::http::empty(),
         };
         let up = Request::from_parts(clone_parts(&parts), b);
-        match app.preview.client.request(up).await {
+        let sent = app.preview.client.request(up);
+        tokio::pin!(sent);
+        // Backstop: an answer whose head is late may be a request sent to a container that
+        // was paused or stopped behind our back. Re-check the sandbox instead of waiting
+        // forever; a sandbox that runs normally just has a slow app, and we keep waiting.
+        let result = match tokio::time::timeout(app.cfg.upstream_head_timeout, &mut sent).await {
+            Ok(r) => r,
+            Err(_) => match late_answer(app, user).await {
+                Late::KeepWaiting => sent.await,
+                Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
+                    let addr = SocketAddr::new(ip, addr.port());
+                    parts.uri = upstream_uri(addr, &parts.uri);
+                    match connect_app(app, user, addr).await {
+                        Some(_) => continue,
+                        None => {
+                            return not_listening(
+                                &Request::from_parts(clone_parts(&parts), ()),
+                                addr.port(),
+                            )
+                        }
+                    }
+                }
+                Late::Restarted(_) => {
+                    return restarted(&Request::from_parts(clone_parts(&parts), ()));
+                }
+                Late::Failed(resp) => return resp,
+            },
+        };
+        match result {
             Ok(resp) => {
                 app.mgr.touch(user);
                 let (mut rp, rb) = resp.into_parts();
@@ -436,6 +464,74 @@ async fn forward(
     }
 }
 
+enum Late {
+    /// The sandbox runs (or was just resumed, which lets the request go on): keep waiting.
+    KeepWaiting,
+    /// The container had stopped or vanished and was started again at this address: the
+    /// request in flight is lost.
+    Restarted(IpAddr),
+    Failed(Response<Body>),
+}
+
+/// The upstream head is late: look at the sandbox as the engine sees it, and wake it if it
+/// was paused, stopped or removed behind our back.
+async fn late_answer(app: &Arc<App>, user: &UserId) -> Late {
+    let state = match app.mgr.refresh(user).await {
+        Ok(s) => s,
+        Err(e) => return Late::Failed(ApiError::internal(&e).into_response()),
+    };
+    if state == Some(State::Running) {
+        return Late::KeepWaiting;
+    }
+    tracing::info!(user = %user, state = ?state, "late preview answer: the sandbox was not running");
+    match app.mgr.ensure_running(user).await {
+        // A paused container keeps its connections: once resumed, the answer comes.
+        Ok(_) if state == Some(State::Paused) => Late::KeepWaiting,
+        Ok(sb) => match sb.ip {
+            Some(ip) => Late::Restarted(ip),
+            None => Late::Failed(
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "no_address",
+                    "sandbox has no address",
+                )
+                .into_response(),
+            ),
+        },
+        Err(e) => Late::Failed(ApiError::from(e).into_response()),
+    }
+}
+
+/// The answer to a request that was lost because the sandbox restarted under it and that is
+/// not safe to send again.
+fn restarted<B>(req: &Request<B>) -> Response<Body> {
+    if wants_html(req) {
+        return html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            page(
+                "Restarting",
+                "<p>The sandbox was restarted. This page retries by itself every 2 seconds.</p>",
+                true,
+            ),
+        );
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "preview_restarted",
+        "the sandbox was restarted while this request was in flight; retry",
+    )
+    .retry_after(1)
+    .into_response()
+}
+
+/// Safe to send again (RFC 9110 §9.2.2) and nothing in the body that was already consumed.
+fn is_idempotent(p: &hyper::http::request::Parts) -> bool {
+    matches!(
+        p.method,
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+    ) && is_bodyless(p)
+}
+
 fn is_bodyless(p: &hyper::http::request::Parts) -> bool {
     let len0 = p
         .headers
@@ -466,9 +562,12 @@ async fn tunnel(
     user: UserId,
     addr: SocketAddr,
 ) -> Response<Body> {
-    let stream = match TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(_) => {
+    // Bounded: an address that went away with its container would otherwise hang for the
+    // kernel's connect timeout.
+    let connected = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await;
+    let stream = match connected {
+        Ok(Ok(s)) => s,
+        _ => {
             let ip = match app.mgr.ensure_running(&user).await {
                 Ok(sb) => sb.ip,
                 Err(e) => return ApiError::from(e).into_response(),
@@ -884,6 +983,26 @@ mod tests {
         ] {
             assert!(!c.to_ascii_lowercase().contains("domain"), "{c}");
         }
+    }
+
+    #[test]
+    fn only_bodyless_safe_methods_are_sent_again() {
+        let parts = |m: &str, h: &[(&str, &str)]| {
+            let mut b = Request::builder().method(m).uri("/");
+            for (k, v) in h {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(is_idempotent(&parts("GET", &[])));
+        assert!(is_idempotent(&parts("HEAD", &[("content-length", "0")])));
+        assert!(!is_idempotent(&parts("GET", &[("content-length", "5")])));
+        assert!(!is_idempotent(&parts(
+            "GET",
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(!is_idempotent(&parts("POST", &[])));
+        assert!(!is_idempotent(&parts("DELETE", &[])));
     }
 
     #[test]

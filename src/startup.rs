@@ -14,7 +14,7 @@ use crate::app::{App, AppHandler};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
 use crate::sandbox::docker::Engine;
-use crate::sandbox::{firewall, reaper, Manager};
+use crate::sandbox::{events, firewall, reaper, Manager};
 use crate::store::Store;
 
 pub struct Running {
@@ -81,6 +81,11 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         let (m, rx) = (mgr.metrics().clone(), shutdown_rx.clone());
         tasks.spawn(crate::metrics::serve(l, m, mgr.clone(), rx));
     }
+    // Containers changed behind sandboxd's back (events.rs).
+    let follower = events::spawn(mgr.clone(), shutdown_rx.clone());
+    tasks.spawn(async move {
+        let _ = follower.await;
+    });
 
     // 4. TLS, when an HTTPS listener is configured.
     let (tls, dev_ca) = match &https {

@@ -1111,6 +1111,10 @@ impl Ctx {
         self.start_server("b1", &[]).await?;
         let r = self.bench_cold("cold", false, self.n.wake_runs).await;
         self.note_err("cold first hit", r);
+        let r = self.bench_outside("cold", "pause", self.n.wake_runs).await;
+        self.note_err("wake after an outside pause", r);
+        let r = self.bench_outside("cold", "stop", self.n.wake_runs).await;
+        self.note_err("wake after an outside stop", r);
         let r = self.bench_cold("npm", true, self.n.npm_runs).await;
         self.note_err("cold first hit (npm run dev)", r);
         let crowd = self.bench_crowd().await;
@@ -1182,6 +1186,17 @@ impl Ctx {
         }
         .await;
         self.note_err("wake from stopped (2 CPUs)", r);
+        // The outside rows (measured in B1, where no idle policy interferes) go beside
+        // sandboxd's own paused and stopped wakes.
+        let (outside, mut rows): (Vec<_>, Vec<_>) = std::mem::take(&mut self.report.wake)
+            .into_iter()
+            .partition(|r| r.label.starts_with("wake after an outside"));
+        let at = rows
+            .iter()
+            .rposition(|r| r.label.starts_with("wake from paused"))
+            .map_or(rows.len(), |i| i + 1);
+        rows.splice(at..at, outside);
+        self.report.wake = rows;
         self.report.settings.push((
             "cold start and wake".into(),
             format!(
@@ -1318,6 +1333,52 @@ impl Ctx {
             label: "wake from paused".into(),
             ms: summarize(&samples),
             note: "paused by the idle policy after 1 s; the GET unpauses it".into(),
+        });
+        Ok(())
+    }
+
+    /// Wake after the sandbox was paused or stopped behind sandboxd's back (`docker pause`,
+    /// `docker stop -t 1`): sandboxd learns it from the engine's event stream, not from the API.
+    async fn bench_outside(&mut self, user: &str, how: &str, runs: usize) -> Result<()> {
+        self.step(&format!(
+            "wake after an outside {how} ({user}, {runs} runs)"
+        ));
+        let mut samples = vec![];
+        for i in 0..=runs {
+            let id = self.container_of(user).await?;
+            // The app is up, so the sample is the wake (and, after a stop, the app's start).
+            http::wait_200(self.http, &self.host(user), "/", Duration::from_secs(60)).await?;
+            let (args, want): (Vec<&str>, &str) = match how {
+                "pause" => (vec!["pause", &id], "paused"),
+                _ => (vec!["stop", "-t", "1", &id], "exited"),
+            };
+            let out = tokio::process::Command::new("docker")
+                .args(&args)
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "docker {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            self.wait_status(&id, want, Duration::from_secs(20)).await?;
+            // No API call in between: the event stream is what tells sandboxd.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = std::fs::remove_file(self.listen_file(user));
+            let (_, total) = self.first_hit(user).await?;
+            if i > 0 {
+                samples.push(total);
+            }
+        }
+        let note = match how {
+            "pause" => "`docker pause` outside sandboxd (no idle policy); the GET unpauses it",
+            _ => "`docker stop -t 1` outside sandboxd (no idle policy); the GET starts the same container again",
+        };
+        self.report.wake.push(TimedRow {
+            label: format!("wake after an outside {how}"),
+            ms: summarize(&samples),
+            note: note.into(),
         });
         Ok(())
     }

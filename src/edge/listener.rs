@@ -38,6 +38,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::framing::{self, FramingCheck};
 use super::router::{request_host, sni_matches_host};
 use crate::http::{full, Body};
 
@@ -169,6 +170,7 @@ pub async fn serve(
                     builder: builder.clone(),
                     handshake_timeout: cfg.tls_handshake_timeout,
                     first_request_timeout: cfg.header_read_timeout,
+                    max_header_bytes: cfg.max_header_bytes,
                     // Taken here, in the loop, so that a shutdown signalled while this
                     // connection is still in its TLS handshake is seen by it too.
                     watcher: graceful.watcher(),
@@ -249,6 +251,7 @@ struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
     handshake_timeout: Duration,
     first_request_timeout: Duration,
+    max_header_bytes: usize,
     watcher: Watcher,
     /// Held for the connection's lifetime: dropping it frees the slot.
     _permit: OwnedSemaphorePermit,
@@ -276,7 +279,8 @@ impl Conn {
                 sni: None,
                 alpn_h2: false,
             };
-            return self.serve_http(stream, info).await;
+            let max = self.max_header_bytes;
+            return self.serve_http(FramingCheck::new(stream, max), info).await;
         };
         let stream =
             match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
@@ -298,7 +302,8 @@ impl Conn {
             sni: tls_conn.server_name().map(str::to_owned),
             alpn_h2: tls_conn.alpn_protocol() == Some(b"h2".as_slice()),
         };
-        self.serve_http(stream, info).await
+        let max = self.max_header_bytes;
+        self.serve_http(FramingCheck::new(stream, max), info).await
     }
 
     async fn serve_http<S>(self, stream: S, info: ConnInfo)
@@ -314,7 +319,8 @@ impl Conn {
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 got_request.store(true, Ordering::Relaxed);
                 let info = info.clone();
-                let response: ResponseFuture = match misdirected(&req, &info) {
+                let refused = bad_framing(&req).or_else(|| misdirected(&req, &info));
+                let response: ResponseFuture = match refused {
                     Some(resp) => Box::pin(std::future::ready(resp)),
                     None => handler.handle(req, info),
                 };
@@ -369,6 +375,32 @@ fn guarded(
             }
         }
     })
+}
+
+/// 400 `bad_framing` for a request whose framing headers [`FramingCheck`] found ambiguous
+/// (both `Content-Length` and `Transfer-Encoding`, or several lengths), on every host and
+/// before any handler; the connection closes after it, so nothing sent behind it is read.
+fn bad_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
+    if !req.headers().contains_key(framing::MARKER) {
+        return None;
+    }
+    let body = serde_json::json!({"error": {
+        "code": "bad_framing",
+        "message": "a request may carry either Content-Length (once) or Transfer-Encoding, not both",
+    }})
+    .to_string();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    Some(resp)
 }
 
 /// 421 when a TLS client's Host is not the name it did the handshake for. Without this, a

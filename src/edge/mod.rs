@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about Docker, the store or the API: those sit behind the `Handler`.
 
+pub mod framing;
 pub mod listener;
 pub mod router;
 pub mod tls;

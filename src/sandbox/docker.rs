@@ -14,6 +14,7 @@ use bollard::container::{
 use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::network::{CreateNetworkOptions, InspectNetworkOptions};
+use bollard::system::EventsOptions;
 use bollard::Docker;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -70,7 +71,28 @@ pub struct Inspected {
     pub ip: Option<IpAddr>,
     pub oom_killed: bool,
     pub pid: Option<i64>,
+    pub exit_code: Option<i64>,
 }
+
+/// A container event from the engine's event stream (this instance's containers only).
+#[derive(Clone, Debug)]
+pub struct EngineEvent {
+    /// `start`, `die`, `kill`, `oom`, `pause`, `unpause`, `stop` or `destroy`.
+    pub action: String,
+    pub container_id: String,
+    pub user: UserId,
+    /// `exitCode` of a `die`.
+    pub exit_code: Option<i64>,
+    /// `signal` of a `kill`.
+    pub signal: Option<String>,
+}
+
+/// The container actions the manager follows.
+pub const FOLLOWED_ACTIONS: [&str; 8] = [
+    "start", "die", "kill", "oom", "pause", "unpause", "stop", "destroy",
+];
+
+pub type EventStream = Pin<Box<dyn Stream<Item = anyhow::Result<EngineEvent>> + Send>>;
 
 /// One chunk of an exec's output.
 pub enum ExecOutput {
@@ -298,6 +320,48 @@ impl Engine {
         Ok((good, bad))
     }
 
+    /// The engine's event stream, filtered by the engine to this instance's containers and the
+    /// actions the manager follows; each event's labels are checked again here. Ends or yields
+    /// an error when the connection to the engine breaks.
+    pub fn events(&self, instance: &str) -> EventStream {
+        let mut filters = spec::instance_filters(instance);
+        filters.insert("type".to_owned(), vec!["container".to_owned()]);
+        filters.insert(
+            "event".to_owned(),
+            FOLLOWED_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
+        );
+        let instance = instance.to_owned();
+        let stream = self
+            .docker
+            .events(Some(EventsOptions::<String> {
+                filters,
+                ..Default::default()
+            }))
+            .filter_map(move |item| {
+                let instance = instance.clone();
+                async move {
+                    let m = match item {
+                        Ok(m) => m,
+                        Err(e) => return Some(Err(anyhow!(e).context("reading engine events"))),
+                    };
+                    let actor = m.actor?;
+                    let attrs = actor.attributes.unwrap_or_default();
+                    if attrs.get(spec::LABEL_INSTANCE).map(String::as_str) != Some(&instance) {
+                        return None;
+                    }
+                    let user = UserId::parse(attrs.get(spec::LABEL_USER)?).ok()?;
+                    Some(Ok(EngineEvent {
+                        action: m.action?,
+                        container_id: actor.id?,
+                        user,
+                        exit_code: attrs.get("exitCode").and_then(|c| c.parse().ok()),
+                        signal: attrs.get("signal").cloned(),
+                    }))
+                }
+            });
+        Box::pin(stream)
+    }
+
     pub async fn create(
         &self,
         cfg: &Config,
@@ -406,6 +470,7 @@ impl Engine {
             ip,
             oom_killed: st.oom_killed.unwrap_or(false),
             pid: st.pid.filter(|p| *p > 0),
+            exit_code: st.exit_code,
         })
     }
 

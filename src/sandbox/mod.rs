@@ -6,6 +6,7 @@
 //! ever found through the authenticated [`UserId`], never through a string a client sent.
 
 pub mod docker;
+pub mod events;
 pub mod exec;
 pub mod firewall;
 pub mod health;
@@ -409,32 +410,11 @@ impl Manager {
         asked: Instant,
     ) -> Result<Sandbox, SandboxError> {
         let user = &slot.user;
-        // Check the cached state against Docker: a container may have died or been removed
-        // behind our back (OOM of its init, an operator's `docker rm`).
-        if let Some(c) = guard.as_mut() {
-            match self.engine.inspect(&c.id, &self.network).await {
-                Ok(i) => {
-                    c.state = match i.state {
-                        DockerState::Running => State::Running,
-                        DockerState::Paused => State::Paused,
-                        _ => State::Stopped,
-                    };
-                    c.ip = i.ip.or(c.ip);
-                    if c.state == State::Stopped {
-                        c.permit = None;
-                    }
-                }
-                Err(e) if docker::is_not_found(&e) => {
-                    self.metrics.outside_change("destroy");
-                    self.event(user, Some(&c.id), "removed", Some("container vanished"))
-                        .await;
-                    *guard = None;
-                }
-                Err(e) => {
-                    self.engine_failed(&e);
-                    return Err(e.into());
-                }
-            }
+        // Never trust the cached state: check it against Docker. A container may have been
+        // paused, stopped, killed or removed behind our back (events.rs usually got there first).
+        if let Err(e) = self.sync_locked(slot, guard, None).await {
+            self.engine_failed(&e);
+            return Err(e.into());
         }
         match guard.as_mut() {
             Some(c) if c.state == State::Running && c.ip.is_some() => {}
@@ -615,24 +595,127 @@ impl Manager {
     async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
         let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
         let mut guard = slot.inner.lock().await;
-        if let Some(c) = guard.as_mut() {
-            match self.engine.inspect(&c.id, &self.network).await {
-                Ok(i) => {
-                    c.state = match i.state {
-                        DockerState::Running => State::Running,
-                        DockerState::Paused => State::Paused,
-                        _ => State::Stopped,
-                    };
-                    if c.state == State::Stopped {
-                        c.permit = None;
-                    }
-                }
-                Err(e) if docker::is_not_found(&e) => *guard = None,
-                Err(e) => return Err(e.into()),
+        let synced = self.sync_locked(&slot, &mut guard, None).await;
+        slot.publish(&guard);
+        synced?;
+        self.snapshot(&slot, &guard).ok_or(SandboxError::NotFound)
+    }
+
+    /// Brings the cached container in line with what the engine says it is now. sandboxd holds
+    /// the user's lock during its own transitions, so by the time anyone else looks, its own
+    /// change is already in the table; any difference found here happened behind its back and
+    /// is recorded as an event whose reason starts with `external:` (`cause` says what the
+    /// engine reported, e.g. `die (exit 137)`; without it the inspected state is described).
+    async fn sync_locked(
+        &self,
+        slot: &Slot,
+        guard: &mut Option<Container>,
+        cause: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let user = &slot.user;
+        let Some(c) = guard.as_mut() else {
+            return Ok(());
+        };
+        let i = match self.engine.inspect(&c.id, &self.network).await {
+            Ok(i) => i,
+            Err(e) if docker::is_not_found(&e) => {
+                let id = c.id.clone();
+                *guard = None;
+                let reason = format!("external: {}", cause.unwrap_or("container is gone"));
+                self.metrics.outside_change("removed");
+                self.event(user, Some(&id), "removed", Some(&reason)).await;
+                return self.save(user, guard, None).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let now = match i.state {
+            DockerState::Running => State::Running,
+            DockerState::Paused => State::Paused,
+            _ => State::Stopped,
+        };
+        if i.ip.is_some() {
+            c.ip = i.ip;
+        }
+        if now == c.state {
+            return Ok(());
+        }
+        let kind = match (c.state, now) {
+            (State::Paused, State::Running) => "resumed",
+            (_, State::Running) => "started",
+            (_, State::Paused) => "paused",
+            (_, State::Stopped) => "stopped",
+        };
+        let mut reason = match cause {
+            Some(cause) => format!("external: {cause}"),
+            None => match (now, i.exit_code) {
+                (State::Stopped, Some(code)) => format!("external: found exited (exit {code})"),
+                _ => format!("external: found {}", now.as_str()),
+            },
+        };
+        if now == State::Stopped && i.oom_killed && !reason.contains("oom") {
+            reason.push_str(", oom-killed");
+        }
+        c.state = now;
+        if now == State::Stopped {
+            c.permit = None;
+        } else if c.permit.is_none() {
+            // Started behind our back: it counts against the cap like any live sandbox.
+            c.permit = self.capacity.clone().try_acquire_owned().ok();
+            if c.permit.is_none() {
+                tracing::warn!(user = %user, "a sandbox started outside sandboxd puts it over max_containers");
             }
         }
+        self.metrics.outside_change(kind);
+        let id = c.id.clone();
+        self.event(user, Some(&id), kind, Some(&reason)).await;
+        self.save(user, guard, None).await
+    }
+
+    /// Applies what the engine reported about `container_id` (events.rs). Events about a
+    /// container that is not the user's current one (one sandboxd is removing, a failed
+    /// create) are ignored.
+    pub async fn observe(&self, user: &UserId, container_id: &str, cause: &str) {
+        let Some(slot) = self.existing_slot(user) else {
+            return;
+        };
+        let mut guard = slot.inner.lock().await;
+        if guard.as_ref().map(|c| c.id.as_str()) != Some(container_id) {
+            return;
+        }
+        if let Err(e) = self.sync_locked(&slot, &mut guard, Some(cause)).await {
+            tracing::warn!(user = %user, error = format!("{e:#}"), "applying an engine event");
+        }
         slot.publish(&guard);
-        self.snapshot(&slot, &guard).ok_or(SandboxError::NotFound)
+    }
+
+    /// Re-inspects every known container and applies what changed. Run when the event stream
+    /// (re)connects, so whatever happened while it was down (an engine restart stops every
+    /// container) is in the table and the store before the next request. Returns how many
+    /// containers could not be inspected.
+    pub async fn resync(&self, cause: &str) -> usize {
+        let mut failed = 0;
+        for slot in self.all_slots() {
+            let mut guard = slot.inner.lock().await;
+            if let Err(e) = self.sync_locked(&slot, &mut guard, Some(cause)).await {
+                tracing::warn!(user = %slot.user, error = format!("{e:#}"), "re-checking a sandbox");
+                failed += 1;
+            }
+            slot.publish(&guard);
+        }
+        failed
+    }
+
+    /// Re-inspects the user's container now (the preview's backstop when an answer is late)
+    /// and returns its state; `None` when the user has no container.
+    pub async fn refresh(&self, user: &UserId) -> anyhow::Result<Option<State>> {
+        let Some(slot) = self.existing_slot(user) else {
+            return Ok(None);
+        };
+        let mut guard = slot.inner.lock().await;
+        let synced = self.sync_locked(&slot, &mut guard, None).await;
+        slot.publish(&guard);
+        synced?;
+        Ok(guard.as_ref().map(|c| c.state))
     }
 
     /// Stops and removes the user's container; the workspace and the history stay.
@@ -792,13 +875,22 @@ impl Manager {
         let res = async {
             let sb = self.ensure_running(user).await?;
             slot.touch();
-            let res = self
-                .engine_call(async {
-                    exec::run_code(&self.engine, &sb.container_id, req, &self.cfg)
+            let retry = req.clone();
+            let run = |id: String, req| async move {
+                self.engine_call(async {
+                    exec::run_code(&self.engine, &id, req, &self.cfg)
                         .await
                         .inspect_err(|e| self.engine_failed(e))
                 })
-                .await;
+                .await
+            };
+            let mut res = run(sb.container_id, req).await;
+            if matches!(&res, Err(SandboxError::Internal(e)) if exec_refused(e)) {
+                // Paused, stopped or removed behind our back between the wake and the exec:
+                // the code never ran. Wake through the normal path and run it once more.
+                let sb = self.ensure_running(user).await?;
+                res = run(sb.container_id, retry).await;
+            }
             slot.touch();
             res
         }
@@ -972,6 +1064,12 @@ impl Manager {
             .map_err(|_| anyhow!("store ping timed out"))??;
         Ok(())
     }
+}
+
+/// An exec the engine refused before anything ran: the container is paused, not running (409)
+/// or gone (404).
+fn exec_refused(e: &anyhow::Error) -> bool {
+    e.to_string() == "creating an exec" && (docker::is_conflict(e) || docker::is_not_found(e))
 }
 
 /// Creates `path` as a real directory owned by the sandbox user. Refuses a symlink or anything

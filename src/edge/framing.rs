@@ -1,0 +1,519 @@
+//! Request framing at the edge (HTTP/1). A request with both `Content-Length` and
+//! `Transfer-Encoding`, or with more than one `Content-Length` value, is the raw material of
+//! request smuggling: two parsers that disagree on where its body ends see different requests.
+//! sandboxd refuses them with 400 `bad_framing` on every host, before anything is forwarded.
+//!
+//! hyper cannot be asked after the fact: its parser drops `Content-Length` when
+//! `Transfer-Encoding` is present and answers conflicting lengths itself, without a code. So
+//! the check runs on the raw bytes, in the connection's read path: [`FramingCheck`] follows
+//! the HTTP/1 message boundaries (heads, `Content-Length` bodies, chunked bodies), and when a
+//! head is bad it renames its framing headers to [`MARKER`] (so hyper sees a request without
+//! a body) and hands hyper nothing after it. The service answers a request carrying the
+//! marker with 400 and `Connection: close`, so the bytes that followed (a smuggled second
+//! request) never reach anyone. Upgrades, `CONNECT` and HTTP/2 (its preface) switch the check
+//! off for the rest of the connection: their bytes are not HTTP/1 messages.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Header that replaces the framing headers of a refused request.
+pub const MARKER: &str = "x-sandboxd-bad-framing";
+/// Longest chunk-size or trailer line followed before giving up (hyper refuses such input).
+const MAX_LINE: usize = 4096;
+const READ_CHUNK: usize = 8192;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Mode {
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    Trailer,
+    /// Not HTTP/1 messages any more (or not understood): bytes go through untouched.
+    Passthrough,
+    /// A bad head was handed over; nothing after it is.
+    Blocked,
+}
+
+/// Follows HTTP/1 message boundaries in the client's bytes.
+#[derive(Debug)]
+pub struct Tracker {
+    mode: Mode,
+    buf: Vec<u8>,
+    max_head: usize,
+}
+
+impl Tracker {
+    pub fn new(max_head: usize) -> Tracker {
+        Tracker {
+            mode: Mode::Head,
+            buf: Vec::new(),
+            max_head,
+        }
+    }
+
+    pub fn blocked(&self) -> bool {
+        self.mode == Mode::Blocked
+    }
+
+    fn passthrough(&self) -> bool {
+        self.mode == Mode::Passthrough
+    }
+
+    /// Feeds bytes read from the client and appends what the HTTP parser should see to `out`.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            match self.mode {
+                Mode::Passthrough => {
+                    out.extend_from_slice(input);
+                    return;
+                }
+                Mode::Blocked => return,
+                Mode::Body(n) => {
+                    let k = (n.min(input.len() as u64)) as usize;
+                    out.extend_from_slice(&input[..k]);
+                    input = &input[k..];
+                    self.mode = if n - k as u64 == 0 {
+                        Mode::Head
+                    } else {
+                        Mode::Body(n - k as u64)
+                    };
+                }
+                Mode::ChunkData(n) => {
+                    let k = (n.min(input.len() as u64)) as usize;
+                    out.extend_from_slice(&input[..k]);
+                    input = &input[k..];
+                    self.mode = if n - k as u64 == 0 {
+                        Mode::ChunkDataEnd
+                    } else {
+                        Mode::ChunkData(n - k as u64)
+                    };
+                }
+                Mode::ChunkSize | Mode::ChunkDataEnd | Mode::Trailer => {
+                    // Line-based parts of a chunked body: pass through, act at each line end.
+                    let (line_end, k) = match input.iter().position(|&b| b == b'\n') {
+                        Some(i) => (true, i + 1),
+                        None => (false, input.len()),
+                    };
+                    out.extend_from_slice(&input[..k]);
+                    self.buf.extend_from_slice(&input[..k]);
+                    input = &input[k..];
+                    if !line_end {
+                        if self.buf.len() > MAX_LINE {
+                            self.mode = Mode::Passthrough;
+                        }
+                        continue;
+                    }
+                    let line = std::mem::take(&mut self.buf);
+                    let line = trim_eol(&line);
+                    self.mode = match self.mode {
+                        Mode::ChunkSize => match chunk_size(line) {
+                            Some(0) => Mode::Trailer,
+                            Some(n) => Mode::ChunkData(n),
+                            None => Mode::Passthrough,
+                        },
+                        Mode::ChunkDataEnd if line.is_empty() => Mode::ChunkSize,
+                        Mode::Trailer if line.is_empty() => Mode::Head,
+                        Mode::Trailer => Mode::Trailer,
+                        _ => Mode::Passthrough,
+                    };
+                }
+                Mode::Head => {
+                    // Empty lines before a request line are allowed (and skipped by hyper).
+                    if self.buf.is_empty() && (input[0] == b'\r' || input[0] == b'\n') {
+                        out.push(input[0]);
+                        input = &input[1..];
+                        continue;
+                    }
+                    let start = self.buf.len();
+                    self.buf.extend_from_slice(input);
+                    let from = start.saturating_sub(3);
+                    match head_end(&self.buf, from) {
+                        Some(end) => {
+                            input = &input[end - start..];
+                            self.buf.truncate(end);
+                            let head = std::mem::take(&mut self.buf);
+                            self.on_head(&head, out);
+                        }
+                        None => {
+                            if self.buf.len() > self.max_head {
+                                // hyper answers 431; nothing to follow after that.
+                                out.append(&mut self.buf);
+                                self.mode = Mode::Passthrough;
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands over what is held back (a partial head) when the client stops sending.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        if self.mode == Mode::Head {
+            out.append(&mut self.buf);
+        }
+    }
+
+    fn on_head(&mut self, head: &[u8], out: &mut Vec<u8>) {
+        let mut lines = head.split(|&b| b == b'\n').map(trim_eol);
+        let request_line = lines.next().unwrap_or_default();
+        let method = request_line
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default();
+        let mut lengths = 0usize;
+        let mut length: Option<&[u8]> = None;
+        let mut te = false;
+        let mut chunked_last = false;
+        let mut conn_upgrade = false;
+        let mut upgrade = false;
+        for line in lines {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = trim(&line[..colon]);
+            let value = trim(&line[colon + 1..]);
+            if name.eq_ignore_ascii_case(b"content-length") {
+                for v in value.split(|&b| b == b',') {
+                    lengths += 1;
+                    length = Some(trim(v));
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = true;
+                chunked_last = value
+                    .split(|&b| b == b',')
+                    .next_back()
+                    .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                conn_upgrade |= value
+                    .split(|&b| b == b',')
+                    .any(|t| trim(t).eq_ignore_ascii_case(b"upgrade"));
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = true;
+            }
+        }
+        if method == b"PRI" {
+            // The HTTP/2 preface: not HTTP/1 from here on.
+            out.extend_from_slice(head);
+            self.mode = Mode::Passthrough;
+            return;
+        }
+        if (te && lengths > 0) || lengths > 1 {
+            out.extend_from_slice(&rewrite(head));
+            self.mode = Mode::Blocked;
+            return;
+        }
+        out.extend_from_slice(head);
+        self.mode = if method == b"CONNECT" || (conn_upgrade && upgrade) {
+            Mode::Passthrough
+        } else if te {
+            if chunked_last {
+                Mode::ChunkSize
+            } else {
+                Mode::Passthrough
+            }
+        } else {
+            match length.map(parse_len) {
+                None | Some(Some(0)) => Mode::Head,
+                Some(Some(n)) => Mode::Body(n),
+                Some(None) => Mode::Passthrough,
+            }
+        };
+    }
+}
+
+/// The head with every `Content-Length` and `Transfer-Encoding` line renamed to [`MARKER`].
+fn rewrite(head: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 64);
+    let mut lines = head.split(|&b| b == b'\n').map(trim_eol);
+    out.extend_from_slice(lines.next().unwrap_or_default());
+    out.extend_from_slice(b"\r\n");
+    for line in lines {
+        if line.is_empty() {
+            continue;
+        }
+        let name = line
+            .iter()
+            .position(|&b| b == b':')
+            .map(|c| trim(&line[..c]))
+            .unwrap_or_default();
+        if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            out.extend_from_slice(MARKER.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&name.to_ascii_lowercase());
+        } else {
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// End (exclusive) of the head: the first empty line at or after `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+fn parse_len(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let end = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .unwrap_or(line.len());
+    let hex = &line[..end];
+    if hex.is_empty() || hex.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+/// The connection's stream with the framing check on its read side.
+pub struct FramingCheck<S> {
+    inner: S,
+    tracker: Tracker,
+    out: Vec<u8>,
+    pos: usize,
+}
+
+impl<S> FramingCheck<S> {
+    pub fn new(inner: S, max_head: usize) -> Self {
+        FramingCheck {
+            inner,
+            tracker: Tracker::new(max_head),
+            out: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FramingCheck<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.pos < this.out.len() {
+                let n = buf.remaining().min(this.out.len() - this.pos);
+                buf.put_slice(&this.out[this.pos..this.pos + n]);
+                this.pos += n;
+                if this.pos == this.out.len() {
+                    this.out.clear();
+                    this.pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.tracker.blocked() {
+                // The refused request is answered with `Connection: close`; nothing after it
+                // is read.
+                return Poll::Pending;
+            }
+            if this.tracker.passthrough() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut tmp = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            if rb.filled().is_empty() {
+                this.tracker.flush(&mut this.out);
+                if this.out.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.tracker.feed(rb.filled(), &mut this.out);
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FramingCheck<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns what the parser would see.
+    fn run(input: &[u8], step: usize) -> (Vec<u8>, Tracker) {
+        let mut t = Tracker::new(64 * 1024);
+        let mut out = vec![];
+        for piece in input.chunks(step) {
+            t.feed(piece, &mut out);
+        }
+        (out, t)
+    }
+
+    fn every_split(input: &[u8], check: impl Fn(&[u8], &Tracker)) {
+        for step in [1, 2, 3, 7, 64, input.len().max(1)] {
+            let (out, t) = run(input, step);
+            check(&out, &t);
+        }
+    }
+
+    #[test]
+    fn good_requests_pass_unchanged_across_keep_alive() {
+        let input = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+            POST /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            GET /z HTTP/1.1\r\nHost: a\r\n\r\n";
+        every_split(input, |out, t| {
+            assert_eq!(out, input.as_slice());
+            assert_eq!(t.mode, Mode::Head);
+        });
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_marked_and_cut() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n\
+            0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        every_split(input, |out, t| {
+            let s = String::from_utf8_lossy(out);
+            assert!(t.blocked());
+            assert!(s.starts_with("POST / HTTP/1.1\r\nHost: a\r\n"), "{s}");
+            assert!(
+                s.contains("x-sandboxd-bad-framing: content-length\r\n"),
+                "{s}"
+            );
+            assert!(
+                s.contains("x-sandboxd-bad-framing: transfer-encoding\r\n"),
+                "{s}"
+            );
+            assert!(!s.to_ascii_lowercase().contains("content-length:"), "{s}");
+            assert!(!s.contains("smuggled"), "{s}");
+            assert!(s.ends_with("\r\n\r\n"));
+        });
+    }
+
+    #[test]
+    fn duplicate_or_conflicting_lengths_are_marked() {
+        for head in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let (out, t) = run(head.as_bytes(), 5);
+            assert!(t.blocked(), "{head}");
+            assert!(String::from_utf8_lossy(&out).contains(MARKER), "{head}");
+        }
+    }
+
+    #[test]
+    fn a_bad_second_request_is_found_after_a_body() {
+        let input = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc\
+            POST /b HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        every_split(input, |out, t| {
+            assert!(t.blocked());
+            let s = String::from_utf8_lossy(out);
+            assert!(s.starts_with("POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /b"));
+            assert!(s.contains(MARKER));
+        });
+    }
+
+    #[test]
+    fn header_lookalikes_in_bodies_are_not_heads() {
+        let body = b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut input =
+            format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        input.extend_from_slice(body);
+        every_split(&input, |out, t| {
+            assert_eq!(out, input.as_slice());
+            assert_eq!(t.mode, Mode::Head);
+        });
+    }
+
+    #[test]
+    fn upgrades_and_http2_switch_the_check_off() {
+        let (_, t) = run(
+            b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            4,
+        );
+        assert!(t.passthrough());
+        let (out, t) = run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", 3);
+        assert!(t.passthrough());
+        assert_eq!(out, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00");
+    }
+
+    #[test]
+    fn oversized_heads_are_left_to_hyper() {
+        let mut t = Tracker::new(100);
+        let mut out = vec![];
+        let big = vec![b'a'; 300];
+        t.feed(b"GET / HTTP/1.1\r\nX: ", &mut out);
+        t.feed(&big, &mut out);
+        assert!(t.passthrough());
+        assert_eq!(out.len(), 19 + 300);
+    }
+}
