@@ -564,3 +564,46 @@ async fn framing_is_refused_on_both_hosts(app: &TestApp, user: &str) {
         assert!(!seen.contains(bad), "{bad} reached the app: {seen}");
     }
 }
+
+/// sandboxd's own pause never lands while an exec is being started in the container (on this
+/// engine a container frozen while `runc exec` joins it hangs for good: `unpause` and `rm -f`
+/// never return). Executions race the manager's pause many times; every call must come back.
+#[tokio::test]
+async fn own_pauses_racing_exec_starts_never_wedge_the_container() {
+    let app = spawn(None).await;
+    app.init("61").await;
+    let user = UserId::parse("61").unwrap();
+    let m = mgr(&app).clone();
+    for round in 0..12 {
+        let runs = {
+            let app_base = app.base.clone();
+            let token = app.token("61");
+            tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                c.post(format!("{app_base}/sandbox/execute"))
+                    .bearer_auth(token)
+                    .json(&json!({"code": "console.log(1)"}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(round * 7 % 40)).await;
+        let paused = tokio::time::timeout(Duration::from_secs(20), m.pause(&user, "race"))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: pause hung"));
+        paused.unwrap_or_else(|e| panic!("round {round}: pause failed: {e:#}"));
+        // Wake it at once (a run frozen by the pause then goes on), then the run must finish.
+        let sb = tokio::time::timeout(Duration::from_secs(20), m.ensure_running(&user))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: wake hung"))
+            .unwrap();
+        assert_eq!(sb.state.as_str(), "running");
+        let status = tokio::time::timeout(Duration::from_secs(20), runs)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: execute hung"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "round {round}");
+    }
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex as StdMutex};
 
 use anyhow::{anyhow, Context};
 use bollard::container::{
@@ -19,6 +20,7 @@ use bollard::Docker;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWrite;
+use tokio::sync::RwLock;
 
 use crate::config::Config;
 use crate::sandbox::spec;
@@ -32,7 +34,15 @@ pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 #[derive(Clone)]
 pub struct Engine {
     docker: Docker,
+    /// Per container: an exec being started holds its gate shared, a pause holds it exclusively.
+    /// On this engine (20.10, cgroup v1) a container frozen while `runc exec` joins it gets
+    /// stuck for good (`unpause` and `rm -f` hang), and the exec API answers before the process
+    /// exists, so the gate is held until the engine reports the exec's pid (or its end).
+    gates: Arc<StdMutex<HashMap<String, Arc<RwLock<()>>>>>,
 }
+
+/// How long an exec start may keep a pause waiting for the process to appear.
+const EXEC_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What Docker says about a container's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +172,32 @@ impl Engine {
             .negotiate_version()
             .await
             .context("the Docker engine did not answer (is dockerd running?)")?;
-        Ok(Engine { docker })
+        Ok(Engine {
+            docker,
+            gates: Arc::default(),
+        })
+    }
+
+    fn gate(&self, container: &str) -> Arc<RwLock<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.entry(container.to_owned()).or_default().clone()
+    }
+
+    /// Waits (bounded) until the engine reports the exec's process started (a pid) or done.
+    async fn exec_settled(&self, exec_id: &str) {
+        let deadline = tokio::time::Instant::now() + EXEC_SETTLE;
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            match self.exec_info(exec_id).await {
+                // Not `Running`: the engine sets it before it asks containerd to start the
+                // process; the pid is known only once `runc exec` is done.
+                Ok(i) if i.exit_code.is_some() || i.pid.is_some_and(|p| p > 0) => return,
+                Ok(_) if tokio::time::Instant::now() < deadline => {}
+                _ => return,
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
     }
 
     pub async fn ping(&self) -> anyhow::Result<()> {
@@ -418,6 +453,10 @@ impl Engine {
 
     /// Force-removes a container; a missing one is not an error.
     pub async fn remove(&self, id: &str) -> anyhow::Result<()> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         let res = self
             .docker
             .remove_container(
@@ -433,6 +472,8 @@ impl Engine {
     }
 
     pub async fn pause(&self, id: &str) -> anyhow::Result<()> {
+        let gate = self.gate(id);
+        let _no_exec_starting = gate.write().await;
         self.docker
             .pause_container(id)
             .await
@@ -480,6 +521,8 @@ impl Engine {
         container: &str,
         spec: ExecSpec<'_>,
     ) -> anyhow::Result<(String, ExecStream, ExecInput)> {
+        let gate = self.gate(container);
+        let _starting = gate.read().await;
         let created = self
             .docker
             .create_exec(
@@ -516,6 +559,7 @@ impl Engine {
             .context("starting an exec")?;
         match started {
             StartExecResults::Attached { output, input } => {
+                self.exec_settled(&created.id).await;
                 let output = output.filter_map(|item| async move {
                     match item {
                         Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
