@@ -548,14 +548,14 @@ impl Manager {
         if !c.boosted {
             return;
         }
-        let Some(ip) = c.ip else { return };
         let gen = BOOT_GEN.fetch_add(1, Ordering::Relaxed) + 1;
         c.boot_gen = gen;
         let slot = self.slot(user);
         let engine = self.engine.clone();
         let id = c.id.clone();
         let nano = self.cfg.limits.nano_cpus;
-        let addr = SocketAddr::new(ip, self.cfg.preview_port);
+        // Without an address (never after a successful start) only the window ends the boost.
+        let addr = c.ip.map(|ip| SocketAddr::new(ip, self.cfg.preview_port));
         let deadline = tokio::time::Instant::now() + self.cfg.boot_window;
         tokio::spawn(async move {
             let listening = loop {
@@ -564,10 +564,12 @@ impl Manager {
                     break false;
                 }
                 let probe = (deadline - now).min(Duration::from_millis(250));
-                if let Ok(Ok(_)) =
-                    tokio::time::timeout(probe, tokio::net::TcpStream::connect(addr)).await
-                {
-                    break true;
+                if let Some(addr) = addr {
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(probe, tokio::net::TcpStream::connect(addr)).await
+                    {
+                        break true;
+                    }
                 }
                 tokio::time::sleep_until((tokio::time::Instant::now() + PROBE_EVERY).min(deadline))
                     .await;
