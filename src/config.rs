@@ -50,6 +50,8 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("certs_dir", Kind::Str, "\"certs\""),
     ("memory_mb", Kind::Int, "512"),
     ("cpus", Kind::Float, "0.5"),
+    ("boot_cpus", Kind::Float, "2.0"),
+    ("boot_window", Kind::Duration, "\"10s\""),
     ("pids_limit", Kind::Int, "128"),
     ("nofile_limit", Kind::Int, "1024"),
     ("fsize_limit_mb", Kind::Int, "1024"),
@@ -125,6 +127,8 @@ pub struct Config {
     pub exec_per_user: usize,
     pub max_body_bytes: usize,
     pub start_timeout: Duration,
+    /// Longest a sandbox keeps its boot CPU quota when its app does not listen.
+    pub boot_window: Duration,
     pub idle_pause_after: Duration,
     pub idle_stop_after: Duration,
     pub idle_check_every: Duration,
@@ -180,11 +184,25 @@ impl PreviewAccess {
 pub struct Limits {
     pub memory_bytes: i64,
     pub nano_cpus: i64,
+    /// CPU quota while a sandbox boots (until its app listens or `boot_window` ends); equal to
+    /// `nano_cpus` when the boost is off.
+    pub boot_nano_cpus: i64,
     pub pids: i64,
     pub nofile: i64,
     pub fsize_bytes: i64,
     pub tmp_size_bytes: i64,
     pub home_size_bytes: i64,
+}
+
+/// The boot quota in nano-CPUs: `boot_cpus` capped at the host's cores (the engine refuses
+/// more), never below the configured `cpus`; `boot_cpus = 0` turns the boost off.
+fn boot_nano_cpus(cpus: f64, boot_cpus: f64, host_cpus: usize) -> i64 {
+    let boot = boot_cpus.min(host_cpus.max(1) as f64);
+    ((boot.max(cpus)) * 1e9) as i64
+}
+
+fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Config {
@@ -265,6 +283,10 @@ impl Config {
         if !(0.01..=64.0).contains(&cpus) {
             bail!("invalid value for cpus: {cpus} (0.01 to 64)");
         }
+        let boot_cpus = t.float("boot_cpus")?;
+        if !(boot_cpus == 0.0 || (0.01..=64.0).contains(&boot_cpus)) {
+            bail!("invalid value for boot_cpus: {boot_cpus} (0 = off, or 0.01 to 64)");
+        }
         let preview_access = match t.str("preview_access")?.as_str() {
             "public" => PreviewAccess::Public,
             "owner" => PreviewAccess::Owner,
@@ -335,6 +357,7 @@ impl Config {
             limits: Limits {
                 memory_bytes: mb("memory_mb", 32, 1 << 20)?,
                 nano_cpus: (cpus * 1e9) as i64,
+                boot_nano_cpus: boot_nano_cpus(cpus, boot_cpus, host_cpus()),
                 pids: t.int_in("pids_limit", 16, 1 << 22)?,
                 nofile: t.int_in("nofile_limit", 64, 1 << 20)?,
                 fsize_bytes: mb("fsize_limit_mb", 1, 1 << 24)?,
@@ -349,6 +372,7 @@ impl Config {
             exec_per_user: t.int_in("exec_per_user", 1, 1024)? as usize,
             max_body_bytes: t.int_in("max_body_bytes", 1024, 1 << 30)? as usize,
             start_timeout: t.duration_in("start_timeout", 100, 600_000)?,
+            boot_window: t.duration_in("boot_window", 0, 600_000)?,
             idle_pause_after: t.duration_in("idle_pause_after", 100, u32::MAX as u64)?,
             idle_stop_after: t.duration_in("idle_stop_after", 100, u32::MAX as u64)?,
             idle_check_every: t.duration_in("idle_check_every", 10, 3_600_000)?,
@@ -639,6 +663,27 @@ mod tests {
         assert_eq!(c.limits.pids, 128);
         assert_eq!(c.exec_timeout, Duration::from_secs(10));
         assert_eq!(c.instance, "sandboxd");
+    }
+
+    #[test]
+    fn boot_quota_is_capped_by_the_host_and_never_below_the_limit() {
+        assert_eq!(boot_nano_cpus(0.5, 2.0, 8), 2_000_000_000);
+        assert_eq!(
+            boot_nano_cpus(0.5, 2.0, 1),
+            1_000_000_000,
+            "the engine refuses more"
+        );
+        assert_eq!(boot_nano_cpus(0.5, 0.0, 8), 500_000_000, "0 = off");
+        assert_eq!(
+            boot_nano_cpus(4.0, 2.0, 8),
+            4_000_000_000,
+            "never below cpus"
+        );
+        let c = Config::load(None, env(&[("SANDBOXD_BOOT_CPUS", "0")])).unwrap();
+        assert_eq!(c.limits.boot_nano_cpus, c.limits.nano_cpus);
+        assert_eq!(c.boot_window, Duration::from_secs(10));
+        assert!(Config::load(None, env(&[("SANDBOXD_BOOT_CPUS", "-1")])).is_err());
+        assert!(Config::load(None, env(&[("SANDBOXD_BOOT_CPUS", "100")])).is_err());
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct ProxyRow {
     pub cpu_us: Option<f64>,
 }
 
+/// Labels of the floors measured without sandboxd (issue 15), in the wake table.
+pub const FLOOR_WAKE: &str = "floor: wake from stopped without sandboxd";
+pub const FLOOR_COLD: &str = "floor: cold first hit without sandboxd";
+
 #[derive(Clone, Debug)]
 pub struct TimedRow {
     pub label: String,
@@ -194,6 +198,28 @@ impl Report {
                 target: format!("≤ {}", ms(goal)),
                 measured: ms(v),
                 pass: check(v, &|v| v <= goal),
+            });
+        }
+        // Issue 15: each p50 against its floor without sandboxd, measured in the same run.
+        for (prefix, floor, what) in [
+            (
+                "wake from stopped",
+                FLOOR_WAKE,
+                "wake from stopped p50 vs its floor",
+            ),
+            (
+                "cold first hit (user",
+                FLOOR_COLD,
+                "cold first hit p50 vs its floor",
+            ),
+        ] {
+            let v = self.wake_row(prefix).map_or(f64::NAN, |r| r.ms.p50);
+            let f = self.wake_row(floor).map_or(f64::NAN, |r| r.ms.p50);
+            t.push(Target {
+                what: what.into(),
+                target: "≤ 0.8×".into(),
+                measured: format!("{} vs {} = {}", ms(v), ms(f), ratio(v / f)),
+                pass: check(v / f, &|r| r <= 0.8),
             });
         }
         let exec = self.exec.first().map_or(f64::NAN, |r| r.ms.p50);

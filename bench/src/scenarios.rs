@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bollard::container::{InspectContainerOptions, ListContainersOptions, RemoveContainerOptions};
+use bollard::container::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, StopContainerOptions,
+};
 use bollard::Docker;
 use futures_util::{stream, SinkExt, StreamExt};
 use hyper::Method;
@@ -25,7 +28,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::http::{self, Api};
-use crate::report::{ms, Breakdown, Fact, ProxyRow, Report, TimedRow};
+use crate::report::{ms, Breakdown, Fact, ProxyRow, Report, TimedRow, FLOOR_COLD, FLOOR_WAKE};
 use crate::stats::{median, summarize};
 use crate::sys::{self, Proc};
 use crate::wrk::{Wrk, WrkResult};
@@ -363,6 +366,15 @@ impl Ctx {
             ("SANDBOXD_INSTANCE", self.opts.instance.clone()),
             ("SANDBOXD_AUTH_SECRET", self.secret.clone()),
             ("SANDBOXD_MAX_CONTAINERS", "64".into()),
+            // The sandbox image: `SANDBOXD_IMAGE` of the bench's own environment, as for
+            // scripts/ensure-image.sh in bench/run (default: the config's default).
+            (
+                "SANDBOXD_IMAGE",
+                std::env::var("SANDBOXD_IMAGE")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| "sandboxd-sandbox:latest".into()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -1111,6 +1123,8 @@ impl Ctx {
         self.start_server("b1", &[]).await?;
         let r = self.bench_cold("cold", false, self.n.wake_runs).await;
         self.note_err("cold first hit", r);
+        let r = self.bench_floors(self.n.wake_runs).await;
+        self.note_err("floors without sandboxd", r);
         let r = self.bench_outside("cold", "pause", self.n.wake_runs).await;
         self.note_err("wake after an outside pause", r);
         let r = self.bench_outside("cold", "stop", self.n.wake_runs).await;
@@ -1205,6 +1219,111 @@ impl Ctx {
             ),
         ));
         Ok(())
+    }
+
+    /// The floors of the cold first hit and of the wake from stopped, without sandboxd: the same
+    /// image, limits and hardening (`spec::container_config` at the configured CPU quota, no
+    /// boot boost), the same app started directly as the container's command
+    /// (`node server.js`, no init of the image), timed from the engine call to the app's first
+    /// 200 on the container's address (polled every 5 ms). Cold = create + start + the app's
+    /// boot; wake = start of the same, stopped container + the app's boot.
+    async fn bench_floors(&mut self, runs: usize) -> Result<()> {
+        self.step(&format!("floors without sandboxd ({runs} runs)"));
+        let user = "floor";
+        self.write_app(user, false)?;
+        let mut cfg = Config::load(None, self.env(&[]))?;
+        cfg.limits.boot_nano_cpus = cfg.limits.nano_cpus;
+        let uid = UserId::parse(user).map_err(|e| anyhow!("{e}"))?;
+        let mut spec = sandboxd::sandbox::spec::container_config(
+            &cfg,
+            &uid,
+            &self.ws.join(format!("user-{user}")),
+        );
+        spec.cmd = Some(vec!["node".into(), "server.js".into()]);
+        // Not sandboxd's (it never adopts it); the instance label lets the cleanup find it.
+        if let Some(l) = spec.labels.as_mut() {
+            l.remove(sandboxd::sandbox::spec::LABEL_MANAGED);
+        }
+        let (mut cold, mut wake, mut cold_rows, mut wake_rows) = (vec![], vec![], vec![], vec![]);
+        for i in 0..=runs {
+            let name = format!("{}-floor-{i}", self.opts.instance);
+            let _ = std::fs::remove_file(self.listen_file(user));
+            let (t0, t) = (now_ms(), Instant::now());
+            let id = self
+                .docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: name.as_str(),
+                        platform: None,
+                    }),
+                    spec.clone(),
+                )
+                .await?
+                .id;
+            let measured = async {
+                self.docker
+                    .start_container(&id, None::<StartContainerOptions<String>>)
+                    .await?;
+                self.until_200(&id).await?;
+                let total = t.elapsed().as_secs_f64() * 1e3;
+                let cold_b = self.breakdown(user, t0, total, true).await;
+                self.docker
+                    .stop_container(&id, Some(StopContainerOptions { t: 1 }))
+                    .await?;
+                self.wait_status(&id, "exited", Duration::from_secs(20))
+                    .await?;
+                let _ = std::fs::remove_file(self.listen_file(user));
+                let (w0, w) = (now_ms(), Instant::now());
+                self.docker
+                    .start_container(&id, None::<StartContainerOptions<String>>)
+                    .await?;
+                self.until_200(&id).await?;
+                let wtotal = w.elapsed().as_secs_f64() * 1e3;
+                let wake_b = self.breakdown(user, w0, wtotal, false).await;
+                Ok::<_, anyhow::Error>((total, cold_b, wtotal, wake_b))
+            }
+            .await;
+            self.remove_containers(vec![id]).await;
+            let (total, cold_b, wtotal, wake_b) = measured?;
+            if i > 0 {
+                cold.push(total);
+                wake.push(wtotal);
+                cold_rows.extend(cold_b);
+                wake_rows.extend(wake_b);
+            }
+        }
+        self.report.wake.push(TimedRow {
+            label: FLOOR_WAKE.into(),
+            ms: summarize(&wake),
+            note: "no sandboxd: `docker start` of a stopped container with the sandbox's image, limits (0.5 CPU) and hardening, whose command is the app itself (`node server.js`), until its first 200 on the container's address".into(),
+        });
+        self.report.wake.push(TimedRow {
+            label: FLOOR_COLD.into(),
+            ms: summarize(&cold),
+            note: "no sandboxd: create + start of such a container until the app's first 200"
+                .into(),
+        });
+        self.push_breakdown(FLOOR_WAKE, &wake_rows);
+        self.push_breakdown(FLOOR_COLD, &cold_rows);
+        Ok(())
+    }
+
+    /// Polls the app on the container's address every 5 ms until it answers 200 (60 s at most).
+    async fn until_200(&self, id: &str) -> Result<()> {
+        let ip = self.inspect(id).await?.ip.context("container address")?;
+        let addr = SocketAddr::new(ip, 5173);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(t) = http::timed_get(addr, "floor", "/", Duration::from_secs(5)).await {
+                if t.status == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the floor container's app did not answer 200 within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Waits until the engine reports `docker_state` and sandboxd's status says `state`.

@@ -82,6 +82,8 @@ pub struct Inspected {
     pub oom_killed: bool,
     pub pid: Option<i64>,
     pub exit_code: Option<i64>,
+    /// The CPU quota the engine holds for the container (`HostConfig.NanoCpus`).
+    pub nano_cpus: Option<i64>,
 }
 
 /// A container event from the engine's event stream (this instance's containers only).
@@ -487,6 +489,21 @@ impl Engine {
             .context("unpausing the container")
     }
 
+    /// Sets the container's CPU quota (running, paused or stopped: the engine applies it to the
+    /// cgroup now, or at the next start).
+    pub async fn set_cpus(&self, id: &str, nano_cpus: i64) -> anyhow::Result<()> {
+        self.docker
+            .update_container(
+                id,
+                bollard::container::UpdateContainerOptions::<String> {
+                    nano_cpus: Some(nano_cpus),
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("updating the container's CPU quota")
+    }
+
     pub async fn inspect(&self, id: &str, network: &str) -> anyhow::Result<Inspected> {
         let c = self
             .docker
@@ -512,6 +529,7 @@ impl Engine {
             oom_killed: st.oom_killed.unwrap_or(false),
             pid: st.pid.filter(|p| *p > 0),
             exit_code: st.exit_code,
+            nano_cpus: c.host_config.and_then(|h| h.nano_cpus),
         })
     }
 

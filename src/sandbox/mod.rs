@@ -14,9 +14,9 @@ pub mod reaper;
 pub mod spec;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -87,7 +87,17 @@ struct Container {
     created_at: i64,
     /// Held while the container is live (running or paused): the global cap is the semaphore.
     permit: Option<OwnedSemaphorePermit>,
+    /// Runs with the boot CPU quota (`boot_cpus`) until its app listens; see [`Manager::watch_boot`].
+    boosted: bool,
+    /// Which boot the quota watcher in flight belongs to (a newer wake takes over).
+    boot_gen: u64,
 }
+
+/// How often the boot watcher looks for the app's port.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// Numbers each boot whose quota is watched.
+static BOOT_GEN: AtomicU64 = AtomicU64::new(0);
 
 /// Per-user slot. The async mutex is the single-flight: every transition for a user runs
 /// under it, so 20 concurrent inits create exactly one container.
@@ -435,7 +445,28 @@ impl Manager {
                 }
                 let id = c.id.clone();
                 let t = Instant::now();
-                if let Err(e) = self.start_container(c).await {
+                // The boot quota goes in beside the start: before it, the engine keeps it for
+                // the start; after it, it updates the running cgroup. Either way the app boots
+                // with it, and the wake does not wait for one more engine call.
+                let boost = self.boost_enabled();
+                let (started, boosted) = tokio::join!(self.start_container(c), async {
+                    if !boost {
+                        return false;
+                    }
+                    match self
+                        .engine
+                        .set_cpus(&id, self.cfg.limits.boot_nano_cpus)
+                        .await
+                    {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(user = %user, error = format!("{e:#}"), "raising the CPU quota for the boot");
+                            false
+                        }
+                    }
+                });
+                c.boosted |= boosted;
+                if let Err(e) = started {
                     self.engine_failed(&e);
                     c.permit = None;
                     self.event(user, Some(&id), "failed", Some(&format!("{e:#}")))
@@ -444,6 +475,7 @@ impl Manager {
                 }
                 self.metrics.transition(Op::Start, t.elapsed());
                 self.metrics.wake(State::Stopped, asked.elapsed());
+                self.watch_boot(user, c);
                 self.event(user, Some(&id), "started", None).await;
                 self.save(user, guard, Some(now_ms())).await?;
             }
@@ -465,6 +497,9 @@ impl Manager {
                     ip: None,
                     created_at: now_ms(),
                     permit: Some(permit),
+                    // Created with the boot quota (spec.rs).
+                    boosted: self.boost_enabled(),
+                    boot_gen: 0,
                 };
                 let t = Instant::now();
                 if let Err(e) = self.start_container(&mut c).await {
@@ -476,6 +511,7 @@ impl Manager {
                     return Err(e.into());
                 }
                 self.metrics.transition(Op::Start, t.elapsed());
+                self.watch_boot(user, &mut c);
                 self.event(user, Some(&id), "started", None).await;
                 *guard = Some(c);
                 self.save(user, guard, Some(now_ms())).await?;
@@ -498,6 +534,76 @@ impl Manager {
         })
         .await
         .map_err(|_| anyhow!("starting the container took longer than start_timeout"))?
+    }
+
+    fn boost_enabled(&self) -> bool {
+        self.cfg.limits.boot_nano_cpus != self.cfg.limits.nano_cpus
+    }
+
+    /// After a boosted start: gives the configured CPU quota back once the app listens on the
+    /// preview port, or when `boot_window` ends (a sandbox without an app), whichever is first.
+    /// Pausing or stopping the sandbox gives it back at once ([`Self::unboost`]); a newer wake
+    /// takes over from this watcher.
+    fn watch_boot(&self, user: &UserId, c: &mut Container) {
+        if !c.boosted {
+            return;
+        }
+        let gen = BOOT_GEN.fetch_add(1, Ordering::Relaxed) + 1;
+        c.boot_gen = gen;
+        let slot = self.slot(user);
+        let engine = self.engine.clone();
+        let id = c.id.clone();
+        let nano = self.cfg.limits.nano_cpus;
+        // Without an address (never after a successful start) only the window ends the boost.
+        let addr = c.ip.map(|ip| SocketAddr::new(ip, self.cfg.preview_port));
+        let deadline = tokio::time::Instant::now() + self.cfg.boot_window;
+        tokio::spawn(async move {
+            let listening = loop {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    break false;
+                }
+                let probe = (deadline - now).min(Duration::from_millis(250));
+                if let Some(addr) = addr {
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(probe, tokio::net::TcpStream::connect(addr)).await
+                    {
+                        break true;
+                    }
+                }
+                tokio::time::sleep_until((tokio::time::Instant::now() + PROBE_EVERY).min(deadline))
+                    .await;
+            };
+            let mut guard = slot.inner.lock().await;
+            let Some(c) = guard.as_mut() else { return };
+            if c.id != id || c.boot_gen != gen || !c.boosted {
+                return;
+            }
+            match engine.set_cpus(&id, nano).await {
+                Ok(()) => {
+                    c.boosted = false;
+                    tracing::debug!(user = %slot.user, listening, "boot over: configured CPU quota back");
+                }
+                // Kept marked: the next pause or stop, or an adoption at start-up, retries.
+                Err(e) => {
+                    tracing::warn!(user = %slot.user, error = format!("{e:#}"), "restoring the CPU quota after the boot")
+                }
+            }
+        });
+    }
+
+    /// Gives the configured CPU quota back to a boosted container (paused or stopped before its
+    /// boot was over).
+    async fn unboost(&self, user: &UserId, c: &mut Container) {
+        if !c.boosted {
+            return;
+        }
+        match self.engine.set_cpus(&c.id, self.cfg.limits.nano_cpus).await {
+            Ok(()) => c.boosted = false,
+            Err(e) => {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "restoring the CPU quota")
+            }
+        }
     }
 
     /// Takes a slot under the global cap, evicting the least recently active paused sandbox of
@@ -791,6 +897,7 @@ impl Manager {
                 }
                 self.metrics.transition(Op::Pause, t.elapsed());
                 c.state = State::Paused;
+                self.unboost(user, c).await;
                 self.event(user, Some(&c.id), "paused", Some(reason)).await;
                 self.save(user, &guard, None).await?;
             }
@@ -850,6 +957,7 @@ impl Manager {
                 self.metrics.transition(Op::Stop, t.elapsed());
                 c.state = State::Stopped;
                 c.permit = None;
+                self.unboost(user, c).await;
                 self.event(user, Some(&c.id), "stopped", Some(reason)).await;
                 self.save(user, guard, None).await?;
             }
@@ -961,6 +1069,17 @@ impl Manager {
                 DockerState::Paused => State::Paused,
                 _ => State::Stopped,
             };
+            // A boot quota left behind by a previous run (or a changed `cpus`): the configured
+            // quota, whatever the state.
+            if i.nano_cpus.is_some_and(|n| n != self.cfg.limits.nano_cpus) {
+                if let Err(e) = self
+                    .engine
+                    .set_cpus(&keep.id, self.cfg.limits.nano_cpus)
+                    .await
+                {
+                    tracing::warn!(user = %user, error = format!("{e:#}"), "restoring the CPU quota at start-up");
+                }
+            }
             let mut permit = None;
             if state != State::Stopped {
                 permit = self.capacity.clone().try_acquire_owned().ok();
@@ -993,6 +1112,8 @@ impl Manager {
                     now_ms()
                 },
                 permit,
+                boosted: false,
+                boot_gen: 0,
             };
             let mut g = slot.inner.lock().await;
             *g = Some(c);

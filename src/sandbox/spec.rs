@@ -113,7 +113,9 @@ pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> Contai
         memory: Some(l.memory_bytes),
         // memory+swap equal to memory: no swap.
         memory_swap: Some(l.memory_bytes),
-        nano_cpus: Some(l.nano_cpus),
+        // Created with the boot quota; the manager gives the configured one back once the app
+        // listens (see `Manager::boot_boost`).
+        nano_cpus: Some(l.boot_nano_cpus),
         pids_limit: Some(l.pids),
         ulimits: Some(vec![
             ResourcesUlimits {
@@ -203,7 +205,11 @@ mod tests {
         assert_eq!(h.readonly_rootfs, Some(true));
         assert_eq!(h.memory, Some(512 * 1024 * 1024));
         assert_eq!(h.memory_swap, h.memory);
-        assert_eq!(h.nano_cpus, Some(500_000_000));
+        assert_eq!(h.nano_cpus, Some(cfg().limits.boot_nano_cpus));
+        let mut off = cfg();
+        off.limits.boot_nano_cpus = off.limits.nano_cpus;
+        let c = container_config(&off, &u, Path::new("/srv/ws/user-7"));
+        assert_eq!(c.host_config.unwrap().nano_cpus, Some(500_000_000));
         assert_eq!(h.pids_limit, Some(128));
         assert_eq!(h.init, Some(true));
         assert_eq!(h.privileged, Some(false));
