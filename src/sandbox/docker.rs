@@ -156,6 +156,43 @@ pub fn is_conflict(err: &anyhow::Error) -> bool {
     status_of(err) == Some(409)
 }
 
+/// True when the engine itself answered the call (with an error status): it is up.
+pub fn is_answered(err: &anyhow::Error) -> bool {
+    status_of(err).is_some()
+}
+
+/// True when an engine call failed because the engine could not be reached or did not answer
+/// in time (as opposed to an answer such as 404 or 409).
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        if let Some(b) = e.downcast_ref::<BollardError>() {
+            return matches!(
+                b,
+                BollardError::RequestTimeoutError
+                    | BollardError::IOError { .. }
+                    | BollardError::HyperResponseError { .. }
+                    | BollardError::HyperLegacyError { .. }
+                    | BollardError::HttpClientError { .. }
+                    | BollardError::SocketNotFoundError(_)
+            );
+        }
+        e.is::<tokio::time::error::Elapsed>()
+            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                use std::io::ErrorKind::*;
+                matches!(
+                    io.kind(),
+                    ConnectionRefused
+                        | ConnectionReset
+                        | ConnectionAborted
+                        | BrokenPipe
+                        | NotFound
+                        | TimedOut
+                        | UnexpectedEof
+                )
+            })
+    })
+}
+
 fn status_of(err: &anyhow::Error) -> Option<u16> {
     err.chain()
         .find_map(|e| match e.downcast_ref::<BollardError>() {
@@ -688,5 +725,35 @@ fn clone_err(e: &BollardError) -> BollardError {
         other => BollardError::IOError {
             err: std::io::Error::other(other.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn classifies_transport_failures_only() {
+        let refused = anyhow::Error::from(BollardError::IOError {
+            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        })
+        .context("starting the container");
+        assert!(is_unavailable(&refused));
+        assert!(is_unavailable(&anyhow::Error::from(
+            BollardError::RequestTimeoutError
+        )));
+        let answered = anyhow::Error::from(BollardError::DockerResponseServerError {
+            status_code: 404,
+            message: "no such container".into(),
+        })
+        .context("inspecting the container");
+        assert!(!is_unavailable(&answered));
+        assert!(is_answered(&answered));
+        assert!(!is_answered(&refused));
+        let io: anyhow::Result<()> =
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).context("reading");
+        assert!(is_unavailable(&io.unwrap_err()));
+        assert!(!is_unavailable(&anyhow::anyhow!("container is Exited")));
     }
 }

@@ -15,10 +15,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bollard::errors::Error as BollardError;
 use tokio::sync::watch;
 
-use super::docker::Engine;
+use super::docker::{self, Engine};
 
 /// How often the monitor pings the engine.
 pub const PING_EVERY: Duration = Duration::from_millis(500);
@@ -126,7 +125,7 @@ impl Health {
         if !self.is_up() {
             return true;
         }
-        if answered(err) {
+        if docker::is_answered(err) {
             return false;
         }
         match &self.engine {
@@ -135,7 +134,7 @@ impl Health {
                     return false;
                 }
             }
-            None if !is_unavailable(err) => return false,
+            None if !docker::is_unavailable(err) => return false,
             None => {}
         }
         self.mark_down(&format!("{err:#}"));
@@ -189,76 +188,9 @@ fn spawn_monitor(health: Weak<Health>, engine: Engine, every: Duration, timeout:
     });
 }
 
-/// True when the engine itself answered the call (with an error status): it is up.
-fn answered(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        matches!(
-            e.downcast_ref::<BollardError>(),
-            Some(BollardError::DockerResponseServerError { .. })
-        )
-    })
-}
-
-/// True when an engine call failed because the engine could not be reached or did not answer
-/// in time (as opposed to an answer such as 404 or 409).
-pub fn is_unavailable(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        if let Some(b) = e.downcast_ref::<BollardError>() {
-            return matches!(
-                b,
-                BollardError::RequestTimeoutError
-                    | BollardError::IOError { .. }
-                    | BollardError::HyperResponseError { .. }
-                    | BollardError::HyperLegacyError { .. }
-                    | BollardError::HttpClientError { .. }
-                    | BollardError::SocketNotFoundError(_)
-            );
-        }
-        e.is::<tokio::time::error::Elapsed>()
-            || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                use std::io::ErrorKind::*;
-                matches!(
-                    io.kind(),
-                    ConnectionRefused
-                        | ConnectionReset
-                        | ConnectionAborted
-                        | BrokenPipe
-                        | NotFound
-                        | TimedOut
-                        | UnexpectedEof
-                )
-            })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context;
-
-    #[test]
-    fn classifies_transport_failures_only() {
-        let refused = anyhow::Error::from(BollardError::IOError {
-            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-        })
-        .context("starting the container");
-        assert!(is_unavailable(&refused));
-        assert!(is_unavailable(&anyhow::Error::from(
-            BollardError::RequestTimeoutError
-        )));
-        let answered = anyhow::Error::from(BollardError::DockerResponseServerError {
-            status_code: 404,
-            message: "no such container".into(),
-        })
-        .context("inspecting the container");
-        assert!(!is_unavailable(&answered));
-        assert!(super::answered(&answered));
-        assert!(!super::answered(&refused));
-        let io: anyhow::Result<()> =
-            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).context("reading");
-        assert!(is_unavailable(&io.unwrap_err()));
-        assert!(!is_unavailable(&anyhow::anyhow!("container is Exited")));
-    }
 
     #[tokio::test]
     async fn down_and_up_are_published_once_each() {

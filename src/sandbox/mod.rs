@@ -1173,18 +1173,6 @@ impl Manager {
     pub fn live_count(&self) -> usize {
         self.cfg.max_containers - self.capacity.available_permits()
     }
-
-    /// Waits until the engine and the store answer (health check).
-    pub async fn health(&self) -> anyhow::Result<()> {
-        let t = Duration::from_secs(3);
-        tokio::time::timeout(t, self.engine.ping())
-            .await
-            .map_err(|_| anyhow!("engine ping timed out"))??;
-        tokio::time::timeout(t, self.store.ping())
-            .await
-            .map_err(|_| anyhow!("store ping timed out"))??;
-        Ok(())
-    }
 }
 
 /// An exec the engine refused before anything ran: the container is paused, not running (409)
