@@ -289,7 +289,18 @@ async function projectStep(kind) {
   }
   log('project job succeeded');
   const frame = page.frameLocator('#preview');
+  const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
+  let reloads = 0;
   const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
+    // The waiting page refreshes itself, but a refresh that Docker's interface changes abort
+    // (ERR_NETWORK_CHANGED) leaves Chromium's error page in the frame: Reload, as a person would.
+    const shown = previewFrame() && previewFrame().url();
+    if (shown && shown.startsWith('chrome-error:') && reloads < 5) {
+      reloads += 1;
+      log(`the preview frame shows ${shown} (a network change aborted it): Reload`);
+      await page.getByRole('button', { name: 'Reload' }).click();
+      return null;
+    }
     if (vite) {
       // Served by Vite's dev server (its client script) and rendered by React (#root filled).
       const client = await frame.locator('script[src="/@vite/client"]').count();
