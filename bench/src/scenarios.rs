@@ -919,7 +919,9 @@ impl Ctx {
                     cmd: vec![
                         "script".into(),
                         "-qfec".into(),
-                        sandboxd::terminal::WRAPPER.into(),
+                        sandboxd::sandbox::shell::Script::TermWrapper
+                            .source()
+                            .into(),
                         "/dev/null".into(),
                     ],
                     env: vec![

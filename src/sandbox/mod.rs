@@ -11,6 +11,7 @@ pub mod exec;
 pub mod firewall;
 pub mod health;
 pub mod reaper;
+pub mod shell;
 pub mod spec;
 
 use std::collections::HashMap;
