@@ -5,14 +5,22 @@
 //! truth about sessions and history, and the table here is a cache of both. A container is only
 //! ever found through the authenticated [`UserId`], never through a string a client sent.
 
-pub mod docker;
+mod docker;
 pub mod events;
 pub mod exec;
 pub mod firewall;
 pub mod health;
+pub mod inventory;
 pub mod reaper;
 pub mod shell;
 pub mod spec;
+
+/// What the bench and the integration tests reach below the door: the engine client itself, to
+/// measure floors and to stage containers behind sandboxd's back. Not for feature code.
+#[doc(hidden)]
+pub mod testing {
+    pub use super::docker::{Engine, ExecOutput, ExecSpec, ExecStream};
+}
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -183,14 +191,12 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Prepares the network and workspace root, then rebuilds state from Docker's labels and
-    /// reconciles the store.
-    pub async fn start(
-        cfg: Arc<Config>,
-        engine: Engine,
-        store: Store,
-    ) -> anyhow::Result<Arc<Self>> {
-        let network = engine.ensure_network(&cfg).await?;
+    /// Connects to the engine, prepares the network (with the packet filter around it, before
+    /// any sandbox is adopted or made) and the workspace root, then rebuilds state from Docker's
+    /// labels and reconciles the store.
+    pub async fn start(cfg: Arc<Config>, store: Store) -> anyhow::Result<Arc<Self>> {
+        let engine = Engine::connect().await?;
+        let network = firewall::install_around(&cfg, &engine).await?;
         std::fs::create_dir_all(&cfg.workspaces_dir)
             .with_context(|| format!("creating workspaces_dir {}", cfg.workspaces_dir.display()))?;
         let workspaces = cfg.workspaces_dir.canonicalize().with_context(|| {
@@ -290,9 +296,6 @@ impl Manager {
 
     pub fn config(&self) -> &Config {
         &self.cfg
-    }
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
     pub fn store(&self) -> &Store {
         &self.store

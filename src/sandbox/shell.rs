@@ -162,7 +162,7 @@ impl Manager {
     }
 
     /// Asks the engine whether it answers (the health check).
-    pub async fn ping_engine(&self) -> anyhow::Result<()> {
+    pub async fn engine_ping(&self) -> anyhow::Result<()> {
         self.engine.ping().await
     }
 }
