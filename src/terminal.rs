@@ -874,7 +874,7 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Runs the bridge, then ends the WebSocket properly for the outcome.
 async fn session(ws: Ws, output: shell::Output, input: shell::Input, pty: &ExecPty) -> Outcome {
-    let output = output.map(|item| item.map(shell::bytes_of));
+    let output = output.map(|item| item.map(shell::bytes_of).map_err(anyhow::Error::from));
     let (mut sink, mut stream) = ws.split();
     let health = pty.mgr.health_tracker();
     // The engine going down ends the session at once: its exec stream may neither end nor fail

@@ -87,7 +87,7 @@ pub async fn run_code(
             Ok(Some(Ok(ExecOutput::Stderr(b)))) => {
                 res.truncated |= append_capped(&mut res.stderr, &b, cap);
             }
-            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Err(e))) => return Err(e.into()),
             Ok(None) => break,
             Err(_) => {
                 res.timed_out = true;

@@ -125,7 +125,7 @@ impl Health {
         if !self.is_up() {
             return true;
         }
-        if docker::is_answered(err) {
+        if docker::engine_error(err).is_some_and(docker::EngineError::answered) {
             return false;
         }
         match &self.engine {

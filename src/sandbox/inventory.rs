@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context};
 
-use super::docker::Engine;
 pub use super::docker::{DockerState, Managed};
+use super::docker::{Engine, ErrorKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -36,7 +36,7 @@ impl Inventory {
 
     /// Memory in use by a listed container (`None` when it is not live).
     pub async fn memory_in_use(&self, c: &Managed) -> anyhow::Result<Option<u64>> {
-        self.engine.memory_in_use(&c.id).await
+        Ok(self.engine.memory_in_use(&c.id).await?)
     }
 
     /// Stops a listed container, resuming it first when paused (a paused container cannot
@@ -44,14 +44,14 @@ impl Inventory {
     pub async fn stop(&self, c: &Managed, timeout_secs: i64) -> anyhow::Result<()> {
         if c.state == DockerState::Paused {
             if let Err(e) = self.engine.unpause(&c.id).await {
-                if !super::docker::is_conflict(&e) {
-                    return Err(e.context("engine: unpausing before the stop"));
+                if e.kind() != ErrorKind::Conflict {
+                    return Err(anyhow::Error::from(e).context("engine: unpausing before the stop"));
                 }
             }
         }
         self.engine
             .stop(&c.id, timeout_secs)
             .await
-            .map_err(|e| e.context("engine: stopping the container"))
+            .context("engine: stopping the container")
     }
 }

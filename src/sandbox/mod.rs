@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, Op};
 use crate::store::{now_ms, Store};
 use crate::user::UserId;
-use docker::{DockerState, Engine};
+use docker::{DockerState, Engine, EngineError, EngineFailure, ErrorKind};
 
 /// A sandbox's state as clients see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,12 @@ pub enum SandboxError {
     EngineUnavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+impl From<EngineError> for SandboxError {
+    fn from(e: EngineError) -> Self {
+        SandboxError::Internal(e.into())
+    }
 }
 
 /// A snapshot of one user's sandbox.
@@ -304,8 +310,8 @@ impl Manager {
         &self.metrics
     }
     /// Counts an engine error for the metrics ("not found" is an answer, not an error).
-    fn engine_failed(&self, e: &anyhow::Error) {
-        if !docker::is_not_found(e) {
+    fn engine_failed(&self, e: &impl EngineFailure) {
+        if e.engine_kind() != Some(ErrorKind::NotFound) {
             self.metrics.engine_error();
         }
     }
@@ -728,7 +734,7 @@ impl Manager {
         };
         let i = match self.engine.inspect(&c.id, &self.network).await {
             Ok(i) => i,
-            Err(e) if docker::is_not_found(&e) => {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
                 let id = c.id.clone();
                 *guard = None;
                 let reason = format!("external: {}", cause.unwrap_or("container is gone"));
@@ -736,7 +742,7 @@ impl Manager {
                 self.event(user, Some(&id), "removed", Some(&reason)).await;
                 return self.save(user, guard, None).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let now = match i.state {
             DockerState::Running => State::Running,
@@ -851,7 +857,7 @@ impl Manager {
             .stop(&c.id, self.cfg.stop_timeout.as_secs() as i64)
             .await
         {
-            if !docker::is_not_found(&e) {
+            if e.kind() != ErrorKind::NotFound {
                 tracing::warn!(user = %user, error = format!("{e:#}"), "stop before remove failed");
             }
         }
@@ -897,7 +903,7 @@ impl Manager {
                 if let Err(e) = self.engine.pause(&c.id).await {
                     self.engine_failed(&e);
                     slot.publish(&guard);
-                    return Err(e);
+                    return Err(e.into());
                 }
                 self.metrics.transition(Op::Pause, t.elapsed());
                 c.state = State::Paused;
@@ -956,7 +962,7 @@ impl Manager {
                 if let Err(e) = stopped {
                     self.engine_failed(&e);
                     slot.publish(guard);
-                    return Err(e);
+                    return Err(e.into());
                 }
                 self.metrics.transition(Op::Stop, t.elapsed());
                 c.state = State::Stopped;
@@ -1065,8 +1071,8 @@ impl Manager {
             }
             let i = match self.engine.inspect(&keep.id, &self.network).await {
                 Ok(i) => i,
-                Err(e) if docker::is_not_found(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
             };
             let mut state = match i.state {
                 DockerState::Running => State::Running,
@@ -1182,7 +1188,7 @@ impl Manager {
 /// An exec the engine refused before anything ran: the container is paused, not running (409)
 /// or gone (404).
 fn exec_refused(e: &anyhow::Error) -> bool {
-    e.to_string() == "creating an exec" && (docker::is_conflict(e) || docker::is_not_found(e))
+    docker::engine_error(e).is_some_and(EngineError::refused_exec)
 }
 
 /// Creates `path` as a real directory owned by the sandbox user. Refuses a symlink or anything

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use futures_util::Stream;
 use tokio::io::AsyncWrite;
 
 use super::docker::{ExecInfo, ExecOutput, ExecSpec};
@@ -102,7 +101,7 @@ pub struct ExecOptions {
 }
 
 /// The output of an attached program, stdout and stderr interleaved as they came.
-pub type Output = std::pin::Pin<Box<dyn Stream<Item = anyhow::Result<OutputChunk>> + Send>>;
+pub type Output = super::docker::ExecStream;
 /// The stdin of an attached program.
 pub type Input = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 pub use super::docker::ExecOutput as OutputChunk;
@@ -163,7 +162,7 @@ impl Manager {
 
     /// Asks the engine whether it answers (the health check).
     pub async fn engine_ping(&self) -> anyhow::Result<()> {
-        self.engine.ping().await
+        Ok(self.engine.ping().await?)
     }
 }
 
@@ -174,10 +173,11 @@ impl Door {
         script: Script,
         args: &[String],
     ) -> anyhow::Result<(i64, String)> {
-        self.mgr
+        Ok(self
+            .mgr
             .engine
             .run(&self.container, script.argv(args))
-            .await
+            .await?)
     }
 
     /// Starts `script` attached: the handle for its status, its output and its stdin (closed
