@@ -460,18 +460,15 @@ impl Manager {
             if let Ok(p) = self.capacity.clone().try_acquire_owned() {
                 return Ok(p);
             }
-            let mut candidates: Vec<Arc<Slot>> = self
-                .all_slots()
-                .into_iter()
-                .filter(|s| &s.user != user && !s.busy())
-                .filter(|s| {
-                    matches!(
-                        *s.fast.lock().unwrap_or_else(|p| p.into_inner()),
-                        Some((State::Paused, _))
-                    )
-                })
-                .collect();
-            candidates.sort_by_key(|s| s.last_activity());
+            let candidates = eviction_order(self.all_slots().into_iter().map(|s| {
+                let seen = Evictable {
+                    other_user: &s.user != user,
+                    busy: s.busy(),
+                    paused: self.fast_state(&s) == Some(State::Paused),
+                    last_activity: s.last_activity(),
+                };
+                (s, seen)
+            }));
             let mut evicted = false;
             for victim in candidates {
                 // try_lock: never wait on another user's transition while holding ours.
@@ -581,11 +578,7 @@ impl Manager {
             }
             Err(e) => return Err(e.into()),
         };
-        let now = match i.state {
-            DockerState::Running => State::Running,
-            DockerState::Paused => State::Paused,
-            _ => State::Stopped,
-        };
+        let now = State::of_engine(i.state);
         if i.ip.is_some() {
             c.ip = i.ip;
         }
@@ -885,4 +878,59 @@ impl Manager {
 /// or gone (404).
 fn exec_refused(e: &anyhow::Error) -> bool {
     docker::engine_error(e).is_some_and(EngineError::refused_exec)
+}
+
+/// What eviction looks at in a slot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Evictable {
+    /// Not the user asking for a slot.
+    pub(super) other_user: bool,
+    /// An open terminal or a run in flight.
+    pub(super) busy: bool,
+    /// Paused (idle by policy, so nobody loses a live session).
+    pub(super) paused: bool,
+    pub(super) last_activity: i64,
+}
+
+/// The sandboxes that may be evicted to make room, least recently active first: another user's,
+/// paused and not busy.
+pub(super) fn eviction_order<T>(slots: impl IntoIterator<Item = (T, Evictable)>) -> Vec<T> {
+    let mut take: Vec<(T, Evictable)> = slots
+        .into_iter()
+        .filter(|(_, e)| e.other_user && !e.busy && e.paused)
+        .collect();
+    take.sort_by_key(|(_, e)| e.last_activity);
+    take.into_iter().map(|(t, _)| t).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(other_user: bool, busy: bool, paused: bool, last_activity: i64) -> Evictable {
+        Evictable {
+            other_user,
+            busy,
+            paused,
+            last_activity,
+        }
+    }
+
+    #[test]
+    fn evicts_idle_paused_sandboxes_of_others_oldest_first() {
+        let order = eviction_order([
+            ("recent", seen(true, false, true, 300)),
+            ("oldest", seen(true, false, true, 100)),
+            ("mine", seen(false, false, true, 0)),
+            ("busy", seen(true, true, true, 0)),
+            ("running", seen(true, false, false, 0)),
+            ("middle", seen(true, false, true, 200)),
+        ]);
+        assert_eq!(order, ["oldest", "middle", "recent"]);
+    }
+
+    #[test]
+    fn only_a_refused_creation_is_retried() {
+        assert!(!exec_refused(&anyhow::anyhow!("creating an exec")));
+    }
 }

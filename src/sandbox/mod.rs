@@ -51,6 +51,16 @@ pub enum State {
 }
 
 impl State {
+    /// The engine's container state as clients see it: anything not running or paused
+    /// (created, exited, dead, restarting…) is stopped.
+    pub(crate) fn of_engine(s: docker::DockerState) -> State {
+        match s {
+            docker::DockerState::Running => State::Running,
+            docker::DockerState::Paused => State::Paused,
+            _ => State::Stopped,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Running => "running",

@@ -41,17 +41,11 @@ impl Manager {
                     .unwrap_or(0),
             )
         });
-        for (user, mut list) in users {
-            // Keep the one the store names, else a live one, else the newest.
-            list.sort_by_key(|m| {
-                let named = sessions
-                    .get(user.as_str())
-                    .and_then(|s| s.container_id.as_deref())
-                    == Some(m.id.as_str());
-                let live = matches!(m.state, DockerState::Running | DockerState::Paused);
-                std::cmp::Reverse((named, live, m.created))
-            });
-            let keep = list.remove(0);
+        for (user, list) in users {
+            let named = sessions
+                .get(user.as_str())
+                .and_then(|s| s.container_id.as_deref());
+            let (keep, list) = keep_one(list, named);
             for dup in list {
                 tracing::warn!(user = %user, container = %dup.id, "removing a duplicate container");
                 self.engine.remove(&dup.id).await?;
@@ -68,11 +62,7 @@ impl Manager {
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             };
-            let mut state = match i.state {
-                DockerState::Running => State::Running,
-                DockerState::Paused => State::Paused,
-                _ => State::Stopped,
-            };
+            let mut state = State::of_engine(i.state);
             // A boot quota left behind by a previous run (or a changed `cpus`): the configured
             // quota, whatever the state.
             if i.nano_cpus.is_some_and(|n| n != self.cfg.limits.nano_cpus) {
@@ -151,5 +141,77 @@ impl Manager {
             }
         }
         Ok(())
+    }
+}
+
+/// Of one user's containers found at start-up, the one to keep and the duplicates to remove:
+/// keep the one the store names, else a live one, else the newest. `list` is never empty.
+pub(super) fn keep_one(
+    mut list: Vec<docker::Managed>,
+    named: Option<&str>,
+) -> (docker::Managed, Vec<docker::Managed>) {
+    list.sort_by_key(|m| {
+        let is_named = named == Some(m.id.as_str());
+        let live = matches!(m.state, DockerState::Running | DockerState::Paused);
+        std::cmp::Reverse((is_named, live, m.created))
+    });
+    let keep = list.remove(0);
+    (keep, list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(id: &str, state: DockerState, created: i64) -> docker::Managed {
+        docker::Managed {
+            id: id.into(),
+            name: format!("sbx-{id}"),
+            user: UserId::parse("42").unwrap(),
+            state,
+            created,
+        }
+    }
+
+    fn kept(list: Vec<docker::Managed>, named: Option<&str>) -> (String, Vec<String>) {
+        let (keep, dups) = keep_one(list, named);
+        (keep.id, dups.into_iter().map(|m| m.id).collect())
+    }
+
+    #[test]
+    fn keeps_the_named_then_a_live_then_the_newest() {
+        let list = || {
+            vec![
+                found("old-exited", DockerState::Exited, 1),
+                found("paused", DockerState::Paused, 2),
+                found("new-exited", DockerState::Exited, 3),
+            ]
+        };
+        // The store's container wins even when stopped and older.
+        let (keep, dups) = kept(list(), Some("old-exited"));
+        assert_eq!(keep, "old-exited");
+        assert_eq!(dups.len(), 2);
+        // A name the engine does not have: a live one beats a newer stopped one.
+        assert_eq!(kept(list(), Some("gone")).0, "paused");
+        assert_eq!(kept(list(), None).0, "paused");
+        // None live: the newest.
+        let stopped = vec![
+            found("a", DockerState::Exited, 5),
+            found("b", DockerState::Exited, 9),
+        ];
+        assert_eq!(kept(stopped, None), ("b".to_owned(), vec!["a".to_owned()]));
+    }
+
+    #[test]
+    fn engine_states_map_to_client_states() {
+        assert_eq!(State::of_engine(DockerState::Running), State::Running);
+        assert_eq!(State::of_engine(DockerState::Paused), State::Paused);
+        for other in [
+            DockerState::Created,
+            DockerState::Exited,
+            DockerState::Other,
+        ] {
+            assert_eq!(State::of_engine(other), State::Stopped);
+        }
     }
 }
