@@ -39,12 +39,12 @@ pub fn describe(ev: &EngineEvent) -> String {
 
 /// A `kill` only sends a signal (the `die` that may follow is the change); a `stop` follows
 /// its `die`. Following them as well would only name the change after the wrong event.
-pub fn changes_state(action: &str) -> bool {
+pub(super) fn changes_state(action: &str) -> bool {
     !matches!(action, "kill" | "stop")
 }
 
 /// Next wait after a failed or broken subscription.
-pub fn next_backoff(current: Duration) -> Duration {
+pub(super) fn next_backoff(current: Duration) -> Duration {
     (current * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 

@@ -42,7 +42,7 @@ fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], cap: usize) -> bool {
     take < chunk.len()
 }
 
-pub async fn run_code(
+pub(super) async fn run_code(
     engine: &Engine,
     container: &str,
     req: ExecRequest,
@@ -170,7 +170,7 @@ fn carries(pid: i32, mark: &[u8]) -> bool {
 /// run's mark, the sessions they lead and every descendant. Targets are stopped (SIGSTOP) as
 /// they are found, so none can fork or be re-parented while the set grows, then all are
 /// killed. `None` when the container's processes are not visible from here.
-pub fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
+pub(super) fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
     use std::collections::{HashMap, HashSet};
     let procs = container_procs_file(container_id)?;
     let mark = format!("{MARK_VAR}={run_id}").into_bytes();
@@ -239,7 +239,7 @@ pub fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
 
 /// The container cgroup's OOM-kill counter, read from the host (cgroup v1 or v2); `None` when
 /// the cgroup cannot be found (e.g. sandboxd runs in a container of its own).
-pub fn oom_kills(container_id: &str) -> Option<u64> {
+pub(super) fn oom_kills(container_id: &str) -> Option<u64> {
     let candidates = [
         format!("/sys/fs/cgroup/memory/docker/{container_id}/memory.oom_control"),
         format!("/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events"),

@@ -65,7 +65,7 @@ pub struct Policy {
 /// The `iptables-restore --noflush` input that (re)creates both chains and their hooks.
 /// `stale` are the existing hook rules (`-A …` lines from `iptables -S`) to delete first.
 /// Pure, so it is unit-tested.
-pub fn restore_script(instance: &str, p: &Policy, stale: &[String]) -> String {
+pub(super) fn restore_script(instance: &str, p: &Policy, stale: &[String]) -> String {
     let (cin, cfw) = chain_names(instance);
     let br = &p.bridge;
     let mut s = String::from("*filter\n");
@@ -237,7 +237,7 @@ pub fn remove(instance: &str) -> anyhow::Result<()> {
 /// The IPv4 resolvers Docker's embedded DNS forwards to: those of /etc/resolv.conf, or of
 /// systemd-resolved's upstream file when the first lists only loopback addresses (Docker skips
 /// loopback resolvers, which are unreachable from a container anyway).
-pub fn host_resolvers() -> Vec<Ipv4Addr> {
+pub(super) fn host_resolvers() -> Vec<Ipv4Addr> {
     let parse = |path: &str| -> Vec<Ipv4Addr> {
         std::fs::read_to_string(path)
             .unwrap_or_default()

@@ -19,7 +19,9 @@ use crate::user::UserId;
 use docker::{DockerState, Engine, EngineError, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
-use super::*;
+use super::{
+    docker, exec, firewall, health, Manager, Sandbox, SandboxError, Slot, State, TerminalGuard,
+};
 
 /// How often the boot watcher looks for the app's port.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
@@ -62,7 +64,7 @@ impl Manager {
     /// Runs engine work for a request: refused at once while the engine is down, abandoned
     /// (the caller gets its answer) when the engine goes down mid-way, and a transport failure
     /// marks the engine down. Engine answers such as 404 pass through unchanged.
-    pub async fn engine_bound<T>(
+    pub(super) async fn engine_bound<T>(
         &self,
         work: impl std::future::Future<Output = Result<T, SandboxError>>,
     ) -> Result<T, SandboxError> {
@@ -638,7 +640,7 @@ impl Manager {
     /// (re)connects, so whatever happened while it was down (an engine restart stops every
     /// container) is in the table and the store before the next request. Returns how many
     /// containers could not be inspected.
-    pub async fn resync(&self, cause: &str) -> usize {
+    pub(super) async fn resync(&self, cause: &str) -> usize {
         let mut failed = 0;
         for slot in self.all_slots() {
             let mut guard = slot.inner.lock().await;
@@ -711,7 +713,7 @@ impl Manager {
 
     /// Pauses the user's sandbox if it is running and has been idle for `min_idle_ms`, checked
     /// under the user's lock so a request that just touched it is never frozen mid-flight.
-    pub async fn pause_if_idle(
+    pub(super) async fn pause_if_idle(
         &self,
         user: &UserId,
         min_idle_ms: i64,
@@ -752,7 +754,7 @@ impl Manager {
     }
 
     /// Stops the user's sandbox if it has been idle for `min_idle_ms` (checked under the lock).
-    pub async fn stop_if_idle(
+    pub(super) async fn stop_if_idle(
         &self,
         user: &UserId,
         min_idle_ms: i64,

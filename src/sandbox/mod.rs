@@ -6,13 +6,13 @@
 //! ever found through the authenticated [`UserId`], never through a string a client sent.
 
 mod docker;
-pub mod events;
+pub(crate) mod events;
 pub mod exec;
 pub mod firewall;
 pub mod health;
 pub mod inventory;
 mod manager;
-pub mod reaper;
+pub(crate) mod reaper;
 mod recover;
 pub mod shell;
 mod slot;

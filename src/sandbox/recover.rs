@@ -9,7 +9,7 @@ use crate::user::UserId;
 use docker::{DockerState, ErrorKind};
 
 use super::slot::Container;
-use super::*;
+use super::{docker, Manager, State};
 
 impl Manager {
     /// Rebuilds the table from Docker's labels and reconciles the store: adopted containers are

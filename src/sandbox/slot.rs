@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use crate::store::now_ms;
 use crate::user::UserId;
 
-use super::*;
+use super::State;
 
 pub(super) struct Container {
     pub(super) id: String,

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 
 use crate::user::UserId;
 
-use super::*;
+use super::{spec, Manager, SandboxError};
 
 impl Manager {
     pub(super) fn prepare_workspace(&self, user: &UserId) -> Result<PathBuf, SandboxError> {
