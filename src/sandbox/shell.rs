@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWrite;
-
 use super::docker::{ExecInfo, ExecOutput, ExecSpec};
 use super::{Manager, SandboxError};
 use crate::user::UserId;
@@ -103,7 +101,7 @@ pub struct ExecOptions {
 /// The output of an attached program, stdout and stderr interleaved as they came.
 pub type Output = super::docker::ExecStream;
 /// The stdin of an attached program.
-pub type Input = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
+pub type Input = super::docker::ExecInput;
 pub use super::docker::ExecOutput as OutputChunk;
 
 /// A user's woken sandbox, bound to the container it had when entered: programs run through it
@@ -213,11 +211,6 @@ impl Door {
             exec_id,
         };
         Ok((exec, output, input))
-    }
-
-    /// The manager behind this door (activity, health).
-    pub fn manager(&self) -> &Arc<Manager> {
-        &self.mgr
     }
 }
 
