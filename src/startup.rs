@@ -13,7 +13,7 @@ use crate::api::auth::{self, Auth};
 use crate::app::{App, AppHandler};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
-use crate::sandbox::{events, firewall, reaper, Manager};
+use crate::sandbox::{events, firewall, idle, Manager};
 use crate::store::Store;
 
 pub struct Running {
@@ -70,9 +70,9 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
     // 3. Background tasks: idle policy, certificate reload.
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let reaper = reaper::spawn(mgr.clone(), shutdown_rx.clone());
+    let idle = idle::spawn(mgr.clone(), shutdown_rx.clone());
     tasks.spawn(async move {
-        let _ = reaper.await;
+        let _ = idle.await;
     });
     if let Some(l) = metrics {
         let (m, rx) = (mgr.metrics().clone(), shutdown_rx.clone());

@@ -189,7 +189,7 @@ impl Manager {
         self.workspaces.join(format!("user-{user}"))
     }
 
-    /// Records activity for the idle policy (in memory; the reaper flushes it to the store).
+    /// Records activity for the idle policy (in memory; the idle task flushes it to the store).
     pub fn touch(&self, user: &UserId) {
         if let Some(slot) = self.existing_slot(user) {
             slot.touch();
@@ -863,7 +863,7 @@ impl Manager {
         }
     }
 
-    /// Current state per user (for the reaper), read without waiting on transitions.
+    /// Current state per user (for the idle policy), read without waiting on transitions.
     pub fn fast_state(&self, slot: &Slot) -> Option<State> {
         slot.fast
             .lock()
