@@ -12,8 +12,8 @@
 //! `DetachKeys` means the default Ctrl-P Ctrl-Q, not none), so some input would never reach the
 //! shell and typing it would cut the terminal off. A non-TTY attach copies stdin verbatim.
 //! `script` makes the shell a session leader with the PTY as its controlling terminal (job
-//! control works); sizes are applied to that PTY with `stty` (scripts term-wrapper.sh and term-resize.sh under
-//! src/sandbox/scripts/).
+//! control works); sizes are applied to that PTY with `stty` (term-wrapper.sh and term-resize.sh
+//! under src/sandbox/scripts/).
 //!
 //! Protocol (documented in the README):
 //! - server → client: binary frames carrying raw terminal output;
@@ -27,12 +27,12 @@
 //!
 //! Clean-up: each terminal's processes carry `SANDBOXD_TERMINAL=<server-generated id>` in their
 //! environment. When the socket ends for any reason, kill.sh (a constant script taking the id as
-//! an argument, scope `joined`) kills the processes carrying it, the sessions they belong to (so `env -i` children
-//! that stayed in the terminal's session go too) and all their descendants. Rejected
-//! alternative: a pid file written by a wrapper and `pkill -s` on it; a pid that was reused after
-//! the shell exited would make that kill another terminal's session, and a `setsid` child would
-//! escape it. Only a process that both leaves the session and clears its environment (a
-//! deliberate `setsid env -i …` daemon) is not found.
+//! an argument, scope `joined`) kills the processes carrying it, the sessions they belong to (so
+//! `env -i` children that stayed in the terminal's session go too) and all their descendants.
+//! Rejected alternative: a pid file written by a wrapper and `pkill -s` on it; a pid that was
+//! reused after the shell exited would make that kill another terminal's session, and a `setsid`
+//! child would escape it. Only a process that both leaves the session and clears its environment
+//! (a deliberate `setsid env -i …` daemon) is not found.
 //!
 //! Backpressure: the bridge polls the exec's output only after the previous frame was flushed
 //! into the socket, and tungstenite's write buffer is bounded, so a client that reads slowly

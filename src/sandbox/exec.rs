@@ -97,8 +97,8 @@ pub(super) async fn run_code(
     }
     if res.timed_out {
         // From the host first: it works even when the run filled the pids limit (a fork
-        // bomb), where no exec can start in the container. The exec below then sweeps again
-        // and removes the run's files (or does the whole job when the host cannot see the
+        // bomb), where no exec can start in the container. The execs below then sweep again
+        // and remove the run's files (or do the whole job when the host cannot see the
         // container's processes).
         let (cid, rid) = (container.to_owned(), run_id.clone());
         match tokio::task::spawn_blocking(move || kill_run_from_host(&cid, &rid)).await {
