@@ -42,7 +42,9 @@ done
 for base in /run/sbxe- /var/lib/sbxe-; do
   awk -v b="$base" 'index($5, b) == 1 {print $5}' /proc/self/mountinfo | awk '{print length, $0}' |
     sort -rn | cut -d' ' -f2- | while read -r m; do
-      [[ "$m" =~ ^(/run|/var/lib)/sbxe-[0-9a-f]{6}(/|$) ]] && umount -l "$m" 2>/dev/null || true
+      if [[ "$m" =~ ^(/run|/var/lib)/sbxe-[0-9a-f]{6}(/|$) ]]; then
+        umount -l "$m" 2>/dev/null || true
+      fi
     done
 done
 for d in /run/sbxe-* /var/lib/sbxe-*; do

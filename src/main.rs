@@ -162,7 +162,7 @@ async fn operator(cfg: Config, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Ps => {
             let store = op::open_store(&cfg).await?;
-            let engine = op::open_engine().await?;
+            let engine = op::open_inventory().await?;
             print!("{}", op::render_ps(&op::ps(&cfg, &store, &engine).await?));
         }
         Cmd::Events { user, limit } => {
@@ -176,7 +176,7 @@ async fn operator(cfg: Config, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Stop { user } => {
             let user = parse(&user)?;
             let store = op::open_store(&cfg).await?;
-            let engine = op::open_engine().await?;
+            let engine = op::open_inventory().await?;
             match op::stop(&cfg, &store, &engine, &user).await? {
                 op::StopOutcome::Stopped(c) => println!("stopped {user} (container {c})"),
                 op::StopOutcome::AlreadyStopped(c) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 
 use crate::config::Config;
-use crate::sandbox::docker::{self, DockerState, Engine, Managed};
+use crate::sandbox::inventory::{DockerState, Inventory, Managed};
 use crate::store::{EventRow, Store};
 use crate::user::UserId;
 
@@ -53,15 +53,8 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 }
 
 /// Connects to the engine the server uses (DOCKER_HOST, else the local socket).
-pub async fn open_engine() -> anyhow::Result<Engine> {
-    let shown = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "local socket".into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Engine::connect()).await {
-        Ok(Ok(e)) => Ok(e),
-        Ok(Err(e)) => Err(e.context(format!("engine unreachable ({shown})"))),
-        Err(_) => Err(anyhow!(
-            "engine unreachable ({shown}): no answer within 15s"
-        )),
-    }
+pub async fn open_inventory() -> anyhow::Result<Inventory> {
+    Inventory::connect().await
 }
 
 /// One line of `sandboxd ps`.
@@ -91,14 +84,14 @@ fn short(id: &str) -> String {
 }
 
 /// Every user the store or the engine knows for this instance, with the engine's state.
-pub async fn ps(cfg: &Config, store: &Store, engine: &Engine) -> anyhow::Result<Vec<PsRow>> {
+pub async fn ps(cfg: &Config, store: &Store, engine: &Inventory) -> anyhow::Result<Vec<PsRow>> {
     let sessions = store.sessions().await.context("store: reading sessions")?;
-    let (containers, _) = engine
-        .list_managed(&cfg.instance)
+    let containers = engine
+        .containers(&cfg.instance)
         .await
         .context("engine: listing containers")?;
     let mut rows = vec![];
-    let mut live: Vec<(usize, String)> = vec![];
+    let mut live: Vec<(usize, &Managed)> = vec![];
     for s in &sessions {
         let c = s
             .container_id
@@ -112,7 +105,7 @@ pub async fn ps(cfg: &Config, store: &Store, engine: &Engine) -> anyhow::Result<
         };
         if let Some(m) = c.filter(|m| matches!(m.state, DockerState::Running | DockerState::Paused))
         {
-            live.push((rows.len(), m.id.clone()));
+            live.push((rows.len(), m));
         }
         rows.push(PsRow {
             user: s.user_id.clone(),
@@ -131,7 +124,7 @@ pub async fn ps(cfg: &Config, store: &Store, engine: &Engine) -> anyhow::Result<
             .any(|s| s.container_id.as_deref() == Some(m.id.as_str()))
     }) {
         if matches!(m.state, DockerState::Running | DockerState::Paused) {
-            live.push((rows.len(), m.id.clone()));
+            live.push((rows.len(), m));
         }
         rows.push(PsRow {
             user: m.user.to_string(),
@@ -144,7 +137,7 @@ pub async fn ps(cfg: &Config, store: &Store, engine: &Engine) -> anyhow::Result<
     }
     let mems = futures_util::future::join_all(
         live.iter()
-            .map(|(_, id)| async move { engine.memory_in_use(id).await.ok().flatten() }),
+            .map(|(_, m)| async move { engine.memory_in_use(m).await.ok().flatten() }),
     )
     .await;
     for ((i, _), mem) in live.iter().zip(mems) {
@@ -277,15 +270,15 @@ fn pick<'a>(containers: &'a [Managed], user: &UserId, named: Option<&str>) -> Op
 pub async fn stop(
     cfg: &Config,
     store: &Store,
-    engine: &Engine,
+    engine: &Inventory,
     user: &UserId,
 ) -> anyhow::Result<StopOutcome> {
     let session = store
         .session(user)
         .await
         .context("store: reading the session")?;
-    let (containers, _) = engine
-        .list_managed(&cfg.instance)
+    let containers = engine
+        .containers(&cfg.instance)
         .await
         .context("engine: listing containers")?;
     let named = session.as_ref().and_then(|s| s.container_id.as_deref());
@@ -295,18 +288,7 @@ pub async fn stop(
     if !matches!(c.state, DockerState::Running | DockerState::Paused) {
         return Ok(StopOutcome::AlreadyStopped(short(&c.id)));
     }
-    if c.state == DockerState::Paused {
-        // A paused container cannot receive the stop signal; resume it first.
-        if let Err(e) = engine.unpause(&c.id).await {
-            if !docker::is_conflict(&e) {
-                return Err(e.context("engine: unpausing before the stop"));
-            }
-        }
-    }
-    engine
-        .stop(&c.id, cfg.stop_timeout.as_secs() as i64)
-        .await
-        .context("engine: stopping the container")?;
+    engine.stop(c, cfg.stop_timeout.as_secs() as i64).await?;
     store
         .save_session(user, Some((&c.id, &c.name)), "stopped", None)
         .await

@@ -304,20 +304,11 @@ async fn connect_app(app: &Arc<App>, user: &UserId, addr: SocketAddr) -> Option<
 /// Whether an app may still start listening: the init has not finished discovery yet, or the
 /// dev server it started (its pid file) is alive.
 async fn app_may_come(app: &Arc<App>, user: &UserId) -> bool {
-    let Ok(sb) = app.mgr.status(user).await else {
-        return false;
-    };
-    let cmd = vec![
-        "bash".to_owned(),
-        "-c".to_owned(),
-        r#"[ ! -e /tmp/sandboxd-init.done ] && exit 0
-p=$(cat /tmp/sandboxd-dev.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null"#
-            .to_owned(),
-    ];
-    matches!(
-        app.mgr.engine().run(&sb.container_id, cmd).await,
-        Ok((0, _))
-    )
+    let asked = app
+        .mgr
+        .run_script(user, crate::sandbox::shell::Script::PreviewAppMayCome, &[])
+        .await;
+    matches!(asked, Ok((0, _)))
 }
 
 fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>) {

@@ -17,7 +17,7 @@ use crate::api::error::ApiError;
 use crate::api::{json, read_body};
 use crate::app::App;
 use crate::http::Body;
-use crate::sandbox::docker::{ExecOutput, ExecSpec};
+use crate::sandbox::shell::{self, ExecOptions, Script};
 use crate::user::UserId;
 
 /// Log bytes kept per job (the tail).
@@ -97,35 +97,6 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
-/// Constant scripts; `$1` is the validated project name.
-const EXISTS: &str = r#"[ -e "/workspace/$1" ] || [ -L "/workspace/$1" ]"#;
-const NODE_TEMPLATE: &str = r#"set -e
-cd /workspace
-mkdir -- "$1"
-cd -- "$1"
-npm init -y
-cat > index.js <<'JS'
-const http = require('http');
-const port = Number(process.env.PORT) || 5173;
-http.createServer((req, res) => {
-  res.setHeader('content-type', 'text/html; charset=utf-8');
-  res.end('<!doctype html><title>Node app</title><h1>Hello from Node ' + process.version + '</h1>');
-}).listen(port, '0.0.0.0', () => console.log('listening on ' + port));
-JS
-npm pkg set scripts.dev="node index.js" scripts.start="node index.js"
-"#;
-const VITE_TEMPLATE: &str = r#"set -e
-cd /workspace
-npm create --yes vite@latest "$1" -- --template react --no-interactive
-cd -- "$1"
-npm install --no-audit --no-fund
-"#;
-const MARK_PREVIEW: &str = r#"set -e
-mkdir -p /workspace/.sandboxd
-node -e 'require("fs").writeFileSync("/workspace/.sandboxd/preview.json", JSON.stringify({cwd: process.argv[1]}) + "\n")' "$1"
-sandboxd-init --restart-dev
-"#;
-
 pub async fn create(
     app: &Arc<App>,
     user: &UserId,
@@ -157,11 +128,10 @@ pub async fn create(
         )
         .retry_after(5));
     }
-    let sb = app.mgr.ensure_running(user).await?;
-    let (code, _) = app
-        .mgr
-        .engine()
-        .run(&sb.container_id, script(EXISTS, &name))
+    // The name reaches the constant scripts only as their argument "$1".
+    let door = app.mgr.enter(user).await?;
+    let (code, _) = door
+        .run_script(Script::ProjectExists, std::slice::from_ref(&name))
         .await?;
     if code == 0 {
         return Err(ApiError::new(
@@ -214,16 +184,6 @@ pub async fn job(app: &Arc<App>, user: &UserId, id: &str) -> Result<Response<Bod
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no such job"))
 }
 
-fn script(body: &str, name: &str) -> Vec<String> {
-    vec![
-        "bash".into(),
-        "-c".into(),
-        body.into(),
-        "sandboxd-project".into(),
-        name.into(),
-    ]
-}
-
 async fn run_job(
     app: &Arc<App>,
     user: &UserId,
@@ -231,37 +191,29 @@ async fn run_job(
     template: &str,
     name: &str,
 ) -> anyhow::Result<()> {
-    let steps: [(&str, &str); 2] = [
+    let steps: [(&str, Script); 2] = [
         (
             "scaffold",
             if template == "node" {
-                NODE_TEMPLATE
+                Script::ProjectNode
             } else {
-                VITE_TEMPLATE
+                Script::ProjectVite
             },
         ),
-        ("start dev server", MARK_PREVIEW),
+        ("start dev server", Script::PreviewMark),
     ];
-    for (step, body) in steps {
+    for (step, script) in steps {
         job.lock().unwrap_or_else(|p| p.into_inner()).step = step.into();
-        let sb = app.mgr.ensure_running(user).await?;
-        let (exec_id, mut out, _input) = app
-            .mgr
-            .engine()
-            .exec(
-                &sb.container_id,
-                ExecSpec {
-                    cmd: script(body, name),
-                    env: vec!["CI=1".into(), "npm_config_yes=true".into()],
-                    working_dir: Some("/workspace"),
-                    tty: false,
-                    stdin: false,
-                },
-            )
-            .await?;
+        let door = app.mgr.enter(user).await?;
+        let opts = ExecOptions {
+            env: vec!["CI=1".into(), "npm_config_yes=true".into()],
+            working_dir: Some("/workspace".into()),
+            stdin: false,
+        };
+        let (exec, mut out, _input) = door.open_exec(script, &[name.to_owned()], opts).await?;
         let read = async {
             while let Some(chunk) = out.next().await {
-                let (ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) = chunk?;
+                let b = shell::bytes_of(chunk?);
                 app.mgr.touch(user);
                 let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
                 j.log.push_str(&String::from_utf8_lossy(&b));
@@ -278,7 +230,7 @@ async fn run_job(
         tokio::time::timeout(STEP_TIMEOUT, read)
             .await
             .map_err(|_| anyhow::anyhow!("step {step:?} timed out"))??;
-        let info = app.mgr.engine().exec_info(&exec_id).await?;
+        let info = exec.status().await?;
         if info.exit_code != Some(0) {
             anyhow::bail!("step {step:?} exited with {:?}", info.exit_code);
         }
@@ -313,7 +265,8 @@ mod tests {
 
     #[test]
     fn scripts_are_constant() {
-        assert_eq!(script(EXISTS, "x")[4], "x");
-        assert!(!NODE_TEMPLATE.contains("{name}") && !VITE_TEMPLATE.contains("{name}"));
+        assert_eq!(Script::ProjectExists.argv(&["x".into()])[4], "x");
+        let (node, vite) = (Script::ProjectNode.source(), Script::ProjectVite.source());
+        assert!(!node.contains("{name}") && !vite.contains("{name}"));
     }
 }

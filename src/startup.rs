@@ -13,8 +13,7 @@ use crate::api::auth::{self, Auth};
 use crate::app::{App, AppHandler};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
-use crate::sandbox::docker::Engine;
-use crate::sandbox::{events, firewall, reaper, Manager};
+use crate::sandbox::{events, firewall, idle, Manager};
 use crate::store::Store;
 
 pub struct Running {
@@ -62,20 +61,18 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
 
     // 2. Store (migrations run here), engine, manager (rebuilds state from Docker's labels).
     let store = Store::connect(&cfg.database_url).await?;
-    let engine = Engine::connect().await?;
-    // 2b. The packet filter around the sandbox network, before any sandbox is adopted or made:
-    //     no sandbox may reach the host, another sandbox or a blocked network (firewall.rs).
-    install_firewall(&cfg, &engine).await?;
-    let mgr = Manager::start(cfg.clone(), engine, store).await?;
+    //     The manager connects to the engine and installs the packet filter around the
+    //     sandbox network before any sandbox is adopted or made (sandbox/firewall.rs).
+    let mgr = Manager::start(cfg.clone(), store).await?;
     let auth = Auth::new(&auth::load_secret(&cfg)?);
     let app = App::new(cfg.clone(), mgr.clone(), auth);
 
     // 3. Background tasks: idle policy, certificate reload.
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let reaper = reaper::spawn(mgr.clone(), shutdown_rx.clone());
+    let idle = idle::spawn(mgr.clone(), shutdown_rx.clone());
     tasks.spawn(async move {
-        let _ = reaper.await;
+        let _ = idle.await;
     });
     if let Some(l) = metrics {
         let (m, rx) = (mgr.metrics().clone(), shutdown_rx.clone());
@@ -127,34 +124,6 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         shutdown,
         tasks,
     })
-}
-
-/// Creates the sandbox network if needed and installs (or replaces) the instance's rules for its
-/// bridge. Fails start-up when iptables is missing or refuses: sandboxes must never run without.
-async fn install_firewall(cfg: &Config, engine: &Engine) -> anyhow::Result<()> {
-    let network = engine.ensure_network(cfg).await?;
-    let (bridge, internal) = engine.bridge_interface(&network).await?;
-    if internal == cfg.sandbox_internet {
-        // The network keeps the setting it was created with; the firewall enforces the
-        // configured one either way.
-        tracing::warn!(
-            network,
-            internal,
-            sandbox_internet = cfg.sandbox_internet,
-            "the sandbox network was created with another internet setting"
-        );
-    }
-    let policy = firewall::Policy {
-        bridge,
-        internet: cfg.sandbox_internet,
-        resolvers: firewall::host_resolvers(),
-        blocked: cfg.sandbox_blocked_networks.clone(),
-    };
-    let instance = cfg.instance.clone();
-    tokio::task::spawn_blocking(move || firewall::install(&instance, &policy))
-        .await
-        .context("firewall task")??;
-    Ok(())
 }
 
 impl Running {

@@ -12,7 +12,8 @@
 //! `DetachKeys` means the default Ctrl-P Ctrl-Q, not none), so some input would never reach the
 //! shell and typing it would cut the terminal off. A non-TTY attach copies stdin verbatim.
 //! `script` makes the shell a session leader with the PTY as its controlling terminal (job
-//! control works); sizes are applied to that PTY with `stty` ([`WRAPPER`], [`RESIZER`]).
+//! control works); sizes are applied to that PTY with `stty` (term-wrapper.sh and term-resize.sh
+//! under src/sandbox/scripts/).
 //!
 //! Protocol (documented in the README):
 //! - server → client: binary frames carrying raw terminal output;
@@ -25,13 +26,13 @@
 //!   1011 when the engine failed.
 //!
 //! Clean-up: each terminal's processes carry `SANDBOXD_TERMINAL=<server-generated id>` in their
-//! environment. When the socket ends for any reason, [`KILLER`] (a constant script taking the id
-//! as `$1`) kills the processes carrying it, the sessions they belong to (so `env -i` children
-//! that stayed in the terminal's session go too) and all their descendants. Rejected
-//! alternative: a pid file written by a wrapper and `pkill -s` on it; a pid that was reused after
-//! the shell exited would make that kill another terminal's session, and a `setsid` child would
-//! escape it. Only a process that both leaves the session and clears its environment (a
-//! deliberate `setsid env -i …` daemon) is not found.
+//! environment. When the socket ends for any reason, kill.sh (a constant script taking the id as
+//! an argument, scope `joined`) kills the processes carrying it, the sessions they belong to (so
+//! `env -i` children that stayed in the terminal's session go too) and all their descendants.
+//! Rejected alternative: a pid file written by a wrapper and `pkill -s` on it; a pid that was
+//! reused after the shell exited would make that kill another terminal's session, and a `setsid`
+//! child would escape it. Only a process that both leaves the session and clears its environment
+//! (a deliberate `setsid env -i …` daemon) is not found.
 //!
 //! Backpressure: the bridge polls the exec's output only after the previous frame was flushed
 //! into the socket, and tungstenite's write buffer is bounded, so a client that reads slowly
@@ -67,101 +68,19 @@ use crate::api::error::ApiError;
 use crate::app::App;
 use crate::edge::listener::ConnInfo;
 use crate::http::{empty, Body};
-use crate::sandbox::docker::{ExecOutput, ExecSpec};
+use crate::sandbox::shell::{self, Door, Exec, ExecOptions, Script};
 use crate::sandbox::spec::WORKSPACE;
 use crate::sandbox::Manager;
 use crate::user::UserId;
 
 /// The environment variable that marks every process of one terminal (value: its id).
 pub const MARK_VAR: &str = "SANDBOXD_TERMINAL";
-/// The initial size, passed to [`WRAPPER`] (server-made numbers) and unset before the shell.
+/// The initial size, passed to the PTY wrapper (server-made numbers) and unset before the shell.
 const COLS_VAR: &str = "SANDBOXD_TERMINAL_COLS";
 const ROWS_VAR: &str = "SANDBOXD_TERMINAL_ROWS";
 
-/// Run by `script` (through `$SHELL -c`, bash) as the first process on the new PTY: applies the
-/// initial size, then becomes the login shell (same pid, so it stays the session leader).
-pub const WRAPPER: &str = r#"stty rows "$SANDBOXD_TERMINAL_ROWS" cols "$SANDBOXD_TERMINAL_COLS" 2>/dev/null
-unset SANDBOXD_TERMINAL_ROWS SANDBOXD_TERMINAL_COLS
-exec bash -l
-"#;
-
-/// Resizes one terminal's PTY: `$1` terminal id (hex), `$2` cols, `$3` rows (both checked to be
-/// numbers). The PTY is the stdin of the shell `script` started: the marked session leader whose
-/// parent is the marked process the engine started (pid 0 as its parent).
-pub const RESIZER: &str = r#"id=$1 cols=$2 rows=$3
-case "$id" in ''|*[!0-9a-f]*) exit 2 ;; esac
-case "$cols" in ''|*[!0-9]*) exit 2 ;; esac
-case "$rows" in ''|*[!0-9]*) exit 2 ;; esac
-mark="SANDBOXD_TERMINAL=$id"
-marked() {
-  while IFS= read -r -d '' e; do [ "$e" = "$mark" ] && return 0; done 2>/dev/null < "/proc/$1/environ"
-  return 1
-}
-declare -A ppid=() sid=()
-for d in /proc/[0-9]*; do
-  p=${d#/proc/}
-  { read -r line < "$d/stat"; } 2>/dev/null || continue
-  set -- ${line##*) }
-  ppid[$p]=$2
-  sid[$p]=$4
-done
-for p in "${!sid[@]}"; do
-  [ "${sid[$p]}" = "$p" ] || continue
-  q=${ppid[$p]}
-  [ -n "$q" ] && [ "${ppid[$q]}" = 0 ] || continue
-  marked "$p" && marked "$q" || continue
-  t=$(readlink "/proc/$p/fd/0") || continue
-  case "$t" in /dev/pts/[0-9]*) exec stty -F "$t" rows "$rows" cols "$cols" ;; esac
-done
-exit 1
-"#;
 /// The subprotocol prefix that carries a token (`bearer.<token>`).
 pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
-
-/// Kills one terminal's processes. `$1` is the terminal id (server-generated, hex); nothing is
-/// ever formatted into this text. Passes repeat until nothing is left, so a process that forks
-/// during a sweep is caught by the next one. Reads /proc only (no procps needed).
-pub const KILLER: &str = r#"id=$1
-case "$id" in ''|*[!0-9a-f]*) exit 2 ;; esac
-mark="SANDBOXD_TERMINAL=$id"
-for pass in 1 2 3 4 5 6 7 8; do
-  declare -A ppid=() sid=() take=() sess=()
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    { read -r line < "$d/stat"; } 2>/dev/null || continue
-    set -- ${line##*) }
-    ppid[$p]=$2
-    sid[$p]=$4
-  done
-  for p in "${!sid[@]}"; do
-    [ "$p" -gt 1 ] && [ "$p" != "$$" ] || continue
-    while IFS= read -r -d '' e; do
-      if [ "$e" = "$mark" ]; then
-        take[$p]=1
-        [ "${sid[$p]}" -gt 1 ] && sess[${sid[$p]}]=1
-        break
-      fi
-    done 2>/dev/null < "/proc/$p/environ"
-  done
-  for p in "${!sid[@]}"; do
-    [ "$p" -gt 1 ] && [ "$p" != "$$" ] && [ -n "${sess[${sid[$p]}]}" ] && take[$p]=1
-  done
-  grew=1
-  while [ "$grew" = 1 ]; do
-    grew=0
-    for p in "${!ppid[@]}"; do
-      if [ -z "${take[$p]}" ] && [ "$p" != "$$" ] && [ -n "${take[${ppid[$p]}]}" ]; then
-        take[$p]=1
-        grew=1
-      fi
-    done
-  done
-  [ "${#take[@]}" -eq 0 ] && exit 0
-  kill -KILL "${!take[@]}" 2>/dev/null
-  sleep 0.1
-done
-exit 1
-"#;
 
 /// The server pings this often; browsers and tungstenite clients answer on their own.
 const PING_EVERY: Duration = Duration::from_secs(20);
@@ -709,26 +628,20 @@ fn ws_config(max_frame: usize) -> WebSocketConfig {
 /// Kills a terminal's processes when dropped without [`Reaper::kill`] having run (a panic, a
 /// cancelled handler), so no path leaves a shell behind.
 struct Reaper {
-    mgr: Arc<Manager>,
-    container: String,
+    door: Door,
     id: String,
     armed: bool,
 }
 
 impl Reaper {
     fn job(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mgr = self.mgr.clone();
-        let container = self.container.clone();
+        let door = self.door.clone();
         let id = self.id.clone();
         async move {
-            let cmd = vec![
-                "bash".into(),
-                "-c".into(),
-                KILLER.into(),
-                "sandboxd-term-kill".into(),
-                id.clone(),
-            ];
-            match tokio::time::timeout(KILL_TIMEOUT, mgr.engine().run(&container, cmd)).await {
+            // Every session a marked process is in: see the module comment.
+            let args = [MARK_VAR.into(), id.clone(), "joined".into(), "0.1".into()];
+            let run = door.run_script(Script::Kill, &args);
+            match tokio::time::timeout(KILL_TIMEOUT, run).await {
                 Ok(Ok((0, _))) => {}
                 Ok(Ok((code, out))) => {
                     tracing::warn!(terminal = %id, code, output = %out.trim(), "terminal clean-up incomplete")
@@ -760,24 +673,19 @@ impl Drop for Reaper {
 struct ExecPty {
     mgr: Arc<Manager>,
     user: UserId,
-    container: String,
     id: String,
-    exec_id: String,
+    exec: Exec,
 }
 
 impl Pty for ExecPty {
     fn resize(&self, size: Size) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            let cmd = vec![
-                "bash".into(),
-                "-c".into(),
-                RESIZER.into(),
-                "sandboxd-term-resize".into(),
+            let args = [
                 self.id.clone(),
                 size.cols.to_string(),
                 size.rows.to_string(),
             ];
-            let run = self.mgr.engine().run(&self.container, cmd);
+            let run = self.exec.door().run_script(Script::TermResize, &args);
             match tokio::time::timeout(RESIZE_TIMEOUT, run).await {
                 Ok(Ok((0, _))) => {}
                 Ok(Ok((code, out))) => {
@@ -881,27 +789,20 @@ async fn open(
     }
 
     // 5. The sandbox and the shell.
-    let sandbox = app.mgr.ensure_running(&user).await?;
+    let door = app.mgr.enter(&user).await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     // Armed before the exec exists: a handler cancelled mid-creation still cleans up.
     let reaper = Reaper {
-        mgr: app.mgr.clone(),
-        container: sandbox.container_id.clone(),
+        door: door.clone(),
         id: id.clone(),
         armed: true,
     };
-    let (exec_id, output, input) = app
+    let (exec, output, input) = app
         .mgr
-        .engine_call(app.mgr.engine().exec(
-            &sandbox.container_id,
-            ExecSpec {
-                // -q no banner, -f flush at once, -e the shell's status is ours, -c the command.
-                cmd: vec![
-                    "script".into(),
-                    "-qfec".into(),
-                    WRAPPER.into(),
-                    "/dev/null".into(),
-                ],
+        .engine_call(door.open_exec(
+            Script::TermWrapper,
+            &[],
+            ExecOptions {
                 env: vec![
                     "TERM=xterm-256color".into(),
                     "SHELL=/bin/bash".into(),
@@ -909,9 +810,7 @@ async fn open(
                     format!("{COLS_VAR}={}", query.size.cols),
                     format!("{ROWS_VAR}={}", query.size.rows),
                 ],
-                working_dir: Some(&query.cwd),
-                // See the module comment: the engine's TTY would filter detach keys.
-                tty: false,
+                working_dir: Some(query.cwd.clone()),
                 stdin: true,
             },
         ))
@@ -919,9 +818,8 @@ async fn open(
     let pty = ExecPty {
         mgr: app.mgr.clone(),
         user: user.clone(),
-        container: sandbox.container_id.clone(),
         id: id.clone(),
-        exec_id,
+        exec,
     };
 
     let on_upgrade = hyper::upgrade::on(&mut *req);
@@ -975,17 +873,8 @@ async fn open(
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Runs the bridge, then ends the WebSocket properly for the outcome.
-async fn session(
-    ws: Ws,
-    output: crate::sandbox::docker::ExecStream,
-    input: crate::sandbox::docker::ExecInput,
-    pty: &ExecPty,
-) -> Outcome {
-    let output = output.map(|item| {
-        item.map(|o| match o {
-            ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => b,
-        })
-    });
+async fn session(ws: Ws, output: shell::Output, input: shell::Input, pty: &ExecPty) -> Outcome {
+    let output = output.map(|item| item.map(shell::bytes_of).map_err(anyhow::Error::from));
     let (mut sink, mut stream) = ws.split();
     let health = pty.mgr.health_tracker();
     // The engine going down ends the session at once: its exec stream may neither end nor fail
@@ -1048,7 +937,7 @@ async fn session(
 async fn exit_code(pty: &ExecPty) -> Result<Option<i64>, ()> {
     let health = pty.mgr.health_tracker();
     for _ in 0..40 {
-        match pty.mgr.engine().exec_info(&pty.exec_id).await {
+        match pty.exec.status().await {
             Ok(i) if !i.running => return Ok(i.exit_code),
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) if health.note_error(&e).await => return Err(()),
@@ -1626,10 +1515,14 @@ mod tests {
     #[test]
     fn killer_matches_the_mark_and_checks_its_argument() {
         // The id reaches the constant script only as "$1", and is checked to be hex first.
-        assert!(KILLER.starts_with("id=$1\ncase \"$id\" in ''|*[!0-9a-f]*) exit 2 ;; esac\n"));
-        assert!(KILLER.contains(&format!("mark=\"{MARK_VAR}=$id\"")));
-        assert!(RESIZER.contains(&format!("mark=\"{MARK_VAR}=$id\"")));
-        assert!(RESIZER.contains("case \"$cols\" in ''|*[!0-9]*) exit 2"));
-        assert!(WRAPPER.contains(COLS_VAR) && WRAPPER.contains(ROWS_VAR));
+        let (killer, resizer) = (Script::Kill.source(), Script::TermResize.source());
+        let wrapper = Script::TermWrapper.source();
+        assert!(killer.contains("var=$1 id=$2 scope=$3 pause=$4\n"));
+        assert!(killer.contains(&format!("case \"$var\" in SANDBOXD_EXEC | {MARK_VAR}) ;;")));
+        assert!(killer.contains("case \"$id\" in '' | *[!0-9a-f]*) exit 2 ;; esac\n"));
+        assert!(killer.contains("mark=\"$var=$id\""));
+        assert!(resizer.contains(&format!("mark=\"{MARK_VAR}=$id\"")));
+        assert!(resizer.contains("case \"$cols\" in '' | *[!0-9]*) exit 2"));
+        assert!(wrapper.contains(COLS_VAR) && wrapper.contains(ROWS_VAR));
     }
 }

@@ -19,7 +19,7 @@ use bollard::Docker;
 use futures_util::{stream, SinkExt, StreamExt};
 use hyper::Method;
 use sandboxd::config::Config;
-use sandboxd::sandbox::docker::{Engine, ExecOutput, ExecSpec};
+use sandboxd::sandbox::testing::{Engine, ExecOutput, ExecSpec};
 use sandboxd::user::UserId;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -919,7 +919,9 @@ impl Ctx {
                     cmd: vec![
                         "script".into(),
                         "-qfec".into(),
-                        sandboxd::terminal::WRAPPER.into(),
+                        sandboxd::sandbox::shell::Script::TermWrapper
+                            .source()
+                            .into(),
                         "/dev/null".into(),
                     ],
                     env: vec![
@@ -943,7 +945,7 @@ impl Ctx {
             }
         }
         async fn until_exec(
-            out: &mut sandboxd::sandbox::docker::ExecStream,
+            out: &mut sandboxd::sandbox::testing::ExecStream,
             byte: u8,
         ) -> Result<()> {
             loop {

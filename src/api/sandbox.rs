@@ -85,7 +85,7 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
     use crate::sandbox::health::{PING_TIMEOUT, RETRY_AFTER_SECS};
     let tracker = app.mgr.health_tracker();
     let engine = if tracker.is_up() {
-        match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine().ping()).await {
+        match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine_ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracker.note_error(&e).await;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use bollard::container::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogOutput,
     RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
@@ -104,7 +104,7 @@ pub const FOLLOWED_ACTIONS: [&str; 8] = [
     "start", "die", "kill", "oom", "pause", "unpause", "stop", "destroy",
 ];
 
-pub type EventStream = Pin<Box<dyn Stream<Item = anyhow::Result<EngineEvent>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<EngineEvent, EngineError>> + Send>>;
 
 /// One chunk of an exec's output.
 pub enum ExecOutput {
@@ -112,7 +112,7 @@ pub enum ExecOutput {
     Stderr(Bytes),
 }
 
-pub type ExecStream = Pin<Box<dyn Stream<Item = anyhow::Result<ExecOutput>> + Send>>;
+pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, EngineError>> + Send>>;
 pub type ExecInput = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// What to run in an exec. Argument vectors only: nothing here is ever a shell string built
@@ -131,51 +131,141 @@ pub struct ExecInfo {
     pub pid: Option<i64>,
 }
 
-/// Maps "not found" to success: removing what is already gone is done.
-fn ok_if_not_found(res: Result<(), BollardError>, what: &'static str) -> anyhow::Result<()> {
-    match res {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let e = anyhow::Error::from(e);
-            if is_not_found(&e) {
-                Ok(())
-            } else {
-                Err(e.context(what))
-            }
+/// What kind of failure an engine call met; callers decide on this, never on message text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The engine answered 404: no such container, exec, network or image.
+    NotFound,
+    /// The engine answered 409: e.g. the container is paused or already in that state.
+    Conflict,
+    /// The engine could not be reached or did not answer in time.
+    Unavailable,
+    /// Anything else: another answer from the engine, or a reply sandboxd cannot use.
+    Other,
+}
+
+/// A failed engine call: what sandboxd was doing, the kind of failure and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}")]
+pub struct EngineError {
+    kind: ErrorKind,
+    /// The HTTP status when the engine answered with one.
+    status: Option<u16>,
+    doing: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// The one exec call whose refusal means the program never ran (see [`EngineError::refused_exec`]).
+const CREATING_EXEC: &str = "creating an exec";
+
+impl EngineError {
+    fn new(doing: &'static str, e: BollardError) -> Self {
+        let (kind, status) = classify(&e);
+        EngineError {
+            kind,
+            status,
+            doing,
+            source: Box::new(e),
         }
+    }
+
+    /// A reply sandboxd cannot use (the engine answered, but not as expected).
+    fn other(doing: &'static str, msg: String) -> Self {
+        EngineError {
+            kind: ErrorKind::Other,
+            status: None,
+            doing,
+            source: msg.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The engine itself answered the call (with an error status): it is up.
+    pub fn answered(&self) -> bool {
+        self.status.is_some()
+    }
+
+    /// The engine refused to create an exec because the container is paused, stopped or gone:
+    /// nothing ran in it.
+    pub fn refused_exec(&self) -> bool {
+        self.doing == CREATING_EXEC
+            && matches!(self.kind, ErrorKind::NotFound | ErrorKind::Conflict)
     }
 }
 
-/// True when the engine answered 404 (no such container, exec or image).
-pub fn is_not_found(err: &anyhow::Error) -> bool {
-    status_of(err) == Some(404)
-}
-
-/// True when the engine answered 409 (conflict, e.g. container paused or already in that state).
-pub fn is_conflict(err: &anyhow::Error) -> bool {
-    status_of(err) == Some(409)
-}
-
-/// True when the engine itself answered the call (with an error status): it is up.
-pub fn is_answered(err: &anyhow::Error) -> bool {
-    status_of(err).is_some()
-}
-
-/// True when an engine call failed because the engine could not be reached or did not answer
-/// in time (as opposed to an answer such as 404 or 409).
-pub fn is_unavailable(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        if let Some(b) = e.downcast_ref::<BollardError>() {
-            return matches!(
-                b,
-                BollardError::RequestTimeoutError
-                    | BollardError::IOError { .. }
-                    | BollardError::HyperResponseError { .. }
-                    | BollardError::HyperLegacyError { .. }
-                    | BollardError::HttpClientError { .. }
-                    | BollardError::SocketNotFoundError(_)
-            );
+/// bollard's error → the kind callers act on, and the status when the engine answered.
+fn classify(e: &BollardError) -> (ErrorKind, Option<u16>) {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => {
+            let kind = match status_code {
+                404 => ErrorKind::NotFound,
+                409 => ErrorKind::Conflict,
+                _ => ErrorKind::Other,
+            };
+            (kind, Some(*status_code))
         }
+        BollardError::RequestTimeoutError
+        | BollardError::IOError { .. }
+        | BollardError::HyperResponseError { .. }
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::HttpClientError { .. }
+        | BollardError::SocketNotFoundError(_) => (ErrorKind::Unavailable, None),
+        _ => (ErrorKind::Other, None),
+    }
+}
+
+/// Wraps bollard's error with what sandboxd was doing.
+fn failed(doing: &'static str) -> impl FnOnce(BollardError) -> EngineError {
+    move |e| EngineError::new(doing, e)
+}
+
+/// Maps "not found" to success: removing what is already gone is done.
+fn ok_if_not_found(res: Result<(), BollardError>, what: &'static str) -> Result<(), EngineError> {
+    match res.map_err(failed(what)) {
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// The kind of the engine failure behind an error that went through `anyhow`, if any.
+pub fn kind_of(err: &anyhow::Error) -> Option<ErrorKind> {
+    engine_error(err).map(EngineError::kind)
+}
+
+/// The kind of engine failure behind an error of either type (`None`: not the engine's).
+pub trait EngineFailure {
+    fn engine_kind(&self) -> Option<ErrorKind>;
+}
+
+impl EngineFailure for EngineError {
+    fn engine_kind(&self) -> Option<ErrorKind> {
+        Some(self.kind)
+    }
+}
+
+impl EngineFailure for anyhow::Error {
+    fn engine_kind(&self) -> Option<ErrorKind> {
+        kind_of(self)
+    }
+}
+
+/// The engine failure behind an error that went through `anyhow`, if any.
+pub fn engine_error(err: &anyhow::Error) -> Option<&EngineError> {
+    err.chain().find_map(|e| e.downcast_ref::<EngineError>())
+}
+
+/// True when a call failed because the engine could not be reached or did not answer in time
+/// (as opposed to an answer such as 404 or 409): an engine error of that kind, or a timeout or
+/// broken connection met around an engine call.
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    if let Some(e) = engine_error(err) {
+        return e.kind == ErrorKind::Unavailable;
+    }
+    err.chain().any(|e| {
         e.is::<tokio::time::error::Elapsed>()
             || e.downcast_ref::<std::io::Error>().is_some_and(|io| {
                 use std::io::ErrorKind::*;
@@ -191,14 +281,6 @@ pub fn is_unavailable(err: &anyhow::Error) -> bool {
                 )
             })
     })
-}
-
-fn status_of(err: &anyhow::Error) -> Option<u16> {
-    err.chain()
-        .find_map(|e| match e.downcast_ref::<BollardError>() {
-            Some(BollardError::DockerResponseServerError { status_code, .. }) => Some(*status_code),
-            _ => None,
-        })
 }
 
 impl Engine {
@@ -239,44 +321,40 @@ impl Engine {
         }
     }
 
-    pub async fn ping(&self) -> anyhow::Result<()> {
+    pub async fn ping(&self) -> Result<(), EngineError> {
         self.docker
             .ping()
             .await
-            .context("pinging the Docker engine")?;
+            .map_err(failed("pinging the Docker engine"))?;
         Ok(())
     }
 
-    pub async fn image_exists(&self, image: &str) -> anyhow::Result<bool> {
-        match self.docker.inspect_image(image).await {
+    pub async fn image_exists(&self, image: &str) -> Result<bool, EngineError> {
+        match self
+            .docker
+            .inspect_image(image)
+            .await
+            .map_err(failed("inspecting the sandbox image"))
+        {
             Ok(_) => Ok(true),
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                if is_not_found(&e) {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
     /// Creates the instance's private bridge network when missing: inter-container traffic
     /// disabled (icc=false), no masquerade to the outside when internet access is off.
-    pub async fn ensure_network(&self, cfg: &Config) -> anyhow::Result<String> {
+    pub async fn ensure_network(&self, cfg: &Config) -> Result<String, EngineError> {
         let name = spec::network_name(&cfg.instance);
         match self
             .docker
             .inspect_network(&name, None::<InspectNetworkOptions<String>>)
             .await
+            .map_err(failed("inspecting the sandbox network"))
         {
             Ok(_) => return Ok(name),
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                if !is_not_found(&e) {
-                    return Err(e.context("inspecting the sandbox network"));
-                }
-            }
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let mut options = HashMap::from([(
             "com.docker.network.bridge.enable_icc".to_owned(),
@@ -303,23 +381,24 @@ impl Engine {
                 labels,
                 ..Default::default()
             })
-            .await;
+            .await
+            .map_err(failed("creating the sandbox network"));
         match res {
             Ok(_) => Ok(name),
             // Another instance of the same name raced us to it: fine.
-            Err(e) if is_conflict(&anyhow::Error::from(clone_err(&e))) => Ok(name),
-            Err(e) => Err(anyhow::Error::from(e).context("creating the sandbox network")),
+            Err(e) if e.kind == ErrorKind::Conflict => Ok(name),
+            Err(e) => Err(e),
         }
     }
 
     /// The Linux bridge interface behind a bridge network (`br-<first 12 of its id>` unless
     /// the network names its own) and whether the network is internal (no route out).
-    pub async fn bridge_interface(&self, network: &str) -> anyhow::Result<(String, bool)> {
+    pub async fn bridge_interface(&self, network: &str) -> Result<(String, bool), EngineError> {
         let n = self
             .docker
             .inspect_network(network, None::<InspectNetworkOptions<String>>)
             .await
-            .context("inspecting the sandbox network")?;
+            .map_err(failed("inspecting the sandbox network"))?;
         let named = n
             .options
             .as_ref()
@@ -330,20 +409,24 @@ impl Engine {
         let bridge = match named {
             Some(b) => b,
             None if id.len() >= 12 => format!("br-{}", &id[..12]),
-            None => return Err(anyhow!("network {network} has no id")),
+            None => {
+                let msg = format!("network {network} has no id");
+                return Err(EngineError::other("inspecting the sandbox network", msg));
+            }
         };
         let ok = bridge.len() <= 15
             && bridge
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
         if !ok {
-            return Err(anyhow!("unexpected bridge interface name {bridge:?}"));
+            let msg = format!("unexpected bridge interface name {bridge:?}");
+            return Err(EngineError::other("inspecting the sandbox network", msg));
         }
         Ok((bridge, n.internal.unwrap_or(false)))
     }
 
     /// Removes the instance's network (tests clean up with this); ignores a missing one.
-    pub async fn remove_network(&self, instance: &str) -> anyhow::Result<()> {
+    pub async fn remove_network(&self, instance: &str) -> Result<(), EngineError> {
         let res = self
             .docker
             .remove_network(&spec::network_name(instance))
@@ -356,7 +439,7 @@ impl Engine {
     pub async fn list_managed(
         &self,
         instance: &str,
-    ) -> anyhow::Result<(Vec<Managed>, Vec<String>)> {
+    ) -> Result<(Vec<Managed>, Vec<String>), EngineError> {
         let list = self
             .docker
             .list_containers(Some(ListContainersOptions::<String> {
@@ -365,7 +448,7 @@ impl Engine {
                 ..Default::default()
             }))
             .await
-            .context("listing containers")?;
+            .map_err(failed("listing containers"))?;
         let mut good = vec![];
         let mut bad = vec![];
         for c in list {
@@ -416,7 +499,7 @@ impl Engine {
                 async move {
                     let m = match item {
                         Ok(m) => m,
-                        Err(e) => return Some(Err(anyhow!(e).context("reading engine events"))),
+                        Err(e) => return Some(Err(EngineError::new("reading engine events", e))),
                     };
                     let actor = m.actor?;
                     let attrs = actor.attributes.unwrap_or_default();
@@ -441,7 +524,7 @@ impl Engine {
         cfg: &Config,
         user: &UserId,
         workspace: &Path,
-    ) -> anyhow::Result<(String, String)> {
+    ) -> Result<(String, String), EngineError> {
         let name = spec::container_name(&cfg.instance, user);
         let res = self
             .docker
@@ -453,11 +536,11 @@ impl Engine {
                 spec::container_config(cfg, user, workspace),
             )
             .await
-            .context("creating the container")?;
+            .map_err(failed("creating the container"))?;
         Ok((res.id, name))
     }
 
-    pub async fn start(&self, id: &str) -> anyhow::Result<()> {
+    pub async fn start(&self, id: &str) -> Result<(), EngineError> {
         match self
             .docker
             .start_container(id, None::<StartContainerOptions<String>>)
@@ -468,11 +551,11 @@ impl Engine {
             Err(BollardError::DockerResponseServerError {
                 status_code: 304, ..
             }) => Ok(()),
-            Err(e) => Err(anyhow::Error::from(e).context("starting the container")),
+            Err(e) => Err(EngineError::new("starting the container", e)),
         }
     }
 
-    pub async fn stop(&self, id: &str, timeout_secs: i64) -> anyhow::Result<()> {
+    pub async fn stop(&self, id: &str, timeout_secs: i64) -> Result<(), EngineError> {
         // The engine answers a stop only after the grace period: bound it beyond that.
         let grace = std::time::Duration::from_secs(timeout_secs.max(0) as u64);
         match self
@@ -486,12 +569,12 @@ impl Engine {
             Err(BollardError::DockerResponseServerError {
                 status_code: 304, ..
             }) => Ok(()),
-            Err(e) => Err(anyhow::Error::from(e).context("stopping the container")),
+            Err(e) => Err(EngineError::new("stopping the container", e)),
         }
     }
 
     /// Force-removes a container; a missing one is not an error.
-    pub async fn remove(&self, id: &str) -> anyhow::Result<()> {
+    pub async fn remove(&self, id: &str) -> Result<(), EngineError> {
         self.gates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -510,25 +593,25 @@ impl Engine {
         ok_if_not_found(res, "removing the container")
     }
 
-    pub async fn pause(&self, id: &str) -> anyhow::Result<()> {
+    pub async fn pause(&self, id: &str) -> Result<(), EngineError> {
         let gate = self.gate(id);
         let _no_exec_starting = gate.write().await;
         self.docker
             .pause_container(id)
             .await
-            .context("pausing the container")
+            .map_err(failed("pausing the container"))
     }
 
-    pub async fn unpause(&self, id: &str) -> anyhow::Result<()> {
+    pub async fn unpause(&self, id: &str) -> Result<(), EngineError> {
         self.docker
             .unpause_container(id)
             .await
-            .context("unpausing the container")
+            .map_err(failed("unpausing the container"))
     }
 
     /// Sets the container's CPU quota (running, paused or stopped: the engine applies it to the
     /// cgroup now, or at the next start).
-    pub async fn set_cpus(&self, id: &str, nano_cpus: i64) -> anyhow::Result<()> {
+    pub async fn set_cpus(&self, id: &str, nano_cpus: i64) -> Result<(), EngineError> {
         self.docker
             .update_container(
                 id,
@@ -538,15 +621,15 @@ impl Engine {
                 },
             )
             .await
-            .context("updating the container's CPU quota")
+            .map_err(failed("updating the container's CPU quota"))
     }
 
-    pub async fn inspect(&self, id: &str, network: &str) -> anyhow::Result<Inspected> {
+    pub async fn inspect(&self, id: &str, network: &str) -> Result<Inspected, EngineError> {
         let c = self
             .docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
-            .context("inspecting the container")?;
+            .map_err(failed("inspecting the container"))?;
         let st = c.state.unwrap_or_default();
         let state = match (st.paused, st.running, st.status) {
             (Some(true), _, _) => DockerState::Paused,
@@ -575,7 +658,7 @@ impl Engine {
         &self,
         container: &str,
         spec: ExecSpec<'_>,
-    ) -> anyhow::Result<(String, ExecStream, ExecInput)> {
+    ) -> Result<(String, ExecStream, ExecInput), EngineError> {
         let gate = self.gate(container);
         let _starting = gate.read().await;
         let created = self
@@ -599,7 +682,7 @@ impl Engine {
                 },
             )
             .await
-            .context("creating an exec")?;
+            .map_err(failed(CREATING_EXEC))?;
         let started = self
             .docker
             .start_exec(
@@ -611,7 +694,7 @@ impl Engine {
                 }),
             )
             .await
-            .context("starting an exec")?;
+            .map_err(failed("starting an exec"))?;
         match started {
             StartExecResults::Attached { output, input } => {
                 self.exec_settled(&created.id).await;
@@ -622,17 +705,24 @@ impl Engine {
                         }
                         Ok(LogOutput::StdErr { message }) => Some(Ok(ExecOutput::Stderr(message))),
                         Ok(LogOutput::StdIn { .. }) => None,
-                        Err(e) => Some(Err(anyhow!(e).context("reading exec output"))),
+                        Err(e) => Some(Err(EngineError::new("reading exec output", e))),
                     }
                 });
                 Ok((created.id, Box::pin(output), input))
             }
-            StartExecResults::Detached => Err(anyhow!("exec started detached")),
+            StartExecResults::Detached => Err(EngineError::other(
+                "starting an exec",
+                "exec started detached".into(),
+            )),
         }
     }
 
     /// Runs a command to completion, discarding output beyond 64 KiB; returns its exit code.
-    pub async fn run(&self, container: &str, cmd: Vec<String>) -> anyhow::Result<(i64, String)> {
+    pub async fn run(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+    ) -> Result<(i64, String), EngineError> {
         let (id, mut out, _input) = self
             .exec(
                 container,
@@ -659,7 +749,12 @@ impl Engine {
         ))
     }
 
-    pub async fn resize_exec(&self, exec_id: &str, cols: u16, rows: u16) -> anyhow::Result<()> {
+    pub async fn resize_exec(
+        &self,
+        exec_id: &str,
+        cols: u16,
+        rows: u16,
+    ) -> Result<(), EngineError> {
         self.docker
             .resize_exec(
                 exec_id,
@@ -669,15 +764,15 @@ impl Engine {
                 },
             )
             .await
-            .context("resizing the terminal")
+            .map_err(failed("resizing the terminal"))
     }
 
-    pub async fn exec_info(&self, exec_id: &str) -> anyhow::Result<ExecInfo> {
+    pub async fn exec_info(&self, exec_id: &str) -> Result<ExecInfo, EngineError> {
         let i = self
             .docker
             .inspect_exec(exec_id)
             .await
-            .context("inspecting an exec")?;
+            .map_err(failed("inspecting an exec"))?;
         Ok(ExecInfo {
             running: i.running.unwrap_or(false),
             exit_code: i.exit_code,
@@ -688,7 +783,7 @@ impl Engine {
     /// Memory in use by a container as `docker stats` counts it (usage less inactive page
     /// cache), from one stats sample (`stream: false, one_shot: true`). `None` when the engine
     /// reports none (a stopped container).
-    pub async fn memory_in_use(&self, id: &str) -> anyhow::Result<Option<u64>> {
+    pub async fn memory_in_use(&self, id: &str) -> Result<Option<u64>, EngineError> {
         use bollard::container::{MemoryStatsStats, StatsOptions};
         let mut s = self.docker.stats(
             id,
@@ -700,7 +795,9 @@ impl Engine {
         let Some(stats) = s.next().await else {
             return Ok(None);
         };
-        let m = stats.context("reading container stats")?.memory_stats;
+        let m = stats
+            .map_err(failed("reading container stats"))?
+            .memory_stats;
         let inactive = match m.stats {
             Some(MemoryStatsStats::V1(v1)) => v1.total_inactive_file,
             Some(MemoryStatsStats::V2(v2)) => v2.inactive_file,
@@ -712,45 +809,83 @@ impl Engine {
     }
 }
 
-/// bollard errors are not Clone; keep the status code, which is all callers look at.
-fn clone_err(e: &BollardError) -> BollardError {
-    match e {
-        BollardError::DockerResponseServerError {
-            status_code,
-            message,
-        } => BollardError::DockerResponseServerError {
-            status_code: *status_code,
-            message: message.clone(),
-        },
-        other => BollardError::IOError {
-            err: std::io::Error::other(other.to_string()),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use anyhow::Context;
 
+    fn status(code: u16) -> BollardError {
+        BollardError::DockerResponseServerError {
+            status_code: code,
+            message: "engine says no".into(),
+        }
+    }
+
+    #[test]
+    fn bollard_errors_map_to_kinds() {
+        assert_eq!(classify(&status(404)), (ErrorKind::NotFound, Some(404)));
+        assert_eq!(classify(&status(409)), (ErrorKind::Conflict, Some(409)));
+        assert_eq!(classify(&status(500)), (ErrorKind::Other, Some(500)));
+        for transport in [
+            BollardError::RequestTimeoutError,
+            BollardError::IOError {
+                err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            },
+            BollardError::SocketNotFoundError("/var/run/docker.sock".into()),
+        ] {
+            assert_eq!(classify(&transport), (ErrorKind::Unavailable, None));
+        }
+        let odd = BollardError::JsonDataError {
+            message: "x".into(),
+            column: 0,
+        };
+        assert_eq!(classify(&odd), (ErrorKind::Other, None));
+    }
+
+    #[test]
+    fn kinds_survive_anyhow_and_context() {
+        let e = anyhow::Error::from(EngineError::new("inspecting the container", status(404)))
+            .context("syncing");
+        assert_eq!(kind_of(&e), Some(ErrorKind::NotFound));
+        assert_eq!(e.engine_kind(), Some(ErrorKind::NotFound));
+        assert_eq!(kind_of(&anyhow::anyhow!("store down")), None);
+        // The message keeps what was being done, then the engine's own words.
+        let shown = format!(
+            "{:#}",
+            anyhow::Error::from(EngineError::new("pausing", status(409)))
+        );
+        assert!(shown.starts_with("pausing: "), "{shown}");
+        assert!(shown.contains("engine says no"), "{shown}");
+    }
+
+    #[test]
+    fn only_a_refused_creation_means_nothing_ran() {
+        for code in [404, 409] {
+            assert!(EngineError::new(CREATING_EXEC, status(code)).refused_exec());
+            assert!(!EngineError::new("starting an exec", status(code)).refused_exec());
+        }
+        assert!(!EngineError::new(CREATING_EXEC, status(500)).refused_exec());
+        assert!(!EngineError::new(CREATING_EXEC, BollardError::RequestTimeoutError).refused_exec());
+    }
+
     #[test]
     fn classifies_transport_failures_only() {
-        let refused = anyhow::Error::from(BollardError::IOError {
-            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-        })
-        .context("starting the container");
+        let refused = anyhow::Error::from(EngineError::new(
+            "starting the container",
+            BollardError::IOError {
+                err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            },
+        ));
         assert!(is_unavailable(&refused));
-        assert!(is_unavailable(&anyhow::Error::from(
+        assert!(is_unavailable(&anyhow::Error::from(EngineError::new(
+            "pinging",
             BollardError::RequestTimeoutError
-        )));
-        let answered = anyhow::Error::from(BollardError::DockerResponseServerError {
-            status_code: 404,
-            message: "no such container".into(),
-        })
-        .context("inspecting the container");
+        ))));
+        let answered =
+            anyhow::Error::from(EngineError::new("inspecting the container", status(404)));
         assert!(!is_unavailable(&answered));
-        assert!(is_answered(&answered));
-        assert!(!is_answered(&refused));
+        assert!(engine_error(&answered).is_some_and(EngineError::answered));
+        assert!(!engine_error(&refused).is_some_and(EngineError::answered));
         let io: anyhow::Result<()> =
             Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)).context("reading");
         assert!(is_unavailable(&io.unwrap_err()));

@@ -39,12 +39,12 @@ pub fn describe(ev: &EngineEvent) -> String {
 
 /// A `kill` only sends a signal (the `die` that may follow is the change); a `stop` follows
 /// its `die`. Following them as well would only name the change after the wrong event.
-pub fn changes_state(action: &str) -> bool {
+pub(super) fn changes_state(action: &str) -> bool {
     !matches!(action, "kill" | "stop")
 }
 
 /// Next wait after a failed or broken subscription.
-pub fn next_backoff(current: Duration) -> Duration {
+pub(super) fn next_backoff(current: Duration) -> Duration {
     (current * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 
@@ -70,14 +70,14 @@ pub fn spawn(
                 backoff = next_backoff(backoff);
                 // Subscribing to an engine that is down fails only when the stream is first
                 // read; a ping tells at once.
-                if tokio::time::timeout(Duration::from_secs(2), mgr.engine().ping())
+                if tokio::time::timeout(Duration::from_secs(2), mgr.engine.ping())
                     .await
                     .map_or(true, |r| r.is_err())
                 {
                     continue;
                 }
             }
-            let mut stream = mgr.engine().events(&instance);
+            let mut stream = mgr.engine.events(&instance);
             // The stream sends its request when first polled; re-inspect right after, in
             // parallel, so changes made while no stream was open are applied too. Events that
             // arrive meanwhile are applied again harmlessly (the manager compares states).

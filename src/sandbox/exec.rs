@@ -9,71 +9,13 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use super::docker::{Engine, ExecOutput, ExecSpec};
+use super::shell::Script;
 use crate::config::Config;
-use crate::sandbox::docker::{Engine, ExecOutput, ExecSpec};
-
-/// Constant script; `$1` is a server-generated run id (a UUID), never client data. `setsid -w`
-/// makes bash the leader of a new session, so `$$` is the session id the killer targets.
-const RUNNER: &str = r#"d=/workspace/.sandboxd/exec
-mkdir -p "$d" && echo $$ > "$d/$1.pid" || exit 125
-cat > "$d/$1.js" || exit 125
-node "$d/$1.js"
-rc=$?
-rm -f "$d/$1.js" "$d/$1.pid"
-exit $rc
-"#;
 
 /// Marks every process of one run (value: the run id). Inherited through fork and exec, so it
 /// finds descendants that left the run's session (`setsid`, `detached: true`).
 pub const MARK_VAR: &str = "SANDBOXD_EXEC";
-
-/// Kills one run's processes from inside the container, when the host-side killer cannot see
-/// the container's processes (sandboxd in a container of its own): processes carrying the
-/// mark, the sessions they lead and all their descendants, in passes until none is left. `$1`
-/// is the run id (server-generated hex); nothing is formatted into this text. Then removes the
-/// run's files.
-const KILLER: &str = r#"id=$1
-case "$id" in ''|*[!0-9a-f]*) exit 2 ;; esac
-mark="SANDBOXD_EXEC=$id"
-for pass in 1 2 3 4 5 6 7 8; do
-  declare -A ppid=() sid=() take=() lead=()
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    { read -r line < "$d/stat"; } 2>/dev/null || continue
-    set -- ${line##*) }
-    ppid[$p]=$2
-    sid[$p]=$4
-  done
-  for p in "${!sid[@]}"; do
-    [ "$p" -gt 1 ] && [ "$p" != "$$" ] || continue
-    while IFS= read -r -d '' e; do
-      if [ "$e" = "$mark" ]; then
-        take[$p]=1
-        [ "${sid[$p]}" = "$p" ] && lead[$p]=1
-        break
-      fi
-    done 2>/dev/null < "/proc/$p/environ"
-  done
-  for p in "${!sid[@]}"; do
-    [ "$p" -gt 1 ] && [ "$p" != "$$" ] && [ -n "${lead[${sid[$p]}]}" ] && take[$p]=1
-  done
-  grew=1
-  while [ "$grew" = 1 ]; do
-    grew=0
-    for p in "${!ppid[@]}"; do
-      if [ -z "${take[$p]}" ] && [ "$p" != "$$" ] && [ -n "${take[${ppid[$p]}]}" ]; then
-        take[$p]=1
-        grew=1
-      fi
-    done
-  done
-  [ "${#take[@]}" -eq 0 ] && break
-  kill -KILL "${!take[@]}" 2>/dev/null
-  sleep 0.05
-done
-d=/workspace/.sandboxd/exec
-rm -f "$d/$1.js" "$d/$1.pid"
-"#;
 
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -100,7 +42,7 @@ fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], cap: usize) -> bool {
     take < chunk.len()
 }
 
-pub async fn run_code(
+pub(super) async fn run_code(
     engine: &Engine,
     container: &str,
     req: ExecRequest,
@@ -113,15 +55,11 @@ pub async fn run_code(
         .exec(
             container,
             ExecSpec {
-                cmd: vec![
-                    "setsid".into(),
-                    "-w".into(),
-                    "bash".into(),
-                    "-c".into(),
-                    RUNNER.into(),
-                    "sandboxd-exec".into(),
-                    run_id.clone(),
-                ],
+                // `setsid -w` makes bash the leader of a new session, the one the killer takes.
+                cmd: ["setsid".into(), "-w".into()]
+                    .into_iter()
+                    .chain(Script::ExecRun.argv(std::slice::from_ref(&run_id)))
+                    .collect(),
                 env: vec![format!("{MARK_VAR}={run_id}")],
                 working_dir: Some(super::spec::WORKSPACE),
                 tty: false,
@@ -149,7 +87,7 @@ pub async fn run_code(
             Ok(Some(Ok(ExecOutput::Stderr(b)))) => {
                 res.truncated |= append_capped(&mut res.stderr, &b, cap);
             }
-            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Err(e))) => return Err(e.into()),
             Ok(None) => break,
             Err(_) => {
                 res.timed_out = true;
@@ -159,8 +97,8 @@ pub async fn run_code(
     }
     if res.timed_out {
         // From the host first: it works even when the run filled the pids limit (a fork
-        // bomb), where no exec can start in the container. The exec below then sweeps again
-        // and removes the run's files (or does the whole job when the host cannot see the
+        // bomb), where no exec can start in the container. The execs below then sweep again
+        // and remove the run's files (or do the whole job when the host cannot see the
         // container's processes).
         let (cid, rid) = (container.to_owned(), run_id.clone());
         match tokio::task::spawn_blocking(move || kill_run_from_host(&cid, &rid)).await {
@@ -168,19 +106,18 @@ pub async fn run_code(
             Ok(None) => tracing::debug!("the container's processes are not visible here"),
             Err(e) => tracing::warn!(error = %e, "host-side kill task"),
         }
-        if let Err(e) = engine
-            .run(
-                container,
-                vec![
-                    "bash".into(),
-                    "-c".into(),
-                    KILLER.into(),
-                    "sandboxd-kill".into(),
-                    run_id,
-                ],
-            )
-            .await
-        {
+        // The run's own session and every process marked with its id (see kill.sh).
+        let kill = [MARK_VAR.into(), run_id.clone(), "led".into(), "0.05".into()];
+        let killed = engine.run(container, Script::Kill.argv(&kill)).await;
+        let killed = match killed {
+            Ok(_) => {
+                engine
+                    .run(container, Script::ExecForget.argv(&[run_id]))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = killed {
             tracing::warn!(error = format!("{e:#}"), "killing a timed-out execution");
         }
         // Drain what is left, bounded: the session is dead, the stream ends promptly.
@@ -233,7 +170,7 @@ fn carries(pid: i32, mark: &[u8]) -> bool {
 /// run's mark, the sessions they lead and every descendant. Targets are stopped (SIGSTOP) as
 /// they are found, so none can fork or be re-parented while the set grows, then all are
 /// killed. `None` when the container's processes are not visible from here.
-pub fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
+pub(super) fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
     use std::collections::{HashMap, HashSet};
     let procs = container_procs_file(container_id)?;
     let mark = format!("{MARK_VAR}={run_id}").into_bytes();
@@ -302,7 +239,7 @@ pub fn kill_run_from_host(container_id: &str, run_id: &str) -> Option<usize> {
 
 /// The container cgroup's OOM-kill counter, read from the host (cgroup v1 or v2); `None` when
 /// the cgroup cannot be found (e.g. sandboxd runs in a container of its own).
-pub fn oom_kills(container_id: &str) -> Option<u64> {
+pub(super) fn oom_kills(container_id: &str) -> Option<u64> {
     let candidates = [
         format!("/sys/fs/cgroup/memory/docker/{container_id}/memory.oom_control"),
         format!("/sys/fs/cgroup/system.slice/docker-{container_id}.scope/memory.events"),
@@ -332,8 +269,10 @@ mod tests {
 
     #[test]
     fn scripts_take_no_interpolated_data() {
-        // The run id reaches the scripts only as "$1"; nothing is formatted into them.
-        assert!(!RUNNER.contains('{'));
-        assert!(KILLER.starts_with("id=$1\ncase \"$id\" in ''|*[!0-9a-f]*) exit 2"));
+        // The run id reaches the scripts only as "$1"/"$2"; nothing is formatted into them.
+        assert!(!Script::ExecRun.source().contains('{'));
+        assert!(Script::Kill
+            .source()
+            .contains("case \"$id\" in '' | *[!0-9a-f]*) exit 2"));
     }
 }

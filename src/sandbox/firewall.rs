@@ -30,6 +30,9 @@ use std::process::{Command, Stdio};
 use anyhow::{anyhow, bail, Context};
 use sha2::Digest;
 
+use super::docker::Engine;
+use crate::config::Config;
+
 /// iptables limits chain names to 28 characters.
 const MAX_CHAIN: usize = 28;
 
@@ -62,7 +65,7 @@ pub struct Policy {
 /// The `iptables-restore --noflush` input that (re)creates both chains and their hooks.
 /// `stale` are the existing hook rules (`-A …` lines from `iptables -S`) to delete first.
 /// Pure, so it is unit-tested.
-pub fn restore_script(instance: &str, p: &Policy, stale: &[String]) -> String {
+pub(super) fn restore_script(instance: &str, p: &Policy, stale: &[String]) -> String {
     let (cin, cfw) = chain_names(instance);
     let br = &p.bridge;
     let mut s = String::from("*filter\n");
@@ -234,7 +237,7 @@ pub fn remove(instance: &str) -> anyhow::Result<()> {
 /// The IPv4 resolvers Docker's embedded DNS forwards to: those of /etc/resolv.conf, or of
 /// systemd-resolved's upstream file when the first lists only loopback addresses (Docker skips
 /// loopback resolvers, which are unreachable from a container anyway).
-pub fn host_resolvers() -> Vec<Ipv4Addr> {
+pub(super) fn host_resolvers() -> Vec<Ipv4Addr> {
     let parse = |path: &str| -> Vec<Ipv4Addr> {
         std::fs::read_to_string(path)
             .unwrap_or_default()
@@ -264,6 +267,35 @@ pub fn valid_cidr(s: &str) -> bool {
         && len.len() <= 2
         && len.bytes().all(|b| b.is_ascii_digit())
         && len.parse::<u8>().is_ok_and(|n| n <= 32)
+}
+
+/// Creates the sandbox network if needed and installs (or replaces) the instance's rules for its
+/// bridge; returns the network's name. Fails start-up when iptables is missing or refuses:
+/// sandboxes must never run without.
+pub(super) async fn install_around(cfg: &Config, engine: &Engine) -> anyhow::Result<String> {
+    let network = engine.ensure_network(cfg).await?;
+    let (bridge, internal) = engine.bridge_interface(&network).await?;
+    if internal == cfg.sandbox_internet {
+        // The network keeps the setting it was created with; the firewall enforces the
+        // configured one either way.
+        tracing::warn!(
+            network,
+            internal,
+            sandbox_internet = cfg.sandbox_internet,
+            "the sandbox network was created with another internet setting"
+        );
+    }
+    let policy = Policy {
+        bridge,
+        internet: cfg.sandbox_internet,
+        resolvers: host_resolvers(),
+        blocked: cfg.sandbox_blocked_networks.clone(),
+    };
+    let instance = cfg.instance.clone();
+    tokio::task::spawn_blocking(move || install(&instance, &policy))
+        .await
+        .context("firewall task")??;
+    Ok(network)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub const PING_EVERY: Duration = Duration::from_millis(500);
 /// engine is known as down within about 2 s.
 pub const PING_TIMEOUT: Duration = Duration::from_millis(750);
 /// Unanswered pings in a row before a silent (not refusing) engine counts as down.
-pub const SILENT_PINGS: u32 = 2;
+pub(super) const SILENT_PINGS: u32 = 2;
 /// The `Retry-After` (seconds) sent while the engine is down.
 pub const RETRY_AFTER_SECS: u32 = 2;
 
@@ -68,7 +68,7 @@ impl Health {
     }
 
     /// A tracker with its monitor task, which ends when the tracker is dropped.
-    pub fn monitored(engine: Engine) -> Arc<Health> {
+    pub(super) fn monitored(engine: Engine) -> Arc<Health> {
         let h = Arc::new(Health {
             engine: Some(engine.clone()),
             ..Health::new()
@@ -90,7 +90,7 @@ impl Health {
     }
 
     /// Records that the engine answered.
-    pub fn mark_up(&self) {
+    pub(super) fn mark_up(&self) {
         self.tx.send_if_modified(|s| {
             if s.is_up() {
                 return false;
@@ -102,7 +102,7 @@ impl Health {
     }
 
     /// Records that the engine did not answer; keeps the first error of an outage.
-    pub fn mark_down(&self, error: &str) {
+    pub(super) fn mark_down(&self, error: &str) {
         self.tx.send_if_modified(|s| {
             if !s.is_up() {
                 return false;
@@ -125,7 +125,7 @@ impl Health {
         if !self.is_up() {
             return true;
         }
-        if docker::is_answered(err) {
+        if docker::engine_error(err).is_some_and(docker::EngineError::answered) {
             return false;
         }
         match &self.engine {

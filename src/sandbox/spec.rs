@@ -15,16 +15,16 @@ use crate::config::Config;
 use crate::user::UserId;
 
 pub const LABEL_MANAGED: &str = "sandboxd.managed";
-pub const LABEL_USER: &str = "sandboxd.user";
-pub const LABEL_INSTANCE: &str = "sandboxd.instance";
+pub(super) const LABEL_USER: &str = "sandboxd.user";
+pub(super) const LABEL_INSTANCE: &str = "sandboxd.instance";
 
 /// uid:gid of the sandbox user inside the image.
-pub const SANDBOX_UID: u32 = 1000;
-pub const SANDBOX_GID: u32 = 1000;
+pub(super) const SANDBOX_UID: u32 = 1000;
+pub(super) const SANDBOX_GID: u32 = 1000;
 pub const WORKSPACE: &str = "/workspace";
 
 /// The private bridge network of an instance.
-pub fn network_name(instance: &str) -> String {
+pub(super) fn network_name(instance: &str) -> String {
     format!("{instance}-net")
 }
 
@@ -49,7 +49,7 @@ pub fn labels(instance: &str, user: &UserId) -> HashMap<String, String> {
 }
 
 /// Docker list filters selecting this instance's containers.
-pub fn instance_filters(instance: &str) -> HashMap<String, Vec<String>> {
+pub(super) fn instance_filters(instance: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([(
         "label".to_owned(),
         vec![

@@ -32,7 +32,7 @@ pub fn spawn(
 }
 
 /// One pass of the idle policy.
-pub async fn sweep(mgr: &Arc<Manager>) {
+pub(super) async fn sweep(mgr: &Arc<Manager>) {
     let pause_after = mgr.config().idle_pause_after.as_millis() as i64;
     let stop_after = mgr.config().idle_stop_after.as_millis() as i64;
     let now = now_ms();

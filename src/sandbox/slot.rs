@@ -1,0 +1,97 @@
+//! Per-user slots: the single-flight lock around a user's container, the lock-free copy of its
+//! state for the preview's hot path, and the guards that keep a busy sandbox from going idle.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+
+use crate::store::now_ms;
+use crate::user::UserId;
+
+use super::State;
+
+pub(super) struct Container {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) state: State,
+    pub(super) ip: Option<IpAddr>,
+    pub(super) created_at: i64,
+    /// Held while the container is live (running or paused): the global cap is the semaphore.
+    pub(super) permit: Option<OwnedSemaphorePermit>,
+    /// Runs with the boot CPU quota (`boot_cpus`) until its app listens; see [`Manager::watch_boot`].
+    pub(super) boosted: bool,
+    /// Which boot the quota watcher in flight belongs to (a newer wake takes over).
+    pub(super) boot_gen: u64,
+}
+
+/// Per-user slot. The async mutex is the single-flight: every transition for a user runs
+/// under it, so 20 concurrent inits create exactly one container.
+pub struct Slot {
+    pub(super) user: UserId,
+    pub(super) inner: Mutex<Option<Container>>,
+    pub(super) last_activity: AtomicI64,
+    pub(super) flushed_activity: AtomicI64,
+    pub(super) exec_permits: Arc<Semaphore>,
+    pub(super) terminals: AtomicUsize,
+    /// Executions in flight: like an open terminal, they keep the sandbox from being paused,
+    /// stopped or evicted under a run that outlasts the idle timeout.
+    pub(super) runs: AtomicUsize,
+    /// Lock-free copy of the state and IP for the preview's hot path.
+    pub(super) fast: StdMutex<Option<(State, Option<IpAddr>)>>,
+}
+
+impl Slot {
+    pub fn touch(&self) {
+        self.last_activity.fetch_max(now_ms(), Ordering::Relaxed);
+    }
+    pub fn last_activity(&self) -> i64 {
+        self.last_activity.load(Ordering::Relaxed)
+    }
+    /// Idle for at least `min_idle_ms` with no open terminal (always true for 0).
+    pub(super) fn idle_for(&self, min_idle_ms: i64) -> bool {
+        min_idle_ms == 0 || (now_ms() - self.last_activity() >= min_idle_ms && !self.busy())
+    }
+    pub fn open_terminals(&self) -> usize {
+        self.terminals.load(Ordering::Relaxed)
+    }
+    /// An open terminal or an execution in flight: the idle policy leaves the sandbox alone.
+    pub fn busy(&self) -> bool {
+        self.open_terminals() > 0 || self.runs.load(Ordering::Relaxed) > 0
+    }
+    /// Marks the sandbox as not running for the fast path while a transition is under way.
+    pub(super) fn hide(&self) {
+        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    pub(super) fn publish(&self, c: &Option<Container>) {
+        *self.fast.lock().unwrap_or_else(|p| p.into_inner()) = c.as_ref().map(|c| (c.state, c.ip));
+    }
+}
+
+/// Counts an execution in flight for the idle policy until dropped.
+pub(super) struct RunGuard<'a>(&'a Slot);
+
+impl<'a> RunGuard<'a> {
+    pub(super) fn new(slot: &'a Slot) -> Self {
+        slot.runs.fetch_add(1, Ordering::Relaxed);
+        RunGuard(slot)
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        self.0.runs.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// Counts an open terminal for the idle policy until dropped.
+pub struct TerminalGuard(pub(super) Arc<Slot>);
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        self.0.terminals.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
