@@ -7,10 +7,12 @@ use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
 
-use crate::api::{self, auth::Auth, error::ApiError};
+use crate::api;
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::edge::listener::{ConnInfo, Handler};
 use crate::edge::router::{self, normalize_host, request_host, Route, RouterConfig};
+use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::sandbox::Manager;
 

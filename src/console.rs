@@ -24,10 +24,10 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::api::error::ApiError;
 use crate::app::App;
 use crate::config::Config;
 use crate::edge::router::request_host;
+use crate::http::error::ApiError;
 use crate::http::{empty, full, Body};
 
 /// The console's files: name in the built folder (and in the URL) and content type.

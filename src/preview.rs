@@ -27,10 +27,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::api::error::ApiError;
 use crate::app::App;
 use crate::config::{Config, PreviewAccess};
 use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
 use crate::http::{full, Body};
 use crate::sandbox::{SandboxError, State};
 use crate::user::UserId;
@@ -850,7 +850,7 @@ pub async fn link(
     let ttl = Duration::from_secs(12 * 3600);
     let token = app.auth.issue_scoped(user, ttl, Some("preview"))?;
     let url = format!("{}?{LINK_PARAM}={token}", url(&app.cfg, user, conn));
-    Ok(crate::api::json(
+    Ok(crate::http::json(
         StatusCode::OK,
         &serde_json::json!({"url": url, "expiresInSeconds": ttl.as_secs()}),
     ))

@@ -1,23 +1,18 @@
 //! The main host's HTTP API: a matchit table from path to endpoint, then method checks,
 //! authentication and the handlers in `sandbox.rs`. Every error leaves through `error.rs`.
 
-pub mod auth;
-pub mod error;
 pub mod sandbox;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response};
 
 use crate::app::App;
 use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
 use crate::http::{full, Body};
-use error::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -143,36 +138,6 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, conn: Arc<ConnInfo>)
     result.unwrap_or_else(ApiError::into_response)
 }
 
-/// Reads a body up to `limit` bytes: 413 beyond (checked on Content-Length first, then while
-/// reading, so a lying or chunked client cannot push more).
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "invalid Content-Length",
-                )
-            })?;
-        if len > limit as u64 {
-            return Err(ApiError::too_large(limit));
-        }
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("reading the body failed: {e}"),
-        )),
-    }
-}
-
 /// Public and static: readable by API tools running on other origins (Swagger UI, editors).
 fn openapi() -> Response<Body> {
     let mut resp = Response::new(full(OPENAPI));
@@ -182,15 +147,6 @@ fn openapi() -> Response<Body> {
         hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
-    resp
-}
-
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

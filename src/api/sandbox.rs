@@ -6,13 +6,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::Serialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
-use super::{json, read_body, Endpoint};
+use super::Endpoint;
 use crate::app::App;
 use crate::edge::listener::ConnInfo;
+use crate::http::body::{parse_json, read_body};
+use crate::http::error::ApiError;
+use crate::http::json;
 use crate::http::Body;
 use crate::sandbox::exec::{ExecRequest, ExecResult};
 use crate::sandbox::Sandbox;
@@ -215,72 +216,79 @@ async fn events(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
     Ok(json(StatusCode::OK, &serde_json::json!({ "events": list })))
 }
 
+/// The wire shape of `POST /sandbox/execute`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExecuteBody {
+    code: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    encoding: Encoding,
+}
+
+#[derive(Debug, Default, Deserialize)]
+enum Encoding {
+    #[default]
+    #[serde(rename = "utf8", alias = "utf-8")]
+    Utf8,
+    #[serde(rename = "base64")]
+    Base64,
+}
+
+/// The limits an execute request is checked against (from the configuration).
+pub struct ExecLimits {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub max_code: usize,
+}
+
+impl TryFrom<(ExecuteBody, &ExecLimits)> for ExecRequest {
+    type Error = ApiError;
+
+    fn try_from((body, limits): (ExecuteBody, &ExecLimits)) -> Result<ExecRequest> {
+        let code = match body.encoding {
+            Encoding::Utf8 => body.code.into_bytes(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(body.code)
+                .map_err(|_| ApiError::invalid("field \"code\" is not valid base64"))?,
+        };
+        let max_code = limits.max_code;
+        if code.len() > max_code {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "code_too_large",
+                format!("code is larger than {max_code} bytes"),
+            ));
+        }
+        let max_ms = limits.max_timeout.as_millis() as u64;
+        let timeout = match body.timeout_ms {
+            None => limits.default_timeout,
+            Some(ms) if (1..=max_ms).contains(&ms) => Duration::from_millis(ms),
+            Some(_) => {
+                return Err(ApiError::invalid(format!(
+                    "field \"timeoutMs\" must be an integer from 1 to {max_ms}"
+                )))
+            }
+        };
+        Ok(ExecRequest { code, timeout })
+    }
+}
+
 /// Parses and validates an execute request body.
-pub fn parse_execute(
-    body: &[u8],
-    default_timeout: Duration,
-    max_timeout: Duration,
-    max_code: usize,
-) -> Result<ExecRequest> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_json(format!("body is not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
-    for key in obj.keys() {
-        if !["code", "timeoutMs", "encoding"].contains(&key.as_str()) {
-            return Err(ApiError::invalid(format!("unknown field {key:?}")));
-        }
-    }
-    let code = obj
-        .get("code")
-        .ok_or_else(|| ApiError::invalid("field \"code\" is required"))?
-        .as_str()
-        .ok_or_else(|| ApiError::invalid("field \"code\" must be a string"))?;
-    let code = match obj.get("encoding").map(|e| e.as_str()) {
-        None | Some(Some("utf8")) | Some(Some("utf-8")) => code.as_bytes().to_vec(),
-        Some(Some("base64")) => base64::engine::general_purpose::STANDARD
-            .decode(code)
-            .map_err(|_| ApiError::invalid("field \"code\" is not valid base64"))?,
-        _ => {
-            return Err(ApiError::invalid(
-                "field \"encoding\" must be \"utf8\" or \"base64\"",
-            ))
-        }
-    };
-    if code.len() > max_code {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "code_too_large",
-            format!("code is larger than {max_code} bytes"),
-        ));
-    }
-    let max_ms = max_timeout.as_millis() as u64;
-    let timeout = match obj.get("timeoutMs") {
-        None | Some(Value::Null) => default_timeout,
-        Some(t) => {
-            let ms = t
-                .as_u64()
-                .filter(|ms| (1..=max_ms).contains(ms))
-                .ok_or_else(|| {
-                    ApiError::invalid(format!(
-                        "field \"timeoutMs\" must be an integer from 1 to {max_ms}"
-                    ))
-                })?;
-            Duration::from_millis(ms)
-        }
-    };
-    Ok(ExecRequest { code, timeout })
+pub fn parse_execute(body: &[u8], limits: &ExecLimits) -> Result<ExecRequest> {
+    let wire: ExecuteBody = parse_json(body)?;
+    ExecRequest::try_from((wire, limits))
 }
 
 async fn execute(app: &Arc<App>, user: &UserId, req: Request<Incoming>) -> Result<Response<Body>> {
     let body = read_body(req, app.cfg.max_body_bytes).await?;
-    let er = parse_execute(
-        &body,
-        app.cfg.exec_timeout,
-        app.cfg.exec_max_timeout,
-        app.cfg.exec_max_code_bytes,
-    )?;
+    let limits = ExecLimits {
+        default_timeout: app.cfg.exec_timeout,
+        max_timeout: app.cfg.exec_max_timeout,
+        max_code: app.cfg.exec_max_code_bytes,
+    };
+    let er = parse_execute(&body, &limits)?;
     let r: ExecResult = app.mgr.execute(user, er).await?;
     Ok(json(
         StatusCode::OK,
@@ -303,9 +311,11 @@ mod tests {
     fn parse(body: &str) -> Result<ExecRequest> {
         parse_execute(
             body.as_bytes(),
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            1 << 20,
+            &ExecLimits {
+                default_timeout: Duration::from_secs(10),
+                max_timeout: Duration::from_secs(60),
+                max_code: 1 << 20,
+            },
         )
     }
 
