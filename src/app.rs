@@ -38,7 +38,7 @@ impl App {
             extra_ports: cfg.preview_extra_ports.clone(),
         };
         Arc::new(App {
-            preview: crate::preview::Proxy::new(&cfg),
+            preview: crate::preview::Proxy::new(cfg.clone(), mgr.clone(), auth.clone()),
             jobs: crate::projects::Jobs::default(),
             cfg,
             mgr,
@@ -123,7 +123,7 @@ impl App {
             Route::Main => api::handle(&self, req, conn).await,
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
-                let resp = crate::preview::handle(&self, req, conn, user, port).await;
+                let resp = self.preview.handle(req, conn, user, port).await;
                 self.mgr
                     .metrics()
                     .preview_request(resp.status(), t.elapsed());

@@ -152,7 +152,7 @@ pub async fn dispatch(
         Endpoint::Events => events(app, user).await,
         Endpoint::Projects => crate::projects::create(app, user, req, conn).await,
         Endpoint::Job => crate::projects::job(app, user, param.as_deref().unwrap_or("")).await,
-        Endpoint::PreviewLink => crate::preview::link(app, user, conn).await,
+        Endpoint::PreviewLink => crate::preview::link(&app.auth, &app.cfg, user, conn),
         _ => Err(ApiError::not_found()),
     }
 }
