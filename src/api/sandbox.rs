@@ -1,6 +1,5 @@
 //! Handlers of the sandbox API. DTOs (the JSON shapes) live here, at the edge.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -8,15 +7,14 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::Endpoint;
-use crate::app::App;
+use super::Api;
 use crate::edge::listener::ConnInfo;
 use crate::http::body::{parse_json, read_body};
 use crate::http::error::ApiError;
 use crate::http::json;
 use crate::http::Body;
 use crate::sandbox::exec::{ExecRequest, ExecResult};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Manager, Sandbox};
 use crate::user::UserId;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -82,11 +80,11 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// `GET /healthz`: 200 when the engine and the store answer; 503 naming what does not. While
 /// the health tracker knows the engine is down it answers at once, without asking it.
-pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
+pub async fn health(mgr: &Manager) -> Result<Response<Body>> {
     use crate::sandbox::health::{PING_TIMEOUT, RETRY_AFTER_SECS};
-    let tracker = app.mgr.health_tracker();
+    let tracker = mgr.health_tracker();
     let engine = if tracker.is_up() {
-        match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine().ping()).await {
+        match tokio::time::timeout(PING_TIMEOUT, mgr.engine().ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracker.note_error(&e).await;
@@ -101,7 +99,7 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
     } else {
         Err(tracker.down_message())
     };
-    let store = match tokio::time::timeout(Duration::from_secs(1), app.mgr.store().ping()).await {
+    let store = match tokio::time::timeout(Duration::from_secs(1), mgr.store().ping()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("the store is unavailable: {e:#}")),
         Err(_) => Err("the store did not answer within 1s".to_owned()),
@@ -135,46 +133,24 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
     Ok(resp)
 }
 
-pub async fn dispatch(
-    app: &Arc<App>,
-    endpoint: Endpoint,
-    user: &UserId,
-    req: Request<Incoming>,
-    param: Option<String>,
-    conn: &ConnInfo,
-) -> Result<Response<Body>> {
-    app.mgr.touch(user);
-    match endpoint {
-        Endpoint::Init => init(app, user, conn).await,
-        Endpoint::Execute => execute(app, user, req).await,
-        Endpoint::Status => status(app, user, conn).await,
-        Endpoint::Exit => exit(app, user).await,
-        Endpoint::Events => events(app, user).await,
-        Endpoint::Projects => crate::projects::create(app, user, req, conn).await,
-        Endpoint::Job => crate::projects::job(app, user, param.as_deref().unwrap_or("")).await,
-        Endpoint::PreviewLink => crate::preview::link(&app.auth, &app.cfg, user, conn),
-        _ => Err(ApiError::not_found()),
-    }
-}
-
-fn init_response(app: &App, sb: &Sandbox, conn: &ConnInfo) -> InitResponse {
+fn init_response(api: &Api, sb: &Sandbox, conn: &ConnInfo) -> InitResponse {
     InitResponse {
         container_id: sb.container_id.clone(),
         user_id: sb.user.to_string(),
         state: sb.state.as_str(),
-        preview_url: crate::preview::url(&app.cfg, &sb.user, conn),
-        preview_access: app.cfg.preview_access.as_str(),
+        preview_url: crate::preview::url(&api.cfg, &sb.user, conn),
+        preview_access: api.cfg.preview_access.as_str(),
     }
 }
 
-async fn init(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
-    let sb = app.mgr.ensure_running(user).await?;
-    Ok(json(StatusCode::OK, &init_response(app, &sb, conn)))
+pub(super) async fn init(api: &Api, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
+    let sb = api.mgr.ensure_running(user).await?;
+    Ok(json(StatusCode::OK, &init_response(api, &sb, conn)))
 }
 
-async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
-    let sb = app.mgr.status(user).await?;
-    let l = &app.cfg.limits;
+pub(super) async fn status(api: &Api, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
+    let sb = api.mgr.status(user).await?;
+    let l = &api.cfg.limits;
     Ok(json(
         StatusCode::OK,
         &StatusResponse {
@@ -183,8 +159,8 @@ async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Respon
             state: sb.state.as_str(),
             created_at: rfc3339(sb.created_at),
             last_activity: rfc3339(sb.last_activity),
-            preview_url: crate::preview::url(&app.cfg, user, conn),
-            preview_access: app.cfg.preview_access.as_str(),
+            preview_url: crate::preview::url(&api.cfg, user, conn),
+            preview_access: api.cfg.preview_access.as_str(),
             limits: LimitsDto {
                 memory_bytes: l.memory_bytes,
                 cpus: l.nano_cpus as f64 / 1e9,
@@ -194,16 +170,16 @@ async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Respon
     ))
 }
 
-async fn exit(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
-    let removed = app.mgr.exit(user).await?;
+pub(super) async fn exit(api: &Api, user: &UserId) -> Result<Response<Body>> {
+    let removed = api.mgr.exit(user).await?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"userId": user.as_str(), "removed": removed, "state": "removed"}),
     ))
 }
 
-async fn events(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
-    let rows = app.mgr.store().events(user, 100).await?;
+pub(super) async fn events(api: &Api, user: &UserId) -> Result<Response<Body>> {
+    let rows = api.mgr.store().events(user, 100).await?;
     let list: Vec<EventDto> = rows
         .into_iter()
         .map(|e| EventDto {
@@ -281,15 +257,19 @@ pub fn parse_execute(body: &[u8], limits: &ExecLimits) -> Result<ExecRequest> {
     ExecRequest::try_from((wire, limits))
 }
 
-async fn execute(app: &Arc<App>, user: &UserId, req: Request<Incoming>) -> Result<Response<Body>> {
-    let body = read_body(req, app.cfg.max_body_bytes).await?;
+pub(super) async fn execute(
+    api: &Api,
+    user: &UserId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let body = read_body(req, api.cfg.max_body_bytes).await?;
     let limits = ExecLimits {
-        default_timeout: app.cfg.exec_timeout,
-        max_timeout: app.cfg.exec_max_timeout,
-        max_code: app.cfg.exec_max_code_bytes,
+        default_timeout: api.cfg.exec_timeout,
+        max_timeout: api.cfg.exec_max_timeout,
+        max_code: api.cfg.exec_max_code_bytes,
     };
     let er = parse_execute(&body, &limits)?;
-    let r: ExecResult = app.mgr.execute(user, er).await?;
+    let r: ExecResult = api.mgr.execute(user, er).await?;
     Ok(json(
         StatusCode::OK,
         &ExecuteResponse {
