@@ -7,20 +7,28 @@ use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
 
-use crate::api::{self, auth::Auth, error::ApiError};
+use crate::api::{Api, Features};
+use crate::auth::Auth;
 use crate::config::Config;
+use crate::console::Console;
 use crate::edge::listener::{ConnInfo, Handler};
 use crate::edge::router::{self, normalize_host, request_host, Route, RouterConfig};
+use crate::http::error::ApiError;
 use crate::http::Body;
+use crate::preview::Proxy;
 use crate::sandbox::Manager;
+use crate::user::UserId;
 
+/// The application: the Host router and the features it dispatches to. `cfg`, `mgr`, `auth`
+/// and `jobs` are what the terminal and the project jobs still read from the whole state.
 pub struct App {
     pub cfg: Arc<Config>,
     pub mgr: Arc<Manager>,
     pub auth: Auth,
     pub router: RouterConfig,
-    pub api: api::Table,
-    pub preview: crate::preview::Proxy,
+    pub api: Api,
+    pub preview: Proxy,
+    pub console: Console,
     pub jobs: crate::projects::Jobs,
 }
 
@@ -36,13 +44,14 @@ impl App {
             extra_ports: cfg.preview_extra_ports.clone(),
         };
         Arc::new(App {
-            preview: crate::preview::Proxy::new(&cfg),
+            api: Api::new(cfg.clone(), mgr.clone(), auth.clone()),
+            preview: Proxy::new(cfg.clone(), mgr.clone(), auth.clone()),
+            console: Console::new(cfg.clone()),
             jobs: crate::projects::Jobs::default(),
             cfg,
             mgr,
             auth,
             router,
-            api: api::Table::new(),
         })
     }
 
@@ -118,10 +127,10 @@ impl App {
             }
         }
         match router::route(&self.router, request_host(&req)) {
-            Route::Main => api::handle(&self, req, conn).await,
+            Route::Main => self.api.handle(&self, req, conn).await,
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
-                let resp = crate::preview::handle(&self, req, conn, user, port).await;
+                let resp = self.preview.handle(req, conn, user, port).await;
                 self.mgr
                     .metrics()
                     .preview_request(resp.status(), t.elapsed());
@@ -163,6 +172,31 @@ impl App {
         resp.headers_mut()
             .insert(hyper::header::LOCATION, location.parse().ok()?);
         Some(resp)
+    }
+}
+
+/// The features the API's table leads to that still take the whole state (terminal, projects)
+/// or that the application owns (the console).
+impl Features for Arc<App> {
+    fn console(&self, req: &Request<Incoming>, file: Option<&str>) -> Response<Body> {
+        self.console.handle(req, file)
+    }
+
+    async fn terminal(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+        crate::terminal::handle(self, req, conn).await
+    }
+
+    async fn create_project(
+        &self,
+        user: &UserId,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<Body>, ApiError> {
+        crate::projects::create(self, user, req, conn).await
+    }
+
+    async fn job(&self, user: &UserId, id: &str) -> Result<Response<Body>, ApiError> {
+        crate::projects::job(self, user, id).await
     }
 }
 

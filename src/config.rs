@@ -13,6 +13,18 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 
 /// Environment variables with the prefix that are not configuration keys.
+/// The container port a preview host without a port prefix goes to. It is fixed by the sandbox
+/// image: its init starts the dev server on it (`sandbox-image/sandboxd-init.js`), so it is not a
+/// configuration key.
+pub const PREVIEW_PORT: u16 = 5173;
+
+/// Keys that no longer exist, with the reason: a file that still sets one fails with it instead
+/// of a bare "unknown key".
+const REMOVED_KEYS: &[(&str, &str)] = &[(
+    "preview_port",
+    "the preview port is fixed at 5173 by the sandbox image's init",
+)];
+
 const ENV_NOT_KEYS: &[&str] = &["SANDBOXD_CONFIG", "SANDBOXD_LOG"];
 /// Variables under these prefixes belong to the test suites, the browser test and the
 /// benchmarks (e.g. `SANDBOXD_E2E_BASE`), never to the server: every command ignores them, so a
@@ -76,7 +88,6 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("allowed_origins", Kind::List, "[]"),
     ("terminal_max_frame_bytes", Kind::Int, "1048576"),
     ("terminal_per_user", Kind::Int, "8"),
-    ("preview_port", Kind::Int, "5173"),
     ("preview_extra_ports", Kind::List, "[]"),
     ("preview_access", Kind::Str, "\"public\""),
     ("wake_timeout", Kind::Duration, "\"30s\""),
@@ -140,7 +151,6 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub terminal_max_frame_bytes: usize,
     pub terminal_per_user: usize,
-    pub preview_port: u16,
     pub preview_extra_ports: Vec<u16>,
     pub preview_access: PreviewAccess,
     pub wake_timeout: Duration,
@@ -242,6 +252,9 @@ impl Config {
     /// Validates a table of keys (file and environment already merged), filling defaults.
     pub fn from_table(mut table: toml::Table) -> anyhow::Result<Config> {
         for key in table.keys() {
+            if let Some((_, why)) = REMOVED_KEYS.iter().find(|(k, _)| k == key) {
+                bail!("configuration key {key} was removed: {why}");
+            }
             if kind_of(key).is_none() {
                 bail!("unknown configuration key {key}");
             }
@@ -388,7 +401,6 @@ impl Config {
                 .collect(),
             terminal_max_frame_bytes: t.int_in("terminal_max_frame_bytes", 1024, 1 << 28)? as usize,
             terminal_per_user: t.int_in("terminal_per_user", 1, 1024)? as usize,
-            preview_port: t.int_in("preview_port", 1, 65535)? as u16,
             preview_extra_ports: ports("preview_extra_ports")?,
             preview_access,
             wake_timeout: t.duration_in("wake_timeout", 100, 600_000)?,
@@ -747,6 +759,12 @@ mod tests {
         let table: toml::Table = "max_containers = \"3\"".parse().unwrap();
         let err = Config::from_table(table).unwrap_err();
         assert!(err.to_string().contains("max_containers"), "{err}");
+        let table: toml::Table = "preview_port = 5173".parse().unwrap();
+        let err = Config::from_table(table).unwrap_err();
+        assert!(
+            err.to_string().contains("preview_port was removed"),
+            "{err}"
+        );
     }
 
     #[test]

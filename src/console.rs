@@ -24,10 +24,9 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::api::error::ApiError;
-use crate::app::App;
 use crate::config::Config;
 use crate::edge::router::request_host;
+use crate::http::error::ApiError;
 use crate::http::{empty, full, Body};
 
 /// The console's files: name in the built folder (and in the URL) and content type.
@@ -76,11 +75,26 @@ fn plain_host(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
-pub fn handle(app: &Arc<App>, req: &Request<Incoming>, file: Option<&str>) -> Response<Body> {
+/// The console feature: it reads only the configuration (`console_dir`, the preview domain).
+pub struct Console {
+    cfg: Arc<Config>,
+}
+
+impl Console {
+    pub fn new(cfg: Arc<Config>) -> Console {
+        Console { cfg }
+    }
+
+    pub fn handle(&self, req: &Request<Incoming>, file: Option<&str>) -> Response<Body> {
+        serve(&self.cfg, req, file)
+    }
+}
+
+fn serve(cfg: &Config, req: &Request<Incoming>, file: Option<&str>) -> Response<Body> {
     let Some((name, content_type)) = resolve(file.unwrap_or("/")) else {
         return ApiError::not_found().into_response();
     };
-    let path = app.cfg.console_dir.join(name);
+    let path = cfg.console_dir.join(name);
     let read = std::fs::metadata(&path).and_then(|m| Ok((m.clone(), std::fs::read(&path)?)));
     let (meta, bytes) = match read {
         Ok(r) => r,
@@ -136,7 +150,7 @@ pub fn handle(app: &Arc<App>, req: &Request<Incoming>, file: Option<&str>) -> Re
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(ETAG, v);
     }
-    security_headers(h, &csp(&app.cfg, request_host(req)));
+    security_headers(h, &csp(cfg, request_host(req)));
     resp
 }
 

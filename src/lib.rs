@@ -1,6 +1,7 @@
 pub mod access;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod console;
 pub mod edge;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use sandboxd::api::auth::{self, Auth};
+use sandboxd::auth::{self, Auth};
 use sandboxd::config::{parse_duration, Config, LogFormat};
 use sandboxd::user::UserId;
 

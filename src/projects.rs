@@ -11,11 +11,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::api::error::ApiError;
-use crate::api::{json, read_body};
 use crate::app::App;
+use crate::http::body::read_json;
+use crate::http::error::ApiError;
+use crate::http::json;
 use crate::http::Body;
 use crate::sandbox::shell::{self, ExecOptions, Script};
 use crate::user::UserId;
@@ -97,29 +98,49 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
+/// The wire shape of `POST /sandbox/projects`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    template: String,
+    name: String,
+}
+
+/// A validated project request.
+struct NewProject {
+    template: String,
+    name: String,
+}
+
+impl TryFrom<CreateBody> for NewProject {
+    type Error = ApiError;
+
+    fn try_from(body: CreateBody) -> Result<NewProject, ApiError> {
+        if !matches!(body.template.as_str(), "node" | "react-vite") {
+            return Err(ApiError::invalid(
+                "field \"template\" must be \"node\" or \"react-vite\"",
+            ));
+        }
+        if !valid_name(&body.name) {
+            return Err(ApiError::invalid(
+                "field \"name\" must match [a-z0-9][a-z0-9-_]{0,63}",
+            ));
+        }
+        Ok(NewProject {
+            template: body.template,
+            name: body.name,
+        })
+    }
+}
+
 pub async fn create(
     app: &Arc<App>,
     user: &UserId,
     req: Request<Incoming>,
     conn: &crate::edge::listener::ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
-    let body = read_body(req, 64 * 1024).await?;
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_json(format!("body is not valid JSON: {e}")))?;
-    let template = match v.get("template").and_then(|t| t.as_str()) {
-        Some(t @ ("node" | "react-vite")) => t.to_owned(),
-        _ => {
-            return Err(ApiError::invalid(
-                "field \"template\" must be \"node\" or \"react-vite\"",
-            ))
-        }
-    };
-    let name = v
-        .get("name")
-        .and_then(|n| n.as_str())
-        .filter(|n| valid_name(n))
-        .ok_or_else(|| ApiError::invalid("field \"name\" must match [a-z0-9][a-z0-9-_]{0,63}"))?
-        .to_owned();
+    let NewProject { template, name } =
+        read_json::<CreateBody>(req, 64 * 1024).await?.try_into()?;
     if app.jobs.running(user) >= 2 {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

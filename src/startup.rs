@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::auth::{self, Auth};
 use crate::app::{App, AppHandler};
+use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
 use crate::sandbox::{events, firewall, idle, Manager};

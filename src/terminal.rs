@@ -63,10 +63,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::api::auth::bearer;
-use crate::api::error::ApiError;
 use crate::app::App;
+use crate::auth::bearer;
 use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
 use crate::http::{empty, Body};
 use crate::sandbox::shell::{self, Door, Exec, ExecOptions, Script};
 use crate::sandbox::spec::WORKSPACE;

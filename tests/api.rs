@@ -203,6 +203,31 @@ async fn bad_input_gets_json_errors_with_stable_codes() {
     assert_eq!(r.status(), 200);
 }
 
+/// The README promises 422 for unknown fields on every JSON body, projects included.
+#[tokio::test]
+async fn project_bodies_with_unknown_fields_are_refused() {
+    let app = spawn_app().await;
+    for body in [
+        serde_json::json!({"template": "node", "name": "x", "extra": 1}),
+        serde_json::json!({"template": "node", "name": "x", "containerId": "abc"}),
+    ] {
+        let r = app.post("1", "/sandbox/projects", body.clone()).await;
+        let r = openapi::checked("POST", "/sandbox/projects", r).await;
+        assert_eq!(r.status(), 422, "{body}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_request", "{body}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field"),
+            "{v}"
+        );
+    }
+    // Refused before anything ran.
+    assert!(app.containers().is_empty());
+}
+
 #[tokio::test]
 async fn execute_timeout_kills_every_descendant() {
     let app = spawn_app().await;
@@ -666,7 +691,7 @@ async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
         }
     };
     let base = format!("http://{addr}");
-    let auth = sandboxd::api::auth::Auth::new(SECRET.as_bytes());
+    let auth = sandboxd::auth::Auth::new(SECRET.as_bytes());
     let issue = |u: &str| {
         auth.issue(
             &sandboxd::user::UserId::parse(u).unwrap(),

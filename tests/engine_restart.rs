@@ -590,7 +590,7 @@ async fn reachable_from_lab(url: &str) -> String {
 }
 
 fn token() -> String {
-    sandboxd::api::auth::Auth::new(common::SECRET.as_bytes())
+    sandboxd::auth::Auth::new(common::SECRET.as_bytes())
         .issue(
             &sandboxd::user::UserId::parse(USER).unwrap(),
             Duration::from_secs(3600),

@@ -84,7 +84,7 @@ async fn sigkill_and_restart_keeps_every_sandbox() {
     }
     let _cleanup = Cleanup(instance.clone());
 
-    let auth = sandboxd::api::auth::Auth::new(SECRET.as_bytes());
+    let auth = sandboxd::auth::Auth::new(SECRET.as_bytes());
     let tok = |u: &str| {
         auth.issue(
             &sandboxd::user::UserId::parse(u).unwrap(),

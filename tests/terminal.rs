@@ -357,7 +357,7 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
         Ok(_) => panic!("the upgrade should have been refused"),
     };
     let good = format!("Bearer {}", app.token("21"));
-    let other_secret = sandboxd::api::auth::Auth::new(b"some-other-secret-0123456789abcd");
+    let other_secret = sandboxd::auth::Auth::new(b"some-other-secret-0123456789abcd");
     let forged = other_secret
         .issue(
             &sandboxd::user::UserId::parse("21").unwrap(),

@@ -12,7 +12,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sandboxd::api::auth::Auth;
+use sandboxd::auth::Auth;
 use sandboxd::user::UserId;
 use serde_json::Value;
 use tokio::net::TcpStream;

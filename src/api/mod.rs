@@ -1,23 +1,23 @@
 //! The main host's HTTP API: a matchit table from path to endpoint, then method checks,
-//! authentication and the handlers in `sandbox.rs`. Every error leaves through `error.rs`.
+//! authentication and the handlers in `sandbox.rs`. Every error leaves through
+//! `crate::http::error`.
 
-pub mod auth;
-pub mod error;
 pub mod sandbox;
 
+use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response};
 
-use crate::app::App;
+use crate::auth::Auth;
+use crate::config::Config;
 use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
 use crate::http::{full, Body};
-use error::ApiError;
+use crate::sandbox::Manager;
+use crate::user::UserId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -112,64 +112,116 @@ impl Default for Table {
     }
 }
 
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let (endpoint, param) = match app.api.0.at(&path) {
-        Ok(m) => {
-            let (ep, methods, allow) = *m.value;
-            if !methods.contains(req.method()) {
-                return ApiError::method_not_allowed(allow).into_response();
-            }
-            (ep, m.params.get("id").map(str::to_owned))
-        }
-        Err(_) => return ApiError::not_found().into_response(),
-    };
-    let result = match endpoint {
-        Endpoint::Health => sandbox::health(app).await,
-        Endpoint::OpenApi => Ok(openapi()),
-        Endpoint::Terminal => return crate::terminal::handle(app, req, conn).await,
-        Endpoint::Console | Endpoint::ConsoleAsset => {
-            return crate::console::handle(app, &req, param.as_deref().or(Some(&path)))
-        }
-        _ => {
-            let user = match app.auth.from_headers(req.headers()) {
-                Ok(u) => u,
-                Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
-            };
-            crate::access::note_user(user.as_str());
-            sandbox::dispatch(app, endpoint, &user, req, param, &conn).await
-        }
-    };
-    result.unwrap_or_else(ApiError::into_response)
+/// The features the main host's table leads to that the API does not own. The application
+/// implements it, so the API dispatches to them without importing the application.
+pub trait Features: Send + Sync {
+    /// `GET /` and `GET /console/{file}`.
+    fn console(&self, req: &Request<Incoming>, file: Option<&str>) -> Response<Body>;
+    /// `GET /sandbox/terminal`: authenticates itself (the token may come as a subprotocol).
+    fn terminal(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<Body>> + Send;
+    /// `POST /sandbox/projects`.
+    fn create_project(
+        &self,
+        user: &UserId,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
+    /// `GET /sandbox/jobs/{id}`.
+    fn job(
+        &self,
+        user: &UserId,
+        id: &str,
+    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
 }
 
-/// Reads a body up to `limit` bytes: 413 beyond (checked on Content-Length first, then while
-/// reading, so a lying or chunked client cannot push more).
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "invalid Content-Length",
-                )
-            })?;
-        if len > limit as u64 {
-            return Err(ApiError::too_large(limit));
+/// The main host's API: its route table and what its handlers read.
+pub struct Api {
+    table: Table,
+    cfg: Arc<Config>,
+    mgr: Arc<Manager>,
+    auth: Auth,
+}
+
+impl Api {
+    pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Api {
+        Api {
+            table: Table::new(),
+            cfg,
+            mgr,
+            auth,
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("reading the body failed: {e}"),
-        )),
+
+    pub async fn handle(
+        &self,
+        features: &impl Features,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<Body> {
+        self.dispatch(features, req, conn)
+            .await
+            .unwrap_or_else(ApiError::into_response)
+    }
+
+    /// The one dispatch: path and method, then the endpoint's handler. Every endpoint but the
+    /// public ones (health, the OpenAPI document, the console) and the terminal (which reads
+    /// its token from a subprotocol too) authenticates first.
+    async fn dispatch(
+        &self,
+        features: &impl Features,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<Body>, ApiError> {
+        let path = req.uri().path().to_owned();
+        let m = self.table.0.at(&path).map_err(|_| ApiError::not_found())?;
+        let (endpoint, methods, allow) = *m.value;
+        if !methods.contains(req.method()) {
+            return Err(ApiError::method_not_allowed(allow));
+        }
+        let param = m.params.get("id").map(str::to_owned);
+        match endpoint {
+            Endpoint::Health => sandbox::health(&self.mgr).await,
+            Endpoint::OpenApi => Ok(openapi()),
+            Endpoint::Console | Endpoint::ConsoleAsset => {
+                Ok(features.console(&req, param.as_deref().or(Some(&path))))
+            }
+            Endpoint::Terminal => Ok(features.terminal(req, conn).await),
+            Endpoint::Init => sandbox::init(self, &self.authenticate(&req)?, &conn).await,
+            Endpoint::Execute => {
+                let user = self.authenticate(&req)?;
+                sandbox::execute(self, &user, req).await
+            }
+            Endpoint::Status => sandbox::status(self, &self.authenticate(&req)?, &conn).await,
+            Endpoint::Exit => sandbox::exit(self, &self.authenticate(&req)?).await,
+            Endpoint::Events => sandbox::events(self, &self.authenticate(&req)?).await,
+            Endpoint::Projects => {
+                let user = self.authenticate(&req)?;
+                features.create_project(&user, req, &conn).await
+            }
+            Endpoint::Job => {
+                let user = self.authenticate(&req)?;
+                features.job(&user, param.as_deref().unwrap_or("")).await
+            }
+            Endpoint::PreviewLink => {
+                let user = self.authenticate(&req)?;
+                crate::preview::link(&self.auth, &self.cfg, &user, &conn)
+            }
+        }
+    }
+
+    /// The bearer token's user. An authenticated request is activity of that user's sandbox.
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<UserId, ApiError> {
+        let user = self
+            .auth
+            .from_headers(req.headers())
+            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        crate::access::note_user(user.as_str());
+        self.mgr.touch(&user);
+        Ok(user)
     }
 }
 
@@ -182,15 +234,6 @@ fn openapi() -> Response<Body> {
         hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
-    resp
-}
-
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

@@ -1,21 +1,20 @@
 //! Handlers of the sandbox API. DTOs (the JSON shapes) live here, at the edge.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use serde::Serialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
-use super::{json, read_body, Endpoint};
-use crate::app::App;
+use super::Api;
 use crate::edge::listener::ConnInfo;
+use crate::http::body::{parse_json, read_body};
+use crate::http::error::ApiError;
+use crate::http::json;
 use crate::http::Body;
 use crate::sandbox::exec::{ExecRequest, ExecResult};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Manager, Sandbox};
 use crate::user::UserId;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -81,11 +80,11 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// `GET /healthz`: 200 when the engine and the store answer; 503 naming what does not. While
 /// the health tracker knows the engine is down it answers at once, without asking it.
-pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
+pub async fn health(mgr: &Manager) -> Result<Response<Body>> {
     use crate::sandbox::health::{PING_TIMEOUT, RETRY_AFTER_SECS};
-    let tracker = app.mgr.health_tracker();
+    let tracker = mgr.health_tracker();
     let engine = if tracker.is_up() {
-        match tokio::time::timeout(PING_TIMEOUT, app.mgr.engine_ping()).await {
+        match tokio::time::timeout(PING_TIMEOUT, mgr.engine_ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracker.note_error(&e).await;
@@ -100,7 +99,7 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
     } else {
         Err(tracker.down_message())
     };
-    let store = match tokio::time::timeout(Duration::from_secs(1), app.mgr.store().ping()).await {
+    let store = match tokio::time::timeout(Duration::from_secs(1), mgr.store().ping()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("the store is unavailable: {e:#}")),
         Err(_) => Err("the store did not answer within 1s".to_owned()),
@@ -134,46 +133,24 @@ pub async fn health(app: &Arc<App>) -> Result<Response<Body>> {
     Ok(resp)
 }
 
-pub async fn dispatch(
-    app: &Arc<App>,
-    endpoint: Endpoint,
-    user: &UserId,
-    req: Request<Incoming>,
-    param: Option<String>,
-    conn: &ConnInfo,
-) -> Result<Response<Body>> {
-    app.mgr.touch(user);
-    match endpoint {
-        Endpoint::Init => init(app, user, conn).await,
-        Endpoint::Execute => execute(app, user, req).await,
-        Endpoint::Status => status(app, user, conn).await,
-        Endpoint::Exit => exit(app, user).await,
-        Endpoint::Events => events(app, user).await,
-        Endpoint::Projects => crate::projects::create(app, user, req, conn).await,
-        Endpoint::Job => crate::projects::job(app, user, param.as_deref().unwrap_or("")).await,
-        Endpoint::PreviewLink => crate::preview::link(app, user, conn).await,
-        _ => Err(ApiError::not_found()),
-    }
-}
-
-fn init_response(app: &App, sb: &Sandbox, conn: &ConnInfo) -> InitResponse {
+fn init_response(api: &Api, sb: &Sandbox, conn: &ConnInfo) -> InitResponse {
     InitResponse {
         container_id: sb.container_id.clone(),
         user_id: sb.user.to_string(),
         state: sb.state.as_str(),
-        preview_url: crate::preview::url(&app.cfg, &sb.user, conn),
-        preview_access: app.cfg.preview_access.as_str(),
+        preview_url: crate::preview::url(&api.cfg, &sb.user, conn),
+        preview_access: api.cfg.preview_access.as_str(),
     }
 }
 
-async fn init(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
-    let sb = app.mgr.ensure_running(user).await?;
-    Ok(json(StatusCode::OK, &init_response(app, &sb, conn)))
+pub(super) async fn init(api: &Api, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
+    let sb = api.mgr.ensure_running(user).await?;
+    Ok(json(StatusCode::OK, &init_response(api, &sb, conn)))
 }
 
-async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
-    let sb = app.mgr.status(user).await?;
-    let l = &app.cfg.limits;
+pub(super) async fn status(api: &Api, user: &UserId, conn: &ConnInfo) -> Result<Response<Body>> {
+    let sb = api.mgr.status(user).await?;
+    let l = &api.cfg.limits;
     Ok(json(
         StatusCode::OK,
         &StatusResponse {
@@ -182,8 +159,8 @@ async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Respon
             state: sb.state.as_str(),
             created_at: rfc3339(sb.created_at),
             last_activity: rfc3339(sb.last_activity),
-            preview_url: crate::preview::url(&app.cfg, user, conn),
-            preview_access: app.cfg.preview_access.as_str(),
+            preview_url: crate::preview::url(&api.cfg, user, conn),
+            preview_access: api.cfg.preview_access.as_str(),
             limits: LimitsDto {
                 memory_bytes: l.memory_bytes,
                 cpus: l.nano_cpus as f64 / 1e9,
@@ -193,16 +170,16 @@ async fn status(app: &Arc<App>, user: &UserId, conn: &ConnInfo) -> Result<Respon
     ))
 }
 
-async fn exit(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
-    let removed = app.mgr.exit(user).await?;
+pub(super) async fn exit(api: &Api, user: &UserId) -> Result<Response<Body>> {
+    let removed = api.mgr.exit(user).await?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"userId": user.as_str(), "removed": removed, "state": "removed"}),
     ))
 }
 
-async fn events(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
-    let rows = app.mgr.store().events(user, 100).await?;
+pub(super) async fn events(api: &Api, user: &UserId) -> Result<Response<Body>> {
+    let rows = api.mgr.store().events(user, 100).await?;
     let list: Vec<EventDto> = rows
         .into_iter()
         .map(|e| EventDto {
@@ -215,73 +192,84 @@ async fn events(app: &Arc<App>, user: &UserId) -> Result<Response<Body>> {
     Ok(json(StatusCode::OK, &serde_json::json!({ "events": list })))
 }
 
-/// Parses and validates an execute request body.
-pub fn parse_execute(
-    body: &[u8],
-    default_timeout: Duration,
-    max_timeout: Duration,
-    max_code: usize,
-) -> Result<ExecRequest> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_json(format!("body is not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::invalid("body must be a JSON object"))?;
-    for key in obj.keys() {
-        if !["code", "timeoutMs", "encoding"].contains(&key.as_str()) {
-            return Err(ApiError::invalid(format!("unknown field {key:?}")));
-        }
-    }
-    let code = obj
-        .get("code")
-        .ok_or_else(|| ApiError::invalid("field \"code\" is required"))?
-        .as_str()
-        .ok_or_else(|| ApiError::invalid("field \"code\" must be a string"))?;
-    let code = match obj.get("encoding").map(|e| e.as_str()) {
-        None | Some(Some("utf8")) | Some(Some("utf-8")) => code.as_bytes().to_vec(),
-        Some(Some("base64")) => base64::engine::general_purpose::STANDARD
-            .decode(code)
-            .map_err(|_| ApiError::invalid("field \"code\" is not valid base64"))?,
-        _ => {
-            return Err(ApiError::invalid(
-                "field \"encoding\" must be \"utf8\" or \"base64\"",
-            ))
-        }
-    };
-    if code.len() > max_code {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "code_too_large",
-            format!("code is larger than {max_code} bytes"),
-        ));
-    }
-    let max_ms = max_timeout.as_millis() as u64;
-    let timeout = match obj.get("timeoutMs") {
-        None | Some(Value::Null) => default_timeout,
-        Some(t) => {
-            let ms = t
-                .as_u64()
-                .filter(|ms| (1..=max_ms).contains(ms))
-                .ok_or_else(|| {
-                    ApiError::invalid(format!(
-                        "field \"timeoutMs\" must be an integer from 1 to {max_ms}"
-                    ))
-                })?;
-            Duration::from_millis(ms)
-        }
-    };
-    Ok(ExecRequest { code, timeout })
+/// The wire shape of `POST /sandbox/execute`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExecuteBody {
+    code: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    encoding: Encoding,
 }
 
-async fn execute(app: &Arc<App>, user: &UserId, req: Request<Incoming>) -> Result<Response<Body>> {
-    let body = read_body(req, app.cfg.max_body_bytes).await?;
-    let er = parse_execute(
-        &body,
-        app.cfg.exec_timeout,
-        app.cfg.exec_max_timeout,
-        app.cfg.exec_max_code_bytes,
-    )?;
-    let r: ExecResult = app.mgr.execute(user, er).await?;
+#[derive(Debug, Default, Deserialize)]
+enum Encoding {
+    #[default]
+    #[serde(rename = "utf8", alias = "utf-8")]
+    Utf8,
+    #[serde(rename = "base64")]
+    Base64,
+}
+
+/// The limits an execute request is checked against (from the configuration).
+pub struct ExecLimits {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub max_code: usize,
+}
+
+impl TryFrom<(ExecuteBody, &ExecLimits)> for ExecRequest {
+    type Error = ApiError;
+
+    fn try_from((body, limits): (ExecuteBody, &ExecLimits)) -> Result<ExecRequest> {
+        let code = match body.encoding {
+            Encoding::Utf8 => body.code.into_bytes(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(body.code)
+                .map_err(|_| ApiError::invalid("field \"code\" is not valid base64"))?,
+        };
+        let max_code = limits.max_code;
+        if code.len() > max_code {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "code_too_large",
+                format!("code is larger than {max_code} bytes"),
+            ));
+        }
+        let max_ms = limits.max_timeout.as_millis() as u64;
+        let timeout = match body.timeout_ms {
+            None => limits.default_timeout,
+            Some(ms) if (1..=max_ms).contains(&ms) => Duration::from_millis(ms),
+            Some(_) => {
+                return Err(ApiError::invalid(format!(
+                    "field \"timeoutMs\" must be an integer from 1 to {max_ms}"
+                )))
+            }
+        };
+        Ok(ExecRequest { code, timeout })
+    }
+}
+
+/// Parses and validates an execute request body.
+pub fn parse_execute(body: &[u8], limits: &ExecLimits) -> Result<ExecRequest> {
+    let wire: ExecuteBody = parse_json(body)?;
+    ExecRequest::try_from((wire, limits))
+}
+
+pub(super) async fn execute(
+    api: &Api,
+    user: &UserId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let body = read_body(req, api.cfg.max_body_bytes).await?;
+    let limits = ExecLimits {
+        default_timeout: api.cfg.exec_timeout,
+        max_timeout: api.cfg.exec_max_timeout,
+        max_code: api.cfg.exec_max_code_bytes,
+    };
+    let er = parse_execute(&body, &limits)?;
+    let r: ExecResult = api.mgr.execute(user, er).await?;
     Ok(json(
         StatusCode::OK,
         &ExecuteResponse {
@@ -303,9 +291,11 @@ mod tests {
     fn parse(body: &str) -> Result<ExecRequest> {
         parse_execute(
             body.as_bytes(),
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            1 << 20,
+            &ExecLimits {
+                default_timeout: Duration::from_secs(10),
+                max_timeout: Duration::from_secs(60),
+                max_code: 1 << 20,
+            },
         )
     }
 

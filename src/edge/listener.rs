@@ -40,7 +40,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::framing::{self, FramingCheck};
 use super::router::{request_host, sni_matches_host};
-use crate::http::{full, Body};
+use crate::http::error::ApiError;
+use crate::http::Body;
 
 /// What the handler may want to know about the connection a request came on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,11 +368,12 @@ fn guarded(
             Ok(resp) => Ok(resp),
             Err(_) => {
                 tracing::error!(%peer, "handler panicked");
-                Ok(error_response(
+                Ok(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     "internal error",
-                ))
+                )
+                .into_response())
             }
         }
     })
@@ -384,18 +386,13 @@ fn bad_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
     if !req.headers().contains_key(framing::MARKER) {
         return None;
     }
-    let body = serde_json::json!({"error": {
-        "code": "bad_framing",
-        "message": "a request may carry either Content-Length (once) or Transfer-Encoding, not both",
-    }})
-    .to_string();
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    let mut resp = ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_framing",
+        "a request may carry either Content-Length (once) or Transfer-Encoding, not both",
+    )
+    .into_response();
     let h = resp.headers_mut();
-    h.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
     h.insert(
         hyper::header::CONNECTION,
         hyper::header::HeaderValue::from_static("close"),
@@ -414,23 +411,14 @@ fn misdirected(req: &Request<Incoming>, info: &ConnInfo) -> Option<Response<Body
     if sni_matches_host(sni, host) {
         return None;
     }
-    Some(error_response(
-        StatusCode::MISDIRECTED_REQUEST,
-        "misdirected_request",
-        "the Host of this request does not match the TLS server name of the connection",
-    ))
-}
-
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    // The API's error envelope (docs/openapi.json, `Error`).
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
+    Some(
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            "the Host of this request does not match the TLS server name of the connection",
+        )
+        .into_response(),
+    )
 }
 
 #[cfg(test)]
@@ -513,7 +501,7 @@ mod tests {
                     conn.peer.ip().is_loopback(),
                     conn.local
                 );
-                Response::new(full(body))
+                Response::new(crate::http::full(body))
             },
         )
     }

@@ -7,10 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::config::PREVIEW_PORT;
 use crate::user::UserId;
-
-/// The container port a preview host without a port prefix goes to (Vite's default).
-pub const DEFAULT_PREVIEW_PORT: u16 = 5173;
 
 /// The DNS limits (RFC 1035 §2.3.4) that `normalize_host` enforces.
 const MAX_LABEL_LEN: usize = 63;
@@ -24,7 +22,7 @@ pub struct RouterConfig {
     pub main_hosts: Vec<String>,
     /// The domain under which `user-<id>.` hosts live, e.g. `preview.localhost`.
     pub preview_domain: String,
-    /// Container ports besides [`DEFAULT_PREVIEW_PORT`] reachable as `<port>-user-<id>.…`.
+    /// Container ports besides [`PREVIEW_PORT`] reachable as `<port>-user-<id>.…`.
     pub extra_ports: Vec<u16>,
 }
 
@@ -188,7 +186,7 @@ fn preview_label(label: &str, extra_ports: &[u16]) -> Option<Route> {
         let user = UserId::parse(id).ok()?;
         return Some(Route::Preview {
             user,
-            port: DEFAULT_PREVIEW_PORT,
+            port: PREVIEW_PORT,
         });
     }
     let (port, rest) = label.split_once('-')?;

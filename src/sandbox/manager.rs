@@ -401,7 +401,8 @@ impl Manager {
         let id = c.id.clone();
         let nano = self.cfg.limits.nano_cpus;
         // Without an address (never after a successful start) only the window ends the boost.
-        let addr = c.ip.map(|ip| SocketAddr::new(ip, self.cfg.preview_port));
+        let addr =
+            c.ip.map(|ip| SocketAddr::new(ip, crate::config::PREVIEW_PORT));
         let deadline = tokio::time::Instant::now() + self.cfg.boot_window;
         tokio::spawn(async move {
             let listening = loop {

@@ -67,7 +67,7 @@ pub fn env(cfg: &Config, user: &UserId) -> Vec<String> {
         "TERM=xterm-256color".to_owned(),
         format!("SANDBOXD_USER={user}"),
         format!("SANDBOXD_PREVIEW_HOST={preview_host}"),
-        format!("SANDBOXD_PREVIEW_PORT={}", cfg.preview_port),
+        format!("SANDBOXD_PREVIEW_PORT={}", crate::config::PREVIEW_PORT),
         // Vite answers 403 to Host names it does not know; this variable (read by Vite 5+) adds
         // the preview domain to `server.allowedHosts` without the user editing vite.config.
         // Rejected alternative: rewriting Host to localhost in the proxy, which breaks apps that

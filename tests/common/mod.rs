@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use sandboxd::api::auth::Auth;
+use sandboxd::auth::Auth;
 use sandboxd::config::Config;
 use sandboxd::startup::{self, Running};
 use sandboxd::user::UserId;

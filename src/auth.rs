@@ -31,6 +31,7 @@ pub enum AuthError {
     Invalid,
 }
 
+#[derive(Clone)]
 pub struct Auth {
     enc: EncodingKey,
     dec: DecodingKey,

@@ -1,0 +1,439 @@
+//! Plain requests: the request goes to the app through the pooled client with its hop-by-hop
+//! headers removed and `X-Forwarded-*` set; the answer streams back the same way. The header
+//! operations are small functions, one per job, each with its own tests.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode, Uri};
+
+use super::upstream::{no_address, Via};
+use super::{PreviewError, Proxy};
+use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
+use crate::http::Body;
+use crate::sandbox::State;
+use crate::user::UserId;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the unofficial `Keep-Alive` and
+/// `Proxy-Connection`): they describe one connection and never cross the proxy.
+static HOP_HEADERS: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes the headers that any `Connection` header names. Every `Connection` header is read,
+/// not only the first: a client may split the list over several lines.
+pub(super) fn remove_connection_listed(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+}
+
+/// Removes the fixed hop-by-hop headers.
+pub(super) fn remove_hop_headers(h: &mut HeaderMap) {
+    for n in &HOP_HEADERS {
+        h.remove(n);
+    }
+}
+
+/// Both of the above, in the order that still sees the `Connection` list.
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    remove_connection_listed(h);
+    remove_hop_headers(h);
+}
+
+/// An HTTP/1.1 upgrade request: `Connection` lists `upgrade` and an `Upgrade` header is there.
+pub(super) fn is_upgrade(h: &HeaderMap) -> bool {
+    let conn_upgrade = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    conn_upgrade && h.contains_key(header::UPGRADE)
+}
+
+/// The upstream switched to a protocol the client asked for (RFC 9110 §7.8): its one
+/// `Upgrade` token is among the client's, compared without case.
+pub(super) fn upgrade_matches(asked: Option<&HeaderValue>, answered: Option<&HeaderValue>) -> bool {
+    let (Some(asked), Some(answered)) = (
+        asked.and_then(|v| v.to_str().ok()),
+        answered.and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    let answered = answered.trim();
+    !answered.is_empty()
+        && asked
+            .split(',')
+            .any(|p| p.trim().eq_ignore_ascii_case(answered))
+}
+
+/// `X-Forwarded-For` (the client's chain plus the peer we saw), `-Proto` and `-Host`.
+pub(super) fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>) {
+    let peer = conn.peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        // Clients can send anything: keep their chain, append what we saw.
+        Some(prev) if prev.len() < 1024 => format!("{prev}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        h.insert("x-forwarded-host", v);
+    }
+}
+
+/// The upstream URI: the sandbox's address and only the path and query of the request, so no
+/// absolute-form URI can steer the proxy elsewhere.
+fn upstream_uri(addr: SocketAddr, uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("http://{addr}{pq}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// The request's host as the client sent it (URI authority first, as `router::request_host`).
+fn host_of(p: &Parts) -> Option<&str> {
+    p.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| p.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+}
+
+/// Safe to send again (RFC 9110 §9.2.2) and nothing in the body that was already consumed.
+fn is_idempotent(p: &Parts) -> bool {
+    matches!(
+        p.method,
+        hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+    ) && is_bodyless(p)
+}
+
+fn is_bodyless(p: &Parts) -> bool {
+    let len0 = p
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim() == "0");
+    len0 && !p.headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+fn clone_parts(p: &Parts) -> Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    b.body(())
+        .map(|r| r.into_parts().0)
+        .unwrap_or_else(|_| Request::new(()).into_parts().0)
+}
+
+enum Late {
+    /// The sandbox runs (or was just resumed, which lets the request go on): keep waiting.
+    KeepWaiting,
+    /// The container had stopped or vanished and was started again at this address: the
+    /// request in flight is lost.
+    Restarted(IpAddr),
+    Failed(PreviewError),
+}
+
+impl Proxy {
+    pub(super) async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        user: &UserId,
+        addr: SocketAddr,
+    ) -> Result<Response<Body>, PreviewError> {
+        let (mut parts, body) = req.into_parts();
+        let host = host_of(&parts).map(str::to_owned);
+        strip_hop_by_hop(&mut parts.headers);
+        forwarded_headers(&mut parts.headers, conn, host.as_deref());
+        // HTTP/2 clients send :authority, not Host; the app sees the preview host either way.
+        if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.uri = upstream_uri(addr, &parts.uri);
+        parts.version = hyper::Version::HTTP_11;
+        let port = addr.port();
+        let mut body = Some(body);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let b: Body = match body.take() {
+                Some(b) => b.map_err(Into::into).boxed(),
+                None => crate::http::empty(),
+            };
+            let up = Request::from_parts(clone_parts(&parts), b);
+            let sent = self.client.request(up);
+            tokio::pin!(sent);
+            // Backstop: an answer whose head is late may be a request sent to a container that
+            // was paused or stopped behind our back. Re-check the sandbox instead of waiting
+            // forever; a sandbox that runs normally just has a slow app, and we keep waiting.
+            let result = match tokio::time::timeout(self.cfg.upstream_head_timeout, &mut sent).await
+            {
+                Ok(r) => r,
+                Err(_) => match self.late_answer(user).await {
+                    Late::KeepWaiting => sent.await,
+                    Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
+                        let addr = SocketAddr::new(ip, port);
+                        parts.uri = upstream_uri(addr, &parts.uri);
+                        match self.connect_app(user, addr).await {
+                            Some(_) => continue,
+                            None => return Err(PreviewError::NotListening { port }),
+                        }
+                    }
+                    Late::Restarted(_) => return Err(PreviewError::Restarted),
+                    Late::Failed(e) => return Err(e),
+                },
+            };
+            match result {
+                Ok(resp) => {
+                    self.mgr.touch(user);
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    return Ok(Response::from_parts(rp, rb.map_err(Into::into).boxed()));
+                }
+                Err(e) if e.is_connect() && attempt == 1 => {
+                    // Nothing listening: the app may be starting, or the container died or was
+                    // restarted behind our back. Ask the manager again and hold the request
+                    // while the app comes up. A body that was already streamed is not replayed.
+                    let addr = self.ready_addr(user, port, Via::Manager).await?;
+                    parts.uri = upstream_uri(addr, &parts.uri);
+                    if is_bodyless(&parts) {
+                        continue;
+                    }
+                    return Err(PreviewError::Api(
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "preview_starting",
+                            "the app just started; retry",
+                        )
+                        .retry_after(1),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(user = %user, error = format!("{e:#}"), "preview upstream error");
+                    if e.is_connect() {
+                        return Err(PreviewError::NotListening { port });
+                    }
+                    return Err(PreviewError::Api(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "the app in the sandbox failed to answer",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The upstream head is late: look at the sandbox as the engine sees it, and wake it if it
+    /// was paused, stopped or removed behind our back.
+    async fn late_answer(&self, user: &UserId) -> Late {
+        let state = match self.mgr.refresh(user).await {
+            Ok(s) => s,
+            Err(e) => return Late::Failed(PreviewError::Api(ApiError::internal(&e))),
+        };
+        if state == Some(State::Running) {
+            return Late::KeepWaiting;
+        }
+        tracing::info!(user = %user, state = ?state, "late preview answer: the sandbox was not running");
+        match self.mgr.ensure_running(user).await {
+            // A paused container keeps its connections: once resumed, the answer comes.
+            Ok(_) if state == Some(State::Paused) => Late::KeepWaiting,
+            Ok(sb) => match sb.ip {
+                Some(ip) => Late::Restarted(ip),
+                None => Late::Failed(no_address()),
+            },
+            Err(e) => Late::Failed(PreviewError::Api(ApiError::from(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn every_connection_header_is_read() {
+        let mut h = headers(&[
+            ("connection", "x-one"),
+            ("connection", "x-two"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-three", "3"),
+        ]);
+        remove_connection_listed(&mut h);
+        assert!(!h.contains_key("x-one") && !h.contains_key("x-two"));
+        assert!(h.contains_key("x-three"));
+    }
+
+    #[test]
+    fn connection_names_are_trimmed_and_case_blind() {
+        let mut h = headers(&[("connection", " X-Secret ,,"), ("x-secret", "1")]);
+        remove_connection_listed(&mut h);
+        assert!(!h.contains_key("x-secret"));
+    }
+
+    #[test]
+    fn invalid_connection_names_are_ignored() {
+        let mut h = headers(&[
+            ("connection", "bad name, x-ok"),
+            ("x-ok", "1"),
+            ("accept", "*/*"),
+        ]);
+        remove_connection_listed(&mut h);
+        assert!(!h.contains_key("x-ok"));
+        assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn every_fixed_hop_header_is_removed() {
+        let mut h = HeaderMap::new();
+        for n in &HOP_HEADERS {
+            h.insert(n.clone(), "x".parse().unwrap());
+        }
+        h.insert(header::COOKIE, "a=1".parse().unwrap());
+        remove_hop_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::COOKIE));
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        assert!(is_upgrade(&headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(is_upgrade(&headers(&[
+            ("connection", "keep-alive, upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(is_upgrade(&headers(&[
+            ("connection", "keep-alive"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+        assert!(!is_upgrade(&headers(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn the_upstream_must_switch_to_what_the_client_asked() {
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert!(upgrade_matches(
+            Some(&v("websocket")),
+            Some(&v("websocket"))
+        ));
+        assert!(upgrade_matches(
+            Some(&v("WebSocket")),
+            Some(&v("websocket"))
+        ));
+        assert!(upgrade_matches(
+            Some(&v("h2c, websocket")),
+            Some(&v("websocket"))
+        ));
+        assert!(!upgrade_matches(Some(&v("websocket")), Some(&v("h2c"))));
+        assert!(!upgrade_matches(Some(&v("websocket")), None));
+        assert!(!upgrade_matches(None, Some(&v("websocket"))));
+        assert!(!upgrade_matches(Some(&v("websocket")), Some(&v(""))));
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_the_chain() {
+        let conn = ConnInfo {
+            peer: "10.0.0.9:1234".parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            tls: false,
+            sni: None,
+            alpn_h2: false,
+        };
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        forwarded_headers(&mut h, &conn, Some("user-1.preview.localhost"));
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "user-1.preview.localhost");
+    }
+
+    #[test]
+    fn upstream_uri_keeps_only_path_and_query() {
+        let addr: SocketAddr = "172.20.0.5:5173".parse().unwrap();
+        let u = upstream_uri(addr, &"http://evil.example/x?y=1".parse().unwrap());
+        assert_eq!(u.to_string(), "http://172.20.0.5:5173/x?y=1");
+        let u = upstream_uri(addr, &"/a/b".parse().unwrap());
+        assert_eq!(u.to_string(), "http://172.20.0.5:5173/a/b");
+    }
+
+    #[test]
+    fn only_bodyless_safe_methods_are_sent_again() {
+        let parts = |m: &str, h: &[(&str, &str)]| {
+            let mut b = Request::builder().method(m).uri("/");
+            for (k, v) in h {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(is_idempotent(&parts("GET", &[])));
+        assert!(is_idempotent(&parts("HEAD", &[("content-length", "0")])));
+        assert!(!is_idempotent(&parts("GET", &[("content-length", "5")])));
+        assert!(!is_idempotent(&parts(
+            "GET",
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(!is_idempotent(&parts("POST", &[])));
+        assert!(!is_idempotent(&parts("DELETE", &[])));
+    }
+}

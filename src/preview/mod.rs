@@ -1,0 +1,221 @@
+//! The preview proxy: `user-<id>.<preview_domain>` → port 5173 (or an allowed extra port) of
+//! that user's container, over the private network, by the IP the manager owns for that user.
+//! No Host, path or header can steer it anywhere else (README, "Preview").
+//!
+//! - `upstream.rs`: the one cold path (wake, hold the request until the app listens).
+//! - `forward.rs`: plain requests through a pooled HTTP/1.1 client (idle timeout 4 s, under
+//!   Node's 5 s keep-alive, so the pool never reuses a socket the app is closing).
+//! - `tunnel.rs`: upgrades (Vite HMR) on a dedicated upstream connection.
+//! - `access.rs`: `preview_access = "owner"`; `pages.rs`: the proxy's own answers.
+
+mod access;
+mod forward;
+mod pages;
+mod tunnel;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use access::{LINK_PARAM, PREVIEW_COOKIE, PREVIEW_COOKIE_TLS};
+
+use crate::auth::Auth;
+use crate::config::{Config, PreviewAccess};
+use crate::edge::listener::ConnInfo;
+use crate::http::error::ApiError;
+use crate::http::Body;
+use crate::sandbox::{Manager, SandboxError};
+use crate::user::UserId;
+
+/// The preview feature and what it needs: the configuration, the manager (addresses, wakes,
+/// activity), the token verifier (owner mode) and the pooled upstream client.
+pub struct Proxy {
+    cfg: Arc<Config>,
+    mgr: Arc<Manager>,
+    auth: Auth,
+    client: Client<HttpConnector, Body>,
+}
+
+/// Why a preview request got no answer from the app. [`PreviewError::into_response`]
+/// (`pages.rs`) renders it: a page for browsers, the JSON envelope for other clients.
+#[derive(Debug)]
+pub enum PreviewError {
+    /// No sandbox exists for this preview host.
+    UnknownPreview,
+    /// The sandbox runs but nothing listens on the port, and no app is starting.
+    NotListening { port: u16 },
+    /// The container engine is down (sandbox/health.rs).
+    EngineDown(String),
+    /// The sandbox restarted under a request that is not safe to send again.
+    Restarted,
+    /// `preview_access = "owner"` and the request carries no valid owner token.
+    Private,
+    /// Every other failure: always the JSON envelope.
+    Api(ApiError),
+}
+
+impl From<SandboxError> for PreviewError {
+    fn from(e: SandboxError) -> Self {
+        match e {
+            SandboxError::EngineUnavailable(m) => PreviewError::EngineDown(m),
+            e => PreviewError::Api(e.into()),
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(4))
+            .pool_max_idle_per_host(64)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Proxy {
+            cfg,
+            mgr,
+            auth,
+            client,
+        }
+    }
+
+    /// One request for `user`'s preview on `port`; every failure is rendered here, once.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+        user: UserId,
+        port: u16,
+    ) -> Response<Body> {
+        let wants_html = pages::wants_html(&req);
+        let answer = async {
+            if self.cfg.preview_access == PreviewAccess::Owner {
+                if let Some(redirect) = self.check_owner(&req, &user, &conn)? {
+                    return Ok(redirect);
+                }
+                access::strip_preview_cookie(req.headers_mut());
+            }
+            let addr = self
+                .ready_addr(&user, port, upstream::Via::Published)
+                .await?;
+            if forward::is_upgrade(req.headers()) {
+                return self.tunnel(req, &conn, user.clone(), addr).await;
+            }
+            self.forward(req, &conn, &user, addr).await
+        };
+        answer
+            .await
+            .unwrap_or_else(|e: PreviewError| e.into_response(wants_html))
+    }
+}
+
+/// The URL of `user`'s preview as the client of `conn` reaches it: the scheme and port of the
+/// configured public base (`preview_public_url`, else `public_url`), else those of the
+/// listener the request came in on, so a console over HTTP embeds an HTTP preview and one over
+/// HTTPS an HTTPS preview. Default ports (80, 443) are left out.
+pub fn url(cfg: &Config, user: &UserId, conn: &ConnInfo) -> String {
+    url_via(cfg, user, conn.tls, conn.local.port())
+}
+
+fn url_via(cfg: &Config, user: &UserId, tls: bool, listener_port: u16) -> String {
+    let (https, port) = match cfg.preview_public {
+        Some(b) => (b.https, b.port),
+        None => (tls, Some(listener_port)),
+    };
+    let default = if https { 443 } else { 80 };
+    let port = port
+        .filter(|p| *p != default)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://user-{user}.{}{port}/", cfg.preview_domain)
+}
+
+/// `POST /sandbox/preview-link`: a short-lived signed link that opens the caller's preview.
+pub fn link(
+    auth: &Auth,
+    cfg: &Config,
+    user: &UserId,
+    conn: &ConnInfo,
+) -> Result<Response<Body>, ApiError> {
+    let ttl = Duration::from_secs(12 * 3600);
+    let token = auth.issue_scoped(user, ttl, Some("preview"))?;
+    let url = format!("{}?{LINK_PARAM}={token}", url(cfg, user, conn));
+    Ok(crate::http::json(
+        StatusCode::OK,
+        &serde_json::json!({"url": url, "expiresInSeconds": ttl.as_secs()}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_urls_follow_the_listener_unless_a_public_base_is_set() {
+        let load = |pairs: &[(&str, &str)]| {
+            Config::load(
+                None,
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            )
+            .unwrap()
+        };
+        let user = UserId::parse("42").unwrap();
+        let cfg = load(&[("SANDBOXD_HTTPS_ADDR", "127.0.0.1:8443")]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "http://user-42.preview.localhost:8080/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, true, 8443),
+            "https://user-42.preview.localhost:8443/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, false, 80),
+            "http://user-42.preview.localhost/"
+        );
+        assert_eq!(
+            url_via(&cfg, &user, true, 443),
+            "https://user-42.preview.localhost/"
+        );
+        // A default port of the other scheme is kept.
+        assert_eq!(
+            url_via(&cfg, &user, true, 80),
+            "https://user-42.preview.localhost:80/"
+        );
+        let cfg = load(&[
+            ("SANDBOXD_PREVIEW_DOMAIN", "preview.example.com"),
+            ("SANDBOXD_PREVIEW_PUBLIC_URL", "https://preview.example.com"),
+        ]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "https://user-42.preview.example.com/"
+        );
+        let cfg = load(&[
+            ("SANDBOXD_PREVIEW_DOMAIN", "preview.example.com"),
+            (
+                "SANDBOXD_PREVIEW_PUBLIC_URL",
+                "http://preview.example.com:9000/",
+            ),
+        ]);
+        assert_eq!(
+            url_via(&cfg, &user, true, 8443),
+            "http://user-42.preview.example.com:9000/"
+        );
+        let cfg = load(&[("SANDBOXD_PUBLIC_URL", "https://localhost:8443")]);
+        assert_eq!(
+            url_via(&cfg, &user, false, 8080),
+            "https://user-42.preview.localhost:8443/"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! Where a preview request goes: the one cold path. A running sandbox answers from the
+//! manager's published state (no Docker call); otherwise the sandbox is created or woken
+//! through the manager's single-flight and the request is held while the app's port is probed,
+//! until it listens or no app can come. Plain requests and WebSocket tunnels both come here.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use tokio::net::TcpStream;
+
+use super::{PreviewError, Proxy};
+use crate::http::error::ApiError;
+use crate::user::UserId;
+
+const PROBE_EVERY: Duration = Duration::from_millis(25);
+/// How long a refused port is retried before asking whether a dev server is starting at all.
+const NO_APP_GRACE: Duration = Duration::from_millis(1500);
+
+/// Whether the published address may be used as it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// The hot path: the manager's published address, without any probe.
+    Published,
+    /// The published address refused the connection: the container may have died or been
+    /// restarted behind our back (its address can change), so ask the manager again.
+    Manager,
+}
+
+impl Proxy {
+    /// The address of `user`'s app on `port`, ready to take a connection. See the module doc.
+    pub(super) async fn ready_addr(
+        &self,
+        user: &UserId,
+        port: u16,
+        via: Via,
+    ) -> Result<SocketAddr, PreviewError> {
+        if via == Via::Published {
+            if let Some(ip) = self.mgr.running_ip(user) {
+                return Ok(SocketAddr::new(ip, port));
+            }
+        }
+        match self.mgr.is_known(user).await {
+            Ok(true) => {}
+            Ok(false) => return Err(PreviewError::UnknownPreview),
+            Err(e) => return Err(PreviewError::Api(ApiError::internal(&e))),
+        }
+        let sandbox = tokio::time::timeout(self.cfg.wake_timeout, self.mgr.ensure_running(user))
+            .await
+            .map_err(|_| {
+                PreviewError::Api(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "wake_timeout",
+                        "the sandbox did not start in time",
+                    )
+                    .retry_after(2),
+                )
+            })??;
+        let ip = sandbox.ip.ok_or_else(no_address)?;
+        let addr = SocketAddr::new(ip, port);
+        match self.connect_app(user, addr).await {
+            Some(_) => Ok(addr),
+            None => Err(PreviewError::NotListening { port }),
+        }
+    }
+
+    /// Connects to the app, retrying a refused port every 25 ms up to `wake_timeout`. After a
+    /// short grace, and then every second, it asks the sandbox whether an app can still come:
+    /// the init's discovery is still running (a slow start under load) or a dev server process
+    /// is alive. If not, it gives up early so the client gets the "nothing listens" answer
+    /// instead of a hang.
+    pub(super) async fn connect_app(&self, user: &UserId, addr: SocketAddr) -> Option<TcpStream> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.cfg.wake_timeout;
+        let mut next_check = start + NO_APP_GRACE;
+        loop {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+            {
+                let _ = s.set_nodelay(true);
+                return Some(s);
+            }
+            // A held request is activity: the idle policy must not pause a sandbox mid-start.
+            self.mgr.touch(user);
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            if now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                if !self.app_may_come(user).await {
+                    return None;
+                }
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+
+    /// Whether an app may still start listening: the init has not finished discovery yet, or the
+    /// dev server it started (its pid file) is alive.
+    async fn app_may_come(&self, user: &UserId) -> bool {
+        let asked = self
+            .mgr
+            .run_script(user, crate::sandbox::shell::Script::PreviewAppMayCome, &[])
+            .await;
+        matches!(asked, Ok((0, _)))
+    }
+}
+
+/// A running sandbox without an address on the private network.
+pub(super) fn no_address() -> PreviewError {
+    PreviewError::Api(ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "no_address",
+        "sandbox has no address",
+    ))
+}
