@@ -4,6 +4,7 @@
 //! removed by label when the `TestApp` drops, even when the test panicked.
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod openapi;
 
 use std::path::PathBuf;
@@ -125,6 +126,9 @@ pub struct TestApp {
     pub db: TestDb,
     auth: Auth,
     _dir: tempfile::TempDir,
+    /// The test's place beside the others (tests/common/gate.rs); `None` when the test holds
+    /// `Alone`. Dropped after `drop` has removed what the instance made.
+    _gate: Option<gate::Shared>,
 }
 
 pub fn instance_name() -> String {
@@ -159,7 +163,21 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// Starts a test app that may run beside other tests' (tests/common/gate.rs).
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
+    let gate = gate::shared().await;
+    start(Some(gate), tweak).await
+}
+
+/// Starts a test app for a test that holds `Alone` and so runs by itself.
+pub async fn spawn_app_alone(
+    _alone: &gate::Alone,
+    tweak: impl FnOnce(&mut toml::Table),
+) -> TestApp {
+    start(None, tweak).await
+}
+
+async fn start(gate: Option<gate::Shared>, tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();
@@ -184,6 +202,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
         db,
         auth: Auth::new(SECRET.as_bytes()),
         _dir: dir,
+        _gate: gate,
     }
 }
 

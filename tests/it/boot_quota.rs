@@ -3,13 +3,11 @@
 //! mid-boot gives the quota back at once, and an adopted container never keeps a boot quota.
 //! Read from the engine (`HostConfig.NanoCpus`) and from the cgroup (`cpu.cfs_quota_us`).
 
-mod common;
-
 use std::os::unix::fs::chown;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sandboxd::user::UserId;
 
 const CONFIGURED: i64 = 500_000_000;
@@ -136,7 +134,10 @@ fn assert_boosted(app: &TestApp, id: &str) {
 
 #[tokio::test]
 async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
-    let app = spawn_app_with(|t| {
+    // Alone: the boosted quota must still hold while the app boots, and be given back within
+    // bounds, which another test's load could upset.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("boot_cpus".into(), 2.0.into());
         t.insert("boot_window".into(), "120s".into());
     })
@@ -190,7 +191,10 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
 
 #[tokio::test]
 async fn a_sandbox_without_an_app_gets_its_quota_back_after_the_window() {
-    let app = spawn_app_with(|t| {
+    // Alone: the boosted quota must still hold while the app boots, and be given back within
+    // bounds, which another test's load could upset.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("boot_cpus".into(), 2.0.into());
         t.insert("boot_window".into(), "4s".into());
     })

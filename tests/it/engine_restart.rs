@@ -17,7 +17,7 @@
 //! sandbox the restart stopped is started on the next request, and the store has neither lost
 //! nor duplicated anything.
 
-mod common;
+use crate::common;
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -719,6 +719,9 @@ fn count(events: &[Value], kind: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
+    // Alone: a second engine, its image load and its veth pair load the machine and add
+    // interfaces, and the outage's bounds are asserted in seconds.
+    let _alone = common::gate::alone().await;
     let t_all = Instant::now();
     common::require_docker();
     let mut lab = Lab::new();

@@ -9,14 +9,12 @@
 //! Measured times are printed (`--nocapture`); the bounds asserted are generous functional
 //! deadlines, not performance checks (bench/ measures those).
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd::user::UserId;
 use serde_json::{json, Value};

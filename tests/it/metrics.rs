@@ -4,13 +4,11 @@
 //! policy's path), wakes it with a preview request, stops it and wakes it with an execution,
 //! then reads both wakes back through Prometheus's query API.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sandboxd::user::UserId;
 use serde_json::json;
 

@@ -2,11 +2,9 @@
 //! not *.localhost, lazy create and wake (stopped, paused), 100 concurrent first hits, cross-user
 //! isolation, the cap with eviction, the idle policy, and a real Vite app with HMR.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd::user::UserId;
 use serde_json::json;

@@ -3,11 +3,9 @@
 //! started, the refusals (and that they create no exec), frame limits, backpressure under a
 //! flood, the three ways to pass a token, and bytes that detach keys would swallow.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -531,7 +529,9 @@ fn rss_kib() -> u64 {
 
 #[tokio::test]
 async fn a_flood_to_a_slow_reader_keeps_server_memory_bounded() {
-    let app = spawn_app().await;
+    // Alone: the RSS measured is the whole process's, where other tests run their servers.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |_| {}).await;
     let mut t = Term::open(&app, "26", "").await;
     assert_eq!(t.run("echo up").await, "up");
     let before = rss_kib();
