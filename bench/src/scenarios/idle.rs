@@ -8,9 +8,9 @@ use futures_util::{stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::http::{self};
+use crate::http;
 use crate::report::Fact;
-use crate::sys::{self};
+use crate::sys;
 
 use super::*;
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::http::{self};
+use crate::http;
 use crate::peers;
 use crate::report::{Fact, ProxyRow};
 use crate::stats::median;
-use crate::sys::{self};
+use crate::sys;
 use crate::wrk::{Wrk, WrkResult};
 
 use super::*;

@@ -9,7 +9,7 @@ use sandboxd::config::Config;
 use sandboxd::user::UserId;
 
 use crate::report::Fact;
-use crate::sys::{self};
+use crate::sys;
 
 use super::*;
 

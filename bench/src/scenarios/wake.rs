@@ -12,10 +12,10 @@ use sandboxd::config::Config;
 use sandboxd::user::UserId;
 use serde_json::json;
 
-use crate::http::{self};
+use crate::http;
 use crate::report::{ms, Breakdown, Fact, TimedRow, FLOOR_COLD, FLOOR_WAKE};
 use crate::stats::{median, summarize};
-use crate::sys::{self};
+use crate::sys;
 
 use super::*;
 
