@@ -6,6 +6,8 @@
 
 pub mod gate;
 pub mod openapi;
+pub mod preview;
+pub mod ws;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -255,6 +257,12 @@ impl TestApp {
         body
     }
 
+    /// The server's sandbox manager, for the transitions a test drives directly (the idle
+    /// policy's pause and stop).
+    pub fn mgr(&self) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
+        &self.running.as_ref().unwrap().app.mgr
+    }
+
     /// Ids of this instance's containers, as Docker reports them (all states).
     pub fn containers(&self) -> Vec<String> {
         containers_of(&self.instance)
@@ -265,6 +273,16 @@ impl TestApp {
             r.shutdown().await;
         }
     }
+}
+
+/// A loopback port that was free a moment ago, for a server this test starts as another
+/// process (its own configuration cannot take port 0 and report back).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn containers_of(instance: &str) -> Vec<String> {

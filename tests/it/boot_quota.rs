@@ -51,10 +51,6 @@ fn container_ip(app: &TestApp, id: &str) -> String {
         .to_owned()
 }
 
-fn mgr(app: &TestApp) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
-    &app.running.as_ref().unwrap().app.mgr
-}
-
 fn boot_nano(app: &TestApp) -> i64 {
     app.running.as_ref().unwrap().app.cfg.limits.boot_nano_cpus
 }
@@ -155,7 +151,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
 
     // Stopped mid-boot: the stopped container does not keep the boost.
     let u = UserId::parse(user).unwrap();
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -163,7 +159,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     );
     app.init(user).await; // wake from stopped: boosted again
     assert_boosted(&app, &id);
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -173,7 +169,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     // Paused mid-boot: the configured quota at once.
     app.init(user).await;
     assert_boosted(&app, &id);
-    mgr(&app).pause(&u, "test").await.unwrap();
+    app.mgr().pause(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -182,7 +178,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     assert!((cgroup_cpus(&id) - 0.5).abs() < 1e-9);
 
     // And a full wake from stopped ends with the configured quota once the app listens.
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     app.init(user).await;
     assert_boosted(&app, &id);
     wait_listening(&container_ip(&app, &id)).await;

@@ -26,14 +26,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn prometheus_binary() -> String {
     let out = Command::new("sh")
         .args(["-c", "command -v prometheus"])
@@ -175,7 +167,7 @@ async fn prometheus_scrapes_sandboxd_and_sees_wakes() {
 
     let user = "metrics1";
     app.init(user).await;
-    let mgr = app.running.as_ref().unwrap().app.mgr.clone();
+    let mgr = app.mgr().clone();
     let uid = UserId::parse(user).unwrap();
 
     // Pause through the manager (the idle policy's path), then a preview request wakes it.
