@@ -155,7 +155,7 @@ pub fn test_table(instance: &str, dir: &std::path::Path, db_url: &str) -> toml::
     set("auth_secret", SECRET.into());
     set("image", image().into());
     set("stop_timeout", "1s".into());
-    // No boot CPU boost unless a test asks for it (tests/boot_quota.rs): the others read the
+    // No boot CPU boost unless a test asks for it (tests/it/boot_quota.rs): the others read the
     // configured quota from containers that are still booting.
     set("boot_cpus", 0.0.into());
     t
