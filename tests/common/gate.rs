@@ -6,6 +6,11 @@
 //! [`alone`]; every other test holds [`shared`] for as long as it runs (a [`TestApp`] holds
 //! one), so an `alone` test waits until no other test runs and then runs by itself.
 //!
+//! The lock is fair: once an `alone` test waits, new shared guards wait behind it. So a test
+//! holds one guard at a time; a second `TestApp` started while the first still lives would wait
+//! for an `alone` test that waits for the first (no test of tests/it does that today; the
+//! security suite, which starts two apps in a test, never takes `alone`).
+//!
 //! [`TestApp`]: super::TestApp
 
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
