@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Removes what a killed run of tests/engine_restart.rs left behind (its drop guard cleans up
+# Removes what a killed run of tests/it/engine_restart.rs left behind (its drop guard cleans up
 # after a failed assertion, but not after SIGKILL): the test's private engine lives in a network
 # namespace `sbxe-<6 hex>`, with folders /run/sbxe-<6 hex> and /var/lib/sbxe-<6 hex> (a tmpfs)
 # and a veth `sbxe<6 hex>h`. Only those exact patterns are touched; never the host's engine.
-# Do not run it while tests/engine_restart.rs runs.
+# Do not run it while tests/it/engine_restart.rs runs.
 set -euo pipefail
 SANDBOXD_LOG_TAG=clean-engine-lab
 # shellcheck source=scripts/lib.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test-only: what the browser test (tests/console.rs → tests/e2e/console.mjs) needs. Debian's
+# Test-only: what the browser test (tests/it/console.rs → tests/e2e/console.mjs) needs. Debian's
 # Chromium at /usr/bin/chromium (Playwright's own browser download does not work here) and
 # playwright-core in tests/e2e/node_modules. Idempotent; a no-op when both are there.
 set -euo pipefail

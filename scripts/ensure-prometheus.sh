@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test-only: the metrics test (tests/metrics.rs) starts a real Prometheus server that scrapes
+# Test-only: the metrics test (tests/it/metrics.rs) starts a real Prometheus server that scrapes
 # sandboxd. Debian's `prometheus` package provides /usr/bin/prometheus; the test runs it with a
 # generated configuration and its own storage folder, never as the packaged service.
 # Idempotent; a no-op when the binary is there.

@@ -4,7 +4,10 @@
 //! removed by label when the `TestApp` drops, even when the test panicked.
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod openapi;
+pub mod preview;
+pub mod ws;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -125,6 +128,9 @@ pub struct TestApp {
     pub db: TestDb,
     auth: Auth,
     _dir: tempfile::TempDir,
+    /// The test's place beside the others (tests/common/gate.rs); `None` when the test holds
+    /// `Alone`. Dropped after `drop` has removed what the instance made.
+    _gate: Option<gate::Shared>,
 }
 
 pub fn instance_name() -> String {
@@ -149,7 +155,7 @@ pub fn test_table(instance: &str, dir: &std::path::Path, db_url: &str) -> toml::
     set("auth_secret", SECRET.into());
     set("image", image().into());
     set("stop_timeout", "1s".into());
-    // No boot CPU boost unless a test asks for it (tests/boot_quota.rs): the others read the
+    // No boot CPU boost unless a test asks for it (tests/it/boot_quota.rs): the others read the
     // configured quota from containers that are still booting.
     set("boot_cpus", 0.0.into());
     t
@@ -159,7 +165,21 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// Starts a test app that may run beside other tests' (tests/common/gate.rs).
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
+    let gate = gate::shared().await;
+    start(Some(gate), tweak).await
+}
+
+/// Starts a test app for a test that holds `Alone` and so runs by itself.
+pub async fn spawn_app_alone(
+    _alone: &gate::Alone,
+    tweak: impl FnOnce(&mut toml::Table),
+) -> TestApp {
+    start(None, tweak).await
+}
+
+async fn start(gate: Option<gate::Shared>, tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();
@@ -184,6 +204,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
         db,
         auth: Auth::new(SECRET.as_bytes()),
         _dir: dir,
+        _gate: gate,
     }
 }
 
@@ -236,6 +257,12 @@ impl TestApp {
         body
     }
 
+    /// The server's sandbox manager, for the transitions a test drives directly (the idle
+    /// policy's pause and stop).
+    pub fn mgr(&self) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
+        &self.running.as_ref().unwrap().app.mgr
+    }
+
     /// Ids of this instance's containers, as Docker reports them (all states).
     pub fn containers(&self) -> Vec<String> {
         containers_of(&self.instance)
@@ -246,6 +273,16 @@ impl TestApp {
             r.shutdown().await;
         }
     }
+}
+
+/// A loopback port that was free a moment ago, for a server this test starts as another
+/// process (its own configuration cannot take port 0 and report back).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn containers_of(instance: &str) -> Vec<String> {

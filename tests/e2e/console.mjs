@@ -1,5 +1,5 @@
 // End-to-end test of the web console in Debian's Chromium, driven by playwright-core.
-// tests/console.rs starts a real sandboxd and runs this script; it can also be run by hand:
+// tests/it/console.rs starts a real sandboxd and runs this script; it can also be run by hand:
 //
 //   SANDBOXD_E2E_BASE=http://127.0.0.1:8080 SANDBOXD_E2E_TOKEN=$(target/release/sandboxd token 1) node tests/e2e/console.mjs
 //

@@ -1,10 +1,8 @@
 //! The sandbox API against the real engine: the whole flow, idempotency, single-flight, the
 //! global cap, workspace persistence, bad input, and execute's semantics.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use serde_json::json;
 use sha2::Digest;
 
@@ -625,6 +623,8 @@ async fn request_ids_are_kept_or_made_and_returned() {
 /// and no token in any line — neither from `Authorization` nor from `?token=`.
 #[tokio::test]
 async fn json_logs_have_one_access_line_per_request_and_never_a_token() {
+    // Its server is no TestApp: it holds its place beside the others itself.
+    let _gate = gate::shared().await;
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     require_docker();

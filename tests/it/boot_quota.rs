@@ -3,13 +3,11 @@
 //! mid-boot gives the quota back at once, and an adopted container never keeps a boot quota.
 //! Read from the engine (`HostConfig.NanoCpus`) and from the cgroup (`cpu.cfs_quota_us`).
 
-mod common;
-
 use std::os::unix::fs::chown;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sandboxd::user::UserId;
 
 const CONFIGURED: i64 = 500_000_000;
@@ -51,10 +49,6 @@ fn container_ip(app: &TestApp, id: &str) -> String {
         .as_str()
         .expect("address on the instance network")
         .to_owned()
-}
-
-fn mgr(app: &TestApp) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
-    &app.running.as_ref().unwrap().app.mgr
 }
 
 fn boot_nano(app: &TestApp) -> i64 {
@@ -136,7 +130,10 @@ fn assert_boosted(app: &TestApp, id: &str) {
 
 #[tokio::test]
 async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
-    let app = spawn_app_with(|t| {
+    // Alone: the boosted quota must still hold while the app boots, and be given back within
+    // bounds, which another test's load could upset.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("boot_cpus".into(), 2.0.into());
         t.insert("boot_window".into(), "120s".into());
     })
@@ -154,7 +151,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
 
     // Stopped mid-boot: the stopped container does not keep the boost.
     let u = UserId::parse(user).unwrap();
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -162,7 +159,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     );
     app.init(user).await; // wake from stopped: boosted again
     assert_boosted(&app, &id);
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -172,7 +169,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     // Paused mid-boot: the configured quota at once.
     app.init(user).await;
     assert_boosted(&app, &id);
-    mgr(&app).pause(&u, "test").await.unwrap();
+    app.mgr().pause(&u, "test").await.unwrap();
     assert_eq!(
         nano_cpus(&id),
         CONFIGURED,
@@ -181,7 +178,7 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
     assert!((cgroup_cpus(&id) - 0.5).abs() < 1e-9);
 
     // And a full wake from stopped ends with the configured quota once the app listens.
-    mgr(&app).stop(&u, "test").await.unwrap();
+    app.mgr().stop(&u, "test").await.unwrap();
     app.init(user).await;
     assert_boosted(&app, &id);
     wait_listening(&container_ip(&app, &id)).await;
@@ -190,7 +187,10 @@ async fn boot_quota_is_given_back_once_the_app_listens_and_on_pause_or_stop() {
 
 #[tokio::test]
 async fn a_sandbox_without_an_app_gets_its_quota_back_after_the_window() {
-    let app = spawn_app_with(|t| {
+    // Alone: the boosted quota must still hold while the app boots, and be given back within
+    // bounds, which another test's load could upset.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("boot_cpus".into(), 2.0.into());
         t.insert("boot_window".into(), "4s".into());
     })

@@ -6,12 +6,10 @@
 //! Needs `scripts/ensure-console.sh` (the built console) and, for the browser,
 //! `scripts/ensure-browser.sh`; without them the tests fail and say so (they never skip).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,10 +25,6 @@ fn console_dist() -> PathBuf {
     dist
 }
 
-/// The tests of this file run one at a time: every server start creates a Docker network, and
-/// Chromium aborts requests in flight (ERR_NETWORK_CHANGED) when an interface appears.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn spawn_console_app() -> TestApp {
     let dist = console_dist();
     spawn_app_with(|t| {
@@ -41,7 +35,6 @@ async fn spawn_console_app() -> TestApp {
 
 #[tokio::test]
 async fn console_files_are_served_with_types_caching_and_a_strict_csp() {
-    let _serial = SERIAL.lock().await;
     let app = spawn_console_app().await;
     let c = reqwest::Client::new();
     for (path, ty) in [
@@ -122,7 +115,6 @@ async fn console_files_are_served_with_types_caching_and_a_strict_csp() {
 
 #[tokio::test]
 async fn console_paths_outside_the_allow_list_are_404() {
-    let _serial = SERIAL.lock().await;
     let app = spawn_console_app().await;
     // A file that exists next to the console but is not on the list.
     std::fs::write(console_dist().join("secret.txt"), "no").ok();
@@ -176,7 +168,6 @@ async fn console_paths_outside_the_allow_list_are_404() {
 
 #[tokio::test]
 async fn a_missing_console_build_is_named() {
-    let _serial = SERIAL.lock().await;
     let missing = tempfile::tempdir().unwrap();
     let dir = missing.path().join("dist");
     let app = spawn_app_with(|t| {
@@ -277,9 +268,15 @@ async fn run_browser(
 /// and `npm install` inside the sandbox).
 #[tokio::test]
 async fn console_end_to_end_in_chromium() {
-    let _serial = SERIAL.lock().await;
+    // Alone: every server start creates a Docker network, and Chromium aborts requests in
+    // flight (ERR_NETWORK_CHANGED) when an interface appears.
+    let alone = gate::alone().await;
     require_browser();
-    let app = spawn_console_app().await;
+    let dist = console_dist();
+    let app = spawn_app_alone(&alone, |t| {
+        t.insert("console_dir".into(), dist.display().to_string().into());
+    })
+    .await;
     run_browser(
         &app,
         &app.base,
@@ -300,10 +297,12 @@ async fn console_end_to_end_in_chromium() {
 /// The same console over HTTPS (development certificate): wss terminal, API, run code.
 #[tokio::test]
 async fn console_over_https_in_chromium() {
-    let _serial = SERIAL.lock().await;
+    // Alone: every server start creates a Docker network, and Chromium aborts requests in
+    // flight (ERR_NETWORK_CHANGED) when an interface appears.
+    let alone = gate::alone().await;
     require_browser();
     let dist = console_dist();
-    let app = spawn_app_with(|t| {
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("console_dir".into(), dist.display().to_string().into());
         t.insert("https_addr".into(), "127.0.0.1:0".into());
     })
@@ -327,7 +326,6 @@ async fn console_over_https_in_chromium() {
 /// console can open), over HTTPS an `https://…:<https port>/` one; the same for preview links.
 #[tokio::test]
 async fn preview_urls_follow_the_listener_of_the_request() {
-    let _serial = SERIAL.lock().await;
     let app = spawn_app_with(|t| {
         t.insert("https_addr".into(), "127.0.0.1:0".into());
     })
@@ -399,7 +397,6 @@ async fn preview_urls_follow_the_listener_of_the_request() {
 /// A configured public base wins over the listener (deployments behind a load balancer).
 #[tokio::test]
 async fn a_configured_preview_public_url_overrides_the_listener() {
-    let _serial = SERIAL.lock().await;
     let app = spawn_app_with(|t| {
         t.insert(
             "preview_public_url".into(),
@@ -416,10 +413,12 @@ async fn a_configured_preview_public_url_overrides_the_listener() {
 /// Node project's page appears inside its preview frame (not the browser's certificate error).
 #[tokio::test]
 async fn console_as_scripts_up_runs_it_shows_the_preview_in_chromium() {
-    let _serial = SERIAL.lock().await;
+    // Alone: every server start creates a Docker network, and Chromium aborts requests in
+    // flight (ERR_NETWORK_CHANGED) when an interface appears.
+    let alone = gate::alone().await;
     require_browser();
     let dist = console_dist();
-    let app = spawn_app_with(|t| {
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("console_dir".into(), dist.display().to_string().into());
         t.insert("https_addr".into(), "127.0.0.1:0".into());
     })
@@ -444,10 +443,12 @@ async fn console_as_scripts_up_runs_it_shows_the_preview_in_chromium() {
 /// and shows the app.
 #[tokio::test]
 async fn console_opens_an_owner_only_preview_through_a_link_in_chromium() {
-    let _serial = SERIAL.lock().await;
+    // Alone: every server start creates a Docker network, and Chromium aborts requests in
+    // flight (ERR_NETWORK_CHANGED) when an interface appears.
+    let alone = gate::alone().await;
     require_browser();
     let dist = console_dist();
-    let app = spawn_app_with(|t| {
+    let app = spawn_app_alone(&alone, |t| {
         t.insert("console_dir".into(), dist.display().to_string().into());
         t.insert("https_addr".into(), "127.0.0.1:0".into());
         t.insert("preview_access".into(), "owner".into());

@@ -17,7 +17,7 @@
 //! sandbox the restart stopped is started on the next request, and the store has neither lost
 //! nor duplicated anything.
 
-mod common;
+use crate::common;
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -696,15 +696,10 @@ async fn term_run(ws: &mut Ws, cmd: &str) -> String {
 
 /// The tiny app, started through the image's dev-server autostart (also on every start).
 const APP: &str = r#"
-const fs = require('fs');
-fs.writeFileSync('/workspace/package.json', JSON.stringify({name: 'p', scripts: {dev: 'node server.js'}}));
-fs.writeFileSync('/workspace/server.js', `
   require('http').createServer((q, s) => {
     if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 1500);
     s.end('hello from ' + process.env.SANDBOXD_USER);
   }).listen(5173, '0.0.0.0');
-`);
-console.log(require('child_process').execFileSync('sandboxd-init', ['--restart-dev']).toString());
 "#;
 
 async fn events(c: &reqwest::Client) -> Vec<Value> {
@@ -719,6 +714,9 @@ fn count(events: &[Value], kind: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
+    // Alone: a second engine, its image load and its veth pair load the machine and add
+    // interfaces, and the outage's bounds are asserted in seconds.
+    let _alone = common::gate::alone().await;
     let t_all = Instant::now();
     common::require_docker();
     let mut lab = Lab::new();
@@ -755,7 +753,13 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
     let (s, init, _) = call(&c, "POST", "/sandbox/init", json!({})).await;
     assert_eq!(s, 200, "init: {init}\n{}", lab.sandboxd_log());
     let cid = init["containerId"].as_str().unwrap().to_owned();
-    let (s, r, _) = call(&c, "POST", "/sandbox/execute", json!({"code": APP})).await;
+    let (s, r, _) = call(
+        &c,
+        "POST",
+        "/sandbox/execute",
+        json!({"code": common::preview::app_code(APP)}),
+    )
+    .await;
     assert_eq!(s, 200, "start the app: {r}");
     assert_eq!(r["exitCode"], 0, "start the app: {r}");
     let r = c.get(preview("/")).send().await.unwrap();

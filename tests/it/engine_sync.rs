@@ -9,14 +9,16 @@
 //! Measured times are printed (`--nocapture`); the bounds asserted are generous functional
 //! deadlines, not performance checks (bench/ measures those).
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::preview::{
+    preview_client_builder, preview_host, preview_url, start_app, PREVIEW_DOMAIN,
+};
+use crate::common::ws::Ws;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd::user::UserId;
 use serde_json::{json, Value};
@@ -26,24 +28,15 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-const PREVIEW_DOMAIN: &str = "preview.example.test";
 /// Generous bound for "the next request succeeds" (the budget is about a second).
 const NEXT_REQUEST: Duration = Duration::from_secs(10);
 /// Generous bound for "the store records the outside event" (the aim is under a second).
 const EVENT_SEEN: Duration = Duration::from_secs(5);
 
-fn preview_host(user: &str) -> String {
-    format!("user-{user}.{PREVIEW_DOMAIN}")
-}
-
-fn preview_url(app: &TestApp, user: &str, path: &str) -> String {
-    format!("http://{}:{}{path}", preview_host(user), app.addr.port())
-}
-
+/// A client for the preview host of `user` (see `preview_client_builder`).
 fn client_for(app: &TestApp, user: &str) -> reqwest::Client {
-    reqwest::Client::builder()
+    preview_client_builder(app, &[user], None)
         .timeout(Duration::from_secs(60))
-        .resolve(&preview_host(user), app.addr)
         .build()
         .unwrap()
 }
@@ -59,13 +52,9 @@ async fn spawn(memory_mb: Option<i64>) -> TestApp {
     .await
 }
 
-/// A small app started through the image's dev-server autostart (so every container start
-/// brings it back). It answers with the user id and remembers the paths it was asked for.
-async fn start_app(app: &TestApp, user: &str) {
-    let code = r#"
-        const fs = require('fs');
-        fs.writeFileSync('/workspace/package.json', JSON.stringify({name: 'p', scripts: {dev: 'node server.js'}}));
-        fs.writeFileSync('/workspace/server.js', `
+/// A small app (started through the image's dev-server autostart, so every container start
+/// brings it back) that answers with the user id and remembers the paths it was asked for.
+const APP: &str = r#"
             const seen = [];
             require('http').createServer((q, s) => {
               seen.push(q.url); if (seen.length > 200) seen.shift();
@@ -73,12 +62,7 @@ async fn start_app(app: &TestApp, user: &str) {
               if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 1500);
               s.end('hello from ' + process.env.SANDBOXD_USER);
             }).listen(5173, '0.0.0.0');
-        `);
-        console.log(require('child_process').execFileSync('sandboxd-init', ['--restart-dev']).toString());
-    "#;
-    let r = app.execute(user, json!({"code": code})).await;
-    assert_eq!(r["exitCode"], 0, "{r}");
-}
+        "#;
 
 async fn get_preview(c: &reqwest::Client, url: &str) -> (u16, String) {
     let r = c.get(url).send().await.expect("preview request");
@@ -131,8 +115,6 @@ async fn container_id(app: &TestApp, user: &str) -> String {
     let st: Value = app.get(user, "/sandbox/status").await.json().await.unwrap();
     st["containerId"].as_str().expect("a container").to_owned()
 }
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn open_terminal(app: &TestApp, user: &str) -> Ws {
     let mut req = format!("ws://{}/sandbox/terminal", app.addr)
@@ -301,17 +283,13 @@ impl Drop for Thaw {
     }
 }
 
-fn mgr(app: &TestApp) -> &Arc<sandboxd::sandbox::Manager> {
-    &app.running.as_ref().unwrap().app.mgr
-}
-
 #[tokio::test]
 async fn outside_pause_and_stop_wake_on_the_next_request_and_own_transitions_stay_internal() {
     let app = spawn(None).await;
     let _thaw = Thaw(app.instance.clone());
     let user = "p";
     app.init(user).await;
-    start_app(&app, user).await;
+    start_app(&app, user, APP).await;
     let c = client_for(&app, user);
 
     let ev = outside_change(
@@ -389,11 +367,11 @@ async fn outside_pause_and_stop_wake_on_the_next_request_and_own_transitions_sta
     let url = preview_url(&app, user, "/");
     // The app is up (the wakes below measure the sandbox, not the app's start).
     assert_eq!(get_preview(&c, &url).await.0, 200);
-    mgr(&app).pause(&u, "test pause").await.unwrap();
+    app.mgr().pause(&u, "test pause").await.unwrap();
     let t = Instant::now();
     assert_eq!(get_preview(&c, &url).await.0, 200);
     eprintln!("wake after sandboxd's own pause: {:?}", t.elapsed());
-    mgr(&app).stop(&u, "test stop").await.unwrap();
+    app.mgr().stop(&u, "test stop").await.unwrap();
     let t = Instant::now();
     assert_eq!(get_preview(&c, &url).await.0, 200);
     eprintln!("wake after sandboxd's own stop: {:?}", t.elapsed());
@@ -421,7 +399,7 @@ async fn outside_kill_and_removal_start_or_recreate_on_the_next_request() {
     let _thaw = Thaw(app.instance.clone());
     let user = "k";
     app.init(user).await;
-    start_app(&app, user).await;
+    start_app(&app, user, APP).await;
     let c = client_for(&app, user);
 
     let ev = outside_change(
@@ -473,7 +451,7 @@ async fn oom_kill_of_pid_1_starts_again_on_the_next_request() {
     let _thaw = Thaw(app.instance.clone());
     let user = "o";
     app.init(user).await;
-    start_app(&app, user).await;
+    start_app(&app, user, APP).await;
     let c = client_for(&app, user);
     let ev = outside_change(
         &app,
@@ -573,7 +551,7 @@ async fn own_pauses_racing_exec_starts_never_wedge_the_container() {
     let app = spawn(None).await;
     app.init("61").await;
     let user = UserId::parse("61").unwrap();
-    let m = mgr(&app).clone();
+    let m = app.mgr().clone();
     for round in 0..12 {
         let runs = {
             let app_base = app.base.clone();

@@ -1,8 +1,6 @@
 //! A created container carries every hardening setting, no published port, no Docker socket.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -2,13 +2,11 @@
 //! the preview app as the Node init did, hands what its JSON reader cannot tell to Node, keeps the
 //! cwd inside the workspace, and leaves the management roles working.
 
-mod common;
-
 use std::os::unix::fs::{chown, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn ws(app: &TestApp, user: &str) -> PathBuf {

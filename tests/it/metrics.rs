@@ -4,13 +4,11 @@
 //! policy's path), wakes it with a preview request, stops it and wakes it with an execution,
 //! then reads both wakes back through Prometheus's query API.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sandboxd::user::UserId;
 use serde_json::json;
 
@@ -26,14 +24,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn prometheus_binary() -> String {
@@ -177,7 +167,7 @@ async fn prometheus_scrapes_sandboxd_and_sees_wakes() {
 
     let user = "metrics1";
     app.init(user).await;
-    let mgr = app.running.as_ref().unwrap().app.mgr.clone();
+    let mgr = app.mgr().clone();
     let uid = UserId::parse(user).unwrap();
 
     // Pause through the manager (the idle policy's path), then a preview request wakes it.

@@ -2,12 +2,10 @@
 //! binary against the store and engine of a running test server, and against an unreachable
 //! engine or store.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// Runs the built binary with `args` and the configuration file, without any SANDBOXD_*
@@ -139,6 +137,8 @@ async fn ps_events_and_stop_beside_a_running_server() {
 
 #[tokio::test]
 async fn clear_errors_when_the_engine_or_the_store_is_unreachable() {
+    // Its server is no TestApp: it holds its place beside the others itself.
+    let _gate = gate::shared().await;
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();
     // A real store (made by the same code the server runs), no server needed.

@@ -2,73 +2,40 @@
 //! not *.localhost, lazy create and wake (stopped, paused), 100 concurrent first hits, cross-user
 //! isolation, the cap with eviction, the idle policy, and a real Vite app with HMR.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::preview::{
+    preview_client_builder, preview_host, preview_url, start_app, PREVIEW_DOMAIN,
+};
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use sandboxd::user::UserId;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const PREVIEW_DOMAIN: &str = "preview.example.test";
-
-fn preview_host(user: &str) -> String {
-    format!("user-{user}.{PREVIEW_DOMAIN}")
-}
-
-/// A client that resolves the preview hosts of `users` to the server (the names do not exist
-/// in DNS), trusting the development CA when given.
+/// A client for the preview hosts of `users` (see `preview_client_builder`), without redirects.
 fn client_for(app: &TestApp, users: &[&str], ca: Option<&std::path::Path>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
+    preview_client_builder(app, users, ca)
         .timeout(Duration::from_secs(90))
-        .redirect(reqwest::redirect::Policy::none());
-    for u in users {
-        b = b.resolve(&preview_host(u), app.addr);
-        if let Some(https) = app.https_addr {
-            b = b.resolve(&preview_host(u), https);
-        }
-    }
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca).unwrap();
-        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
-    }
-    b.build().unwrap()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
-fn url(app: &TestApp, user: &str, path: &str) -> String {
-    format!("http://{}:{}{path}", preview_host(user), app.addr.port())
-}
-
-/// Writes a tiny app that answers with the user id and the Host it saw, and starts it through
-/// the image's dev-server autostart (the same path a container start takes).
-async fn start_app(app: &TestApp, user: &str) {
-    let code = r#"
-        const fs = require('fs');
-        fs.writeFileSync('/workspace/package.json', JSON.stringify({name: 'p', scripts: {dev: 'node server.js'}}));
-        fs.writeFileSync('/workspace/server.js', `
+/// A tiny app that answers with the user id and the Host it saw.
+const APP: &str = r#"
             require('http').createServer((q, s) => {
               if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 800);
               if (q.url === '/headers') return s.end(JSON.stringify(q.headers));
               s.setHeader('content-type', 'text/plain');
               s.end('hello from ' + process.env.SANDBOXD_USER + ' host=' + q.headers.host + ' xfp=' + q.headers['x-forwarded-proto']);
             }).listen(5173, '0.0.0.0');
-        `);
-        console.log(require('child_process').execFileSync('sandboxd-init', ['--restart-dev']).toString());
-    "#;
-    let r = app.execute(user, json!({"code": code})).await;
-    assert_eq!(r["exitCode"], 0, "{r}");
-}
+        "#;
 
 async fn get_text(c: &reqwest::Client, url: &str) -> (u16, String) {
     let r = c.get(url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-fn mgr(app: &TestApp) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
-    &app.running.as_ref().unwrap().app.mgr
 }
 
 #[tokio::test]
@@ -79,13 +46,13 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     })
     .await;
     app.init("1").await;
-    start_app(&app, "1").await;
+    start_app(&app, "1", APP).await;
     let ca = app.certs.join("dev-ca.crt");
     assert!(ca.exists(), "development CA generated");
     let c = client_for(&app, &["1", "2"], Some(&ca));
 
     // Plain HTTP; the first request may wait for the app to listen.
-    let (s, body) = get_text(&c, &url(&app, "1", "/")).await;
+    let (s, body) = get_text(&c, &preview_url(&app, "1", "/")).await;
     assert_eq!(s, 200, "{body}");
     assert!(
         body.starts_with("hello from 1 host=user-1.preview.example.test"),
@@ -95,7 +62,7 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
 
     // Request ids reach the app: the client's, or one the edge made (issue 11).
     let r = c
-        .get(url(&app, "1", "/headers"))
+        .get(preview_url(&app, "1", "/headers"))
         .header("x-request-id", "preview-rid-1")
         .send()
         .await
@@ -103,7 +70,11 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     assert_eq!(r.headers()["x-request-id"], "preview-rid-1");
     let seen: serde_json::Value = r.json().await.unwrap();
     assert_eq!(seen["x-request-id"], "preview-rid-1", "{seen}");
-    let r = c.get(url(&app, "1", "/headers")).send().await.unwrap();
+    let r = c
+        .get(preview_url(&app, "1", "/headers"))
+        .send()
+        .await
+        .unwrap();
     let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let seen: serde_json::Value = r.json().await.unwrap();
     assert_eq!(seen["x-request-id"], made.as_str(), "{seen}");
@@ -120,29 +91,29 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     assert!(body.ends_with("xfp=https"), "{body}");
 
     // Stopped: the request is held and answered by the autostarted app.
-    mgr(&app)
+    app.mgr()
         .stop(&UserId::parse("1").unwrap(), "test")
         .await
         .unwrap();
     let t = Instant::now();
-    let (s, body) = get_text(&c, &url(&app, "1", "/")).await;
+    let (s, body) = get_text(&c, &preview_url(&app, "1", "/")).await;
     assert_eq!(s, 200, "{body}");
     eprintln!("wake from stopped: {:?}", t.elapsed());
 
     // Paused: woken in milliseconds.
-    mgr(&app)
+    app.mgr()
         .pause(&UserId::parse("1").unwrap(), "test")
         .await
         .unwrap();
     let st: serde_json::Value = app.get("1", "/sandbox/status").await.json().await.unwrap();
     assert_eq!(st["state"], "paused");
     let t = Instant::now();
-    let (s, _) = get_text(&c, &url(&app, "1", "/")).await;
+    let (s, _) = get_text(&c, &preview_url(&app, "1", "/")).await;
     assert_eq!(s, 200);
     eprintln!("wake from paused: {:?}", t.elapsed());
 
     // Unknown users and unknown hosts get 404; nothing is created for them.
-    let (s, _) = get_text(&c, &url(&app, "2", "/")).await;
+    let (s, _) = get_text(&c, &preview_url(&app, "2", "/")).await;
     assert_eq!(s, 404);
     let r = app
         .client
@@ -157,7 +128,7 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     // Streaming a slow response works, and a graceful shutdown lets it finish.
     let slow = tokio::spawn({
         let c = c.clone();
-        let u = url(&app, "1", "/slow");
+        let u = preview_url(&app, "1", "/slow");
         async move { get_text(&c, &u).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -177,7 +148,7 @@ async fn hundred_concurrent_first_hits_make_one_container() {
     })
     .await;
     app.init("3").await;
-    start_app(&app, "3").await;
+    start_app(&app, "3", APP).await;
     // Exit removes the container; the user stays known, the workspace keeps the app.
     assert_eq!(
         app.post("3", "/sandbox/exit", json!({})).await.status(),
@@ -187,7 +158,7 @@ async fn hundred_concurrent_first_hits_make_one_container() {
     let c = client_for(&app, &["3"], None);
     let mut tasks = vec![];
     for _ in 0..100 {
-        let (c, u) = (c.clone(), url(&app, "3", "/"));
+        let (c, u) = (c.clone(), preview_url(&app, "3", "/"));
         tasks.push(tokio::spawn(async move { get_text(&c, &u).await }));
     }
     for t in tasks {
@@ -207,7 +178,7 @@ async fn many_users_first_hits_at_once_are_all_held_until_their_apps_answer() {
     let users: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
     for u in &users {
         app.init(u).await;
-        start_app(&app, u).await;
+        start_app(&app, u, APP).await;
         assert_eq!(app.post(u, "/sandbox/exit", json!({})).await.status(), 200);
     }
     // All ten start at once on a small machine: slow app starts must be waited for, not
@@ -216,7 +187,7 @@ async fn many_users_first_hits_at_once_are_all_held_until_their_apps_answer() {
     let c = client_for(&app, &refs, None);
     let mut tasks = vec![];
     for u in &users {
-        let (c, url, u) = (c.clone(), url(&app, u, "/"), u.clone());
+        let (c, url, u) = (c.clone(), preview_url(&app, u, "/"), u.clone());
         tasks.push(tokio::spawn(async move { (u, get_text(&c, &url).await) }));
     }
     for t in tasks {
@@ -235,11 +206,11 @@ async fn previews_are_isolated_between_users() {
     .await;
     app.init("4").await;
     app.init("5").await;
-    start_app(&app, "4").await;
-    start_app(&app, "5").await;
+    start_app(&app, "4", APP).await;
+    start_app(&app, "5", APP).await;
     let c = client_for(&app, &["4", "5"], None);
-    let (_, a) = get_text(&c, &url(&app, "4", "/")).await;
-    let (_, b) = get_text(&c, &url(&app, "5", "/")).await;
+    let (_, a) = get_text(&c, &preview_url(&app, "4", "/")).await;
+    let (_, b) = get_text(&c, &preview_url(&app, "5", "/")).await;
     assert!(a.starts_with("hello from 4"), "{a}");
     assert!(b.starts_with("hello from 5"), "{b}");
     // No header, path or absolute URI steers a request to another user's container.
@@ -292,7 +263,7 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
     app.init("6").await;
     let c = client_for(&app, &["6"], None);
     let r = c
-        .get(url(&app, "6", "/"))
+        .get(preview_url(&app, "6", "/"))
         .header("accept", "text/html")
         .send()
         .await
@@ -301,7 +272,7 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
     let body = r.text().await.unwrap();
     assert!(body.contains("http-equiv=\"refresh\""), "{body}");
     assert!(body.contains("npm run dev"), "{body}");
-    let r = c.get(url(&app, "6", "/")).send().await.unwrap();
+    let r = c.get(preview_url(&app, "6", "/")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     let v: serde_json::Value = r.json().await.unwrap();
@@ -321,13 +292,13 @@ async fn cap_evicts_the_least_recently_active_paused_sandbox() {
     let r = app.post("9", "/sandbox/init", json!({})).await;
     assert_eq!(r.status(), 503);
     // 7 paused (idle), then 8 paused later: 7 is the least recently active and goes.
-    mgr(&app)
+    app.mgr()
         .pause(&UserId::parse("7").unwrap(), "test")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     app.get("8", "/sandbox/status").await;
-    mgr(&app)
+    app.mgr()
         .pause(&UserId::parse("8").unwrap(), "test")
         .await
         .unwrap();
@@ -350,7 +321,7 @@ async fn idle_sandboxes_are_paused_then_stopped_and_wake_on_use() {
     .await;
     app.init("10").await;
     let state = |app: &TestApp| {
-        let m = mgr(app).clone();
+        let m = app.mgr().clone();
         async move {
             m.status(&UserId::parse("10").unwrap())
                 .await
@@ -443,7 +414,7 @@ async fn react_vite_template_serves_through_the_preview_with_hmr() {
     );
 
     let c = client_for(&app, &["12"], None);
-    let (s, body) = get_text(&c, &url(&app, "12", "/")).await;
+    let (s, body) = get_text(&c, &preview_url(&app, "12", "/")).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("/@vite/client"), "{body}");
 
@@ -461,7 +432,7 @@ async fn react_vite_template_serves_through_the_preview_with_hmr() {
 
     // Load the modules as a browser would, so they are in Vite's module graph.
     for path in ["/src/main.jsx", "/src/App.jsx"] {
-        let (s, body) = get_text(&c, &url(&app, "12", path)).await;
+        let (s, body) = get_text(&c, &preview_url(&app, "12", path)).await;
         assert_eq!(s, 200, "{path}: {body}");
     }
     // Edit a source file through execute: an HMR update arrives on the socket.

@@ -1,14 +1,12 @@
 //! Restart safety: SIGKILL the real binary, start it again, and every sandbox is still there
 //! and reachable through the API; a container lost while the server was down is reconciled.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 struct Server {
@@ -52,6 +50,8 @@ fn start(env: &[(String, String)]) -> Server {
 
 #[tokio::test]
 async fn sigkill_and_restart_keeps_every_sandbox() {
+    // Its server is no TestApp: it holds its place beside the others itself.
+    let _gate = gate::shared().await;
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();

@@ -1,7 +1,7 @@
 //! The store passes the same tests on SQLite and PostgreSQL. PostgreSQL is required: without
 //! SANDBOXD_TEST_POSTGRES_URL (set by scripts/test) this fails, it does not skip.
 
-mod common;
+use crate::common;
 
 use sandboxd::store::Store;
 use sandboxd::user::UserId;

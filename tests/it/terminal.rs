@@ -3,136 +3,12 @@
 //! started, the refusals (and that they create no exec), frame limits, backpressure under a
 //! flood, the three ways to pass a token, and bytes that detach keys would swallow.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::ws::{term_url, ws_open, Term, STEP};
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-const STEP: Duration = Duration::from_secs(20);
-
-fn url(app: &TestApp, query: &str) -> String {
-    format!("ws://{}/sandbox/terminal{query}", app.addr)
-}
-
-/// Opens a terminal with extra headers; the handshake's result as tungstenite reports it.
-async fn try_open(
-    url: &str,
-    headers: &[(&str, &str)],
-) -> Result<
-    (
-        Ws,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    WsError,
-> {
-    let mut req = url.into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().append(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            HeaderValue::from_str(v).unwrap(),
-        );
-    }
-    tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .expect("handshake within 90 s")
-}
-
-struct Term {
-    ws: Ws,
-    /// Output seen so far and not yet consumed by `until`.
-    buf: String,
-}
-
-impl Term {
-    async fn open(app: &TestApp, user: &str, query: &str) -> Term {
-        let auth = format!("Bearer {}", app.token(user));
-        let (ws, resp) = try_open(&url(app, query), &[("authorization", &auth)])
-            .await
-            .expect("terminal opens");
-        assert_eq!(resp.status(), 101);
-        Term {
-            ws,
-            buf: String::new(),
-        }
-    }
-
-    async fn send(&mut self, input: &str) {
-        self.ws
-            .send(Message::Binary(input.as_bytes().to_vec()))
-            .await
-            .unwrap();
-    }
-
-    async fn control(&mut self, json: serde_json::Value) {
-        self.ws.send(Message::Text(json.to_string())).await.unwrap();
-    }
-
-    /// Reads output until `needle` appears; returns everything up to and including it.
-    async fn until(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + STEP;
-        loop {
-            if let Some(i) = self.buf.find(needle) {
-                let rest = self.buf.split_off(i + needle.len());
-                return std::mem::replace(&mut self.buf, rest);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.ws.next()).await {
-                Err(_) => panic!(
-                    "no {needle:?} within {STEP:?}; output so far: {:?}",
-                    self.buf
-                ),
-                Ok(Some(Ok(Message::Binary(b)))) => self.buf.push_str(&String::from_utf8_lossy(&b)),
-                Ok(Some(Ok(Message::Close(c)))) => {
-                    panic!(
-                        "closed ({c:?}) while waiting for {needle:?}; output: {:?}",
-                        self.buf
-                    )
-                }
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(e))) => panic!("error {e} while waiting for {needle:?}"),
-                Ok(None) => panic!("stream ended while waiting for {needle:?}"),
-            }
-        }
-    }
-
-    /// Runs a command whose output is wrapped in markers the echoed command line cannot
-    /// contain (`$((…))` is expanded only in the output); returns what is between them.
-    async fn run(&mut self, cmd: &str) -> String {
-        self.send(&format!("echo \"<$((6*7))>$({cmd})</$((6*7))>\"\r"))
-            .await;
-        let out = self.until("</42>").await;
-        let start = out.rfind("<42>").expect("start marker") + 4;
-        out[start..out.len() - 5].to_owned()
-    }
-
-    /// Waits for the close frame (skipping output).
-    async fn closed(&mut self) -> Option<CloseFrame<'static>> {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.ws.next()).await {
-                Err(_) => panic!("no close frame within {STEP:?}"),
-                Ok(Some(Ok(Message::Close(c)))) => return c,
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(e))) => panic!("error {e} instead of a close frame"),
-                Ok(None) => panic!("stream ended without a close frame"),
-            }
-        }
-    }
-}
 
 fn container_of(app: &TestApp) -> String {
     let ids = app.containers();
@@ -230,7 +106,7 @@ async fn cwd_from_the_query() {
         ("?cwd=/workspace/missing", 422),
     ] {
         let auth = format!("Bearer {}", app.token("8"));
-        match try_open(&url(&app, q), &[("authorization", &auth)]).await {
+        match ws_open(&term_url(&app, q), &[("authorization", &auth)]).await {
             Err(WsError::Http(r)) => assert_eq!(r.status(), status, "{q}"),
             other => panic!(
                 "{q}: expected {status}, got {:?}",
@@ -341,7 +217,7 @@ async fn closing_or_dropping_the_socket_leaves_no_process_behind() {
 #[tokio::test]
 async fn refusals_happen_before_any_exec_and_users_stay_apart() {
     let app = spawn_app().await;
-    let u = url(&app, "");
+    let u = term_url(&app, "");
     let status = |r: Result<_, WsError>| match r {
         Err(WsError::Http(resp)) => {
             let body: serde_json::Value =
@@ -365,22 +241,19 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
         )
         .unwrap();
 
-    assert_eq!(
-        status(try_open(&u, &[]).await),
-        (401, "unauthorized".into())
-    );
+    assert_eq!(status(ws_open(&u, &[]).await), (401, "unauthorized".into()));
     let forged_h = format!("Bearer {forged}");
     assert_eq!(
-        status(try_open(&u, &[("authorization", &forged_h)]).await).0,
+        status(ws_open(&u, &[("authorization", &forged_h)]).await).0,
         401
     );
     assert_eq!(
-        status(try_open(&url(&app, &format!("?token={forged}")), &[]).await).0,
+        status(ws_open(&term_url(&app, &format!("?token={forged}")), &[]).await).0,
         401
     );
     assert_eq!(
         status(
-            try_open(
+            ws_open(
                 &u,
                 &[("authorization", &good), ("origin", "https://evil.example")]
             )
@@ -389,7 +262,7 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
         (403, "origin_not_allowed".into())
     );
     assert_eq!(
-        status(try_open(&u, &[("authorization", &good), ("origin", "null")]).await).0,
+        status(ws_open(&u, &[("authorization", &good), ("origin", "null")]).await).0,
         403
     );
     // Nothing was created for any of them: no container at all.
@@ -420,14 +293,14 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
     app.init("21").await;
     let cid = container_of(&app);
     let before = exec_ids(&cid);
-    assert_eq!(status(try_open(&u, &[]).await).0, 401);
+    assert_eq!(status(ws_open(&u, &[]).await).0, 401);
     assert_eq!(
-        status(try_open(&u, &[("authorization", &forged_h)]).await).0,
+        status(ws_open(&u, &[("authorization", &forged_h)]).await).0,
         401
     );
     assert_eq!(
         status(
-            try_open(
+            ws_open(
                 &u,
                 &[
                     ("authorization", &good),
@@ -443,7 +316,7 @@ async fn refusals_happen_before_any_exec_and_users_stay_apart() {
 
     // The page's own origin is accepted (same scheme, host and port as the request).
     let own = format!("http://{}", app.addr);
-    let (mut ws, _) = try_open(&u, &[("authorization", &good), ("origin", &own)])
+    let (mut ws, _) = ws_open(&u, &[("authorization", &good), ("origin", &own)])
         .await
         .unwrap();
     ws.close(None).await.unwrap();
@@ -465,7 +338,7 @@ async fn too_many_terminals_is_429() {
     let mut a = Term::open(&app, "23", "").await;
     let _b = Term::open(&app, "23", "").await;
     let auth = format!("Bearer {}", app.token("23"));
-    match try_open(&url(&app, ""), &[("authorization", &auth)]).await {
+    match ws_open(&term_url(&app, ""), &[("authorization", &auth)]).await {
         Err(WsError::Http(r)) => assert_eq!(r.status(), 429),
         other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
     }
@@ -475,7 +348,7 @@ async fn too_many_terminals_is_429() {
     a.closed().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match try_open(&url(&app, ""), &[("authorization", &auth)]).await {
+        match ws_open(&term_url(&app, ""), &[("authorization", &auth)]).await {
             Ok(_) => break,
             Err(WsError::Http(r)) if r.status() == 429 && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
@@ -531,7 +404,9 @@ fn rss_kib() -> u64 {
 
 #[tokio::test]
 async fn a_flood_to_a_slow_reader_keeps_server_memory_bounded() {
-    let app = spawn_app().await;
+    // Alone: the RSS measured is the whole process's, where other tests run their servers.
+    let alone = gate::alone().await;
+    let app = spawn_app_alone(&alone, |_| {}).await;
     let mut t = Term::open(&app, "26", "").await;
     assert_eq!(t.run("echo up").await, "up");
     let before = rss_kib();
@@ -587,24 +462,18 @@ async fn a_flood_to_a_slow_reader_keeps_server_memory_bounded() {
 #[tokio::test]
 async fn token_in_the_query_or_the_subprotocol() {
     let app = spawn_app().await;
-    let (ws, _) = try_open(&url(&app, &format!("?token={}", app.token("27"))), &[])
+    let (ws, _) = ws_open(&term_url(&app, &format!("?token={}", app.token("27"))), &[])
         .await
         .unwrap();
-    let mut t = Term {
-        ws,
-        buf: String::new(),
-    };
+    let mut t = Term::from_ws(ws);
     assert_eq!(t.run("hostname").await, "sandbox-27");
 
     let proto = format!("bearer.{}", app.token("28"));
-    let (ws, resp) = try_open(&url(&app, ""), &[("sec-websocket-protocol", &proto)])
+    let (ws, resp) = ws_open(&term_url(&app, ""), &[("sec-websocket-protocol", &proto)])
         .await
         .unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], proto.as_str());
-    let mut t = Term {
-        ws,
-        buf: String::new(),
-    };
+    let mut t = Term::from_ws(ws);
     assert_eq!(t.run("hostname").await, "sandbox-28");
 }
 

@@ -5,22 +5,12 @@
 //! and tools (`SANDBOXD_E2E_*`, `SANDBOXD_TEST_*`) are in the environment on purpose: they must
 //! not break the script's `sandboxd token`.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::common::*;
 
 struct Up {
     child: Child,
@@ -120,6 +110,9 @@ impl Drop for Cleanup {
 
 #[tokio::test]
 async fn scripts_up_shows_each_step_then_is_ready_with_a_token_and_stops_on_term() {
+    // Alone: the script ensures the engine, the image and the console build the other tests
+    // use, and its server adds a network interface.
+    let _alone = gate::alone().await;
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();

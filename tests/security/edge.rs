@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::common::preview::{preview_host, preview_url, start_app, PREVIEW_DOMAIN};
+use crate::common::ws::{term_url, ws_open, Term, Ws};
 use crate::common::*;
 use crate::support::*;
 
@@ -55,7 +57,7 @@ async fn another_users_token_and_client_sent_container_ids_never_reach_a_sandbox
     .await;
     let a = app.init("ua").await;
     let a_cid = a["containerId"].as_str().unwrap().to_owned();
-    let a_name = mgr(&app).status(&uid("ua")).await.unwrap().container_name;
+    let a_name = app.mgr().status(&uid("ua")).await.unwrap().container_name;
     js(
         &app,
         "ua",
@@ -125,9 +127,12 @@ async fn another_users_token_and_client_sent_container_ids_never_reach_a_sandbox
     .await
     .unwrap();
     drop(ws);
-    let mut t = Term::open(&app, "ub").await;
-    assert_eq!(t.run("hostname").await, "sandbox-ub");
-    assert_eq!(t.run("ls /workspace/a-only 2>/dev/null | wc -l").await, "0");
+    let mut t = Term::open(&app, "ub", "").await.with_step(TERM_STEP);
+    assert_eq!(t.output("hostname").await, "sandbox-ub");
+    assert_eq!(
+        t.output("ls /workspace/a-only 2>/dev/null | wc -l").await,
+        "0"
+    );
     drop(t);
     let v = js(
         &app,
@@ -454,8 +459,8 @@ async fn client_supplied_limits_are_rejected_or_clamped() {
     )
     .await
     .unwrap();
-    let mut t = Term::from_ws(ws);
-    assert_eq!(t.run("stty size").await, "1 1000");
+    let mut t = Term::from_ws(ws).with_step(TERM_STEP);
+    assert_eq!(t.output("stty size").await, "1 1000");
     for bad in [
         json!({"type": "resize", "cols": 1e300, "rows": -1e12}),
         json!({"type": "resize", "cols": "80", "rows": 24}),
@@ -465,13 +470,13 @@ async fn client_supplied_limits_are_rejected_or_clamped() {
     ] {
         t.ws.send(Message::Text(bad.to_string())).await.unwrap();
     }
-    assert_eq!(t.run("stty size").await, "1 1000");
+    assert_eq!(t.output("stty size").await, "1 1000");
     t.ws.send(Message::Text(
         json!({"type": "resize", "cols": 90, "rows": 30}).to_string(),
     ))
     .await
     .unwrap();
-    assert_eq!(t.run("stty size").await, "30 90");
+    assert_eq!(t.output("stty size").await, "30 90");
 
     // Malformed frames close with the right code: an unmasked client frame and a reserved
     // opcode are protocol errors (1002), invalid UTF-8 in a text frame is 1007, a frame over
@@ -537,8 +542,8 @@ async fn private_previews_open_only_for_their_owner_through_a_host_only_cookie()
         t.insert("preview_access".into(), "owner".into());
     })
     .await;
-    start_app(&app, "pa").await;
-    start_app(&app, "pb").await;
+    start_app(&app, "pa", APP).await;
+    start_app(&app, "pb", APP).await;
     let ca = app.certs.join("dev-ca.crt");
     let c = preview_client(&app, &["pa", "pb"], Some(&ca));
     let https = app.https_addr.unwrap().port();
@@ -684,7 +689,7 @@ async fn only_valid_preview_hosts_reach_a_container_and_injection_is_refused() {
         t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
     })
     .await;
-    start_app(&app, "ha").await;
+    start_app(&app, "ha", APP).await;
     let c = preview_client(&app, &["ha"], None);
     wait_preview(&c, &preview_url(&app, "ha", "/")).await;
     let before = hits(&app, "ha");

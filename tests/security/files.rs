@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::common::ws::{term_url, ws_open, Term};
 use crate::common::*;
 use crate::support::*;
 
@@ -148,9 +149,9 @@ async fn links_planted_inside_a_workspace_never_lead_sandboxd_outside_it() {
         )
         .await;
     assert_eq!(ran.status(), 200);
-    let mut t = Term::open(&app, "f1").await;
+    let mut t = Term::open(&app, "f1", "").await.with_step(TERM_STEP);
     for target in ["/", "/etc", &host_victim] {
-        t.run(&format!(
+        t.output(&format!(
             "rm -rf /workspace/.sandboxd; mkdir /workspace/.sandboxd && ln -s '{target}' /workspace/.sandboxd/exec && echo planted"
         ))
         .await;
@@ -166,7 +167,7 @@ async fn links_planted_inside_a_workspace_never_lead_sandboxd_outside_it() {
         assert_ne!(body["output"], "ran\n", "{target}: {body}");
     }
     assert_eq!(
-        t.run("rm -rf /workspace/.sandboxd && echo clean").await,
+        t.output("rm -rf /workspace/.sandboxd && echo clean").await,
         "clean"
     );
     let r = app
@@ -184,7 +185,7 @@ async fn links_planted_inside_a_workspace_never_lead_sandboxd_outside_it() {
     assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
     // The terminal's cwd through a link resolves inside the container, not on the host.
     assert!(!t
-        .run("cat /workspace/victim/secret")
+        .output("cat /workspace/victim/secret")
         .await
         .contains("do not touch"));
     let auth = format!("Bearer {}", app.token("f1"));

@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::common::preview::{preview_url, start_app, PREVIEW_DOMAIN};
+use crate::common::ws::Term;
 use crate::common::*;
 use crate::support::*;
 
@@ -82,33 +84,33 @@ async fn identity_and_privileges_through_execute_and_the_terminal() {
     assert_eq!(v["shadow"], "EACCES", "{v}");
 
     // The same through the terminal (a login shell in its own exec).
-    let mut t = Term::open(&app, "p1").await;
-    assert_eq!(t.run("id -u; id -g").await, "1000\n1000");
+    let mut t = Term::open(&app, "p1", "").await.with_step(TERM_STEP);
+    assert_eq!(t.output("id -u; id -g").await, "1000\n1000");
     let status = t
-        .run("grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t ' ' '")
+        .output("grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t ' ' '")
         .await;
     assert_eq!(
         status,
         "CapPrm: 0000000000000000\nCapEff: 0000000000000000\nCapBnd: 0000000000000000\nNoNewPrivs: 1\nSeccomp: 2",
     );
     assert!(t
-        .run("unshare -U true || echo refused")
+        .output("unshare -U true || echo refused")
         .await
         .ends_with("refused"));
     assert!(t
-        .run("mount -t tmpfs none /tmp/mnt || echo refused")
+        .output("mount -t tmpfs none /tmp/mnt || echo refused")
         .await
         .ends_with("refused"));
     assert!(t
-        .run("python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)' || echo refused")
+        .output("python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)' || echo refused")
         .await
         .ends_with("refused"));
     assert!(t
-        .run("sudo -n true || echo refused")
+        .output("sudo -n true || echo refused")
         .await
         .ends_with("refused"));
     assert_eq!(
-        t.run("ls /var/run/docker.sock /run/docker.sock 2>/dev/null | wc -l")
+        t.output("ls /var/run/docker.sock /run/docker.sock 2>/dev/null | wc -l")
             .await,
         "0"
     );
@@ -167,12 +169,12 @@ async fn root_is_read_only_except_the_workspace_and_bounded_tmpfs() {
         );
     }
     // Through the terminal too.
-    let mut t = Term::open(&app, "p2").await;
+    let mut t = Term::open(&app, "p2", "").await.with_step(TERM_STEP);
     assert!(t
-        .run("touch /etc/x")
+        .output("touch /etc/x")
         .await
         .contains("Read-only file system"));
-    assert_eq!(t.run("touch /workspace/t && echo ok").await, "ok");
+    assert_eq!(t.output("touch /workspace/t && echo ok").await, "ok");
 }
 
 /// Memory, CPU, tmpfs, file size and open files, each with small limits so the test is quick.
@@ -336,7 +338,7 @@ async fn fork_bombs_stop_at_the_pids_limit_and_leave_others_responsive() {
                 .to_owned(),
         );
     }
-    start_app(&app, "calm").await;
+    start_app(&app, "calm", APP).await;
     let c = preview_client(&app, &["calm"], None);
     wait_preview(&c, &preview_url(&app, "calm", "/")).await;
 
@@ -368,8 +370,8 @@ async fn fork_bombs_stop_at_the_pids_limit_and_leave_others_responsive() {
         )
         .await;
         let exec_time = t0.elapsed();
-        let mut t = Term::open(&app, "calm").await;
-        assert_eq!(t.run("echo still here").await, "still here");
+        let mut t = Term::open(&app, "calm", "").await.with_step(TERM_STEP);
+        assert_eq!(t.output("echo still here").await, "still here");
         let page = wait_preview(&c, &preview_url(&app, "calm", "/")).await;
         (v, exec_time, page)
     };

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::common::preview::start_app;
 use crate::common::*;
 use crate::support::*;
 
@@ -247,8 +248,8 @@ async fn sandboxes_reach_neither_the_host_nor_each_other_nor_metadata() {
     talk_over_loopback(&mut app, port);
     let gw = gateway(&app.instance);
     app.init("na").await;
-    start_app(&app, "nb").await;
-    let b = mgr(&app).status(&uid("nb")).await.unwrap();
+    start_app(&app, "nb", APP).await;
+    let b = app.mgr().status(&uid("nb")).await.unwrap();
     let b_ip = b.ip.unwrap().to_string();
     // B listens on 5173 (the app) and 9000 (another port).
     let r = app

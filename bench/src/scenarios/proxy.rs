@@ -1,0 +1,191 @@
+//! Proxy throughput and latency (phase A): wrk through sandboxd's preview host, nginx,
+//! configurable-http-proxy and the container directly.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::http;
+use crate::peers;
+use crate::report::{Fact, ProxyRow};
+use crate::stats::median;
+use crate::sys;
+use crate::wrk::{Wrk, WrkResult};
+
+use super::*;
+
+const BIG_BODY: usize = 1 << 20;
+const LOAD_CONNS: u32 = 32;
+
+impl Ctx {
+    pub(super) async fn bench_proxy(&mut self, ip: IpAddr) -> Result<()> {
+        self.step("proxy: starting nginx and configurable-http-proxy");
+        let upstream = SocketAddr::new(ip, 5173);
+        let (nh, ns, ch, ca) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let certs = self.opts.work.join("certs");
+        let nginx = peers::start_nginx(
+            &self.opts.work,
+            &self.pids,
+            upstream,
+            nh,
+            ns,
+            &certs.join("dev.crt"),
+            &certs.join("dev.key"),
+        )
+        .await?;
+        let chp = peers::start_chp(
+            &self.opts.chp,
+            &self.opts.work,
+            &self.pids,
+            upstream,
+            ch,
+            ca,
+        )
+        .await?;
+        let name = format!("user-p1.{PREVIEW_DOMAIN}");
+        let hosts_file = self.opts.work.join("hosts");
+        let mut hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        hosts.push_str(&format!("\n127.0.0.1 {name}\n"));
+        std::fs::write(&hosts_file, hosts)?;
+        let wrk = Wrk {
+            hosts_file,
+            threads: 1,
+        };
+        let targets: Vec<(&'static str, String, String)> = vec![
+            (
+                "a",
+                "a. direct to the container".into(),
+                format!("http://{ip}:5173"),
+            ),
+            (
+                "b_http",
+                "b. sandboxd preview, HTTP".into(),
+                format!("http://{name}:{}", self.http.port()),
+            ),
+            (
+                "b_https",
+                "b. sandboxd preview, HTTPS".into(),
+                format!("https://{name}:{}", self.https.port()),
+            ),
+            (
+                "c_http",
+                "c. nginx, HTTP".into(),
+                format!("http://{name}:{}", nh.port()),
+            ),
+            (
+                "c_https",
+                "c. nginx, HTTPS".into(),
+                format!("https://{name}:{}", ns.port()),
+            ),
+            (
+                "d",
+                "d. configurable-http-proxy, HTTP".into(),
+                format!("http://{name}:{}", ch.port()),
+            ),
+        ];
+        let sizes = [("small", "/", SMALL_BODY), ("1 MiB", "/1m", BIG_BODY)];
+        // Every plain-HTTP path answers with the right body before anything is timed.
+        for (key, _, base) in &targets {
+            if key.ends_with("https") {
+                continue;
+            }
+            let port: u16 = base
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let addr = if *key == "a" {
+                upstream
+            } else {
+                SocketAddr::from(([127, 0, 0, 1], port))
+            };
+            for (_, path, len) in sizes {
+                let t = http::timed_get(addr, &name, path, Duration::from_secs(10)).await?;
+                if t.status != 200 || t.body_len != len {
+                    bail!("{key}{path}: status {} with {} bytes", t.status, t.body_len);
+                }
+            }
+        }
+        self.step("proxy: warm-up");
+        for (_, _, base) in &targets {
+            for (_, path, _) in sizes {
+                wrk.run(&format!("{base}{path}"), LOAD_CONNS, self.n.warm_secs)
+                    .await?;
+            }
+        }
+        let mut load: HashMap<(usize, usize), Vec<WrkResult>> = HashMap::new();
+        let mut single: HashMap<(usize, usize), Vec<WrkResult>> = HashMap::new();
+        let mut cpu: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
+        let sandboxd = self.server_pid()?;
+        let proxy_pid: Vec<Option<u32>> = targets
+            .iter()
+            .map(|(key, _, _)| match *key {
+                "b_http" | "b_https" => Some(sandboxd),
+                "c_http" | "c_https" => Some(nginx.pid()),
+                "d" => Some(chp.pid()),
+                _ => None,
+            })
+            .collect();
+        for round in 0..self.n.rounds {
+            self.step(&format!("proxy: round {} of {}", round + 1, self.n.rounds));
+            for (si, (_, path, _)) in sizes.iter().enumerate() {
+                for (ti, (_, _, base)) in targets.iter().enumerate() {
+                    let url = format!("{base}{path}");
+                    let pid = proxy_pid[ti];
+                    let cpu0 = pid.map(sys::tree_cpu_ms);
+                    let l = wrk.run(&url, LOAD_CONNS, self.n.load_secs).await?;
+                    if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                        let per = (sys::tree_cpu_ms(pid) - c0) * 1000.0 / l.requests.max(1) as f64;
+                        cpu.entry((si, ti)).or_default().push(per);
+                    }
+                    load.entry((si, ti)).or_default().push(l);
+                    let s = wrk.run(&url, 1, self.n.single_secs).await?;
+                    single.entry((si, ti)).or_default().push(s);
+                }
+            }
+        }
+        for (si, (size, _, _)) in sizes.iter().enumerate() {
+            for (ti, (key, label, _)) in targets.iter().enumerate() {
+                self.report.proxy.push(ProxyRow {
+                    size: (*size).into(),
+                    key,
+                    label: label.clone(),
+                    load: med(&load[&(si, ti)]),
+                    single: med(&single[&(si, ti)]),
+                    cpu_us: cpu.get(&(si, ti)).map(|v| median(v)),
+                });
+            }
+        }
+        let pid = self.server_pid()?;
+        self.report.footprint.push(Fact {
+            label: "sandboxd peak RSS during the proxy load".into(),
+            value: format!("{:.1} MiB", mib(sys::hwm_kib(pid)?)),
+            note: format!(
+                "VmHWM after {LOAD_CONNS} keep-alive connections pulling 1 MiB responses"
+            ),
+        });
+        self.report.settings.push((
+            "proxy".into(),
+            format!(
+                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection for {} s, {} round(s) interleaved across paths, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory; configurable-http-proxy: defaults (keep-alive agent), one Node process",
+                self.n.load_secs, self.n.single_secs, self.n.rounds, self.n.warm_secs, sys::nproc()
+            ),
+        ));
+        nginx.stop(libc::SIGTERM, Duration::from_secs(5)).await;
+        chp.stop(libc::SIGTERM, Duration::from_secs(5)).await;
+        Ok(())
+    }
+}
+
+fn med(v: &[WrkResult]) -> WrkResult {
+    let pick = |f: fn(&WrkResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    WrkResult {
+        rps: pick(|r| r.rps),
+        p50_us: pick(|r| r.p50_us),
+        p99_us: pick(|r| r.p99_us),
+        requests: v.iter().map(|r| r.requests).sum(),
+        errors: v.iter().map(|r| r.errors).sum(),
+    }
+}
