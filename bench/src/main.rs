@@ -1,4 +1,4 @@
-//! sandboxd-bench: runs every benchmark of issue 6 against a real sandboxd (release build),
+//! sandboxd-bench: runs every benchmark of bench/README.md against a real sandboxd (release build),
 //! real sandboxes and the peers (nginx, configurable-http-proxy), and writes the results as
 //! markdown. `bench/run` installs the tools, builds, calls this and cleans up; see
 //! bench/README.md for what is measured and how.
@@ -21,7 +21,7 @@ use anyhow::Result;
 use clap::Parser;
 
 #[derive(Parser, Clone, Debug)]
-#[command(about = "Benchmarks sandboxd against direct paths and peers (issue 6)")]
+#[command(about = "Benchmarks sandboxd against direct paths and peers (bench/README.md)")]
 pub struct Opts {
     /// Scratch folder (workspaces, database, certificates, logs, pid files).
     #[arg(long)]

@@ -18,7 +18,7 @@ pub struct ProxyRow {
     pub cpu_us: Option<f64>,
 }
 
-/// Labels of the floors measured without sandboxd (issue 15), in the wake table.
+/// Labels of the floors measured without sandboxd, in the wake table.
 pub const FLOOR_WAKE: &str = "floor: wake from stopped without sandboxd";
 pub const FLOOR_COLD: &str = "floor: cold first hit without sandboxd";
 
@@ -138,7 +138,7 @@ impl Report {
         self.wake.iter().find(|r| r.label.starts_with(prefix))
     }
 
-    /// Every target of issue 6 with its measured value.
+    /// Every target (README, "Benchmarks") with its measured value.
     pub fn targets(&self) -> Vec<Target> {
         let mut t = vec![];
         let min_over = |f: &dyn Fn(&str) -> f64| {
@@ -200,7 +200,7 @@ impl Report {
                 pass: check(v, &|v| v <= goal),
             });
         }
-        // Issue 15: each p50 against its floor without sandboxd, measured in the same run.
+        // Each p50 against its floor without sandboxd, measured in the same run.
         for (prefix, floor, what) in [
             (
                 "wake from stopped",
@@ -285,7 +285,7 @@ impl Report {
             let _ = writeln!(w);
         }
 
-        let _ = writeln!(w, "## Targets (issue 6)\n");
+        let _ = writeln!(w, "## Targets\n");
         let _ = writeln!(
             w,
             "| target | goal | measured | result |\n|---|---|---|---|"

@@ -333,7 +333,7 @@ async fn a_long_execution_is_not_paused_by_the_idle_policy() {
     assert!(!text.contains("\"stopped\""), "stopped during a run: {ev}");
 }
 
-/// Issue 11: the OpenAPI document is served, and every endpoint's answers (successes and
+/// The OpenAPI document is served (README, "Using the API"), and every endpoint's answers (successes and
 /// errors) match it. (Every answer through `app.get`/`app.post` is checked too.)
 #[tokio::test]
 async fn openapi_document_is_served_and_every_endpoint_answers_as_documented() {
@@ -566,7 +566,7 @@ fn openapi_check_refuses_undocumented_answers() {
     assert_eq!(openapi::template_of("/sandbox/jobs/"), None);
 }
 
-/// Issue 11: request ids are kept when sane, made otherwise, and returned on every answer.
+/// Request ids (README, "Logs and request ids") are kept when sane, made otherwise, and returned on every answer.
 #[tokio::test]
 async fn request_ids_are_kept_or_made_and_returned() {
     let app = spawn_app().await;
@@ -618,7 +618,7 @@ async fn request_ids_are_kept_or_made_and_returned() {
     assert_eq!(id_of(&r), "err-1");
 }
 
-/// Issue 11: the real binary with `log_format = "json"`: one access line per request with its
+/// The real binary with `log_format = "json"`: one access line per request with its
 /// fields and request id, the request id on the request's other lines (a sandbox's creation),
 /// and no token in any line — neither from `Authorization` nor from `?token=`.
 #[tokio::test]

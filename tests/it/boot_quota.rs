@@ -1,4 +1,4 @@
-//! The boot CPU quota (issue 15): a sandbox boots with `boot_cpus` and gets its configured quota
+//! The boot CPU quota (README, "Sandboxes", boot quota): a sandbox boots with `boot_cpus` and gets its configured quota
 //! back once its app listens, or after `boot_window` without an app; pausing or stopping it
 //! mid-boot gives the quota back at once, and an adopted container never keeps a boot quota.
 //! Read from the engine (`HostConfig.NanoCpus`) and from the cgroup (`cpu.cfs_quota_us`).

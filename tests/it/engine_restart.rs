@@ -1,4 +1,4 @@
-//! The engine restarts under sandboxd while requests are in flight (issue 10, "engine down").
+//! The engine restarts under sandboxd while requests are in flight (README, "Sandboxes", engine down).
 //!
 //! The test never touches the engine other tests use: it runs its own `containerd` and `dockerd`
 //! (own data root, exec root, socket and pid file) in a network namespace it makes, loads the

@@ -1,4 +1,4 @@
-//! The image's init (sandbox-image/sandboxd-init, issue 15): the bash boot path finds and starts
+//! The image's init (sandbox-image/sandboxd-init): the bash boot path finds and starts
 //! the preview app as the Node init did, hands what its JSON reader cannot tell to Node, keeps the
 //! cwd inside the workspace, and leaves the management roles working.
 

@@ -8,6 +8,7 @@
 mod common;
 
 mod api;
+mod architecture;
 mod boot_quota;
 mod console;
 mod engine_restart;

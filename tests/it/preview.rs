@@ -60,7 +60,7 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     );
     assert!(body.ends_with("xfp=http"), "{body}");
 
-    // Request ids reach the app: the client's, or one the edge made (issue 11).
+    // Request ids reach the app: the client's, or one the edge made (README, "Logs and request ids").
     let r = c
         .get(preview_url(&app, "1", "/headers"))
         .header("x-request-id", "preview-rid-1")

@@ -1,4 +1,4 @@
-//! Issue 5: the sandbox holds against hostile code and hostile clients. One test binary (one
+//! The security suite (README, "Security model"): the sandbox holds against hostile code and hostile clients. One test binary (one
 //! link step) with a module per area; every test runs the real server against the real engine
 //! and is written so that it fails when the protection it names is taken away (several carry a
 //! positive control that shows the probe itself works).
