@@ -1,6 +1,6 @@
 //! The container spec: names, labels and every hardening setting, as a pure function of the
 //! validated user and the configuration. Unit-tested here; asserted on a real container by
-//! `tests/hardening.rs`.
+//! `tests/it/hardening.rs`.
 
 use std::collections::HashMap;
 use std::path::Path;
