@@ -161,7 +161,7 @@ pub(super) fn accept_key(version: Version, headers: &HeaderMap) -> Result<String
     }
     let versions = header_tokens(headers, &SEC_WEBSOCKET_VERSION);
     if versions != ["13"] {
-        // `handle` adds the `Sec-WebSocket-Version: 13` header RFC 6455 asks for.
+        // `Terminals::handle` adds the `Sec-WebSocket-Version: 13` header RFC 6455 asks for.
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
             "websocket_version",

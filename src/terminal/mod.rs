@@ -51,8 +51,7 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::auth::bearer;
-use crate::auth::Auth;
+use crate::auth::{bearer, Auth};
 use crate::config::Config;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;

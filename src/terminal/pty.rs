@@ -41,7 +41,7 @@ impl KillOnDrop {
         let door = self.door.clone();
         let id = self.id.clone();
         async move {
-            // Every session a marked process is in: see the module comment.
+            // Every session a marked process is in: see the comment of terminal/mod.rs.
             let args = [MARK_VAR.into(), id.clone(), "joined".into(), "0.1".into()];
             let run = door.run_script(Script::Kill, &args);
             match tokio::time::timeout(KILL_TIMEOUT, run).await {
