@@ -3,7 +3,7 @@
 //! Every error leaves through `crate::http::error`.
 
 mod projects;
-pub mod sandbox;
+mod sandbox;
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use crate::terminal::Terminals;
 use crate::user::UserId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Health,
     Init,
     Execute,
@@ -44,10 +44,10 @@ pub enum Endpoint {
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Path → endpoint, with the methods each accepts.
-pub struct Table(matchit::Router<(Endpoint, &'static [Method], &'static str)>);
+pub(crate) struct Table(matchit::Router<(Endpoint, &'static [Method], &'static str)>);
 
 /// Every route: path, endpoint, accepted methods, and the `Allow` header for 405.
-pub const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
+pub(crate) const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
     (
         "/healthz",
         Endpoint::Health,
