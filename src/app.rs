@@ -7,29 +7,24 @@ use hyper::body::Incoming;
 use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
 
-use crate::api::{Api, Features};
+use crate::api::Api;
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::console::Console;
 use crate::edge::listener::{ConnInfo, Handler};
 use crate::edge::router::{self, normalize_host, request_host, Route, RouterConfig};
 use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::preview::Proxy;
 use crate::sandbox::Manager;
-use crate::user::UserId;
 
-/// The application: the Host router and the features it dispatches to. `cfg`, `mgr`, `auth`
-/// and `jobs` are what the terminal and the project jobs still read from the whole state.
+/// The application: the Host router and the two sides it dispatches to. `cfg` is what the
+/// Host guards and the HTTPS redirect read; `mgr` counts preview requests in the metrics.
 pub struct App {
     pub cfg: Arc<Config>,
     pub mgr: Arc<Manager>,
-    pub auth: Auth,
     pub router: RouterConfig,
     pub api: Api,
     pub preview: Proxy,
-    pub console: Console,
-    pub jobs: crate::projects::Jobs,
 }
 
 impl App {
@@ -45,12 +40,9 @@ impl App {
         };
         Arc::new(App {
             api: Api::new(cfg.clone(), mgr.clone(), auth.clone()),
-            preview: Proxy::new(cfg.clone(), mgr.clone(), auth.clone()),
-            console: Console::new(cfg.clone()),
-            jobs: crate::projects::Jobs::default(),
+            preview: Proxy::new(cfg.clone(), mgr.clone(), auth),
             cfg,
             mgr,
-            auth,
             router,
         })
     }
@@ -127,7 +119,7 @@ impl App {
             }
         }
         match router::route(&self.router, request_host(&req)) {
-            Route::Main => self.api.handle(&self, req, conn).await,
+            Route::Main => self.api.handle(req, conn).await,
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
                 let resp = self.preview.handle(req, conn, user, port).await;
@@ -172,31 +164,6 @@ impl App {
         resp.headers_mut()
             .insert(hyper::header::LOCATION, location.parse().ok()?);
         Some(resp)
-    }
-}
-
-/// The features the API's table leads to that still take the whole state (terminal, projects)
-/// or that the application owns (the console).
-impl Features for Arc<App> {
-    fn console(&self, req: &Request<Incoming>, file: Option<&str>) -> Response<Body> {
-        self.console.handle(req, file)
-    }
-
-    async fn terminal(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
-        crate::terminal::handle(self, req, conn).await
-    }
-
-    async fn create_project(
-        &self,
-        user: &UserId,
-        req: Request<Incoming>,
-        conn: &ConnInfo,
-    ) -> Result<Response<Body>, ApiError> {
-        crate::projects::create(self, user, req, conn).await
-    }
-
-    async fn job(&self, user: &UserId, id: &str) -> Result<Response<Body>, ApiError> {
-        crate::projects::job(self, user, id).await
     }
 }
 

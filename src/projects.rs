@@ -1,24 +1,18 @@
-//! Project templates: `POST /sandbox/projects {"template":"node"|"react-vite","name":"my-app"}`
-//! scaffolds a project inside the sandbox, marks it as the preview app and starts its dev
-//! server. It answers 202 with a job; `GET /sandbox/jobs/{id}` shows the progress (step, status,
-//! the tail of the log). The name is validated and reaches the sandbox only as an argument of
-//! constant scripts, never inside a shell string.
+//! Project jobs: scaffold a project from a template inside the sandbox, mark it as the preview
+//! app and start its dev server, step by step through the door, keeping each job's progress
+//! (step, status, the tail of the log) for its user. The HTTP side is `api/projects.rs`. The
+//! name is validated and reaches the sandbox only as an argument of constant scripts, never
+//! inside a shell string.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::app::App;
-use crate::http::body::read_json;
-use crate::http::error::ApiError;
-use crate::http::json;
-use crate::http::Body;
 use crate::sandbox::shell::{self, ExecOptions, Script};
+use crate::sandbox::{Manager, SandboxError};
 use crate::user::UserId;
 
 /// Log bytes kept per job (the tail).
@@ -49,7 +43,7 @@ pub struct Job {
 }
 
 #[derive(Default)]
-pub struct Jobs {
+struct Jobs {
     by_user: Mutex<HashMap<UserId, Vec<Arc<Mutex<Job>>>>>,
 }
 
@@ -98,115 +92,95 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
-/// The wire shape of `POST /sandbox/projects`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    template: String,
-    name: String,
+/// Why a job did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Two jobs of this user are already running.
+    Busy,
+    /// `/workspace/<name>` already exists.
+    Exists,
+    /// The sandbox could not be entered.
+    Sandbox(SandboxError),
+    /// The check for an existing folder could not run in the sandbox.
+    CheckFailed(anyhow::Error),
 }
 
-/// A validated project request.
-struct NewProject {
-    template: String,
-    name: String,
+/// The project jobs of every user, and the sandboxes they run in.
+pub struct Projects {
+    mgr: Arc<Manager>,
+    jobs: Jobs,
 }
 
-impl TryFrom<CreateBody> for NewProject {
-    type Error = ApiError;
-
-    fn try_from(body: CreateBody) -> Result<NewProject, ApiError> {
-        if !matches!(body.template.as_str(), "node" | "react-vite") {
-            return Err(ApiError::invalid(
-                "field \"template\" must be \"node\" or \"react-vite\"",
-            ));
+impl Projects {
+    pub fn new(mgr: Arc<Manager>) -> Projects {
+        Projects {
+            mgr,
+            jobs: Jobs::default(),
         }
-        if !valid_name(&body.name) {
-            return Err(ApiError::invalid(
-                "field \"name\" must match [a-z0-9][a-z0-9-_]{0,63}",
-            ));
-        }
-        Ok(NewProject {
-            template: body.template,
-            name: body.name,
-        })
     }
-}
 
-pub async fn create(
-    app: &Arc<App>,
-    user: &UserId,
-    req: Request<Incoming>,
-    conn: &crate::edge::listener::ConnInfo,
-) -> Result<Response<Body>, ApiError> {
-    let NewProject { template, name } =
-        read_json::<CreateBody>(req, 64 * 1024).await?.try_into()?;
-    if app.jobs.running(user) >= 2 {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_jobs",
-            "two project jobs are already running",
-        )
-        .retry_after(5));
-    }
-    // The name reaches the constant scripts only as their argument "$1".
-    let door = app.mgr.enter(user).await?;
-    let (code, _) = door
-        .run_script(Script::ProjectExists, std::slice::from_ref(&name))
-        .await?;
-    if code == 0 {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "project_exists",
-            format!("/workspace/{name} already exists"),
-        ));
-    }
-    let job = app.jobs.add(
-        user,
-        Job {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            template: template.clone(),
-            project: name.clone(),
-            status: JobStatus::Running,
-            step: "queued".into(),
-            log: String::new(),
-            error: None,
-            preview_url: crate::preview::url(&app.cfg, user, conn),
-        },
-    );
-    let snapshot = job.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (app2, user2) = (app.clone(), user.clone());
-    tokio::spawn(tracing::Instrument::in_current_span(async move {
-        let result = run_job(&app2, &user2, &job, &template, &name).await;
-        let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(()) => {
-                j.status = JobStatus::Succeeded;
-                j.step = "done".into();
+    /// Starts a job that scaffolds `name` from `template` (both validated by the caller) and
+    /// returns its first snapshot; `preview_url` is where the user will see the app.
+    pub async fn start(
+        &self,
+        user: &UserId,
+        template: String,
+        name: String,
+        preview_url: String,
+    ) -> Result<Job, StartError> {
+        if self.jobs.running(user) >= 2 {
+            return Err(StartError::Busy);
+        }
+        // The name reaches the constant scripts only as their argument "$1".
+        let door = self.mgr.enter(user).await.map_err(StartError::Sandbox)?;
+        let (code, _) = door
+            .run_script(Script::ProjectExists, std::slice::from_ref(&name))
+            .await
+            .map_err(StartError::CheckFailed)?;
+        if code == 0 {
+            return Err(StartError::Exists);
+        }
+        let job = self.jobs.add(
+            user,
+            Job {
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                template: template.clone(),
+                project: name.clone(),
+                status: JobStatus::Running,
+                step: "queued".into(),
+                log: String::new(),
+                error: None,
+                preview_url,
+            },
+        );
+        let snapshot = job.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (mgr, user2) = (self.mgr.clone(), user.clone());
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let result = run_job(&mgr, &user2, &job, &template, &name).await;
+            let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(()) => {
+                    j.status = JobStatus::Succeeded;
+                    j.step = "done".into();
+                }
+                Err(e) => {
+                    tracing::warn!(user = %user2, error = format!("{e:#}"), "project job failed");
+                    j.status = JobStatus::Failed;
+                    j.error = Some(format!("{e:#}"));
+                }
             }
-            Err(e) => {
-                tracing::warn!(user = %user2, error = format!("{e:#}"), "project job failed");
-                j.status = JobStatus::Failed;
-                j.error = Some(format!("{e:#}"));
-            }
-        }
-    }));
-    let mut resp = json(StatusCode::ACCEPTED, &snapshot);
-    if let Ok(v) = format!("/sandbox/jobs/{}", snapshot.id).parse() {
-        resp.headers_mut().insert(hyper::header::LOCATION, v);
+        }));
+        Ok(snapshot)
     }
-    Ok(resp)
-}
 
-pub async fn job(app: &Arc<App>, user: &UserId, id: &str) -> Result<Response<Body>, ApiError> {
-    app.jobs
-        .get(user, id)
-        .map(|j| json(StatusCode::OK, &j))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no such job"))
+    /// A snapshot of one of the user's jobs.
+    pub fn job(&self, user: &UserId, id: &str) -> Option<Job> {
+        self.jobs.get(user, id)
+    }
 }
 
 async fn run_job(
-    app: &Arc<App>,
+    mgr: &Arc<Manager>,
     user: &UserId,
     job: &Mutex<Job>,
     template: &str,
@@ -225,7 +199,7 @@ async fn run_job(
     ];
     for (step, script) in steps {
         job.lock().unwrap_or_else(|p| p.into_inner()).step = step.into();
-        let door = app.mgr.enter(user).await?;
+        let door = mgr.enter(user).await?;
         let opts = ExecOptions {
             env: vec!["CI=1".into(), "npm_config_yes=true".into()],
             working_dir: Some("/workspace".into()),
@@ -235,7 +209,7 @@ async fn run_job(
         let read = async {
             while let Some(chunk) = out.next().await {
                 let b = shell::bytes_of(chunk?);
-                app.mgr.touch(user);
+                mgr.touch(user);
                 let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
                 j.log.push_str(&String::from_utf8_lossy(&b));
                 if j.log.len() > LOG_CAP {

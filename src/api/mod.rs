@@ -1,10 +1,10 @@
 //! The main host's HTTP API: a matchit table from path to endpoint, then method checks,
-//! authentication and the handlers in `sandbox.rs`. Every error leaves through
-//! `crate::http::error`.
+//! authentication and the handlers (`sandbox.rs`, `projects.rs`, the terminal, the console).
+//! Every error leaves through `crate::http::error`.
 
-pub mod sandbox;
+mod projects;
+mod sandbox;
 
-use std::future::Future;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -13,14 +13,17 @@ use hyper::{Method, Request, Response};
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::console::Console;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::{full, Body};
+use crate::projects::Projects;
 use crate::sandbox::Manager;
+use crate::terminal::Terminals;
 use crate::user::UserId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Health,
     Init,
     Execute,
@@ -41,10 +44,10 @@ pub enum Endpoint {
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// Path → endpoint, with the methods each accepts.
-pub struct Table(matchit::Router<(Endpoint, &'static [Method], &'static str)>);
+pub(crate) struct Table(matchit::Router<(Endpoint, &'static [Method], &'static str)>);
 
 /// Every route: path, endpoint, accepted methods, and the `Allow` header for 405.
-pub const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
+pub(crate) const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
     (
         "/healthz",
         Endpoint::Health,
@@ -112,57 +115,32 @@ impl Default for Table {
     }
 }
 
-/// The features the main host's table leads to that the API does not own. The application
-/// implements it, so the API dispatches to them without importing the application.
-pub trait Features: Send + Sync {
-    /// `GET /` and `GET /console/{file}`.
-    fn console(&self, req: &Request<Incoming>, file: Option<&str>) -> Response<Body>;
-    /// `GET /sandbox/terminal`: authenticates itself (the token may come as a subprotocol).
-    fn terminal(
-        &self,
-        req: Request<Incoming>,
-        conn: Arc<ConnInfo>,
-    ) -> impl Future<Output = Response<Body>> + Send;
-    /// `POST /sandbox/projects`.
-    fn create_project(
-        &self,
-        user: &UserId,
-        req: Request<Incoming>,
-        conn: &ConnInfo,
-    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
-    /// `GET /sandbox/jobs/{id}`.
-    fn job(
-        &self,
-        user: &UserId,
-        id: &str,
-    ) -> impl Future<Output = Result<Response<Body>, ApiError>> + Send;
-}
-
-/// The main host's API: its route table and what its handlers read.
+/// The main host's API: its route table, what its handlers read, and the features it leads to.
 pub struct Api {
     table: Table,
     cfg: Arc<Config>,
     mgr: Arc<Manager>,
     auth: Auth,
+    terminals: Terminals,
+    projects: Projects,
+    console: Console,
 }
 
 impl Api {
     pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Api {
         Api {
             table: Table::new(),
+            terminals: Terminals::new(cfg.clone(), mgr.clone(), auth.clone()),
+            projects: Projects::new(mgr.clone()),
+            console: Console::new(cfg.clone()),
             cfg,
             mgr,
             auth,
         }
     }
 
-    pub async fn handle(
-        &self,
-        features: &impl Features,
-        req: Request<Incoming>,
-        conn: Arc<ConnInfo>,
-    ) -> Response<Body> {
-        self.dispatch(features, req, conn)
+    pub async fn handle(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+        self.dispatch(req, conn)
             .await
             .unwrap_or_else(ApiError::into_response)
     }
@@ -172,7 +150,6 @@ impl Api {
     /// its token from a subprotocol too) authenticates first.
     async fn dispatch(
         &self,
-        features: &impl Features,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Result<Response<Body>, ApiError> {
@@ -187,9 +164,9 @@ impl Api {
             Endpoint::Health => sandbox::health(&self.mgr).await,
             Endpoint::OpenApi => Ok(openapi()),
             Endpoint::Console | Endpoint::ConsoleAsset => {
-                Ok(features.console(&req, param.as_deref().or(Some(&path))))
+                Ok(self.console.handle(&req, param.as_deref().or(Some(&path))))
             }
-            Endpoint::Terminal => Ok(features.terminal(req, conn).await),
+            Endpoint::Terminal => Ok(self.terminals.handle(req, conn).await),
             Endpoint::Init => sandbox::init(self, &self.authenticate(&req)?, &conn).await,
             Endpoint::Execute => {
                 let user = self.authenticate(&req)?;
@@ -200,11 +177,11 @@ impl Api {
             Endpoint::Events => sandbox::events(self, &self.authenticate(&req)?).await,
             Endpoint::Projects => {
                 let user = self.authenticate(&req)?;
-                features.create_project(&user, req, &conn).await
+                projects::create(self, &user, req, &conn).await
             }
             Endpoint::Job => {
                 let user = self.authenticate(&req)?;
-                features.job(&user, param.as_deref().unwrap_or("")).await
+                projects::job(self, &user, param.as_deref().unwrap_or(""))
             }
             Endpoint::PreviewLink => {
                 let user = self.authenticate(&req)?;

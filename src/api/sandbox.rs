@@ -72,7 +72,7 @@ struct EventDto {
     at: String,
 }
 
-pub fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -80,7 +80,7 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// `GET /healthz`: 200 when the engine and the store answer; 503 naming what does not. While
 /// the health tracker knows the engine is down it answers at once, without asking it.
-pub async fn health(mgr: &Manager) -> Result<Response<Body>> {
+pub(super) async fn health(mgr: &Manager) -> Result<Response<Body>> {
     use crate::sandbox::health::{PING_TIMEOUT, RETRY_AFTER_SECS};
     let tracker = mgr.health_tracker();
     let engine = if tracker.is_up() {
@@ -213,7 +213,7 @@ enum Encoding {
 }
 
 /// The limits an execute request is checked against (from the configuration).
-pub struct ExecLimits {
+pub(super) struct ExecLimits {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub max_code: usize,
@@ -252,7 +252,7 @@ impl TryFrom<(ExecuteBody, &ExecLimits)> for ExecRequest {
 }
 
 /// Parses and validates an execute request body.
-pub fn parse_execute(body: &[u8], limits: &ExecLimits) -> Result<ExecRequest> {
+pub(super) fn parse_execute(body: &[u8], limits: &ExecLimits) -> Result<ExecRequest> {
     let wire: ExecuteBody = parse_json(body)?;
     ExecRequest::try_from((wire, limits))
 }

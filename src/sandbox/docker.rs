@@ -677,7 +677,7 @@ impl Engine {
                     privileged: Some(false),
                     // Only meaningful with a TTY, where Docker always watches for a detach sequence (empty
                     // means the default); the terminal therefore runs without a Docker TTY and makes
-                    // its PTY inside the container (see terminal.rs).
+                    // its PTY inside the container (see terminal/mod.rs).
                     detach_keys: Some(String::new()),
                 },
             )

@@ -199,7 +199,7 @@ impl Door {
                     cmd: script.argv(args),
                     env: opts.env,
                     working_dir: Some(working_dir),
-                    // See terminal.rs: the engine's TTY would filter detach keys, so programs
+                    // See terminal/mod.rs: the engine's TTY would filter detach keys, so programs
                     // that need a PTY make their own.
                     tty: false,
                     stdin: opts.stdin,
