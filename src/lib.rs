@@ -14,26 +14,32 @@
 //! - `http`, `auth`, `user`: the shared vocabulary (body, error envelope, tokens, `UserId`).
 //! - `sandbox`: the only door to containers, keyed by `UserId`; the engine client is private.
 //! - `store`: sessions and events, the only SQL.
+//!
+//! The features, `app`, `access`, `http` and `metrics` are private to the crate. The public
+//! surface is what `main`, the integration tests and the bench use: `startup` (`build`,
+//! `Running`), `config`, `auth`, `user`, `store`, `operator`, `sandbox` (the manager and a
+//! `#[doc(hidden)]` testing façade), `edge::router` and the terminal's parsers (fuzzed), and
+//! `api::OPENAPI`.
 
 pub mod config;
 pub mod startup;
 
 pub mod edge;
 
-pub mod access;
-pub mod app;
+pub(crate) mod access;
+pub(crate) mod app;
 
 pub mod api;
-pub mod console;
-pub mod preview;
-pub mod projects;
+pub(crate) mod console;
+pub(crate) mod preview;
+pub(crate) mod projects;
 pub mod terminal;
 
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod operator;
 
 pub mod auth;
-pub mod http;
+pub(crate) mod http;
 pub mod user;
 
 pub mod sandbox;

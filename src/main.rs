@@ -210,7 +210,7 @@ fn raise_nofile() {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     raise_nofile();
     let running = sandboxd::startup::build(cfg).await?;
-    let cfg = running.app.cfg.clone();
+    let cfg = running.config().clone();
     if let Some(a) = running.http_addr {
         tracing::info!("listening on http://{a}");
     }

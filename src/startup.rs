@@ -21,11 +21,23 @@ pub struct Running {
     pub https_addr: Option<SocketAddr>,
     /// The Prometheus metrics listener (`metrics_addr`), when enabled.
     pub metrics_addr: Option<SocketAddr>,
-    pub app: Arc<App>,
+    app: Arc<App>,
     /// Where the generated development CA lives, when one was generated or found.
     pub dev_ca: Option<std::path::PathBuf>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// The sandbox manager: what the operator commands, tests and the bench see of the sandboxes.
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.app.mgr
+    }
+
+    /// The validated configuration this instance runs with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.app.cfg
+    }
 }
 
 pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {

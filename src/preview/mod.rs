@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-pub use access::{LINK_PARAM, PREVIEW_COOKIE, PREVIEW_COOKIE_TLS};
+pub use access::LINK_PARAM;
 
 use crate::auth::Auth;
 use crate::config::{Config, PreviewAccess};

@@ -260,7 +260,7 @@ impl TestApp {
     /// The server's sandbox manager, for the transitions a test drives directly (the idle
     /// policy's pause and stop).
     pub fn mgr(&self) -> &std::sync::Arc<sandboxd::sandbox::Manager> {
-        &self.running.as_ref().unwrap().app.mgr
+        self.running.as_ref().unwrap().manager()
     }
 
     /// Ids of this instance's containers, as Docker reports them (all states).

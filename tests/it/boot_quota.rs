@@ -52,7 +52,7 @@ fn container_ip(app: &TestApp, id: &str) -> String {
 }
 
 fn boot_nano(app: &TestApp) -> i64 {
-    app.running.as_ref().unwrap().app.cfg.limits.boot_nano_cpus
+    app.running.as_ref().unwrap().config().limits.boot_nano_cpus
 }
 
 /// An app that listens on 5173 only after `delay_s` seconds (so the boot is long enough to be

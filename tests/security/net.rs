@@ -426,7 +426,7 @@ async fn firewall_rules_are_replaced_at_start_up_and_removed_at_shutdown() {
     assert_eq!(rules.matches(&format!("-j {cin}")).count(), 1, "{rules}");
     assert_eq!(rules.matches(&format!("-j {cfw}")).count(), 1, "{rules}");
     app.init("fw").await;
-    let cfg = (*app.running.as_ref().unwrap().app.cfg).clone();
+    let cfg = (**app.running.as_ref().unwrap().config()).clone();
 
     // Shut down with a live sandbox: it keeps running, and stays confined.
     app.shutdown().await;
