@@ -4,12 +4,12 @@
 #   sandbox-image/build.sh [--offline] [--force]
 #
 #   --offline  do not try a registry; build on the debootstrap base
-#              sandboxd-base:trixie (created on first use)
+#              sandboxd-base:trixie-2 (created on first use)
 #   --force    rebuild even if the image is up to date
 #
 # Env: SANDBOXD_IMAGE (default sandboxd-sandbox:latest)
 #      SANDBOXD_BASE_IMAGE_ONLINE (default node:20-bookworm-slim)
-#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie)
+#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie-2; -2: with Python)
 #
 # The image is labelled sandboxd.context-hash=<sha256 of this directory's files
 # and the host CA bundle>; when the existing image carries the same hash the
@@ -25,7 +25,7 @@ source "$REPO_ROOT/scripts/lib.sh"
 
 SANDBOXD_IMAGE=${SANDBOXD_IMAGE:-sandboxd-sandbox:latest}
 ONLINE_BASE=${SANDBOXD_BASE_IMAGE_ONLINE:-node:20-bookworm-slim}
-OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie}
+OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie-2}
 HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 BUILD_LOG=${SANDBOXD_BUILD_LOG:-/tmp/sandboxd-image-build.log}
 
@@ -121,7 +121,7 @@ build_offline_base() {
   rootfs_dir=$(mktemp -d /var/tmp/sandboxd-base.XXXXXX)
   log "debootstrap trixie into $rootfs_dir (1-2 minutes)"
   run_quiet "debootstrap" debootstrap --variant=minbase \
-    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less \
+    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less,python3,python3-pip,python3-venv \
     trixie "$rootfs_dir"
   unmount_under "$rootfs_dir"
   log "debootstrap done after $((SECONDS - t0))s; installing npm inside the base tree"
