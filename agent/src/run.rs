@@ -59,7 +59,8 @@ def _sandboxd_run():
         raise
     except BaseException as e:
         t = e.__traceback__
-        sys.excepthook(type(e), e, t.tb_next if t is not None else None)
+        t = t.tb_next if t is not None else None
+        sys.excepthook(type(e), e.with_traceback(t), t)
         sys.exit(1)
 _sandboxd_run()
 "#;
