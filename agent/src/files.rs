@@ -51,7 +51,9 @@ pub fn entry(name: &str, rel: &str, m: &Metadata, target: Option<String>) -> Val
 }
 
 fn link_target(p: &Path) -> Option<String> {
-    fs::read_link(p).ok().map(|t| t.to_string_lossy().into_owned())
+    fs::read_link(p)
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned())
 }
 
 /// The entry of an existing non-root path, following a final symlink (which must stay
@@ -86,7 +88,10 @@ pub fn list(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let shown = rel(&comps);
     let dir = root.resolve(&comps)?;
     if !dir.is_dir() {
-        return Err(Fail::new("not_a_directory", format!("{} is not a folder", show(&shown))));
+        return Err(Fail::new(
+            "not_a_directory",
+            format!("{} is not a folder", show(&shown)),
+        ));
     }
     let rd = fs::read_dir(&dir).map_err(|e| Fail::io(&e, &show(&shown)))?;
     let mut names = Vec::new();
@@ -99,10 +104,20 @@ pub fn list(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let mut entries = Vec::with_capacity(names.len().min(limit));
     for n in names.into_iter().take(limit) {
         let p = dir.join(&n);
-        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         let name = n.to_string_lossy().into_owned();
-        let r = if shown.is_empty() { name.clone() } else { format!("{shown}/{name}") };
-        let t = if m.file_type().is_symlink() { link_target(&p) } else { None };
+        let r = if shown.is_empty() {
+            name.clone()
+        } else {
+            format!("{shown}/{name}")
+        };
+        let t = if m.file_type().is_symlink() {
+            link_target(&p)
+        } else {
+            None
+        };
         entries.push(entry(&name, &r, &m, t));
     }
     let _ = c.head(json!({ "entries": entries, "truncated": truncated }));
@@ -117,10 +132,16 @@ pub fn read(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let real = root.resolve(&comps)?;
     let m = fs::metadata(&real).map_err(|e| Fail::io(&e, &show(&shown)))?;
     if m.is_dir() {
-        return Err(Fail::new("is_a_directory", format!("{} is a folder", show(&shown))));
+        return Err(Fail::new(
+            "is_a_directory",
+            format!("{} is a folder", show(&shown)),
+        ));
     }
     if !m.is_file() {
-        return Err(Fail::new("io_error", format!("{} is not a regular file", show(&shown))));
+        return Err(Fail::new(
+            "io_error",
+            format!("{} is not a regular file", show(&shown)),
+        ));
     }
     let mut f = OpenOptions::new()
         .read(true)
@@ -131,10 +152,13 @@ pub fn read(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let size = m.len();
     let start = offset.min(size);
     let mut left = (size - start).min(length.unwrap_or(u64::MAX));
-    if c.head(json!({"size": size, "modified": mtime_ms(&m), "mode": m.mode() & 0o7777})).is_err() {
+    if c.head(json!({"size": size, "modified": mtime_ms(&m), "mode": m.mode() & 0o7777}))
+        .is_err()
+    {
         return Ok(());
     }
-    f.seek(SeekFrom::Start(start)).map_err(|e| Fail::io(&e, &show(&shown)))?;
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| Fail::io(&e, &show(&shown)))?;
     let mut buf = vec![0u8; CHUNK];
     while left > 0 {
         let want = (left as usize).min(CHUNK);
@@ -178,10 +202,16 @@ pub fn write(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
         _ => {}
     }
     if target.is_dir() {
-        return Err(Fail::new("is_a_directory", format!("{} is a folder", show(&shown))));
+        return Err(Fail::new(
+            "is_a_directory",
+            format!("{} is a folder", show(&shown)),
+        ));
     }
     let tdir = target.parent().map(Path::to_path_buf).unwrap_or(dir);
-    let tmp = tdir.join(format!(".sandboxd-write-{}.tmp", crate::proto::random_hex(8)));
+    let tmp = tdir.join(format!(
+        ".sandboxd-write-{}.tmp",
+        crate::proto::random_hex(8)
+    ));
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -194,9 +224,13 @@ pub fn write(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
         while let Some(chunk) = c.read_body_frame()? {
             total += chunk.len() as u64;
             if total > max {
-                return Err(Fail::new("too_large", format!("the content is over {max} bytes")));
+                return Err(Fail::new(
+                    "too_large",
+                    format!("the content is over {max} bytes"),
+                ));
             }
-            f.write_all(&chunk).map_err(|e| Fail::io(&e, &format!("writing {}", show(&shown))))?;
+            f.write_all(&chunk)
+                .map_err(|e| Fail::io(&e, &format!("writing {}", show(&shown))))?;
         }
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(|e| Fail::io(&e, &format!("writing {}", show(&shown))))?;
@@ -218,7 +252,10 @@ pub fn remove(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let recursive = opt_bool(h, "recursive", false)?;
     let shown = rel(&comps);
     if comps.is_empty() {
-        return Err(Fail::new("invalid_path", "the workspace root cannot be removed"));
+        return Err(Fail::new(
+            "invalid_path",
+            "the workspace root cannot be removed",
+        ));
     }
     let (dir, name) = root.parent(&comps, false)?;
     let p = dir.join(&name);
@@ -235,7 +272,10 @@ pub fn remove(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     match r {
         Ok(()) => {}
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
-            return Err(Fail::new("not_empty", format!("{} is not empty", show(&shown))))
+            return Err(Fail::new(
+                "not_empty",
+                format!("{} is not empty", show(&shown)),
+            ))
         }
         Err(e) => return Err(Fail::io(&e, &format!("removing {}", show(&shown)))),
     }
@@ -270,7 +310,10 @@ pub fn rename(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let overwrite = opt_bool(h, "overwrite", false)?;
     let (fs_, ts_) = (rel(&from), rel(&to));
     if from.is_empty() || to.is_empty() {
-        return Err(Fail::new("invalid_path", "the workspace root cannot be moved"));
+        return Err(Fail::new(
+            "invalid_path",
+            "the workspace root cannot be moved",
+        ));
     }
     let (fdir, fname) = root.parent(&from, false)?;
     let src = fdir.join(&fname);
@@ -282,8 +325,9 @@ pub fn rename(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
         fs::rename(&src, &dst)
     } else {
         match renameat2_noreplace(&src, &dst) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS))
-                && fs::symlink_metadata(&dst).is_err() =>
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS))
+                    && fs::symlink_metadata(&dst).is_err() =>
             {
                 // Not supported here (or a move into itself: rename says which).
                 fs::rename(&src, &dst)
@@ -297,12 +341,19 @@ pub fn rename(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
             return Err(Fail::new("exists", format!("{} exists", show(&ts_))))
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            return Err(Fail::new("invalid_path", format!("{what}: a folder cannot move into itself")))
+            return Err(Fail::new(
+                "invalid_path",
+                format!("{what}: a folder cannot move into itself"),
+            ))
         }
         Err(e) => return Err(Fail::io(&e, &what)),
     }
     let m = fs::symlink_metadata(&dst).map_err(|e| Fail::io(&e, &show(&ts_)))?;
-    let t = if m.file_type().is_symlink() { link_target(&dst) } else { None };
+    let t = if m.file_type().is_symlink() {
+        link_target(&dst)
+    } else {
+        None
+    };
     let _ = c.head(json!({ "entry": entry(&tname, &ts_, &m, t) }));
     Ok(())
 }
@@ -367,8 +418,14 @@ pub fn tar(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let (dir, what) = if m.is_dir() {
         (real.clone(), ".".to_string())
     } else {
-        let parent = real.parent().map(Path::to_path_buf).unwrap_or_else(|| root.path.clone());
-        let name = real.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = real
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| root.path.clone());
+        let name = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         (parent, format!("./{name}"))
     };
     let mut child = Command::new("tar")
@@ -413,7 +470,10 @@ pub fn tar(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     if !matches!(status.code(), Some(0) | Some(1)) {
         return Err(Fail::new(
             "io_error",
-            format!("tar failed ({status}): {}", String::from_utf8_lossy(&err).trim()),
+            format!(
+                "tar failed ({status}): {}",
+                String::from_utf8_lossy(&err).trim()
+            ),
         ));
     }
     let _ = c.end();
@@ -436,7 +496,14 @@ pub fn untar(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
         .spawn()
         .map_err(|e| Fail::io(&e, "starting gzip"))?;
     let mut tar = match Command::new("tar")
-        .args(["-x", "-v", "-f", "-", "--no-same-owner", "--no-same-permissions"])
+        .args([
+            "-x",
+            "-v",
+            "-f",
+            "-",
+            "--no-same-owner",
+            "--no-same-permissions",
+        ])
         .arg("-C")
         .arg(&dir)
         .current_dir(&dir)
@@ -507,7 +574,10 @@ pub fn untar(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
             Ok(Some(chunk)) => {
                 total += chunk.len() as u64;
                 if total > max {
-                    fail = Some(Fail::new("too_large", format!("the archive is over {max} bytes")));
+                    fail = Some(Fail::new(
+                        "too_large",
+                        format!("the archive is over {max} bytes"),
+                    ));
                     break;
                 }
                 if !broken && gz_in.write_all(&chunk).is_err() {
@@ -551,7 +621,10 @@ pub fn untar(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
         let msg = if !gz_ok { gz_err } else { tar_err };
         return Err(Fail::new(
             "bad_request",
-            format!("not a valid .tar.gz: {}", String::from_utf8_lossy(&msg).trim()),
+            format!(
+                "not a valid .tar.gz: {}",
+                String::from_utf8_lossy(&msg).trim()
+            ),
         ));
     }
     let _ = c.head(json!({ "files": files }));

@@ -44,7 +44,7 @@ static LOG_LINES: AtomicUsize = AtomicUsize::new(0);
 
 /// One line to stderr (the log file when daemonized), truncated when it grows over 1 MiB.
 pub fn log(msg: &str) {
-    if LOG_LINES.fetch_add(1, Ordering::Relaxed) % 64 == 0 {
+    if LOG_LINES.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) {
         // SAFETY: fstat/ftruncate on fd 2 with a zeroed stat we own.
         unsafe {
             let mut st: libc::stat = std::mem::zeroed();
@@ -100,8 +100,9 @@ fn main() {
     if key.len() < 16 {
         die("SANDBOXD_AGENT_KEY is not set (at least 16 characters)");
     }
-    let root_dir =
-        std::env::var_os("SANDBOXD_AGENT_ROOT").map(PathBuf::from).unwrap_or("/workspace".into());
+    let root_dir = std::env::var_os("SANDBOXD_AGENT_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or("/workspace".into());
     let root = Root::new(&root_dir)
         .unwrap_or_else(|e| die(&format!("workspace {}: {e}", root_dir.display())));
 
@@ -109,8 +110,15 @@ fn main() {
         replace::kill_others(&listen);
     }
     let listener = bind(&listen, if replace { 40 } else { 1 });
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(listen.clone());
-    let ready = if replace { Some(replace::daemonize(&addr)) } else { None };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or(listen.clone());
+    let ready = if replace {
+        Some(replace::daemonize(&addr))
+    } else {
+        None
+    };
 
     replace::clean_runtime_dirs();
     // SAFETY: getpid has no preconditions.
@@ -118,7 +126,12 @@ fn main() {
     let runtime_dir = std::env::temp_dir().join(format!("sandboxd-agent.{pid}"));
     let runner = Runner::new(root.path.clone(), &runtime_dir)
         .unwrap_or_else(|e| die(&format!("runtime folder {}: {e}", runtime_dir.display())));
-    let shared = Arc::new(Shared { key: key.into_bytes(), root, runner, conns: AtomicUsize::new(0) });
+    let shared = Arc::new(Shared {
+        key: key.into_bytes(),
+        root,
+        runner,
+        conns: AtomicUsize::new(0),
+    });
 
     match ready {
         Some(fd) => replace::signal_ready(fd),
@@ -127,7 +140,10 @@ fn main() {
             let _ = std::io::stdout().flush();
         }
     }
-    log(&format!("listening on {addr}, workspace {}", shared.root.path.display()));
+    log(&format!(
+        "listening on {addr}, workspace {}",
+        shared.root.path.display()
+    ));
     for s in listener.incoming() {
         let s = match s {
             Ok(s) => s,
@@ -143,11 +159,13 @@ fn main() {
             continue;
         }
         let sh = shared.clone();
-        let spawned = thread::Builder::new().stack_size(256 * 1024).spawn(move || {
-            let conn = Conn::new(s);
-            serve(&sh, conn);
-            sh.conns.fetch_sub(1, Ordering::SeqCst);
-        });
+        let spawned = thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let conn = Conn::new(s);
+                serve(&sh, conn);
+                sh.conns.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
             shared.conns.fetch_sub(1, Ordering::SeqCst);
             log(&format!("no thread for a connection: {e}"));
@@ -171,7 +189,10 @@ fn bind(addr: &str, tries: u32) -> TcpListener {
             }
         }
     }
-    die(&format!("cannot listen on {addr}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+    die(&format!(
+        "cannot listen on {addr}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 fn busy(mut s: TcpStream) {
@@ -193,7 +214,11 @@ fn serve(sh: &Shared, mut c: Conn) {
         // unauthorized: no head, just close.
         return;
     }
-    let op = head.get("op").and_then(Value::as_str).unwrap_or("").to_string();
+    let op = head
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if matches!(op.as_str(), "run" | "write" | "untar") {
         c.body_done = false;
     }

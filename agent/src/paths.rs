@@ -20,7 +20,10 @@ pub fn parse(p: &str) -> Res<Vec<String>> {
         return Err(Fail::new("invalid_path", "the path contains a NUL byte"));
     }
     if p.starts_with('/') {
-        return Err(Fail::new("invalid_path", "the path must be relative to the workspace"));
+        return Err(Fail::new(
+            "invalid_path",
+            "the path must be relative to the workspace",
+        ));
     }
     let mut out = Vec::new();
     for c in p.split('/') {
@@ -28,7 +31,10 @@ pub fn parse(p: &str) -> Res<Vec<String>> {
             "" | "." => {}
             ".." => return Err(Fail::new("invalid_path", "the path contains \"..\"")),
             c if c.len() > MAX_NAME => {
-                return Err(Fail::new("invalid_path", "a path component is over 255 bytes"))
+                return Err(Fail::new(
+                    "invalid_path",
+                    "a path component is over 255 bytes",
+                ))
             }
             c => out.push(c.to_string()),
         }
@@ -47,7 +53,9 @@ pub struct Root {
 
 impl Root {
     pub fn new(p: &Path) -> io::Result<Root> {
-        Ok(Root { path: fs::canonicalize(p)? })
+        Ok(Root {
+            path: fs::canonicalize(p)?,
+        })
     }
 
     pub fn inside(&self, p: &Path) -> bool {
@@ -104,7 +112,10 @@ impl Root {
             let real = fs::canonicalize(&next).map_err(|e| Fail::io(&e, &show(&shown)))?;
             cur = self.check(real, &shown)?;
             if !cur.is_dir() {
-                return Err(Fail::new("not_a_directory", format!("{} is not a folder", show(&shown))));
+                return Err(Fail::new(
+                    "not_a_directory",
+                    format!("{} is not a folder", show(&shown)),
+                ));
             }
         }
         Ok(cur)

@@ -33,7 +33,10 @@ pub struct Fail {
 
 impl Fail {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Fail { code, message: message.into() }
+        Fail {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Maps an I/O error to the protocol's codes; `what` names the operation and the path
@@ -79,7 +82,14 @@ impl Conn {
     pub fn new(s: TcpStream) -> Self {
         let _ = s.set_nodelay(true);
         let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
-        Conn { s, buf: vec![0; 64 * 1024], pos: 0, end: 0, head_sent: false, body_done: true }
+        Conn {
+            s,
+            buf: vec![0; 64 * 1024],
+            pos: 0,
+            end: 0,
+            head_sent: false,
+            body_done: true,
+        }
     }
 
     fn fill(&mut self) -> io::Result<usize> {
@@ -97,7 +107,10 @@ impl Conn {
     pub fn read_line(&mut self, max: usize, deadline: Instant) -> Res<Vec<u8>> {
         let mut line = Vec::new();
         loop {
-            if let Some(i) = self.buf[self.pos..self.end].iter().position(|&b| b == b'\n') {
+            if let Some(i) = self.buf[self.pos..self.end]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
                 if line.len() + i + 1 > max {
                     return Err(Fail::bad("request line too long"));
                 }
@@ -160,7 +173,9 @@ impl Conn {
                 self.body_done = true;
                 Ok(None)
             }
-            k => Err(Fail::bad(format!("unexpected frame kind {k} in the request body"))),
+            k => Err(Fail::bad(format!(
+                "unexpected frame kind {k} in the request body"
+            ))),
         }
     }
 
@@ -169,7 +184,10 @@ impl Conn {
         let mut all = Vec::new();
         while let Some(chunk) = self.read_body_frame()? {
             if all.len() + chunk.len() > max {
-                return Err(Fail::new("too_large", format!("the body is over {max} bytes")));
+                return Err(Fail::new(
+                    "too_large",
+                    format!("the body is over {max} bytes"),
+                ));
             }
             all.extend_from_slice(&chunk);
         }
@@ -195,7 +213,10 @@ impl Conn {
     }
 
     pub fn frame(&mut self, kind: u8, data: &[u8]) -> io::Result<()> {
-        for chunk in data.chunks(MAX_FRAME).chain(data.is_empty().then_some(&[][..])) {
+        for chunk in data
+            .chunks(MAX_FRAME)
+            .chain(data.is_empty().then_some(&[][..]))
+        {
             let mut v = Vec::with_capacity(5 + chunk.len());
             v.push(kind);
             v.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
@@ -259,7 +280,12 @@ impl Conn {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.s);
         // SAFETY: a 1-byte buffer we own; MSG_PEEK leaves the data in the socket.
         let n = unsafe {
-            libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
         };
         if n == 0 {
             return true;
@@ -273,7 +299,10 @@ impl Conn {
 }
 
 pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn body_err(e: &io::Error) -> Fail {
@@ -296,7 +325,9 @@ pub fn ct_eq(given: &[u8], expected: &[u8]) -> bool {
 /// `n` random bytes from /dev/urandom as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
-    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_ok();
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
     if !ok {
         // SAFETY: getrandom into our own buffer.
         let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), n, 0) };

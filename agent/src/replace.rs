@@ -17,13 +17,18 @@ fn port_of(listen: &str) -> Option<u16> {
 fn listening_inodes(port: u16) -> HashSet<String> {
     let mut out = HashSet::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(table) else { continue };
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
-            let p = f[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+            let p = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
             if p == Some(port) && f[9] != "0" {
                 out.insert(format!("socket:[{}]", f[9]));
             }
@@ -57,7 +62,9 @@ fn alive(pid: i32) -> bool {
 }
 
 pub fn kill_others(listen: &str) {
-    let Some(port) = port_of(listen) else { die(&format!("bad listen address {listen:?}")) };
+    let Some(port) = port_of(listen) else {
+        die(&format!("bad listen address {listen:?}"))
+    };
     // SAFETY: no preconditions.
     let (me, uid) = unsafe { (libc::getpid(), libc::getuid()) };
     let my_root = std::env::var_os("SANDBOXD_AGENT_ROOT").map(|v| v.into_encoded_bytes());
@@ -74,11 +81,15 @@ pub fn kill_others(listen: &str) {
         let other_agent =
             comm.trim_end() == "sandboxd-agent" && env_value(pid, "SANDBOXD_AGENT_ROOT") == my_root;
         let listens = !inodes.is_empty()
-            && fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten().any(|fd| {
-                fs::read_link(fd.path())
-                    .map(|l| inodes.contains(l.to_string_lossy().as_ref()))
-                    .unwrap_or(false)
-            });
+            && fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| {
+                    fs::read_link(fd.path())
+                        .map(|l| inodes.contains(l.to_string_lossy().as_ref()))
+                        .unwrap_or(false)
+                });
         if other_agent || listens {
             victims.push(pid);
         }
@@ -124,7 +135,9 @@ pub fn daemonize(addr: &str) -> RawFd {
         libc::close(fds[0]);
         libc::setsid();
         let _ = libc::chdir(c"/".as_ptr());
-        let big = fs::metadata(LOG_FILE).map(|m| m.len() > LOG_MAX).unwrap_or(false);
+        let big = fs::metadata(LOG_FILE)
+            .map(|m| m.len() > LOG_MAX)
+            .unwrap_or(false);
         let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC;
         if big {
             flags |= libc::O_TRUNC;
@@ -156,10 +169,15 @@ pub fn clean_runtime_dirs() {
     let tmp = std::env::temp_dir();
     for d in fs::read_dir(&tmp).into_iter().flatten().flatten() {
         let name = d.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("sandboxd-agent.")) else {
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("sandboxd-agent."))
+        else {
             continue;
         };
-        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
         if !alive(pid) {
             let _ = fs::remove_dir_all(d.path());
         }

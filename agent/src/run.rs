@@ -107,23 +107,25 @@ impl Runner {
             warm: Mutex::new(HashMap::new()),
             refill: Mutex::new(tx),
         }));
-        thread::Builder::new().name("warm-spawner".into()).spawn(move || {
-            // Lives as long as the agent: the warm processes' parent-death signal follows it.
-            while let Ok(rt) = rx.recv() {
-                if r.warm.lock().unwrap().contains_key(&rt) {
-                    continue;
-                }
-                match r.spawn_runtime(rt) {
-                    Ok(p) => {
-                        let old = r.warm.lock().unwrap().insert(rt, p);
-                        if let Some(old) = old {
-                            discard(old);
-                        }
+        thread::Builder::new()
+            .name("warm-spawner".into())
+            .spawn(move || {
+                // Lives as long as the agent: the warm processes' parent-death signal follows it.
+                while let Ok(rt) = rx.recv() {
+                    if r.warm.lock().unwrap().contains_key(&rt) {
+                        continue;
                     }
-                    Err(e) => crate::log(&format!("starting a warm {rt:?} runtime: {e}")),
+                    match r.spawn_runtime(rt) {
+                        Ok(p) => {
+                            let old = r.warm.lock().unwrap().insert(rt, p);
+                            if let Some(old) = old {
+                                discard(old);
+                            }
+                        }
+                        Err(e) => crate::log(&format!("starting a warm {rt:?} runtime: {e}")),
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(r)
     }
 
@@ -144,7 +146,13 @@ impl Runner {
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
@@ -170,8 +178,11 @@ impl Runner {
                 (p, c)
             }
         };
-        let mut child =
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
         Ok(Proc {
             stdin: child.stdin.take(),
             stdout: child.stdout.take().expect("piped"),
@@ -198,11 +209,14 @@ impl Runner {
     /// Gives an unused runtime back (a failed TypeScript compile), or drops it.
     fn give_back(&self, rt: Rt, p: Proc) {
         let mut w = self.warm.lock().unwrap();
-        if w.contains_key(&rt) {
-            drop(w);
-            discard(p);
-        } else {
-            w.insert(rt, p);
+        match w.entry(rt) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                drop(w);
+                discard(p);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(p);
+            }
         }
     }
 
@@ -216,7 +230,9 @@ impl Runner {
             Some(Value::String(s)) => s.as_str(),
             Some(_) => return Err(Fail::bad("\"language\" must be a string")),
         };
-        let timeout = opt_u64(h, "timeoutMs")?.unwrap_or(10_000).clamp(1, MAX_TIMEOUT_MS);
+        let timeout = opt_u64(h, "timeoutMs")?
+            .unwrap_or(10_000)
+            .clamp(1, MAX_TIMEOUT_MS);
         let max_out = opt_u64(h, "maxOutput")?.unwrap_or(1 << 20).min(MAX_OUTPUT) as usize;
         match lang {
             "javascript" | "python" | "bash" => {}
@@ -243,12 +259,15 @@ impl Runner {
         fs::create_dir_all(&dir).map_err(|e| Fail::io(&e, "creating .sandboxd/exec"))?;
 
         let (rt, mut proc) = match lang {
-            "javascript" | "typescript" => {
-                (Some(Rt::Node), self.take(Rt::Node).map_err(|e| Fail::io(&e, "starting node"))?)
-            }
+            "javascript" | "typescript" => (
+                Some(Rt::Node),
+                self.take(Rt::Node)
+                    .map_err(|e| Fail::io(&e, "starting node"))?,
+            ),
             "python" => (
                 Some(Rt::Python),
-                self.take(Rt::Python).map_err(|e| Fail::io(&e, "starting python"))?,
+                self.take(Rt::Python)
+                    .map_err(|e| Fail::io(&e, "starting python"))?,
             ),
             _ => {
                 let mark = random_hex(16);
@@ -358,7 +377,9 @@ impl Runner {
         for format in ["cjs", "esm"] {
             let res = self.esbuild_once(code, mark, format, deadline);
             match res {
-                Ok((true, js, _)) => return Compiled::Js(js, if format == "cjs" { "js" } else { "mjs" }),
+                Ok((true, js, _)) => {
+                    return Compiled::Js(js, if format == "cjs" { "js" } else { "mjs" })
+                }
                 Ok((false, _, err)) => {
                     let text = String::from_utf8_lossy(&err);
                     let tla = text.contains("Top-level await") && text.contains("cjs");
@@ -385,7 +406,12 @@ impl Runner {
     ) -> Result<(bool, Vec<u8>, Vec<u8>), Option<io::Error>> {
         let mut child = self
             .command(Path::new("esbuild"), mark)
-            .args(["--loader=ts", "--platform=node", "--target=node20", "--log-level=error"])
+            .args([
+                "--loader=ts",
+                "--platform=node",
+                "--target=node20",
+                "--log-level=error",
+            ])
             .arg(format!("--format={format}"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -450,7 +476,9 @@ fn discard(mut p: Proc) {
 
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 struct Outcome {
@@ -489,7 +517,13 @@ fn pipe_reader(mut r: impl Read + Send + 'static, kind: u8, tx: Sender<Msg>) {
 /// process exited and both pipes are closed, or the deadline passes (then everything of the
 /// run is killed).
 fn stream(c: &mut Conn, p: Proc, deadline: Instant, max_out: usize) -> Outcome {
-    let Proc { mut child, stdout, stderr, mark, .. } = p;
+    let Proc {
+        mut child,
+        stdout,
+        stderr,
+        mark,
+        ..
+    } = p;
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     pipe_reader(stdout, STDOUT, tx.clone());
@@ -499,7 +533,12 @@ fn stream(c: &mut Conn, p: Proc, deadline: Instant, max_out: usize) -> Outcome {
             let _ = tx.send(Msg::Exit(s));
         }
     });
-    let mut o = Outcome { status: None, timed_out: false, truncated: false, client_gone: false };
+    let mut o = Outcome {
+        status: None,
+        timed_out: false,
+        truncated: false,
+        client_gone: false,
+    };
     let mut sent = [0usize; 3];
     let mut eofs = 0;
     let mut forward = |o: &mut Outcome, c: &mut Conn, kind: u8, data: &[u8]| {
@@ -515,7 +554,7 @@ fn stream(c: &mut Conn, p: Proc, deadline: Instant, max_out: usize) -> Outcome {
             }
         }
     };
-    while !(o.status.is_some() && eofs == 2) && !o.client_gone {
+    while !(o.client_gone || o.status.is_some() && eofs == 2) {
         let now = Instant::now();
         if now >= deadline {
             o.timed_out = true;
@@ -569,13 +608,18 @@ fn proc_info(pid: i32) -> Option<ProcInfo> {
 }
 
 fn marked(pid: i32, needle: &[u8]) -> bool {
-    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else { return false };
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
     env.split(|&b| b == 0).any(|e| e == needle)
 }
 
 fn all_pids() -> Vec<i32> {
-    let Ok(rd) = fs::read_dir("/proc") else { return Vec::new() };
-    rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok()).collect()
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// Stops and kills the run's session (`sid`, led by the run's first process), every process

@@ -61,7 +61,9 @@ impl Watcher {
             }
             return;
         }
-        let Ok(c) = CString::new(abs.as_os_str().as_bytes()) else { return };
+        let Ok(c) = CString::new(abs.as_os_str().as_bytes()) else {
+            return;
+        };
         // SAFETY: a valid C string and our inotify descriptor.
         let wd = unsafe { libc::inotify_add_watch(self.ino.fd, c.as_ptr(), MASK) };
         if wd < 0 {
@@ -121,7 +123,10 @@ pub fn watch(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let shown = rel(&comps);
     let real = root.resolve(&comps)?;
     if !real.is_dir() {
-        return Err(Fail::new("not_a_directory", format!("{} is not a folder", show(&shown))));
+        return Err(Fail::new(
+            "not_a_directory",
+            format!("{} is not a folder", show(&shown)),
+        ));
     }
     // SAFETY: no pointers.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
@@ -139,7 +144,10 @@ pub fn watch(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     let mut events = Vec::new();
     w.add_tree(&real, &base, false, &mut events);
     if w.dirs.is_empty() {
-        return Err(Fail::io(&io::Error::last_os_error(), &format!("watching {}", show(&shown))));
+        return Err(Fail::io(
+            &io::Error::last_os_error(),
+            &format!("watching {}", show(&shown)),
+        ));
     }
     if c.head(json!({})).is_err() {
         return Ok(());
@@ -153,8 +161,16 @@ pub fn watch(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
             }
         }
         let mut fds = [
-            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: sock, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 },
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
         ];
         // SAFETY: two pollfds we own.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 30_000) };
@@ -171,7 +187,14 @@ pub fn watch(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
             // Anything the client sends is ignored; drain it.
             let mut sink = [0u8; 1024];
             // SAFETY: our buffer, non-blocking.
-            unsafe { libc::recv(sock, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+            unsafe {
+                libc::recv(
+                    sock,
+                    sink.as_mut_ptr().cast(),
+                    sink.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
@@ -211,7 +234,9 @@ fn handle(w: &mut Watcher, mut b: &[u8], events: &mut Vec<Value>) -> bool {
             events.push(json!({"type": "overflow"}));
             continue;
         }
-        let Some(dir_rel) = w.dirs.get(&ev.wd).cloned() else { continue };
+        let Some(dir_rel) = w.dirs.get(&ev.wd).cloned() else {
+            continue;
+        };
         let is_dir = ev.mask & libc::IN_ISDIR != 0;
         if ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
             // Watch 1 is the watched folder itself (watch descriptors count from 1).
@@ -274,6 +299,9 @@ fn handle(w: &mut Watcher, mut b: &[u8], events: &mut Vec<Value>) -> bool {
 fn relative_to(_r: &str, dirs: &HashMap<i32, String>, wd: i32, name: &str) -> PathBuf {
     let base = dirs.get(&1).cloned().unwrap_or_default();
     let dir = dirs.get(&wd).cloned().unwrap_or_default();
-    let sub = dir.strip_prefix(&base).unwrap_or("").trim_start_matches('/');
+    let sub = dir
+        .strip_prefix(&base)
+        .unwrap_or("")
+        .trim_start_matches('/');
     Path::new(sub).join(name)
 }

@@ -26,7 +26,11 @@ fn hello_and_wrong_key() {
         std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
-        assert!(out.is_empty(), "answered a wrong key: {:?}", String::from_utf8_lossy(&out));
+        assert!(
+            out.is_empty(),
+            "answered a wrong key: {:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
     // Not the protocol: bad_request.
     let mut s = a.connect();
@@ -59,7 +63,10 @@ fn head_must_arrive_in_time_and_connections_are_capped() {
 #[test]
 fn write_read_stat_list_move_remove_mkdir() {
     let a = start();
-    let r = a.call(json!({"op": "write", "path": "src/app/main.js", "maxBytes": 1000}), Some(b"hello"));
+    let r = a.call(
+        json!({"op": "write", "path": "src/app/main.js", "maxBytes": 1000}),
+        Some(b"hello"),
+    );
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["entry"]["name"], "main.js");
     assert_eq!(r.head["entry"]["path"], "src/app/main.js");
@@ -70,23 +77,45 @@ fn write_read_stat_list_move_remove_mkdir() {
 
     // Replace, with a mode; no temporary file is left beside it.
     let big = vec![b'x'; 3 << 20];
-    let r = a.call(json!({"op": "write", "path": "src/app/main.js", "maxBytes": 4 << 20, "mode": 0o600}), Some(&big));
+    let r = a.call(
+        json!({"op": "write", "path": "src/app/main.js", "maxBytes": 4 << 20, "mode": 0o600}),
+        Some(&big),
+    );
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["entry"]["mode"], 0o600);
-    assert_eq!(std::fs::read(a.path("src/app/main.js")).unwrap().len(), 3 << 20);
+    assert_eq!(
+        std::fs::read(a.path("src/app/main.js")).unwrap().len(),
+        3 << 20
+    );
     assert_eq!(std::fs::read_dir(a.path("src/app")).unwrap().count(), 1);
 
     // Over maxBytes: too_large and nothing written.
-    let r = a.call(json!({"op": "write", "path": "src/app/main.js", "maxBytes": 10}), Some(b"0123456789A"));
+    let r = a.call(
+        json!({"op": "write", "path": "src/app/main.js", "maxBytes": 10}),
+        Some(b"0123456789A"),
+    );
     assert_eq!(r.code(), "too_large", "{}", r.head);
-    assert_eq!(std::fs::read(a.path("src/app/main.js")).unwrap().len(), 3 << 20);
-    let r = a.call(json!({"op": "write", "path": "new.txt", "maxBytes": 4}), Some(&big));
+    assert_eq!(
+        std::fs::read(a.path("src/app/main.js")).unwrap().len(),
+        3 << 20
+    );
+    let r = a.call(
+        json!({"op": "write", "path": "new.txt", "maxBytes": 4}),
+        Some(&big),
+    );
     assert_eq!(r.code(), "too_large");
     assert!(!exists(&a.path("new.txt")));
-    assert_eq!(std::fs::read_dir(&a.root).unwrap().count(), 1, "a temporary file was left");
+    assert_eq!(
+        std::fs::read_dir(&a.root).unwrap().count(),
+        1,
+        "a temporary file was left"
+    );
 
     // Write onto a folder.
-    let r = a.call(json!({"op": "write", "path": "src", "maxBytes": 10}), Some(b"x"));
+    let r = a.call(
+        json!({"op": "write", "path": "src", "maxBytes": 10}),
+        Some(b"x"),
+    );
     assert_eq!(r.code(), "is_a_directory");
 
     // stat
@@ -101,13 +130,19 @@ fn write_read_stat_list_move_remove_mkdir() {
     assert_eq!(r.head["entry"]["type"], "dir");
 
     // read: whole, range, past the end, a folder.
-    let r = a.call(json!({"op": "write", "path": "t.txt", "maxBytes": 100}), Some(b"0123456789"));
+    let r = a.call(
+        json!({"op": "write", "path": "t.txt", "maxBytes": 100}),
+        Some(b"0123456789"),
+    );
     assert!(r.ok());
     let r = a.call(json!({"op": "read", "path": "t.txt"}), None);
     assert_eq!(r.head["size"], 10);
     assert_eq!(r.bytes(DATA), b"0123456789");
     assert_eq!(r.frames.last().unwrap().0, END);
-    let r = a.call(json!({"op": "read", "path": "t.txt", "offset": 3, "length": 4}), None);
+    let r = a.call(
+        json!({"op": "read", "path": "t.txt", "offset": 3, "length": 4}),
+        None,
+    );
     assert_eq!(r.bytes(DATA), b"3456");
     let r = a.call(json!({"op": "read", "path": "t.txt", "offset": 30}), None);
     assert!(r.ok());
@@ -120,7 +155,12 @@ fn write_read_stat_list_move_remove_mkdir() {
     // list: sorted, types, symlinks with their target, limit.
     symlink("t.txt", a.path("link")).unwrap();
     let r = a.call(json!({"op": "list", "path": ""}), None);
-    let names: Vec<_> = r.head["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> = r.head["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names, ["link", "src", "t.txt"]);
     assert_eq!(r.head["entries"][0]["type"], "symlink");
     assert_eq!(r.head["entries"][0]["target"], "t.txt");
@@ -134,28 +174,55 @@ fn write_read_stat_list_move_remove_mkdir() {
     assert_eq!(r.code(), "not_a_directory");
 
     // mkdir
-    let r = a.call(json!({"op": "mkdir", "path": "a/b/c", "parents": true}), None);
+    let r = a.call(
+        json!({"op": "mkdir", "path": "a/b/c", "parents": true}),
+        None,
+    );
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["entry"]["type"], "dir");
-    let r = a.call(json!({"op": "mkdir", "path": "a/b/c", "parents": false}), None);
+    let r = a.call(
+        json!({"op": "mkdir", "path": "a/b/c", "parents": false}),
+        None,
+    );
     assert_eq!(r.code(), "exists");
-    let r = a.call(json!({"op": "mkdir", "path": "a/b/c", "parents": true}), None);
+    let r = a.call(
+        json!({"op": "mkdir", "path": "a/b/c", "parents": true}),
+        None,
+    );
     assert!(r.ok());
-    let r = a.call(json!({"op": "mkdir", "path": "x/y", "parents": false}), None);
+    let r = a.call(
+        json!({"op": "mkdir", "path": "x/y", "parents": false}),
+        None,
+    );
     assert_eq!(r.code(), "not_found");
-    let r = a.call(json!({"op": "mkdir", "path": "t.txt/y", "parents": true}), None);
+    let r = a.call(
+        json!({"op": "mkdir", "path": "t.txt/y", "parents": true}),
+        None,
+    );
     assert_eq!(r.code(), "not_a_directory");
 
     // move
-    let r = a.call(json!({"op": "move", "from": "t.txt", "to": "a/t2.txt"}), None);
+    let r = a.call(
+        json!({"op": "move", "from": "t.txt", "to": "a/t2.txt"}),
+        None,
+    );
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["entry"]["path"], "a/t2.txt");
     assert!(!exists(&a.path("t.txt")));
-    let r = a.call(json!({"op": "write", "path": "u.txt", "maxBytes": 100}), Some(b"u"));
+    let r = a.call(
+        json!({"op": "write", "path": "u.txt", "maxBytes": 100}),
+        Some(b"u"),
+    );
     assert!(r.ok());
-    let r = a.call(json!({"op": "move", "from": "u.txt", "to": "a/t2.txt"}), None);
+    let r = a.call(
+        json!({"op": "move", "from": "u.txt", "to": "a/t2.txt"}),
+        None,
+    );
     assert_eq!(r.code(), "exists");
-    let r = a.call(json!({"op": "move", "from": "u.txt", "to": "a/t2.txt", "overwrite": true}), None);
+    let r = a.call(
+        json!({"op": "move", "from": "u.txt", "to": "a/t2.txt", "overwrite": true}),
+        None,
+    );
     assert!(r.ok());
     assert_eq!(std::fs::read(a.path("a/t2.txt")).unwrap(), b"u");
     let r = a.call(json!({"op": "move", "from": "nope", "to": "x"}), None);
@@ -169,7 +236,10 @@ fn write_read_stat_list_move_remove_mkdir() {
     // remove
     let r = a.call(json!({"op": "remove", "path": "a"}), None);
     assert_eq!(r.code(), "not_empty");
-    let r = a.call(json!({"op": "remove", "path": "a", "recursive": true}), None);
+    let r = a.call(
+        json!({"op": "remove", "path": "a", "recursive": true}),
+        None,
+    );
     assert!(r.ok(), "{}", r.head);
     assert!(!exists(&a.path("a")));
     let r = a.call(json!({"op": "remove", "path": "a"}), None);
@@ -183,12 +253,22 @@ fn write_read_stat_list_move_remove_mkdir() {
 #[test]
 fn bad_paths_are_refused() {
     let a = start();
-    for p in ["..", "a/../..", "/etc/passwd", "a\u{0}b", &"x".repeat(256), &"a/".repeat(3000)] {
+    for p in [
+        "..",
+        "a/../..",
+        "/etc/passwd",
+        "a\u{0}b",
+        &"x".repeat(256),
+        &"a/".repeat(3000),
+    ] {
         for op in ["stat", "list", "read", "remove", "mkdir", "tar", "watch"] {
             let r = a.call(json!({"op": op, "path": p}), None);
             assert_eq!(r.code(), "invalid_path", "{op} {p:?}: {}", r.head);
         }
-        let r = a.call(json!({"op": "write", "path": p, "maxBytes": 10}), Some(b"x"));
+        let r = a.call(
+            json!({"op": "write", "path": p, "maxBytes": 10}),
+            Some(b"x"),
+        );
         assert_eq!(r.code(), "invalid_path");
         let r = a.call(json!({"op": "move", "from": "x", "to": p}), None);
         assert_eq!(r.code(), "invalid_path");
@@ -212,33 +292,65 @@ fn symlinks_out_of_the_workspace_are_refused() {
     std::fs::create_dir(a.path("d")).unwrap();
     symlink("../../other-user/secret.txt", a.path("d/deep")).unwrap();
 
-    for p in ["shadow", "rootfs", "rootfs/etc", "other", "other/secret.txt", "rel-other/secret.txt", "d/deep"] {
+    for p in [
+        "shadow",
+        "rootfs",
+        "rootfs/etc",
+        "other",
+        "other/secret.txt",
+        "rel-other/secret.txt",
+        "d/deep",
+    ] {
         for op in ["stat", "list", "read", "tar", "watch"] {
             let r = a.call(json!({"op": op, "path": p}), None);
             assert_eq!(r.code(), "outside_workspace", "{op} {p}: {}", r.head);
         }
-        let r = a.call(json!({"op": "untar", "path": p, "maxBytes": 1000}), Some(b"x"));
+        let r = a.call(
+            json!({"op": "untar", "path": p, "maxBytes": 1000}),
+            Some(b"x"),
+        );
         assert_eq!(r.code(), "outside_workspace", "untar {p}: {}", r.head);
     }
     // Writing through them: refused, nothing created or changed outside.
-    for p in ["other/new.txt", "other/secret.txt", "other/sub/x", "rootfs/tmp/x", "d/deep"] {
-        let r = a.call(json!({"op": "write", "path": p, "maxBytes": 100}), Some(b"pwned"));
+    for p in [
+        "other/new.txt",
+        "other/secret.txt",
+        "other/sub/x",
+        "rootfs/tmp/x",
+        "d/deep",
+    ] {
+        let r = a.call(
+            json!({"op": "write", "path": p, "maxBytes": 100}),
+            Some(b"pwned"),
+        );
         assert_eq!(r.code(), "outside_workspace", "write {p}: {}", r.head);
         let r = a.call(json!({"op": "mkdir", "path": format!("{p}/x")}), None);
         assert_eq!(r.code(), "outside_workspace", "mkdir {p}: {}", r.head);
-        let r = a.call(json!({"op": "move", "from": "d", "to": format!("{p}/moved")}), None);
+        let r = a.call(
+            json!({"op": "move", "from": "d", "to": format!("{p}/moved")}),
+            None,
+        );
         assert!(!r.ok(), "move into {p}");
     }
-    assert_eq!(std::fs::read_to_string(outside.join("secret.txt")).unwrap(), "secret");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret.txt")).unwrap(),
+        "secret"
+    );
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 
     // remove and move act on the link itself.
     let r = a.call(json!({"op": "move", "from": "other", "to": "other2"}), None);
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["entry"]["type"], "symlink");
-    let r = a.call(json!({"op": "remove", "path": "other2", "recursive": true}), None);
+    let r = a.call(
+        json!({"op": "remove", "path": "other2", "recursive": true}),
+        None,
+    );
     assert!(r.ok(), "{}", r.head);
-    assert!(outside.join("secret.txt").exists(), "remove followed the link");
+    assert!(
+        outside.join("secret.txt").exists(),
+        "remove followed the link"
+    );
     let r = a.call(json!({"op": "remove", "path": "shadow"}), None);
     assert!(r.ok());
 
@@ -250,10 +362,19 @@ fn symlinks_out_of_the_workspace_are_refused() {
     let r = a.call(json!({"op": "stat", "path": "alias"}), None);
     assert_eq!(r.head["entry"]["type"], "file");
     assert_eq!(r.head["entry"]["target"], "real.txt");
-    let r = a.call(json!({"op": "write", "path": "alias", "maxBytes": 100}), Some(b"changed"));
+    let r = a.call(
+        json!({"op": "write", "path": "alias", "maxBytes": 100}),
+        Some(b"changed"),
+    );
     assert!(r.ok());
-    assert_eq!(std::fs::read_to_string(a.path("real.txt")).unwrap(), "changed");
-    assert!(std::fs::symlink_metadata(a.path("alias")).unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(a.path("real.txt")).unwrap(),
+        "changed"
+    );
+    assert!(std::fs::symlink_metadata(a.path("alias"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
@@ -268,34 +389,59 @@ fn tar_and_untar() {
     let gz = r.bytes(DATA);
     assert_eq!(&gz[..2], &[0x1f, 0x8b]);
 
-    let r = a.call(json!({"op": "untar", "path": "copy/here", "maxBytes": 1 << 20}), Some(&gz));
+    let r = a.call(
+        json!({"op": "untar", "path": "copy/here", "maxBytes": 1 << 20}),
+        Some(&gz),
+    );
     assert!(r.ok(), "{}", r.head);
     assert_eq!(r.head["files"], 2);
-    assert_eq!(std::fs::read_to_string(a.path("copy/here/src/a.js")).unwrap(), "a");
-    assert_eq!(std::fs::read_to_string(a.path("copy/here/-rf")).unwrap(), "dash");
+    assert_eq!(
+        std::fs::read_to_string(a.path("copy/here/src/a.js")).unwrap(),
+        "a"
+    );
+    assert_eq!(
+        std::fs::read_to_string(a.path("copy/here/-rf")).unwrap(),
+        "dash"
+    );
 
     // One file.
     let r = a.call(json!({"op": "tar", "path": "proj/-rf"}), None);
     assert!(r.ok(), "{}", r.head);
-    let r = a.call(json!({"op": "untar", "path": "one", "maxBytes": 1 << 20}), Some(&r.bytes(DATA)));
+    let r = a.call(
+        json!({"op": "untar", "path": "one", "maxBytes": 1 << 20}),
+        Some(&r.bytes(DATA)),
+    );
     assert_eq!(r.head["files"], 1, "{}", r.head);
     assert!(a.path("one/-rf").exists());
 
     // Over maxBytes, and garbage.
-    let r = a.call(json!({"op": "untar", "path": "x", "maxBytes": 10}), Some(&gz));
+    let r = a.call(
+        json!({"op": "untar", "path": "x", "maxBytes": 10}),
+        Some(&gz),
+    );
     assert_eq!(r.code(), "too_large", "{}", r.head);
-    let r = a.call(json!({"op": "untar", "path": "x", "maxBytes": 1 << 20}), Some(b"not a tarball at all"));
+    let r = a.call(
+        json!({"op": "untar", "path": "x", "maxBytes": 1 << 20}),
+        Some(b"not a tarball at all"),
+    );
     assert_eq!(r.code(), "bad_request", "{}", r.head);
 
     // A gzip bomb is stopped at 4 x maxBytes unpacked.
     let zeros = std::process::Command::new("bash")
-        .args(["-c", "cd \"$1\" && head -c 50000000 /dev/zero >zeros && tar -cz zeros && rm zeros", "-"])
+        .args([
+            "-c",
+            "cd \"$1\" && head -c 50000000 /dev/zero >zeros && tar -cz zeros && rm zeros",
+            "-",
+        ])
         .arg(a.dir.path())
         .output()
         .unwrap()
         .stdout;
     assert!(zeros.len() < 100_000);
-    let r = a.call(json!({"op": "untar", "path": "bomb", "maxBytes": 200_000}), Some(&zeros));
+    let r = a.call(
+        json!({"op": "untar", "path": "bomb", "maxBytes": 200_000}),
+        Some(&zeros),
+    );
     assert_eq!(r.code(), "too_large", "{}", r.head);
 }
 
@@ -314,7 +460,9 @@ fn watch_reports_changes() {
     std::fs::rename(a.path("w/sub/f.txt"), a.path("w/g.txt")).unwrap();
     std::fs::remove_file(a.path("w/g.txt")).unwrap();
     let mut events = Vec::new();
-    r.get_ref().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     while let Some((k, body)) = read_frame(&mut r) {
         assert_eq!(k, EVENT);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -329,9 +477,19 @@ fn watch_reports_changes() {
     assert!(has("modify", "w/sub/f.txt"), "{events:?}");
     assert!(has("create", "w/sub/new"), "{events:?}");
     assert!(has("create", "w/sub/new/inner.txt"), "{events:?}");
-    assert!(events.iter().any(|e| e["type"] == "rename" && e["path"] == "w/g.txt" && e["from"] == "w/sub/f.txt"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "rename" && e["path"] == "w/g.txt" && e["from"] == "w/sub/f.txt"),
+        "{events:?}"
+    );
     assert!(has("remove", "w/g.txt"), "{events:?}");
-    assert!(!events.iter().any(|e| e["path"].as_str().unwrap_or("").contains("node_modules/")), "{events:?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["path"].as_str().unwrap_or("").contains("node_modules/")),
+        "{events:?}"
+    );
 
     // Removing the watched folder ends the stream.
     std::fs::remove_dir_all(a.path("w")).unwrap();

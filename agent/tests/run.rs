@@ -12,7 +12,11 @@ use serde_json::json;
 fn javascript_runs_like_node_file() {
     let a = start();
     std::fs::create_dir_all(a.path("node_modules/greet")).unwrap();
-    std::fs::write(a.path("node_modules/greet/index.js"), "module.exports = (n) => 'hi ' + n;").unwrap();
+    std::fs::write(
+        a.path("node_modules/greet/index.js"),
+        "module.exports = (n) => 'hi ' + n;",
+    )
+    .unwrap();
     let code = "const g = require('greet');\n\
         console.log(g('there'));\n\
         console.log(require.main === module, process.cwd(), typeof __filename);\n\
@@ -27,7 +31,14 @@ fn javascript_runs_like_node_file() {
         let mark = r.head["mark"].as_str().unwrap().to_string();
         assert_eq!(mark.len(), 32);
         let out = r.text(STDOUT);
-        assert_eq!(out, format!("hi there\ntrue {} string\nmarked\nno key\n", a.root.display()), "{out}");
+        assert_eq!(
+            out,
+            format!(
+                "hi there\ntrue {} string\nmarked\nno key\n",
+                a.root.display()
+            ),
+            "{out}"
+        );
         assert_eq!(r.text(STDERR), "to stderr\n");
         let exit = r.exit();
         assert_eq!(exit["exitCode"], 3, "{exit}");
@@ -35,23 +46,38 @@ fn javascript_runs_like_node_file() {
         assert_eq!(exit["truncated"], false);
         assert_eq!(r.frames.last().unwrap().0, END);
         // The code file is gone.
-        assert_eq!(std::fs::read_dir(a.path(".sandboxd/exec")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(a.path(".sandboxd/exec")).unwrap().count(),
+            0
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     // An uncaught exception: node's message and exit code 1.
-    let r = a.run("javascript", "function f() { throw new Error('boom'); }\nf();", 10_000);
+    let r = a.run(
+        "javascript",
+        "function f() { throw new Error('boom'); }\nf();",
+        10_000,
+    );
     assert_eq!(r.exit()["exitCode"], 1);
     let err = r.text(STDERR);
-    assert!(err.contains("Error: boom") && err.contains(".sandboxd/exec/"), "{err}");
+    assert!(
+        err.contains("Error: boom") && err.contains(".sandboxd/exec/"),
+        "{err}"
+    );
     // stdin is at end of file.
-    let r = a.run("javascript", "console.log(require('fs').readFileSync(0, 'utf8').length)", 10_000);
+    let r = a.run(
+        "javascript",
+        "console.log(require('fs').readFileSync(0, 'utf8').length)",
+        10_000,
+    );
     assert_eq!(r.text(STDOUT), "0\n");
 }
 
 #[test]
 fn every_run_is_a_fresh_process() {
     let a = start();
-    let code = "globalThis.__n = (globalThis.__n || 0) + 1; console.log(globalThis.__n, process.pid)";
+    let code =
+        "globalThis.__n = (globalThis.__n || 0) + 1; console.log(globalThis.__n, process.pid)";
     let mut pids = Vec::new();
     for _ in 0..4 {
         let r = a.run("javascript", code, 10_000);
@@ -82,15 +108,33 @@ fn python_runs_like_python_file() {
         import os\nprint(os.environ.get('SANDBOXD_AGENT_KEY', 'no key'))\n";
     for _ in 0..2 {
         let r = a.run("python", code, 10_000);
-        assert_eq!(r.text(STDOUT), format!("__main__ 42 {} True True\nno key\n", a.root.display()), "{}", r.text(STDERR));
+        assert_eq!(
+            r.text(STDOUT),
+            format!("__main__ 42 {} True True\nno key\n", a.root.display()),
+            "{}",
+            r.text(STDERR)
+        );
         assert_eq!(r.exit()["exitCode"], 0);
     }
-    let r = a.run("python", "def f():\n    raise ValueError('bad')\nf()\n", 10_000);
+    let r = a.run(
+        "python",
+        "def f():\n    raise ValueError('bad')\nf()\n",
+        10_000,
+    );
     assert_eq!(r.exit()["exitCode"], 1);
     let err = r.text(STDERR);
-    assert!(err.starts_with("Traceback (most recent call last):\n  File \""), "{err}");
-    assert!(err.contains("in f\n") && err.ends_with("ValueError: bad\n"), "{err}");
-    assert!(!err.contains("_sandboxd_run"), "the loader shows in the traceback: {err}");
+    assert!(
+        err.starts_with("Traceback (most recent call last):\n  File \""),
+        "{err}"
+    );
+    assert!(
+        err.contains("in f\n") && err.ends_with("ValueError: bad\n"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("_sandboxd_run"),
+        "the loader shows in the traceback: {err}"
+    );
     let r = a.run("python", "x = (\n", 10_000);
     assert_eq!(r.exit()["exitCode"], 1);
     assert!(r.text(STDERR).contains("SyntaxError"), "{}", r.text(STDERR));
@@ -107,25 +151,48 @@ fn python_runs_like_python_file() {
 #[test]
 fn python_uses_the_workspace_venv() {
     let a = start();
-    let r = a.run("python", "import sys; print(sys.prefix == sys.base_prefix)", 10_000);
+    let r = a.run(
+        "python",
+        "import sys; print(sys.prefix == sys.base_prefix)",
+        10_000,
+    );
     assert_eq!(r.text(STDOUT), "True\n");
     // The warm process started after that run uses python3; the venv appears, the next run
     // must not take it.
-    let ok = std::process::Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(a.path(".venv")).status().unwrap();
+    let ok = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(a.path(".venv"))
+        .status()
+        .unwrap();
     assert!(ok.success());
-    let r = a.run("python", "import sys; print(sys.prefix == sys.base_prefix, sys.prefix)", 10_000);
-    assert_eq!(r.text(STDOUT), format!("False {}\n", a.path(".venv").display()), "{}", r.text(STDERR));
+    let r = a.run(
+        "python",
+        "import sys; print(sys.prefix == sys.base_prefix, sys.prefix)",
+        10_000,
+    );
+    assert_eq!(
+        r.text(STDOUT),
+        format!("False {}\n", a.path(".venv").display()),
+        "{}",
+        r.text(STDERR)
+    );
 }
 
 #[test]
 fn bash_and_unknown_languages() {
     let a = start();
     let r = a.run("bash", "echo \"$0\" | grep -c exec; echo ${SANDBOXD_EXEC:+marked}; echo ${SANDBOXD_AGENT_KEY:-no key}; pwd; exit 4", 10_000);
-    assert_eq!(r.text(STDOUT), format!("1\nmarked\nno key\n{}\n", a.root.display()));
+    assert_eq!(
+        r.text(STDOUT),
+        format!("1\nmarked\nno key\n{}\n", a.root.display())
+    );
     assert_eq!(r.exit()["exitCode"], 4);
     let r = a.run("cobol", "x", 10_000);
     assert_eq!(r.code(), "unsupported_language");
-    let r = a.call(json!({"op": "run", "language": "bash", "timeoutMs": 1000, "maxOutput": 100}), None);
+    let r = a.call(
+        json!({"op": "run", "language": "bash", "timeoutMs": 1000, "maxOutput": 100}),
+        None,
+    );
     assert_eq!(r.code(), "bad_request", "{}", r.head);
 }
 
@@ -176,7 +243,11 @@ wait
     );
     let mark = head["mark"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(marked(&mark).len() >= 6, "the tree did not start: {:?}", marked(&mark));
+    assert!(
+        marked(&mark).len() >= 6,
+        "the tree did not start: {:?}",
+        marked(&mark)
+    );
     let mut exit = None;
     while let Some((k, body)) = read_frame(&mut r) {
         if k == EXIT {
@@ -192,7 +263,10 @@ wait
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(marked(&mark).is_empty(), "left alive: {:?}", marked(&mark));
     // The agent is fine afterwards.
-    assert_eq!(a.run("javascript", "console.log(2)", 5000).text(STDOUT), "2\n");
+    assert_eq!(
+        a.run("javascript", "console.log(2)", 5000).text(STDOUT),
+        "2\n"
+    );
 }
 
 #[test]
@@ -244,8 +318,15 @@ fn replace_takes_over_the_port() {
         .env("SANDBOXD_AGENT_ROOT", &a.root)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("listening on 127.0.0.1:{port}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("listening on 127.0.0.1:{port}")
+    );
     // Answers at once, and it is a new process; the old one is gone.
     let r = a.call(json!({"op": "hello"}), None);
     let pid = r.head["pid"].as_i64().unwrap() as i32;

@@ -24,7 +24,10 @@ pub fn bin() -> &'static str {
 
 pub fn random_key() -> String {
     let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -44,7 +47,10 @@ impl Drop for Agent {
 }
 
 pub fn start() -> Agent {
-    let dir = tempfile::Builder::new().prefix("sbx-agent-test").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("sbx-agent-test")
+        .tempdir()
+        .unwrap();
     let root = dir.path().join("ws");
     std::fs::create_dir(&root).unwrap();
     let root = std::fs::canonicalize(root).unwrap();
@@ -58,9 +64,21 @@ pub fn start() -> Agent {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
-    Agent { child, addr, key, dir, root }
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    Agent {
+        child,
+        addr,
+        key,
+        dir,
+        root,
+    }
 }
 
 pub struct Reply {
@@ -76,13 +94,21 @@ impl Reply {
         self.head["code"].as_str().unwrap_or("")
     }
     pub fn bytes(&self, kind: u8) -> Vec<u8> {
-        self.frames.iter().filter(|f| f.0 == kind).flat_map(|f| f.1.clone()).collect()
+        self.frames
+            .iter()
+            .filter(|f| f.0 == kind)
+            .flat_map(|f| f.1.clone())
+            .collect()
     }
     pub fn text(&self, kind: u8) -> String {
         String::from_utf8_lossy(&self.bytes(kind)).into_owned()
     }
     pub fn exit(&self) -> Value {
-        let f = self.frames.iter().find(|f| f.0 == EXIT).expect("an EXIT frame");
+        let f = self
+            .frames
+            .iter()
+            .find(|f| f.0 == EXIT)
+            .expect("an EXIT frame");
         serde_json::from_slice(&f.1).unwrap()
     }
 }
@@ -127,8 +153,8 @@ impl Agent {
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
-        let head: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("bad head {line:?}: {e}"));
+        let head: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad head {line:?}: {e}"));
         (head, r)
     }
 
