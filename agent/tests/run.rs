@@ -64,6 +64,36 @@ fn javascript_runs_like_node_file() {
         err.contains("Error: boom") && err.contains(".sandboxd/exec/"),
         "{err}"
     );
+    // exit listeners run and may set the code; an unhandled rejection is fatal and printed;
+    // process.exit and beforeExit behave.
+    let r = a.run("javascript", "process.on('exit', (c) => { console.log('exit', c); process.exitCode = 5; });\nconsole.log('body');", 10_000);
+    assert_eq!(r.text(STDOUT), "body\nexit 0\n");
+    assert_eq!(r.exit()["exitCode"], 5);
+    let r = a.run(
+        "javascript",
+        "process.on('exit', (c) => console.log('exit', c));\nPromise.reject(new Error('nope'));",
+        10_000,
+    );
+    assert_eq!(r.exit()["exitCode"], 1);
+    assert_eq!(r.text(STDOUT), "exit 1\n");
+    assert!(r.text(STDERR).contains("Error: nope"), "{}", r.text(STDERR));
+    let r = a.run("javascript", "let n = 0; process.on('beforeExit', () => { if (n++ < 2) setTimeout(() => console.log('again', n), 10); });\nsetTimeout(() => { console.log('late'); }, 50);", 10_000);
+    assert_eq!(r.text(STDOUT), "late\nagain 1\nagain 2\n");
+    assert_eq!(r.exit()["exitCode"], 0);
+    // Output still in flight at the end (a full pipe) is all written before the exit.
+    let r = a.run(
+        "javascript",
+        "for (let i = 0; i < 10; i++) console.log('a'.repeat(99999));",
+        10_000,
+    );
+    assert_eq!(r.bytes(STDOUT).len(), 1_000_000);
+    assert_eq!(r.exit()["exitCode"], 0);
+    let r = a.run("javascript", "console.log('bye'); process.exit(9);", 10_000);
+    assert_eq!(r.text(STDOUT), "bye\n");
+    assert_eq!(r.exit()["exitCode"], 9);
+    let r = a.run("javascript", "process.on('uncaughtException', (e) => console.log('caught', e.message));\nsetTimeout(() => { throw new Error('x'); });\nsetTimeout(() => console.log('still here'), 30);", 10_000);
+    assert_eq!(r.text(STDOUT), "caught x\nstill here\n");
+    assert_eq!(r.exit()["exitCode"], 0);
     // stdin is at end of file.
     let r = a.run(
         "javascript",
