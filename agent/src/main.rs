@@ -10,7 +10,7 @@
 //! sandboxd-agent (of the same workspace), binds, then runs on as a daemon (own session,
 //! output to /tmp/sandboxd-agent.log); the command exits 0 once the daemon is ready to accept.
 //! Env: SANDBOXD_AGENT_KEY (required; removed from the environment of everything the agent
-//! starts), SANDBOXD_AGENT_ROOT (default /workspace).
+//! starts), SANDBOXD_AGENT_ROOT (default /workspace), SANDBOXD_AGENT_DEBUG (log run timings).
 
 mod files;
 mod paths;
@@ -61,6 +61,14 @@ pub fn log(msg: &str) {
         .map(|d| d.as_millis())
         .unwrap_or(0);
     let _ = writeln!(std::io::stderr(), "[sandboxd-agent {now}] {msg}");
+}
+
+/// A log line only when SANDBOXD_AGENT_DEBUG is set (timings of runs).
+pub fn debug(msg: impl FnOnce() -> String) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("SANDBOXD_AGENT_DEBUG").is_some()) {
+        log(&msg());
+    }
 }
 
 struct Shared {

@@ -334,7 +334,10 @@ impl Runner {
         let mut file = dir.join(format!("{mark}.sh"));
         if let Some(rt) = rt {
             let (body, ext) = if lang == "typescript" {
-                match self.esbuild(&code, &mark, deadline) {
+                let tc = Instant::now();
+                let compiled = self.esbuild(&code, &mark, deadline);
+                crate::debug(|| format!("compiled in {:?}", tc.elapsed()));
+                match compiled {
                     Compiled::Js(js, ext) => (js, ext),
                     Compiled::Failed(msg) => {
                         self.give_back(rt, proc);
@@ -376,6 +379,7 @@ impl Runner {
             }
         }
 
+        crate::debug(|| format!("run {mark}: {lang} handed over after {:?}", start.elapsed()));
         let out = stream(c, proc, deadline, max_out);
         let _ = fs::remove_file(&file);
         let exit = json!({
@@ -388,6 +392,7 @@ impl Runner {
         if !out.client_gone {
             let _ = c.json_frame(EXIT, &exit, true);
         }
+        crate::debug(|| format!("run {mark}: {exit}"));
         if let Some(rt) = rt {
             self.refill(rt);
         }
@@ -426,6 +431,7 @@ impl Runner {
         format: &str,
         deadline: Instant,
     ) -> Result<(bool, Vec<u8>, Vec<u8>), Option<io::Error>> {
+        let t0 = Instant::now();
         let mut child = self
             .command(Path::new("esbuild"), mark)
             .args([
@@ -450,6 +456,7 @@ impl Runner {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
+                    crate::debug(|| format!("esbuild {format} took {:?}", t0.elapsed()));
                     let _ = writer.join();
                     let out = out.join().unwrap_or_default();
                     let err = err.join().unwrap_or_default();
