@@ -56,7 +56,7 @@ process.argv[1] = require('fs').readFileSync(0, 'utf8');\n\
 require('module').runMain();\n";
 
 /// Runs the code file named on stdin as `python <file>` would, with the workspace (argv[1])
-/// first on sys.path; tracebacks leave this loader out.
+/// first on sys.path (in place of the loader's folder); tracebacks leave this loader out.
 const PY_LOADER: &str = r#"import sys
 import types
 def _sandboxd_run():
@@ -106,6 +106,7 @@ struct Proc {
 pub struct Runner {
     root: PathBuf,
     node_loader: PathBuf,
+    py_loader: PathBuf,
     agent_pid: i32,
     warm: Mutex<HashMap<Rt, Proc>>,
     refill: Mutex<Sender<Rt>>,
@@ -115,16 +116,22 @@ impl Runner {
     /// `runtime_dir`: a private folder for the Node loader file.
     pub fn new(root: PathBuf, runtime_dir: &Path) -> io::Result<&'static Runner> {
         fs::create_dir_all(runtime_dir)?;
-        let node_loader = runtime_dir.join("node-loader.js");
-        let tmp = runtime_dir.join(format!(".node-loader.{}", random_hex(4)));
-        fs::write(&tmp, NODE_LOADER)?;
-        fs::rename(&tmp, &node_loader)?;
+        let write = |name: &str, text: &str| -> io::Result<PathBuf> {
+            let path = runtime_dir.join(name);
+            let tmp = runtime_dir.join(format!(".{name}.{}", random_hex(4)));
+            fs::write(&tmp, text)?;
+            fs::rename(&tmp, &path)?;
+            Ok(path)
+        };
+        let node_loader = write("node-loader.js", NODE_LOADER)?;
+        let py_loader = write("py-loader.py", PY_LOADER)?;
         let (tx, rx) = mpsc::channel::<Rt>();
         // SAFETY: getpid has no preconditions.
         let agent_pid = unsafe { libc::getpid() };
         let r: &'static Runner = Box::leak(Box::new(Runner {
             root,
             node_loader,
+            py_loader,
             agent_pid,
             warm: Mutex::new(HashMap::new()),
             refill: Mutex::new(tx),
@@ -196,7 +203,7 @@ impl Runner {
             Rt::Python => {
                 let p = self.python();
                 let mut c = self.command(&p, &mark);
-                c.arg("-c").arg(PY_LOADER).arg(&self.root);
+                c.arg(&self.py_loader).arg(&self.root);
                 (p, c)
             }
         };
