@@ -268,13 +268,19 @@ wait
 "#;
     let t = Instant::now();
     let (head, mut r) = a.open(
-        json!({"op": "run", "language": "bash", "timeoutMs": 1500, "maxOutput": 1000}),
+        json!({"op": "run", "language": "bash", "timeoutMs": 4000, "maxOutput": 1000}),
         Some(code.as_bytes()),
     );
     let mark = head["mark"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_millis(1000));
+    let (k, body) = read_frame(&mut r).unwrap();
+    assert_eq!((k, body.as_slice()), (STDOUT, &b"started\n"[..]));
+    // bash, the subshell (bash execs its sleep), the setsid bash (likewise), the sleep that
+    // forked away, node, python and its child.
+    while marked(&mark).len() < 7 && t.elapsed() < Duration::from_millis(3500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        marked(&mark).len() >= 6,
+        marked(&mark).len() >= 7,
         "the tree did not start: {:?}",
         marked(&mark)
     );
@@ -290,7 +296,7 @@ wait
     let exit = exit.unwrap();
     assert_eq!(exit["timedOut"], true, "{exit}");
     assert_eq!(exit["exitCode"], serde_json::Value::Null);
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
     assert!(marked(&mark).is_empty(), "left alive: {:?}", marked(&mark));
     // The agent is fine afterwards.
     assert_eq!(
