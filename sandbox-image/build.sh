@@ -12,7 +12,7 @@
 #      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie-2; -2: with Python)
 #
 # The image is labelled sandboxd.context-hash=<sha256 of this directory's files,
-# the agent's sources (agent/, Cargo.lock) and the host CA bundle>; when the
+# the agent's sources (agent/src, agent/Cargo.toml, Cargo.lock) and the host CA bundle>; when the
 # existing image carries the same hash the script prints "image up to date" and
 # exits 0 (without running cargo or npm).
 #
@@ -78,7 +78,7 @@ context_hash() {
     done
     printf '%s  %s\n' "$(sha256sum <"$HOST_CA_BUNDLE" | cut -d' ' -f1)" "host-ca-bundle.crt"
     cd "$REPO_ROOT"
-    { printf '%s\0' Cargo.lock; find agent -type f -not -path 'agent/target/*' -print0; } \
+    { printf '%s\0' Cargo.lock agent/Cargo.toml; find agent/src -type f -print0; } \
       | LC_ALL=C sort -z | while IFS= read -r -d '' f; do
         printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
       done
