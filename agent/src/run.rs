@@ -387,13 +387,19 @@ impl Runner {
         }
 
         crate::debug(|| format!("run {mark}: {lang} handed over after {:?}", start.elapsed()));
+        let ooms = oom_kills();
         let out = stream(c, proc, deadline, max_out);
+        let oom_killed = match (ooms, oom_kills()) {
+            (Some(a), Some(b)) => b > a,
+            _ => false,
+        };
         let _ = fs::remove_file(&file);
         let exit = json!({
             "exitCode": if out.timed_out { None } else { out.status.and_then(|s| s.code()) },
             "signal": out.status.and_then(|s| s.signal()),
             "timedOut": out.timed_out,
             "truncated": out.truncated,
+            "oomKilled": oom_killed,
             "durationMs": start.elapsed().as_millis() as u64,
         });
         if !out.client_gone {
@@ -623,6 +629,22 @@ fn stream(c: &mut Conn, p: Proc, deadline: Instant, max_out: usize) -> Outcome {
         }
     }
     o
+}
+
+/// The sandbox's count of processes killed by the kernel's OOM killer (cgroup v2
+/// memory.events, else v1 memory.oom_control), when readable.
+fn oom_kills() -> Option<u64> {
+    for (file, key) in [
+        ("/sys/fs/cgroup/memory.events", "oom_kill "),
+        ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill "),
+    ] {
+        if let Ok(text) = fs::read_to_string(file) {
+            if let Some(n) = text.lines().find_map(|l| l.strip_prefix(key)) {
+                return n.trim().parse().ok();
+            }
+        }
+    }
+    None
 }
 
 /// One process as /proc shows it.
