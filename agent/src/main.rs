@@ -167,13 +167,11 @@ fn main() {
             continue;
         }
         let sh = shared.clone();
-        let spawned = thread::Builder::new()
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let conn = Conn::new(s);
-                serve(&sh, conn);
-                sh.conns.fetch_sub(1, Ordering::SeqCst);
-            });
+        let spawned = thread::Builder::new().stack_size(1 << 20).spawn(move || {
+            let conn = Conn::new(s);
+            serve(&sh, conn);
+            sh.conns.fetch_sub(1, Ordering::SeqCst);
+        });
         if let Err(e) = spawned {
             shared.conns.fetch_sub(1, Ordering::SeqCst);
             log(&format!("no thread for a connection: {e}"));
