@@ -44,6 +44,7 @@ fn javascript_runs_like_node_file() {
         assert_eq!(exit["exitCode"], 3, "{exit}");
         assert_eq!(exit["timedOut"], false);
         assert_eq!(exit["truncated"], false);
+        assert_eq!(exit["oomKilled"], false);
         assert_eq!(r.frames.last().unwrap().0, END);
         // The code file is gone.
         assert_eq!(
