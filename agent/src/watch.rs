@@ -67,6 +67,12 @@ impl Watcher {
         // SAFETY: a valid C string and our inotify descriptor.
         let wd = unsafe { libc::inotify_add_watch(self.ino.fd, c.as_ptr(), MASK) };
         if wd < 0 {
+            // Out of inotify watches (fs.inotify.max_user_watches, shared by uid 1000 on the
+            // host): changes below here will be missed.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSPC) && !self.overflowed {
+                self.overflowed = true;
+                events.push(json!({"type": "overflow"}));
+            }
             return;
         }
         self.dirs.insert(wd, rel.to_string());
@@ -131,7 +137,15 @@ pub fn watch(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
     // SAFETY: no pointers.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
     if fd < 0 {
-        return Err(Fail::io(&io::Error::last_os_error(), "starting inotify"));
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EMFILE) {
+            // fs.inotify.max_user_instances (per uid on the host, 128 by default).
+            return Err(Fail::new(
+                "busy",
+                "no inotify instance left (fs.inotify.max_user_instances)",
+            ));
+        }
+        return Err(Fail::io(&e, "starting inotify"));
     }
     let mut w = Watcher {
         ino: Inotify { fd },
