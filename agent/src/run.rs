@@ -418,7 +418,7 @@ impl Runner {
             let res = self.esbuild_once(code, mark, format, deadline);
             match res {
                 Ok((true, js, _)) => {
-                    return Compiled::Js(js, if format == "cjs" { "js" } else { "mjs" })
+                    return Compiled::Js(js, if format == "cjs" { "cjs" } else { "mjs" })
                 }
                 Ok((false, _, err)) => {
                     let text = String::from_utf8_lossy(&err);
