@@ -351,7 +351,10 @@ mod tests {
             let body = format!(r#"{{"code":"1","language":"{l}"}}"#);
             assert_eq!(parse(&body).unwrap().language, want);
         }
-        assert_eq!(parse(r#"{"code":"1"}"#).unwrap().language, Language::JavaScript);
+        assert_eq!(
+            parse(r#"{"code":"1"}"#).unwrap().language,
+            Language::JavaScript
+        );
         for bad in [
             r#"{"code":"1","language":"ruby"}"#,
             r#"{"code":"1","language":"Python"}"#,

@@ -328,11 +328,20 @@ mod tests {
         assert_eq!(Language::parse("JavaScript"), None);
         assert_eq!(Language::parse("ruby"), None);
         let mut r = ExecResult::default();
-        apply_exit(&mut r, &json!({"exitCode": 3, "signal": null, "timedOut": false}));
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": 3, "signal": null, "timedOut": false}),
+        );
         assert_eq!(r.exit_code, Some(3));
-        apply_exit(&mut r, &json!({"exitCode": null, "signal": 9, "timedOut": false}));
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": null, "signal": 9, "timedOut": false}),
+        );
         assert_eq!(r.exit_code, Some(137));
-        apply_exit(&mut r, &json!({"exitCode": null, "timedOut": true, "truncated": true}));
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": null, "timedOut": true, "truncated": true}),
+        );
         assert_eq!((r.exit_code, r.timed_out, r.truncated), (None, true, true));
         assert!(valid_mark("0123456789abcdef0123456789abcdef"));
         assert!(!valid_mark("0123456789abcdef0123456789abcde'"));

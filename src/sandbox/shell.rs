@@ -13,7 +13,7 @@ use crate::user::UserId;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
     /// Restarts the sandbox's agent in place of whatever holds its port (no arguments; the key
-    /// in the environment); run detached, see agent/door.rs.
+    /// in the environment); see agent/door.rs.
     AgentStart,
     /// Kills the processes of one run or one terminal (`$1` mark variable, `$2` id, `$3` scope,
     /// `$4` pause between passes).

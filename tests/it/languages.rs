@@ -56,7 +56,13 @@ async fn every_language_prints_and_exits_with_its_code() {
     // Python's main module and a TypeScript type error that is only a type error (stripped).
     let r = run(&app, "lang1", "python", "print(__name__)").await;
     assert_eq!(r["output"], "__main__\n", "{r}");
-    let r = run(&app, "lang1", "typescript", "let s: number = 'x' as any; console.log(s)").await;
+    let r = run(
+        &app,
+        "lang1",
+        "typescript",
+        "let s: number = 'x' as any; console.log(s)",
+    )
+    .await;
     assert_eq!(r["output"], "x\n", "{r}");
     // Code is bytes, never a shell string: quotes and `$(...)` reach bash as text.
     let r = run(&app, "lang1", "bash", "printf '%s\\n' \"it's \\$(id)\"").await;
@@ -105,7 +111,11 @@ async fn a_timeout_kills_the_whole_child_tree_in_every_language() {
             .await;
         assert_eq!(r["timedOut"], true, "{lang}: {r}");
         assert!(r["exitCode"].is_null(), "{lang}: {r}");
-        assert!(t.elapsed() < Duration::from_secs(8), "{lang}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "{lang}: {:?}",
+            t.elapsed()
+        );
         let left = run(&app, "lang2", "bash", "pgrep -fc 'sleep 31[34]' || true").await;
         assert_eq!(left["output"], "0\n", "{lang}: processes left: {left}");
     }
@@ -119,8 +129,14 @@ async fn output_is_capped_in_every_language() {
     .await;
     app.init("lang3").await;
     let codes = [
-        ("javascript", "process.stdout.write('x'.repeat(100000)); console.log('done')"),
-        ("typescript", "const s: string = 'x'.repeat(100000); process.stdout.write(s);"),
+        (
+            "javascript",
+            "process.stdout.write('x'.repeat(100000)); console.log('done')",
+        ),
+        (
+            "typescript",
+            "const s: string = 'x'.repeat(100000); process.stdout.write(s);",
+        ),
         ("python", "import sys\nsys.stdout.write('x' * 100000)"),
         ("bash", "head -c 100000 /dev/zero | tr '\\0' x"),
     ];
@@ -140,10 +156,22 @@ async fn memory_bombs_are_oom_killed_in_every_language() {
     .await;
     app.init("lang4").await;
     let codes = [
-        ("javascript", "const a = []; for (;;) a.push(Buffer.alloc(8 << 20, 1));"),
-        ("typescript", "const a: Buffer[] = []; for (;;) a.push(Buffer.alloc(8 << 20, 1));"),
-        ("python", "a = []\nwhile True:\n    a.append(b'\\x01' * (8 << 20))"),
-        ("bash", "x=$(head -c 600000000 /dev/zero | tr '\\0' a); echo ${#x}"),
+        (
+            "javascript",
+            "const a = []; for (;;) a.push(Buffer.alloc(8 << 20, 1));",
+        ),
+        (
+            "typescript",
+            "const a: Buffer[] = []; for (;;) a.push(Buffer.alloc(8 << 20, 1));",
+        ),
+        (
+            "python",
+            "a = []\nwhile True:\n    a.append(b'\\x01' * (8 << 20))",
+        ),
+        (
+            "bash",
+            "x=$(head -c 600000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        ),
     ];
     for (lang, code) in codes {
         let r = app
@@ -180,13 +208,40 @@ async fn each_run_is_a_fresh_process_and_users_share_nothing() {
     app.init("lang5a").await;
     app.init("lang5b").await;
     for _ in 0..2 {
-        let r = run(&app, "lang5a", "javascript", "console.log(typeof globalThis.leak); globalThis.leak = 1; console.log(process.pid)").await;
-        assert!(r["output"].as_str().unwrap().starts_with("undefined\n"), "{r}");
-        let r = run(&app, "lang5a", "typescript", "console.log(typeof (globalThis as any).leak); (globalThis as any).leak = 1;").await;
+        let r = run(
+            &app,
+            "lang5a",
+            "javascript",
+            "console.log(typeof globalThis.leak); globalThis.leak = 1; console.log(process.pid)",
+        )
+        .await;
+        assert!(
+            r["output"].as_str().unwrap().starts_with("undefined\n"),
+            "{r}"
+        );
+        let r = run(
+            &app,
+            "lang5a",
+            "typescript",
+            "console.log(typeof (globalThis as any).leak); (globalThis as any).leak = 1;",
+        )
+        .await;
         assert_eq!(r["output"], "undefined\n", "{r}");
-        let r = run(&app, "lang5a", "python", "import builtins\nprint(hasattr(builtins, 'leak'))\nbuiltins.leak = 1").await;
+        let r = run(
+            &app,
+            "lang5a",
+            "python",
+            "import builtins\nprint(hasattr(builtins, 'leak'))\nbuiltins.leak = 1",
+        )
+        .await;
         assert_eq!(r["output"], "False\n", "{r}");
-        let r = run(&app, "lang5a", "bash", "echo \"[${LEAK:-}]\"; export LEAK=1").await;
+        let r = run(
+            &app,
+            "lang5a",
+            "bash",
+            "echo \"[${LEAK:-}]\"; export LEAK=1",
+        )
+        .await;
         assert_eq!(r["output"], "[]\n", "{r}");
     }
     // Each user's code runs in that user's sandbox: its own hostname and user.
@@ -202,7 +257,13 @@ async fn each_run_is_a_fresh_process_and_users_share_nothing() {
             assert!(out.starts_with(&format!("{user} ")), "{user} {lang}: {r}");
         }
         // The key of the agent is not in the environment of executed code.
-        let r = run(&app, user, "bash", "env | grep -c SANDBOXD_AGENT_KEY || true").await;
+        let r = run(
+            &app,
+            user,
+            "bash",
+            "env | grep -c SANDBOXD_AGENT_KEY || true",
+        )
+        .await;
         assert_eq!(r["output"], "0\n", "{r}");
     }
 }
@@ -219,11 +280,29 @@ async fn modules_resolve_from_the_workspace() {
     )
     .await;
     assert_eq!(r["exitCode"], 0, "{r}");
-    let r = run(&app, "lang6", "javascript", "console.log(require('answer') + 1)").await;
+    let r = run(
+        &app,
+        "lang6",
+        "javascript",
+        "console.log(require('answer') + 1)",
+    )
+    .await;
     assert_eq!(r["output"], "42\n", "{r}");
-    let r = run(&app, "lang6", "typescript", "import answer = require('answer');\nconst n: number = answer + 1;\nconsole.log(n);").await;
+    let r = run(
+        &app,
+        "lang6",
+        "typescript",
+        "import answer = require('answer');\nconst n: number = answer + 1;\nconsole.log(n);",
+    )
+    .await;
     assert_eq!(r["output"], "42\n", "{r}");
-    let r = run(&app, "lang6", "python", "import mymod\nfrom pkg.sub import X\nprint(mymod.VALUE + X)").await;
+    let r = run(
+        &app,
+        "lang6",
+        "python",
+        "import mymod\nfrom pkg.sub import X\nprint(mymod.VALUE + X)",
+    )
+    .await;
     assert_eq!(r["output"], "12\n", "{r}");
 }
 
@@ -302,9 +381,13 @@ async fn the_edge_recovers_when_the_user_kills_or_replaces_the_agent() {
         );
         // Wait until the squatter holds the port.
         let t = Instant::now();
-        while !docker_exec(&cid, false, &["pgrep", "-f", "import socket"]).contains(char::is_numeric)
+        while !docker_exec(&cid, false, &["pgrep", "-f", "import socket"])
+            .contains(char::is_numeric)
         {
-            assert!(t.elapsed() < Duration::from_secs(10), "the squatter did not start");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the squatter did not start"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

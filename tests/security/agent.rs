@@ -64,7 +64,11 @@ async fn only_the_edge_with_the_key_talks_to_an_agent() {
     // A wrong key (of the right shape), a near miss and no key: nothing at all.
     let mut near = key.clone().into_bytes();
     near[63] = if near[63] == b'0' { b'1' } else { b'0' };
-    for bad in ["0".repeat(64), String::from_utf8(near).unwrap(), String::new()] {
+    for bad in [
+        "0".repeat(64),
+        String::from_utf8(near).unwrap(),
+        String::new(),
+    ] {
         assert!(ask(addr, &bad).is_empty(), "answered a wrong key");
     }
 
@@ -75,7 +79,7 @@ async fn only_the_edge_with_the_key_talks_to_an_agent() {
          s.on('timeout', () => {{ console.log('timeout'); s.destroy(); }});\
          s.on('error', e => console.log(e.code));"
     );
-    let r = js(&app, "ag1", &probe).await;
+    let r = app.execute("ag1", json!({ "code": probe })).await;
     let got = r["output"].as_str().unwrap_or("").trim().to_owned();
     assert_ne!(got, "connected", "another sandbox reached the agent: {r}");
     assert!(!got.is_empty(), "{r}");
@@ -100,11 +104,16 @@ async fn the_key_is_not_in_the_environment_of_code_or_terminals() {
             .execute("ag3", json!({"code": code, "language": lang}))
             .await;
         let out = r["output"].as_str().unwrap();
-        assert!(out.contains("SANDBOXD_USER"), "{lang}: the probe works: {r}");
+        assert!(
+            out.contains("SANDBOXD_USER"),
+            "{lang}: the probe works: {r}"
+        );
         assert!(!out.contains("SANDBOXD_AGENT_KEY"), "{lang}: {r}");
         assert!(!out.contains(&key), "{lang}: the key leaked");
     }
     let mut t = Term::open(&app, "ag3", "").await.with_step(TERM_STEP);
-    let out = t.output("env | grep -c SANDBOXD_AGENT_KEY; echo $SANDBOXD_USER").await;
+    let out = t
+        .output("env | grep -c SANDBOXD_AGENT_KEY; echo $SANDBOXD_USER")
+        .await;
     assert_eq!(out, "0\nag3", "{out}");
 }
