@@ -73,6 +73,8 @@ pub struct Managed {
     pub user: UserId,
     pub state: DockerState,
     pub created: i64,
+    /// The agent key of its label (absent on containers made before the agent existed).
+    pub agent_key: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -470,6 +472,10 @@ impl Engine {
                     user,
                     state: DockerState::parse(c.state.as_deref().unwrap_or("")),
                     created: c.created.unwrap_or(0) * 1000,
+                    agent_key: labels
+                        .get(super::agent::KEY_LABEL)
+                        .filter(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .cloned(),
                 }),
                 _ => bad.push(id),
             }
@@ -524,8 +530,11 @@ impl Engine {
         cfg: &Config,
         user: &UserId,
         workspace: &Path,
+        agent_key: &str,
     ) -> Result<(String, String), EngineError> {
         let name = spec::container_name(&cfg.instance, user);
+        let mut config = spec::container_config(cfg, user, workspace);
+        spec::set_agent_key(&mut config, agent_key);
         let res = self
             .docker
             .create_container(
@@ -533,7 +542,7 @@ impl Engine {
                     name: name.clone(),
                     platform: None,
                 }),
-                spec::container_config(cfg, user, workspace),
+                config,
             )
             .await
             .map_err(failed("creating the container"))?;
@@ -715,6 +724,49 @@ impl Engine {
                 "exec started detached".into(),
             )),
         }
+    }
+
+    /// Starts a command detached (nothing attached; it outlives the request), as the sandbox
+    /// user, with `env`.
+    pub async fn exec_detached(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<(), EngineError> {
+        let gate = self.gate(container);
+        let _starting = gate.read().await;
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions::<String> {
+                    cmd: Some(cmd),
+                    env: Some(env),
+                    working_dir: Some(spec::WORKSPACE.to_owned()),
+                    attach_stdin: Some(false),
+                    attach_stdout: Some(false),
+                    attach_stderr: Some(false),
+                    tty: Some(false),
+                    user: Some(format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)),
+                    privileged: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(failed(CREATING_EXEC))?;
+        self.docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: true,
+                    tty: false,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(failed("starting an exec"))?;
+        Ok(())
     }
 
     /// Runs a command to completion, discarding output beyond 64 KiB; returns its exit code.

@@ -20,7 +20,8 @@ use docker::{DockerState, Engine, EngineError, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    docker, exec, firewall, health, Manager, Sandbox, SandboxError, Slot, State, TerminalGuard,
+    agent, docker, exec, firewall, health, spec, Manager, Sandbox, SandboxError, Slot, State,
+    TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -163,6 +164,7 @@ impl Manager {
                     terminals: AtomicUsize::new(0),
                     runs: AtomicUsize::new(0),
                     fast: StdMutex::new(None),
+                    agent_restart: Mutex::new(()),
                 })
             })
             .clone()
@@ -332,7 +334,11 @@ impl Manager {
                     return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
                 }
                 let t = Instant::now();
-                let created = self.engine.create(&self.cfg, user, &workspace).await;
+                let agent_key = spec::new_agent_key();
+                let created = self
+                    .engine
+                    .create(&self.cfg, user, &workspace, &agent_key)
+                    .await;
                 let (id, name) = created.inspect_err(|e| self.engine_failed(e))?;
                 self.metrics.transition(Op::Create, t.elapsed());
                 self.event(user, Some(&id), "created", None).await;
@@ -346,6 +352,7 @@ impl Manager {
                     // Created with the boot quota (spec.rs).
                     boosted: self.boost_enabled(),
                     boot_gen: 0,
+                    agent_key: agent_key.into(),
                 };
                 let t = Instant::now();
                 if let Err(e) = self.start_container(&mut c).await {
@@ -504,6 +511,10 @@ impl Manager {
             ip: c.ip,
             created_at: c.created_at,
             last_activity: slot.last_activity(),
+            agent: c.ip.map(|ip| agent::Endpoint {
+                addr: std::net::SocketAddr::new(ip, agent::AGENT_PORT),
+                key: c.agent_key.clone(),
+            }),
         })
     }
 

@@ -16,6 +16,9 @@ pub enum Script {
     ExecRun,
     /// Removes a killed run's files (`$1` run id).
     ExecForget,
+    /// Restarts the sandbox's agent in place of whatever holds its port (no arguments; the key
+    /// in the environment); run detached, see agent/door.rs.
+    AgentStart,
     /// Kills the processes of one run or one terminal (`$1` mark variable, `$2` id, `$3` scope,
     /// `$4` pause between passes).
     Kill,
@@ -41,6 +44,7 @@ impl Script {
         match self {
             Script::ExecRun => include_str!("scripts/exec-run.sh"),
             Script::ExecForget => include_str!("scripts/exec-forget.sh"),
+            Script::AgentStart => include_str!("scripts/agent-start.sh"),
             Script::Kill => include_str!("scripts/kill.sh"),
             Script::TermWrapper => include_str!("scripts/term-wrapper.sh"),
             Script::TermResize => include_str!("scripts/term-resize.sh"),
@@ -57,6 +61,7 @@ impl Script {
         match self {
             Script::ExecRun => "sandboxd-exec",
             Script::ExecForget | Script::Kill => "sandboxd-kill",
+            Script::AgentStart => "sandboxd-agent-start",
             Script::TermWrapper => "sandboxd-terminal",
             Script::TermResize => "sandboxd-term-resize",
             Script::ProjectExists
@@ -109,8 +114,11 @@ pub use super::docker::ExecOutput as OutputChunk;
 /// must never land in a newer container).
 #[derive(Clone)]
 pub struct Door {
-    mgr: Arc<Manager>,
-    container: String,
+    pub(super) mgr: Arc<Manager>,
+    pub(super) container: String,
+    pub(super) slot: Arc<super::Slot>,
+    /// The container's agent (`None` while it has no address).
+    pub(super) agent: Option<super::agent::Endpoint>,
 }
 
 /// An attached program started through a [`Door`]; its streams are handed out beside it.
@@ -143,6 +151,8 @@ impl Manager {
         Ok(Door {
             mgr: self.clone(),
             container: sb.container_id,
+            slot: self.slot(user),
+            agent: sb.agent,
         })
     }
 
@@ -237,7 +247,8 @@ pub fn bytes_of(chunk: OutputChunk) -> bytes::Bytes {
 mod tests {
     use super::*;
 
-    const ALL: [Script; 10] = [
+    const ALL: [Script; 11] = [
+        Script::AgentStart,
         Script::ExecRun,
         Script::ExecForget,
         Script::Kill,
