@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 mod door;
+pub mod files;
 pub use door::{head_timeout, HELLO_TIMEOUT};
 
 /// The agent's port inside every sandbox.
@@ -146,7 +147,9 @@ pub struct AgentCall {
 
 impl std::fmt::Debug for AgentCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentCall").field("head", &self.head).finish()
+        f.debug_struct("AgentCall")
+            .field("head", &self.head)
+            .finish()
     }
 }
 
@@ -265,7 +268,11 @@ pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io
 fn request_head(op: &Value, key: &str) -> Result<Vec<u8>, AgentError> {
     let mut head = match op {
         Value::Object(m) => m.clone(),
-        _ => return Err(AgentError::Unavailable("an op must be a JSON object".into())),
+        _ => {
+            return Err(AgentError::Unavailable(
+                "an op must be a JSON object".into(),
+            ))
+        }
     };
     head.insert("key".into(), Value::String(key.to_owned()));
     let json = serde_json::to_vec(&Value::Object(head))
@@ -341,12 +348,7 @@ pub(crate) async fn call(
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err((AgentError::Unavailable(format!("connecting: {e}")), body)),
-        Err(_) => {
-            return Err((
-                AgentError::Unavailable("connecting timed out".into()),
-                body,
-            ))
-        }
+        Err(_) => return Err((AgentError::Unavailable("connecting timed out".into()), body)),
     };
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
@@ -504,7 +506,13 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let t = std::time::Instant::now();
-        let r = call(&ep, &json!({"op":"hello"}), None, Duration::from_millis(200)).await;
+        let r = call(
+            &ep,
+            &json!({"op":"hello"}),
+            None,
+            Duration::from_millis(200),
+        )
+        .await;
         assert!(matches!(r, Err((AgentError::Unavailable(_), _))));
         assert!(t.elapsed() < Duration::from_secs(2));
         hold.abort();
@@ -542,7 +550,9 @@ mod tests {
                 body.extend_from_slice(&p);
             }
             assert_eq!(body, b"print(1)");
-            w.write_all(b"{\"ok\":true,\"mark\":\"ab\"}\n").await.unwrap();
+            w.write_all(b"{\"ok\":true,\"mark\":\"ab\"}\n")
+                .await
+                .unwrap();
             write_frame(&mut w, kind::STDOUT, b"1\n").await.unwrap();
             write_frame(&mut w, kind::EXIT, br#"{"exitCode":0}"#)
                 .await
@@ -631,7 +641,9 @@ mod tests {
             .await
             .map_err(|(e, _)| e)
             .unwrap();
-        assert!(matches!(c.next().await, Err(AgentError::Refused { code, .. }) if code == "io_error"));
+        assert!(
+            matches!(c.next().await, Err(AgentError::Refused { code, .. }) if code == "io_error")
+        );
         let mut c = call(&ep, &json!({"op":"tar"}), None, Duration::from_secs(2))
             .await
             .map_err(|(e, _)| e)
