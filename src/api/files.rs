@@ -439,14 +439,13 @@ fn yes() -> bool {
 /// most [`CHUNK_TIMEOUT`]. Pulled only as fast as the client reads.
 fn streamed(stream: Stream, length: Option<u64>) -> Body {
     type Item = std::result::Result<Frame<Bytes>, BoxError>;
+    type State = (Option<Stream>, Option<u64>);
     let s = futures_util::stream::unfold((Some(stream), length), |(stream, left)| async move {
         let mut stream = stream?;
         if left == Some(0) {
             return None;
         }
-        let fail = |m: String| -> Option<(Item, (Option<Stream>, Option<u64>))> {
-            Some((Err(m.into()), (None, None)))
-        };
+        let fail = |m: String| -> Option<(Item, State)> { Some((Err(m.into()), (None, None))) };
         match tokio::time::timeout(CHUNK_TIMEOUT, stream.chunk()).await {
             Err(_) => fail("the sandbox agent stalled".into()),
             Ok(Err(e)) => fail(format!("{e}")),

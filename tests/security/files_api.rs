@@ -75,12 +75,9 @@ fn gunzip(tgz: &[u8]) -> Vec<u8> {
 
 fn leaked(body: &[u8]) -> Option<&'static str> {
     let text = String::from_utf8_lossy(body);
-    for needle in [SECRET_B, "root:", "daemon:", "do not touch"] {
-        if text.contains(needle) {
-            return Some(needle);
-        }
-    }
-    None
+    [SECRET_B, "root:", "daemon:", "do not touch"]
+        .into_iter()
+        .find(|n| text.contains(n))
 }
 
 #[tokio::test]
