@@ -726,49 +726,6 @@ impl Engine {
         }
     }
 
-    /// Starts a command detached (nothing attached; it outlives the request), as the sandbox
-    /// user, with `env`.
-    pub async fn exec_detached(
-        &self,
-        container: &str,
-        cmd: Vec<String>,
-        env: Vec<String>,
-    ) -> Result<(), EngineError> {
-        let gate = self.gate(container);
-        let _starting = gate.read().await;
-        let created = self
-            .docker
-            .create_exec(
-                container,
-                CreateExecOptions::<String> {
-                    cmd: Some(cmd),
-                    env: Some(env),
-                    working_dir: Some(spec::WORKSPACE.to_owned()),
-                    attach_stdin: Some(false),
-                    attach_stdout: Some(false),
-                    attach_stderr: Some(false),
-                    tty: Some(false),
-                    user: Some(format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)),
-                    privileged: Some(false),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(failed(CREATING_EXEC))?;
-        self.docker
-            .start_exec(
-                &created.id,
-                Some(StartExecOptions {
-                    detach: true,
-                    tty: false,
-                    output_capacity: None,
-                }),
-            )
-            .await
-            .map_err(failed("starting an exec"))?;
-        Ok(())
-    }
-
     /// Runs a command to completion, discarding output beyond 64 KiB; returns its exit code.
     pub async fn run(
         &self,

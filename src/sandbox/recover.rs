@@ -177,6 +177,7 @@ mod tests {
             user: UserId::parse("42").unwrap(),
             state,
             created,
+            agent_key: None,
         }
     }
 

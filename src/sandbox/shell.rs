@@ -12,12 +12,8 @@ use crate::user::UserId;
 /// A fixed bash program run inside a sandbox. Each one documents its arguments at its top.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
-    /// Runs code from stdin with node (`$1` run id); see exec.rs.
-    ExecRun,
-    /// Removes a killed run's files (`$1` run id).
-    ExecForget,
     /// Restarts the sandbox's agent in place of whatever holds its port (no arguments; the key
-    /// in the environment); run detached, see agent/door.rs.
+    /// in the environment); see agent/door.rs.
     AgentStart,
     /// Kills the processes of one run or one terminal (`$1` mark variable, `$2` id, `$3` scope,
     /// `$4` pause between passes).
@@ -42,8 +38,6 @@ impl Script {
     /// The program's text.
     pub fn source(self) -> &'static str {
         match self {
-            Script::ExecRun => include_str!("scripts/exec-run.sh"),
-            Script::ExecForget => include_str!("scripts/exec-forget.sh"),
             Script::AgentStart => include_str!("scripts/agent-start.sh"),
             Script::Kill => include_str!("scripts/kill.sh"),
             Script::TermWrapper => include_str!("scripts/term-wrapper.sh"),
@@ -59,8 +53,7 @@ impl Script {
     /// `$0` of the program: what `ps` in the sandbox shows.
     fn name(self) -> &'static str {
         match self {
-            Script::ExecRun => "sandboxd-exec",
-            Script::ExecForget | Script::Kill => "sandboxd-kill",
+            Script::Kill => "sandboxd-kill",
             Script::AgentStart => "sandboxd-agent-start",
             Script::TermWrapper => "sandboxd-terminal",
             Script::TermResize => "sandboxd-term-resize",
@@ -247,10 +240,8 @@ pub fn bytes_of(chunk: OutputChunk) -> bytes::Bytes {
 mod tests {
     use super::*;
 
-    const ALL: [Script; 11] = [
+    const ALL: [Script; 9] = [
         Script::AgentStart,
-        Script::ExecRun,
-        Script::ExecForget,
         Script::Kill,
         Script::TermWrapper,
         Script::TermResize,
@@ -287,7 +278,7 @@ mod tests {
 
     #[test]
     fn ids_are_checked_before_use() {
-        for s in [Script::Kill, Script::TermResize, Script::ExecForget] {
+        for s in [Script::Kill, Script::TermResize] {
             assert!(s.source().contains("*[!0-9a-f]*) exit 2"), "{s:?}");
         }
     }

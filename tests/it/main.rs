@@ -16,6 +16,7 @@ mod engine_sync;
 mod files;
 mod hardening;
 mod init;
+mod languages;
 mod metrics;
 mod operator;
 mod preview;

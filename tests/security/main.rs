@@ -13,6 +13,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent;
 mod edge;
 mod files;
 mod files_api;

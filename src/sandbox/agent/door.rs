@@ -9,12 +9,17 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{call, AgentBody, AgentCall, AgentError, Endpoint, KEY_ENV};
-use crate::sandbox::shell::{Door, Script};
+use futures_util::StreamExt;
+
+use crate::sandbox::shell::{bytes_of, Door, ExecOptions, Script};
 
 /// How long `hello` may take before the agent counts as not answering.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a restarted agent may take to answer `hello`.
-const RESTART_WAIT: Duration = Duration::from_secs(4);
+/// How long restarting the agent may take (the exec and the new agent's bind).
+const RESTART_WAIT: Duration = Duration::from_secs(5);
+/// How long a refused connection waits for an agent that is still starting before the edge
+/// replaces it.
+const BOOT_GRACE: Duration = Duration::from_millis(1000);
 
 /// The head timeout of an op (counted from the end of its body): how long the agent may take
 /// before its answer starts.
@@ -80,9 +85,7 @@ impl Door {
                         "{why} (the agent was restarted; send the body again)"
                     )));
                 }
-                return call(&ep, &op, body, head_timeout)
-                    .await
-                    .map_err(|(e, _)| e);
+                return call(&ep, &op, body, head_timeout).await.map_err(|(e, _)| e);
             }
             Err((e, _)) => e,
         };
@@ -97,29 +100,69 @@ impl Door {
         if hello(ep, Duration::from_millis(500)).await.is_ok() {
             return Ok(());
         }
-        tracing::warn!(user = %self.slot.user, reason = why, "restarting the sandbox agent");
-        self.mgr
-            .engine
-            .exec_detached(
-                &self.container,
-                Script::AgentStart.argv(&[]),
-                vec![format!("{KEY_ENV}={}", ep.key)],
-            )
-            .await
-            .map_err(|e| AgentError::Unavailable(format!("{why}; restarting it failed: {e}")))?;
-        let until = tokio::time::Instant::now() + RESTART_WAIT;
-        loop {
-            tokio::time::sleep(Duration::from_millis(40)).await;
-            match hello(ep, Duration::from_millis(800)).await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= until => {
-                    return Err(AgentError::Unavailable(format!(
-                        "{why}; after a restart: {e}"
-                    )))
+        // A sandbox that just booted may not listen yet: give the agent its init started a
+        // moment before replacing it.
+        if why.starts_with("connecting") {
+            let until = tokio::time::Instant::now() + BOOT_GRACE;
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if hello(ep, Duration::from_millis(500)).await.is_ok() {
+                    return Ok(());
                 }
-                Err(_) => {}
             }
         }
+        tracing::warn!(user = %self.slot.user, reason = why, "restarting the sandbox agent");
+        // Attached, to its end: `--replace` exits once the new agent accepts (so no later
+        // start can kill an agent a retried request already talks to).
+        let started = tokio::time::timeout(RESTART_WAIT, async {
+            let (exec, mut out, _input) = self
+                .open_exec(
+                    Script::AgentStart,
+                    &[],
+                    ExecOptions {
+                        env: vec![format!("{KEY_ENV}={}", ep.key)],
+                        working_dir: None,
+                        stdin: false,
+                    },
+                )
+                .await?;
+            let mut said = Vec::new();
+            while let Some(chunk) = out.next().await {
+                let b = bytes_of(chunk?);
+                if said.len() < 4096 {
+                    said.extend_from_slice(&b);
+                }
+            }
+            let status = exec.status().await?;
+            anyhow::Ok((
+                status.exit_code,
+                String::from_utf8_lossy(&said).into_owned(),
+            ))
+        })
+        .await;
+        match started {
+            Ok(Ok((Some(0), _))) => {}
+            Ok(Ok((code, said))) => {
+                return Err(AgentError::Unavailable(format!(
+                    "{why}; restarting it failed ({code:?}): {}",
+                    said.trim()
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(AgentError::Unavailable(format!(
+                    "{why}; restarting it failed: {e:#}"
+                )))
+            }
+            Err(_) => {
+                return Err(AgentError::Unavailable(format!(
+                    "{why}; restarting it timed out"
+                )))
+            }
+        }
+        hello(ep, HELLO_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|e| AgentError::Unavailable(format!("{why}; after a restart: {e}")))
     }
 
     /// Whether the agent answers `hello` now (no restart).

@@ -139,7 +139,8 @@ impl std::fmt::Debug for Endpoint {
 pub struct AgentCall {
     pub head: Value,
     reader: BufReader<OwnedReadHalf>,
-    /// Kept open for ops without a body (closing it ends a `watch`).
+    /// Kept open until the call is dropped: the agent takes a closed connection for a client
+    /// that left (it ends a `watch`, kills a run).
     _writer: Option<OwnedWriteHalf>,
     sender: Option<JoinHandle<std::io::Result<OwnedWriteHalf>>>,
     done: bool,
@@ -365,7 +366,7 @@ pub(crate) async fn call(
     }
     let mut reader = BufReader::with_capacity(64 * 1024, r);
     // The body goes out beside the head read, so an early refusal is seen at once.
-    let (mut sender, writer) = match body {
+    let (mut sender, mut writer) = match body {
         Some(b) => (Some(tokio::spawn(send_body(w, b))), None),
         None => (None, Some(w)),
     };
@@ -378,7 +379,13 @@ pub(crate) async fn call(
         loop {
             tokio::select! {
                 line = &mut read => break line,
-                _ = async { sender.as_mut().expect("guarded").await }, if sender.is_some() && deadline.is_none() => {
+                sent = async { sender.as_mut().expect("guarded").await }, if sender.is_some() && deadline.is_none() => {
+                    sender = None;
+                    // Kept open: the agent takes a closed connection for a client that left
+                    // (and kills a run).
+                    if let Ok(Ok(w)) = sent {
+                        writer = Some(w);
+                    }
                     deadline = Some(tokio::time::Instant::now() + head_timeout);
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
