@@ -168,7 +168,15 @@ async fn the_files_api_never_leaves_the_workspace() {
                 [403, 404, 409].contains(&s),
                 "GET {route}?path={p} → {s}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
+            ); // The probe works: links to what exists in the container are seen and refused as
+               // leading out, not merely missing.
+            if ["shadow", "root", "etc", "d/up", "dots"].contains(&p.as_str()) {
+                assert_eq!(
+                    (s, code(&body).as_str()),
+                    (403, "outside_workspace"),
+                    "GET {route}?path={p}"
+                );
+            }
         }
         // Writes through the link: refused, nothing lands outside.
         let (s, body) = call(
