@@ -18,7 +18,9 @@ fn root() -> &'static Path {
 fn console_dist() -> PathBuf {
     let dist = root().join("console/dist");
     assert!(
-        dist.join("index.html").is_file() && dist.join("xterm.mjs").is_file(),
+        dist.join("index.html").is_file()
+            && dist.join("xterm.mjs").is_file()
+            && dist.join("editor.js").is_file(),
         "the web console is not built ({} is missing files): run scripts/ensure-console.sh",
         dist.display()
     );
@@ -41,6 +43,8 @@ async fn console_files_are_served_with_types_caching_and_a_strict_csp() {
         ("/", "text/html; charset=utf-8"),
         ("/console/index.html", "text/html; charset=utf-8"),
         ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/files.js", "text/javascript; charset=utf-8"),
+        ("/console/editor.js", "text/javascript; charset=utf-8"),
         ("/console/xterm.mjs", "text/javascript; charset=utf-8"),
         ("/console/addon-fit.mjs", "text/javascript; charset=utf-8"),
         ("/console/app.css", "text/css; charset=utf-8"),
