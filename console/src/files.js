@@ -419,16 +419,20 @@ export function initFiles(deps) {
     const dir = targetFolder();
     askName(`New file in /workspace${dir ? `/${dir}` : ''}`, '', async (name) => {
       const path = checkPath(join(dir, name));
-      const exists = await api('GET', `/sandbox/files/stat?${q(path)}`).then(() => true, (e) => {
+      // An existing file is not overwritten: the folder's fresh listing tells, or a stat for a
+      // name in a subfolder.
+      await load(dir);
+      const exists = nodes.has(path) || (name.includes('/') && await api('GET', `/sandbox/files/stat?${q(path)}`).then(() => true, (e) => {
         if (e.code === 'file_not_found') return false;
         throw e;
-      });
+      }));
       if (exists) throw Object.assign(new Error(`${path} already exists`), { code: 'file_exists' });
       await fetchRaw('PUT', `/sandbox/files?${q(path)}`, { body: new Uint8Array(0), headers: { 'Content-Type': 'application/octet-stream' } });
       await load(dir);
       await reveal(path);
       selected = path;
       say(`Created ${path}.`);
+      closeNameForm();
       await openFile(path);
     });
   }
@@ -677,12 +681,18 @@ export function initFiles(deps) {
     ev.preventDefault();
     const action = nameAction;
     const value = $('name-input').value.trim();
-    if (!action || !value) return;
-    const ok = await guard(async () => {
-      await action(value);
-      return true;
-    });
-    if (ok) closeNameForm();
+    if (!action || !value || $('name-input').readOnly) return;
+    $('name-input').readOnly = true;
+    let ok;
+    try {
+      ok = await guard(async () => {
+        await action(value);
+        return true;
+      });
+    } finally {
+      $('name-input').readOnly = false;
+    }
+    if (ok && nameAction === action) closeNameForm();
   });
   $('name-cancel').addEventListener('click', () => closeNameForm());
   $('name-input').addEventListener('keydown', (ev) => {
