@@ -6,8 +6,11 @@
 // (sandboxd ignores SANDBOXD_E2E_*, SANDBOXD_TEST_* and SANDBOXD_BENCH_* variables, so the
 // line works in a shell that exports them too.)
 //
-// Steps: paste the token, start the sandbox, `echo hello` in the terminal, a React + Vite (or
-// Node) project shown in the preview iframe, run code. A screenshot per step goes to
+// Steps: paste the token, start the sandbox, `echo hello` in the terminal, the file tree
+// following a file the terminal writes (and deleting it from the tree), a React + Vite (or Node)
+// project shown in the preview iframe, its `src/App.jsx` opened from the tree in the editor,
+// changed and saved, and the new text in the preview frame (HMR), run code in JavaScript and in
+// Python. A screenshot per step goes to
 // SANDBOXD_E2E_ARTIFACTS (default tests/artifacts/console). Every wait is bounded; the whole
 // run is bounded by SANDBOXD_E2E_DEADLINE_S (default 480). Exit 0 = passed.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
@@ -231,6 +234,8 @@ async function run() {
   await page.setViewportSize({ width: 1440, height: 900 });
   await page.waitForTimeout(500);
 
+  await filesStep();
+
   if (projectKind) await projectStep(projectKind);
   else log('project step left out (SANDBOXD_E2E_PROJECT=0)');
 
@@ -251,6 +256,23 @@ async function run() {
   log(`run code: ${summary}`);
   await screenshot('run-code');
 
+  // 5b. The language picker: Python.
+  await page.locator('#language').selectOption('python');
+  await page.locator('#code').fill('print(6*7)');
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+  await until('the Python run result', 30_000, async () => {
+    if (/could not reach sandboxd/.test(await text('#run-error'))) {
+      log(`run code: ${await text('#run-error')}: Run again`);
+      await page.getByRole('button', { name: 'Run', exact: true }).click();
+    }
+    const err = await text('#run-error');
+    if (err) throw new Error(`the Python run failed: ${err}`);
+    return (await text('#run-stdout')) === '42';
+  });
+  log(`run Python: ${await text('#run-summary')}`);
+  await screenshot('run-python');
+  await page.locator('#language').selectOption('javascript');
+
   // 6. An API error is shown in words: a timeout the server refuses (422).
   await page.locator('#timeout').fill('0');
   await page.getByRole('button', { name: 'Run', exact: true }).click();
@@ -263,9 +285,72 @@ async function run() {
   await until('the sandbox to be removed', 30_000, async () => (await text('#sb-state')) === 'removed');
   await until('the terminal to close', 10_000, async () => (await text('#term-state')) === 'closed');
   if (await page.locator('#preview').isVisible()) throw new Error('the preview is still shown after Stop');
+  if (!(await page.locator('#tree-empty').isVisible())) throw new Error('the file tree is still shown after Stop');
   log('stopped');
 
   if (problems.length) throw new Error(`the console page reported problems:\n${problems.join('\n')}`);
+}
+
+// 3b. The file tree: it lists /workspace, follows a file that the terminal writes (the watch
+// WebSocket) and deletes it again (with a confirm).
+async function filesStep() {
+  await until('the file tree to follow /workspace', 30_000, async () =>
+    (await text('#watch-state')) === 'following' && page.locator('#tree .tree-item.root').isVisible());
+  await page.locator('#terminal').click();
+  await page.keyboard.type('echo made-in-the-terminal > /workspace/term-note.txt', { delay: 5 });
+  await page.keyboard.press('Enter');
+  const item = page.locator('#tree .tree-item[data-path="term-note.txt"]');
+  await until('the terminal\'s file in the tree', 20_000, async () => (await item.count()) === 1);
+  await item.click();
+  await until('the file in the editor', 15_000, async () =>
+    (await text('#editor-file')) === 'term-note.txt' && (await text('#editor .cm-content')).includes('made-in-the-terminal'));
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Delete', exact: true }).click();
+  await until('the file to leave the tree', 15_000, async () => (await item.count()) === 0);
+  if ((await text('#editor-file')) !== 'No file open') throw new Error('the deleted file is still open in the editor');
+  log('file tree: followed a file written in the terminal, opened it, deleted it');
+}
+
+// 4b. The editor: open src/App.jsx of the React + Vite project from the tree, change the
+// heading with the search panel's replace, save with Ctrl+S, and see the new heading in the
+// preview frame without a reload of the frame (Vite's HMR).
+async function editorStep(heading) {
+  const wanted = 'Edited in sandboxd';
+  for (const p of ['my-app', 'my-app/src']) {
+    const dir = page.locator(`#tree .tree-item[data-path="${p}"]`);
+    await until(`${p} in the tree`, 20_000, async () => (await dir.count()) === 1);
+    if ((await dir.getAttribute('aria-expanded')) !== 'true') await dir.click();
+  }
+  const file = page.locator('#tree .tree-item[data-path="my-app/src/App.jsx"]');
+  await until('App.jsx in the tree', 20_000, async () => (await file.count()) === 1);
+  await file.click();
+  await until('App.jsx in the editor', 15_000, async () =>
+    (await text('#editor-file')) === 'my-app/src/App.jsx' && (await text('#editor .cm-content')).includes(heading));
+  const lang = await text('#editor-lang');
+  if (lang !== 'JavaScript (JSX)') throw new Error(`App.jsx is highlighted as ${lang}`);
+  if (!(await page.locator('#editor .cm-content .cm-line span').count())) {
+    throw new Error('no syntax highlighting in the editor');
+  }
+  let navigations = 0;
+  const counter = (f) => { if (f !== page.mainFrame()) navigations += 1; };
+  page.on('framenavigated', counter);
+  await page.locator('#editor .cm-content').click();
+  await page.keyboard.press('Control+f');
+  await page.locator('#editor .cm-search input[name=search]').fill(heading);
+  await page.locator('#editor .cm-search input[name=replace]').fill(wanted);
+  await page.locator('#editor .cm-search button[name=replaceAll]').click();
+  await until('the dirty marker', 5_000, async () => page.locator('#editor-dirty').isVisible());
+  await page.locator('#editor .cm-search input[name=replace]').press('Escape');
+  await page.keyboard.press('Control+s');
+  await until('the save', 15_000, async () =>
+    !(await page.locator('#editor-dirty').isVisible()) && (await text('#status')) === 'Saved my-app/src/App.jsx.');
+  const frame = page.frameLocator('#preview');
+  await until('the new heading in the preview frame', 60_000, async () =>
+    ((await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '').trim() === wanted, 500);
+  page.off('framenavigated', counter);
+  log(`editor: saved App.jsx; the preview shows "${wanted}" (${navigations ? `after ${navigations} frame navigation(s)` : 'hot update, no reload'})`);
+  await page.waitForTimeout(500);
+  await screenshot('editor');
 }
 
 // 4. A React + Vite (or Node) project, with visible progress, then its page in the iframe.
@@ -324,6 +409,7 @@ async function projectStep(kind) {
   await page.waitForTimeout(1000); // let the page's logo and styles settle for the picture
   log(`preview shows the ${kind} page "${heading}" (${src}; the frame is at ${inFrame})`);
   await screenshot('preview');
+  if (vite) await editorStep(heading.trim());
 }
 
 let code = 0;

@@ -1,6 +1,7 @@
 //! The web console: how its files are served (types, caching, CSP, the allow-list), and the whole
-//! flow in Debian's Chromium driven by playwright-core (`tests/e2e/console.mjs`) against a real
-//! sandboxd with the default preview domain `preview.localhost`, which Chromium resolves to
+//! flow (terminal, file tree and editor, projects, preview, run code) in Debian's Chromium
+//! driven by playwright-core (`tests/e2e/console.mjs`) against a real sandboxd with the
+//! default preview domain `preview.localhost`, which Chromium resolves to
 //! loopback by itself. Screenshots land in `tests/artifacts/console/`.
 //!
 //! Needs `scripts/ensure-console.sh` (the built console) and, for the browser,
@@ -268,8 +269,10 @@ async fn run_browser(
     }
 }
 
-/// The whole flow in a real browser over plain HTTP (about 30 s, most of it `npm create vite`
-/// and `npm install` inside the sandbox).
+/// The whole flow in a real browser over plain HTTP (about 40 s, most of it `npm create vite`
+/// and `npm install` inside the sandbox): terminal, the file tree following the terminal, a
+/// React + Vite project whose `src/App.jsx` is edited and saved in the editor until the preview
+/// frame shows the new text (HMR), run code in JavaScript and Python.
 #[tokio::test]
 async fn console_end_to_end_in_chromium() {
     // Alone: every server start creates a Docker network, and Chromium aborts requests in
@@ -292,7 +295,9 @@ async fn console_end_to_end_in_chromium() {
             "terminal",
             "project-progress",
             "preview",
+            "editor",
             "run-code",
+            "run-python",
         ],
     )
     .await;
@@ -320,7 +325,7 @@ async fn console_over_https_in_chromium() {
             ("SANDBOXD_E2E_PROJECT", "0"),
             ("SANDBOXD_E2E_IGNORE_TLS", "1"),
         ],
-        &["signin", "started", "terminal", "run-code"],
+        &["signin", "started", "terminal", "run-code", "run-python"],
     )
     .await;
 }
@@ -437,7 +442,7 @@ async fn console_as_scripts_up_runs_it_shows_the_preview_in_chromium() {
             ("SANDBOXD_E2E_PROJECT", "node"),
             ("SANDBOXD_E2E_PREVIEW_URL", &expect),
         ],
-        &["signin", "started", "preview", "run-code"],
+        &["signin", "started", "preview", "run-code", "run-python"],
     )
     .await;
 }
