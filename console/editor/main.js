@@ -94,6 +94,7 @@ export function createEditor(parent, { onChange, onSave, label } = {}) {
     /** Shows `text` as the file `name` (language from its extension), with a fresh history. */
     open(name, text, { readOnly: ro = false } = {}) {
       view.setState(EditorState.create({ doc: text, extensions: extensions(name, ro) }));
+      view.requestMeasure();
       return languageFor(name).label;
     },
     /** Replaces the whole text (a change on disk), keeping the cursor where it can. */

@@ -261,6 +261,8 @@ export function initFiles(deps) {
 
   function showFile(path, text, editable, why) {
     open = { path, editable, saved: text };
+    $('editor-none').hidden = true;
+    $('editor').hidden = false;
     const label = editor.open(path, text, { readOnly: !editable });
     $('editor-file').textContent = path;
     $('editor-lang').textContent = label;
@@ -273,6 +275,8 @@ export function initFiles(deps) {
   function closeFile() {
     open = null;
     editor.open('', '', { readOnly: true });
+    $('editor').hidden = true;
+    $('editor-none').hidden = false;
     $('editor-file').textContent = 'No file open';
     $('editor-lang').hidden = true;
     notice('');
@@ -465,14 +469,26 @@ export function initFiles(deps) {
       }
       await api('POST', '/sandbox/files/move', { from, to });
       if (open && inside(open.path, from)) {
+        const before = open.path;
         open.path = to + open.path.slice(from.length);
         $('editor-file').textContent = open.path;
+        notice('');
+        // A new extension may mean another language: show the same text with its highlighting.
+        if (languageFor(before).label !== languageFor(open.path).label) {
+          $('editor-lang').textContent = editor.open(open.path, editor.text(), { readOnly: !open.editable });
+        }
       }
+      const wasOpen = nodes.get(from) && nodes.get(from).expanded;
       forget(from);
       selected = to;
       await load(parentOf(from));
       if (parentOf(to) !== parentOf(from)) await load(parentOf(to)).catch(() => {});
       await reveal(to);
+      const moved = nodes.get(to);
+      if (wasOpen && moved && moved.type === 'dir') {
+        moved.expanded = true;
+        await load(to);
+      }
       say(`Renamed ${from} to ${to}.`);
     });
   }
@@ -515,8 +531,10 @@ export function initFiles(deps) {
   async function flush() {
     flushTimer = null;
     if (!active) return;
+    // After an overflow or a reconnect: every folder shown, and the root even if its first
+    // listing failed.
     const dirs = pendingAll
-      ? [...nodes.values()].filter((n) => n.type === 'dir' && n.loaded).map((n) => n.path)
+      ? ['', ...[...nodes.values()].filter((n) => n.type === 'dir' && n.loaded && n.path !== '').map((n) => n.path)]
       : [...pending];
     const reopen = pendingOpen || pendingAll;
     pending.clear();
@@ -524,7 +542,7 @@ export function initFiles(deps) {
     pendingOpen = false;
     for (const d of dirs) {
       const n = d === '' ? rootNode() : nodes.get(d);
-      if (n && n.loaded) await load(d).catch((e) => error(e));
+      if (n && (n.loaded || d === '')) await load(d).catch((e) => error(e));
     }
     if (reopen) await reloadOpen().catch(() => {});
   }
