@@ -4,16 +4,22 @@
 #   sandbox-image/build.sh [--offline] [--force]
 #
 #   --offline  do not try a registry; build on the debootstrap base
-#              sandboxd-base:trixie (created on first use)
+#              sandboxd-base:trixie-2 (created on first use)
 #   --force    rebuild even if the image is up to date
 #
 # Env: SANDBOXD_IMAGE (default sandboxd-sandbox:latest)
 #      SANDBOXD_BASE_IMAGE_ONLINE (default node:20-bookworm-slim)
-#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie)
+#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie-2; -2: with Python)
 #
-# The image is labelled sandboxd.context-hash=<sha256 of this directory's files
-# and the host CA bundle>; when the existing image carries the same hash the
-# script prints "image up to date" and exits 0.
+# The image is labelled sandboxd.context-hash=<sha256 of this directory's files,
+# the agent's sources (agent/src, agent/Cargo.toml, Cargo.lock) and the host CA bundle>; when the
+# existing image carries the same hash the script prints "image up to date" and
+# exits 0 (without running cargo or npm).
+#
+# The build context also gets, built on the host: the in-sandbox agent
+# (agent/, a static binary: cargo build --release -p sandboxd-agent) and the
+# runtime tools of runtime/package-lock.json (esbuild; npm ci on the host, so
+# the docker build itself needs no network).
 # Needs root and a running Docker daemon (see scripts/ensure-docker.sh).
 set -euo pipefail
 
@@ -25,7 +31,7 @@ source "$REPO_ROOT/scripts/lib.sh"
 
 SANDBOXD_IMAGE=${SANDBOXD_IMAGE:-sandboxd-sandbox:latest}
 ONLINE_BASE=${SANDBOXD_BASE_IMAGE_ONLINE:-node:20-bookworm-slim}
-OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie}
+OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie-2}
 HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 BUILD_LOG=${SANDBOXD_BUILD_LOG:-/tmp/sandboxd-image-build.log}
 
@@ -71,6 +77,11 @@ context_hash() {
       printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
     done
     printf '%s  %s\n' "$(sha256sum <"$HOST_CA_BUNDLE" | cut -d' ' -f1)" "host-ca-bundle.crt"
+    cd "$REPO_ROOT"
+    { printf '%s\0' Cargo.lock agent/Cargo.toml; find agent/src -type f -print0; } \
+      | LC_ALL=C sort -z | while IFS= read -r -d '' f; do
+        printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
+      done
   ) | sha256sum | cut -d' ' -f1
 }
 hash=$(context_hash)
@@ -121,7 +132,7 @@ build_offline_base() {
   rootfs_dir=$(mktemp -d /var/tmp/sandboxd-base.XXXXXX)
   log "debootstrap trixie into $rootfs_dir (1-2 minutes)"
   run_quiet "debootstrap" debootstrap --variant=minbase \
-    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less \
+    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less,python3,python3-pip,python3-venv \
     trixie "$rootfs_dir"
   unmount_under "$rootfs_dir"
   log "debootstrap done after $((SECONDS - t0))s; installing npm inside the base tree"
@@ -174,6 +185,41 @@ cp -a "$SCRIPT_DIR/." "$ctx_dir/"
 cp "$HOST_CA_BUNDLE" "$ctx_dir/host-ca-bundle.crt"
 chmod 0644 "$ctx_dir/host-ca-bundle.crt"
 
+# The agent: a static binary, so it runs on any base (glibc's static NSS limits do not
+# matter: it resolves no names).
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null 2>&1 || die "cargo not found (needed to build sandboxd-agent)"
+host_triple=$(rustc -vV | sed -n 's/^host: //p')
+[[ -n "$host_triple" ]] || die "cannot tell the Rust host triple (rustc -vV)"
+log "building sandboxd-agent (cargo, static, $host_triple)"
+agent_target_dir=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+t0=$SECONDS
+(
+  cd "$REPO_ROOT"
+  RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$agent_target_dir" \
+    cargo build --release --locked -p sandboxd-agent --target "$host_triple"
+) >"$BUILD_LOG.agent" 2>&1 || {
+  tail -n 30 "$BUILD_LOG.agent" >&2
+  die "building sandboxd-agent failed; log in $BUILD_LOG.agent"
+}
+agent_bin="$agent_target_dir/$host_triple/release/sandboxd-agent"
+if ldd "$agent_bin" 2>&1 | grep -q '=>'; then
+  die "sandboxd-agent is not static: $(ldd "$agent_bin" 2>&1 | head -3)"
+fi
+install -m 0755 "$agent_bin" "$ctx_dir/sandboxd-agent"
+log "sandboxd-agent built in $((SECONDS - t0))s"
+
+# esbuild for TypeScript, from the pinned lock (the host reaches the npm registry).
+command -v npm >/dev/null 2>&1 || apt_install npm
+log "npm ci (sandbox-image/runtime)"
+(cd "$ctx_dir/runtime" && npm ci --ignore-scripts --no-audit --no-fund --omit=dev) \
+  >"$BUILD_LOG.npm" 2>&1 || {
+  tail -n 30 "$BUILD_LOG.npm" >&2
+  die "npm ci in sandbox-image/runtime failed; log in $BUILD_LOG.npm"
+}
+[[ -x "$ctx_dir/runtime/node_modules/@esbuild/linux-x64/bin/esbuild" ]] \
+  || die "npm ci did not install @esbuild/linux-x64"
+
 log "docker build $SANDBOXD_IMAGE from $base (log: $BUILD_LOG)"
 t0=$SECONDS
 build_rc=0
@@ -195,7 +241,7 @@ verify_err=$(mktemp)
 verify_rc=0
 verify_out=$(docker run --rm --read-only --tmpfs /tmp --tmpfs /home/sandbox:uid=1000,gid=1000 \
   --cap-drop ALL --security-opt no-new-privileges "$SANDBOXD_IMAGE" \
-  bash -lc 'id -u; node --version; npm --version; git --version; curl --version | head -1; nano --version | head -1; ps --version' \
+  bash -lc 'id -u; node --version; npm --version; git --version; curl --version | head -1; nano --version | head -1; ps --version; python3 --version; python3 -m venv --help >/dev/null && echo venv; python3 -m pip --version; esbuild --version; sandboxd-agent --version' \
   2>"$verify_err") || verify_rc=$?
 if [[ $verify_rc -ne 0 ]]; then
   cat "$verify_err" >&2
@@ -206,8 +252,11 @@ rm -f "$verify_err"
 mapfile -t lines <<<"$verify_out"
 [[ "${lines[0]:-}" == "1000" ]] || die "image runs as uid '${lines[0]:-}', expected 1000. Output: $verify_out"
 [[ "${lines[1]:-}" =~ ^v20\. ]] || die "node version is '${lines[1]:-}', expected v20.x. Output: $verify_out"
-[[ ${#lines[@]} -ge 7 ]] || die "verification printed too few lines: $verify_out"
-log "verified: uid 1000, node ${lines[1]}, npm ${lines[2]}, ${lines[3]}"
+[[ ${#lines[@]} -ge 12 ]] || die "verification printed too few lines: $verify_out"
+[[ "${lines[7]:-}" =~ ^Python\ 3\. ]] || die "python3 --version is '${lines[7]:-}'. Output: $verify_out"
+[[ "${lines[8]:-}" == venv ]] || die "python3 -m venv does not work. Output: $verify_out"
+[[ "${lines[11]:-}" =~ ^sandboxd-agent\  ]] || die "sandboxd-agent --version is '${lines[11]:-}'. Output: $verify_out"
+log "verified: uid 1000, node ${lines[1]}, npm ${lines[2]}, ${lines[3]}, ${lines[7]}, esbuild ${lines[10]}, ${lines[11]}"
 
 # Drop the previous image if nothing uses it any more (ignore failures).
 new_image_id=$(docker image inspect --format '{{.Id}}' "$SANDBOXD_IMAGE")

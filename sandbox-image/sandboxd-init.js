@@ -26,6 +26,10 @@
 // /workspace/.sandboxd/dev.log.
 'use strict';
 
+// The agent's key is for the agent only: neither the dev server nor anything else started
+// from here gets it.
+delete process.env.SANDBOXD_AGENT_KEY;
+
 const fs = require('fs');
 const path = require('path');
 const { spawn } = require('child_process');
