@@ -234,6 +234,17 @@ impl Report {
             measured: format!("{} vs {} = {}", ms(exec), ms(floor), ratio(exec / floor)),
             pass: check(exec / floor, &|v| v <= 1.5),
         });
+        for (lang, limit) in [("javascript", 50.0), ("python", 60.0)] {
+            let label = format!("execute` {lang}, spaced 0.5 s");
+            if let Some(r) = self.exec.iter().find(|r| r.label.ends_with(&label)) {
+                t.push(Target {
+                    what: format!("execute {lang} p50, spaced 0.5 s"),
+                    target: format!("≤ {limit} ms"),
+                    measured: ms(r.ms.p50),
+                    pass: check(r.ms.p50, &|v| v <= limit),
+                });
+            }
+        }
         let echo = self.terminal.first().map_or(f64::NAN, |r| r.ms.p99);
         t.push(Target {
             what: "terminal echo p99".into(),

@@ -13,7 +13,7 @@ use crate::http::body::{parse_json, read_body};
 use crate::http::error::ApiError;
 use crate::http::json;
 use crate::http::Body;
-use crate::sandbox::exec::{ExecRequest, ExecResult};
+use crate::sandbox::exec::{ExecRequest, ExecResult, Language};
 use crate::sandbox::{Manager, Sandbox};
 use crate::user::UserId;
 
@@ -201,6 +201,9 @@ struct ExecuteBody {
     timeout_ms: Option<u64>,
     #[serde(default)]
     encoding: Encoding,
+    /// `javascript` (default), `typescript`, `python` or `bash`.
+    #[serde(default)]
+    language: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,7 +250,19 @@ impl TryFrom<(ExecuteBody, &ExecLimits)> for ExecRequest {
                 )))
             }
         };
-        Ok(ExecRequest { code, timeout })
+        let language = match body.language.as_deref() {
+            None => Language::default(),
+            Some(l) => Language::parse(l).ok_or_else(|| {
+                ApiError::invalid(
+                    "field \"language\" must be one of javascript, typescript, python, bash",
+                )
+            })?,
+        };
+        Ok(ExecRequest {
+            code,
+            timeout,
+            language,
+        })
     }
 }
 
@@ -323,6 +338,28 @@ mod tests {
             r#"{"code":"1","extra":true}"#,
             r#"{"code":"!!","encoding":"base64"}"#,
             r#"{"code":"1","encoding":"rot13"}"#,
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        }
+        for (l, want) in [
+            ("javascript", Language::JavaScript),
+            ("typescript", Language::TypeScript),
+            ("python", Language::Python),
+            ("bash", Language::Bash),
+        ] {
+            let body = format!(r#"{{"code":"1","language":"{l}"}}"#);
+            assert_eq!(parse(&body).unwrap().language, want);
+        }
+        assert_eq!(
+            parse(r#"{"code":"1"}"#).unwrap().language,
+            Language::JavaScript
+        );
+        for bad in [
+            r#"{"code":"1","language":"ruby"}"#,
+            r#"{"code":"1","language":"Python"}"#,
+            r#"{"code":"1","language":""}"#,
+            r#"{"code":"1","language":3}"#,
         ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");

@@ -63,6 +63,10 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable", msg)
             .retry_after(crate::sandbox::health::RETRY_AFTER_SECS)
     }
+    /// 503 when the in-sandbox agent did not answer and restarting it did not help.
+    pub fn agent_unavailable(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "agent_unavailable", msg).retry_after(2)
+    }
     pub fn internal(err: &anyhow::Error) -> Self {
         tracing::error!(error = format!("{err:#}"), "request failed");
         Self::new(
@@ -123,6 +127,10 @@ impl From<SandboxError> for ApiError {
                 )
             }
             SandboxError::EngineUnavailable(msg) => Self::engine_unavailable(msg),
+            SandboxError::AgentUnavailable(_) => {
+                tracing::warn!(error = %e, "sandbox agent unavailable");
+                Self::agent_unavailable(e.to_string())
+            }
             SandboxError::Internal(err) => Self::internal(&err),
         }
     }

@@ -73,6 +73,8 @@ pub struct Managed {
     pub user: UserId,
     pub state: DockerState,
     pub created: i64,
+    /// The agent key of its label (absent on containers made before the agent existed).
+    pub agent_key: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -470,6 +472,10 @@ impl Engine {
                     user,
                     state: DockerState::parse(c.state.as_deref().unwrap_or("")),
                     created: c.created.unwrap_or(0) * 1000,
+                    agent_key: labels
+                        .get(super::agent::KEY_LABEL)
+                        .filter(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .cloned(),
                 }),
                 _ => bad.push(id),
             }
@@ -524,8 +530,11 @@ impl Engine {
         cfg: &Config,
         user: &UserId,
         workspace: &Path,
+        agent_key: &str,
     ) -> Result<(String, String), EngineError> {
         let name = spec::container_name(&cfg.instance, user);
+        let mut config = spec::container_config(cfg, user, workspace);
+        spec::set_agent_key(&mut config, agent_key);
         let res = self
             .docker
             .create_container(
@@ -533,7 +542,7 @@ impl Engine {
                     name: name.clone(),
                     platform: None,
                 }),
-                spec::container_config(cfg, user, workspace),
+                config,
             )
             .await
             .map_err(failed("creating the container"))?;

@@ -1,26 +1,66 @@
-//! Code execution: the code travels as bytes on the exec's stdin (never inside a shell string
-//! or an argument, so there is no size limit and no quoting), is written to a file under
-//! /workspace/.sandboxd/exec by `cat`, and runs with `node` in a session of its own. On timeout
-//! the whole session is killed (descendants that ignore SIGTERM or fork included); stdout and
-//! stderr are each capped while the rest is drained and dropped, so memory stays flat.
+//! Code execution through the sandbox's agent (see agent/ and docs/agent-protocol.md): the
+//! code travels as the body of a `run` request (bytes, never inside a shell string or an
+//! argument), the agent runs it in a fresh process of its own session (from a warm runtime for
+//! JavaScript and Python) and streams its output. On timeout the agent kills every process of
+//! the run; the edge also kills them from the host by the run's mark, and keeps its own
+//! deadline (the timeout plus [`AGENT_GRACE`]) against an agent that stopped answering. stdout
+//! and stderr are each capped by the agent and again here, so memory stays flat.
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use bytes::Bytes;
+use serde_json::{json, Value};
 
-use super::docker::{Engine, ExecOutput, ExecSpec};
-use super::shell::Script;
+use super::agent::{AgentBody, AgentError, Frame};
+use super::shell::Door;
+use super::SandboxError;
 use crate::config::Config;
 
-/// Marks every process of one run (value: the run id). Inherited through fork and exec, so it
-/// finds descendants that left the run's session (`setsid`, `detached: true`).
+/// Marks every process of one run (value: the run's mark). Inherited through fork and exec, so
+/// it finds descendants that left the run's session (`setsid`, `detached: true`).
 pub const MARK_VAR: &str = "SANDBOXD_EXEC";
+
+/// How long past a run's timeout the edge waits for the agent's answer before it kills the run
+/// itself and answers it as timed out.
+pub const AGENT_GRACE: Duration = Duration::from_secs(3);
+
+/// The languages `POST /sandbox/execute` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Language {
+    #[default]
+    JavaScript,
+    TypeScript,
+    Python,
+    Bash,
+}
+
+impl Language {
+    pub const ALL: [Language; 4] = [
+        Language::JavaScript,
+        Language::TypeScript,
+        Language::Python,
+        Language::Bash,
+    ];
+
+    pub fn parse(s: &str) -> Option<Language> {
+        Language::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::JavaScript => "javascript",
+            Language::TypeScript => "typescript",
+            Language::Python => "python",
+            Language::Bash => "bash",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
     pub code: Vec<u8>,
     pub timeout: Duration,
+    pub language: Language,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,99 +82,112 @@ fn append_capped(buf: &mut Vec<u8>, chunk: &[u8], cap: usize) -> bool {
     take < chunk.len()
 }
 
+/// Reads the agent's `EXIT` object into `res`: a process ended by a signal gets the shell's
+/// code (128 + signal), as `docker exec` reported before; a timed-out run has no code.
+fn apply_exit(res: &mut ExecResult, exit: &Value) {
+    res.timed_out |= exit["timedOut"].as_bool().unwrap_or(false);
+    res.truncated |= exit["truncated"].as_bool().unwrap_or(false);
+    res.exit_code = if res.timed_out {
+        None
+    } else {
+        exit["exitCode"]
+            .as_i64()
+            .or_else(|| exit["signal"].as_i64().map(|s| 128 + s))
+    };
+}
+
+/// Whether `mark` is what the agent makes (32 hex characters): it reaches /proc matching only.
+fn valid_mark(mark: &str) -> bool {
+    mark.len() == 32 && mark.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// How a run's stream ended, besides its frames.
+enum Ending {
+    /// `END` after `EXIT`.
+    Done,
+    /// The connection broke after the head.
+    Lost(String),
+    /// No end by the edge's own deadline.
+    Stuck,
+}
+
 pub(super) async fn run_code(
-    engine: &Engine,
-    container: &str,
+    door: &Door,
     req: ExecRequest,
     cfg: &Config,
-) -> anyhow::Result<ExecResult> {
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let oom_before = oom_kills(container);
+) -> Result<ExecResult, SandboxError> {
+    let container = door.container.clone();
+    let oom_before = oom_kills(&container);
     let started = Instant::now();
-    let (exec_id, mut output, mut input) = engine
-        .exec(
-            container,
-            ExecSpec {
-                // `setsid -w` makes bash the leader of a new session, the one the killer takes.
-                cmd: ["setsid".into(), "-w".into()]
-                    .into_iter()
-                    .chain(Script::ExecRun.argv(std::slice::from_ref(&run_id)))
-                    .collect(),
-                env: vec![format!("{MARK_VAR}={run_id}")],
-                working_dir: Some(super::spec::WORKSPACE),
-                tty: false,
-                stdin: true,
-            },
-        )
-        .await?;
-    // Write the code in its own task so a program that prints before stdin is drained can
-    // never deadlock against us.
-    let code = req.code;
-    let writer = tokio::spawn(async move {
-        let r = input.write_all(&code).await;
-        let _ = input.shutdown().await;
-        r
-    });
-
     let cap = cfg.exec_max_output_bytes;
+    let op = json!({
+        "op": "run",
+        "language": req.language.as_str(),
+        "timeoutMs": req.timeout.as_millis() as u64,
+        "maxOutput": cap,
+    });
+    let mut call = door
+        .agent_call(op, Some(AgentBody::Bytes(Bytes::from(req.code))))
+        .await
+        .map_err(|e| match e {
+            AgentError::Refused { code, message } => SandboxError::Internal(anyhow::anyhow!(
+                "the sandbox agent refused the run: {code}: {message}"
+            )),
+            other => other.into(),
+        })?;
+    let mark = call.head["mark"].as_str().unwrap_or("").to_owned();
     let mut res = ExecResult::default();
-    let deadline = tokio::time::Instant::now() + req.timeout;
-    loop {
-        match tokio::time::timeout_at(deadline, output.next()).await {
-            Ok(Some(Ok(ExecOutput::Stdout(b)))) => {
+    let deadline = tokio::time::Instant::now() + req.timeout + AGENT_GRACE;
+    let mut exited = false;
+    let ending = loop {
+        match tokio::time::timeout_at(deadline, call.next()).await {
+            Ok(Ok(Some(Frame::Stdout(b)))) => {
                 res.truncated |= append_capped(&mut res.stdout, &b, cap);
             }
-            Ok(Some(Ok(ExecOutput::Stderr(b)))) => {
+            Ok(Ok(Some(Frame::Stderr(b)))) => {
                 res.truncated |= append_capped(&mut res.stderr, &b, cap);
             }
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) => break,
-            Err(_) => {
-                res.timed_out = true;
-                break;
+            Ok(Ok(Some(Frame::Exit(v)))) => {
+                apply_exit(&mut res, &v);
+                exited = true;
             }
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) if exited => break Ending::Done,
+            Ok(Ok(None)) => break Ending::Lost("the run ended without its exit".into()),
+            Ok(Err(AgentError::Refused { code, message })) => {
+                break Ending::Lost(format!("the agent failed the run: {code}: {message}"))
+            }
+            Ok(Err(e)) => break Ending::Lost(e.to_string()),
+            Err(_) => break Ending::Stuck,
         }
-    }
-    if res.timed_out {
-        // From the host first: it works even when the run filled the pids limit (a fork
-        // bomb), where no exec can start in the container. The execs below then sweep again
-        // and remove the run's files (or do the whole job when the host cannot see the
-        // container's processes).
-        let (cid, rid) = (container.to_owned(), run_id.clone());
-        match tokio::task::spawn_blocking(move || kill_run_from_host(&cid, &rid)).await {
-            Ok(Some(n)) => tracing::debug!(killed = n, "timed-out run killed from the host"),
+    };
+    // Closing the connection makes the agent kill the run (if it still can).
+    drop(call);
+    let clean = matches!(ending, Ending::Done) && !res.timed_out;
+    if !clean && valid_mark(&mark) {
+        // From the host too: it works even when the run filled the pids limit (a fork bomb) or
+        // the agent is stuck or gone.
+        let (cid, m) = (container.clone(), mark.clone());
+        match tokio::task::spawn_blocking(move || kill_run_from_host(&cid, &m)).await {
+            Ok(Some(n)) => tracing::debug!(killed = n, "run killed from the host"),
             Ok(None) => tracing::debug!("the container's processes are not visible here"),
             Err(e) => tracing::warn!(error = %e, "host-side kill task"),
         }
-        // The run's own session and every process marked with its id (see kill.sh).
-        let kill = [MARK_VAR.into(), run_id.clone(), "led".into(), "0.05".into()];
-        let killed = engine.run(container, Script::Kill.argv(&kill)).await;
-        let killed = match killed {
-            Ok(_) => {
-                engine
-                    .run(container, Script::ExecForget.argv(&[run_id]))
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = killed {
-            tracing::warn!(error = format!("{e:#}"), "killing a timed-out execution");
-        }
-        // Drain what is left, bounded: the session is dead, the stream ends promptly.
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            while let Some(Ok(chunk)) = output.next().await {
-                let (ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) = chunk;
-                let _ = b;
-            }
-        })
-        .await;
     }
-    writer.abort();
     res.duration_ms = started.elapsed().as_millis() as u64;
-    let info = engine.exec_info(&exec_id).await?;
-    res.exit_code = if res.timed_out { None } else { info.exit_code };
-    if let (Some(before), Some(after)) = (oom_before, oom_kills(container)) {
+    if let (Some(before), Some(after)) = (oom_before, oom_kills(&container)) {
         res.oom_killed = after > before;
+    }
+    match ending {
+        Ending::Done => {}
+        Ending::Stuck => {
+            tracing::warn!("the agent did not end a run by its deadline; killed from the host");
+            res.timed_out = true;
+            res.exit_code = None;
+        }
+        // The memory limit took the run (or the agent with it): an answer, not an error.
+        Ending::Lost(_) if res.oom_killed => res.exit_code = Some(137),
+        Ending::Lost(why) => return Err(SandboxError::AgentUnavailable(why)),
     }
     Ok(res)
 }
@@ -268,11 +321,30 @@ mod tests {
     }
 
     #[test]
-    fn scripts_take_no_interpolated_data() {
-        // The run id reaches the scripts only as "$1"/"$2"; nothing is formatted into them.
-        assert!(!Script::ExecRun.source().contains('{'));
-        assert!(Script::Kill
-            .source()
-            .contains("case \"$id\" in '' | *[!0-9a-f]*) exit 2"));
+    fn languages_parse_and_exits_read() {
+        for l in Language::ALL {
+            assert_eq!(Language::parse(l.as_str()), Some(l));
+        }
+        assert_eq!(Language::parse("JavaScript"), None);
+        assert_eq!(Language::parse("ruby"), None);
+        let mut r = ExecResult::default();
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": 3, "signal": null, "timedOut": false}),
+        );
+        assert_eq!(r.exit_code, Some(3));
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": null, "signal": 9, "timedOut": false}),
+        );
+        assert_eq!(r.exit_code, Some(137));
+        apply_exit(
+            &mut r,
+            &json!({"exitCode": null, "timedOut": true, "truncated": true}),
+        );
+        assert_eq!((r.exit_code, r.timed_out, r.truncated), (None, true, true));
+        assert!(valid_mark("0123456789abcdef0123456789abcdef"));
+        assert!(!valid_mark("0123456789abcdef0123456789abcde'"));
+        assert!(!valid_mark(""));
     }
 }

@@ -16,11 +16,12 @@ use crate::config::Config;
 use crate::metrics::{Metrics, Op};
 use crate::store::{now_ms, Store};
 use crate::user::UserId;
-use docker::{DockerState, Engine, EngineError, EngineFailure, ErrorKind};
+use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    docker, exec, firewall, health, Manager, Sandbox, SandboxError, Slot, State, TerminalGuard,
+    agent, docker, exec, firewall, health, spec, Manager, Sandbox, SandboxError, Slot, State,
+    TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -163,6 +164,7 @@ impl Manager {
                     terminals: AtomicUsize::new(0),
                     runs: AtomicUsize::new(0),
                     fast: StdMutex::new(None),
+                    agent_restart: Mutex::new(()),
                 })
             })
             .clone()
@@ -332,7 +334,11 @@ impl Manager {
                     return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
                 }
                 let t = Instant::now();
-                let created = self.engine.create(&self.cfg, user, &workspace).await;
+                let agent_key = spec::new_agent_key();
+                let created = self
+                    .engine
+                    .create(&self.cfg, user, &workspace, &agent_key)
+                    .await;
                 let (id, name) = created.inspect_err(|e| self.engine_failed(e))?;
                 self.metrics.transition(Op::Create, t.elapsed());
                 self.event(user, Some(&id), "created", None).await;
@@ -346,6 +352,7 @@ impl Manager {
                     // Created with the boot quota (spec.rs).
                     boosted: self.boost_enabled(),
                     boot_gen: 0,
+                    agent_key: agent_key.into(),
                 };
                 let t = Instant::now();
                 if let Err(e) = self.start_container(&mut c).await {
@@ -504,6 +511,10 @@ impl Manager {
             ip: c.ip,
             created_at: c.created_at,
             last_activity: slot.last_activity(),
+            agent: c.ip.map(|ip| agent::Endpoint {
+                addr: std::net::SocketAddr::new(ip, agent::AGENT_PORT),
+                key: c.agent_key.clone(),
+            }),
         })
     }
 
@@ -824,23 +835,17 @@ impl Manager {
         let _running = RunGuard::new(&slot);
         let t = Instant::now();
         let res = async {
-            let sb = self.ensure_running(user).await?;
+            let door = self.enter(user).await?;
             slot.touch();
             let retry = req.clone();
-            let run = |id: String, req| async move {
-                self.engine_call(async {
-                    exec::run_code(&self.engine, &id, req, &self.cfg)
-                        .await
-                        .inspect_err(|e| self.engine_failed(e))
-                })
-                .await
-            };
-            let mut res = run(sb.container_id, req).await;
-            if matches!(&res, Err(SandboxError::Internal(e)) if exec_refused(e)) {
-                // Paused, stopped or removed behind our back between the wake and the exec:
-                // the code never ran. Wake through the normal path and run it once more.
-                let sb = self.ensure_running(user).await?;
-                res = run(sb.container_id, retry).await;
+            let mut res = exec::run_code(&door, req, &self.cfg).await;
+            let gone = matches!(&res, Err(SandboxError::AgentUnavailable(_)))
+                && self.status(user).await.map(|s| s.state).ok() != Some(State::Running);
+            if gone {
+                // Paused, stopped or removed behind our back between the wake and the run:
+                // wake through the normal path and run it once more.
+                let door = self.enter(user).await?;
+                res = exec::run_code(&door, retry, &self.cfg).await;
             }
             slot.touch();
             res
@@ -875,12 +880,6 @@ impl Manager {
     pub fn live_count(&self) -> usize {
         self.cfg.max_containers - self.capacity.available_permits()
     }
-}
-
-/// An exec the engine refused before anything ran: the container is paused, not running (409)
-/// or gone (404).
-fn exec_refused(e: &anyhow::Error) -> bool {
-    docker::engine_error(e).is_some_and(EngineError::refused_exec)
 }
 
 /// What eviction looks at in a slot.
@@ -930,10 +929,5 @@ mod tests {
             ("middle", seen(true, false, true, 200)),
         ]);
         assert_eq!(order, ["oldest", "middle", "recent"]);
-    }
-
-    #[test]
-    fn only_a_refused_creation_is_retried() {
-        assert!(!exec_refused(&anyhow::anyhow!("creating an exec")));
     }
 }

@@ -5,6 +5,7 @@
 //! truth about sessions and history, and the table here is a cache of both. A container is only
 //! ever found through the authenticated [`UserId`], never through a string a client sent.
 
+pub mod agent;
 mod docker;
 pub(crate) mod events;
 pub mod exec;
@@ -83,6 +84,9 @@ pub enum SandboxError {
     ImageMissing(String),
     #[error("the workspace folder is unusable: {0}")]
     Workspace(String),
+    /// The in-sandbox agent did not answer and restarting it did not help.
+    #[error("the sandbox's agent is not answering: {0}")]
+    AgentUnavailable(String),
     /// The engine is unreachable or restarting (see health.rs).
     #[error("{0}")]
     EngineUnavailable(String),
@@ -106,6 +110,8 @@ pub struct Sandbox {
     pub ip: Option<IpAddr>,
     pub created_at: i64,
     pub last_activity: i64,
+    /// Where its agent listens and its key (never shown; see agent/).
+    pub(crate) agent: Option<agent::Endpoint>,
 }
 
 pub struct Manager {

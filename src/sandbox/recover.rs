@@ -108,6 +108,13 @@ impl Manager {
                 permit,
                 boosted: false,
                 boot_gen: 0,
+                // A container made before the agent had keys: one made here; the first call
+                // finds the agent deaf to it and restarts it with this one (agent/door.rs).
+                agent_key: keep
+                    .agent_key
+                    .clone()
+                    .unwrap_or_else(super::spec::new_agent_key)
+                    .into(),
             };
             let mut g = slot.inner.lock().await;
             *g = Some(c);
@@ -170,6 +177,7 @@ mod tests {
             user: UserId::parse("42").unwrap(),
             state,
             created,
+            agent_key: None,
         }
     }
 

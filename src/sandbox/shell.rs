@@ -12,10 +12,9 @@ use crate::user::UserId;
 /// A fixed bash program run inside a sandbox. Each one documents its arguments at its top.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
-    /// Runs code from stdin with node (`$1` run id); see exec.rs.
-    ExecRun,
-    /// Removes a killed run's files (`$1` run id).
-    ExecForget,
+    /// Restarts the sandbox's agent in place of whatever holds its port (no arguments; the key
+    /// in the environment); see agent/door.rs.
+    AgentStart,
     /// Kills the processes of one run or one terminal (`$1` mark variable, `$2` id, `$3` scope,
     /// `$4` pause between passes).
     Kill,
@@ -39,8 +38,7 @@ impl Script {
     /// The program's text.
     pub fn source(self) -> &'static str {
         match self {
-            Script::ExecRun => include_str!("scripts/exec-run.sh"),
-            Script::ExecForget => include_str!("scripts/exec-forget.sh"),
+            Script::AgentStart => include_str!("scripts/agent-start.sh"),
             Script::Kill => include_str!("scripts/kill.sh"),
             Script::TermWrapper => include_str!("scripts/term-wrapper.sh"),
             Script::TermResize => include_str!("scripts/term-resize.sh"),
@@ -55,8 +53,8 @@ impl Script {
     /// `$0` of the program: what `ps` in the sandbox shows.
     fn name(self) -> &'static str {
         match self {
-            Script::ExecRun => "sandboxd-exec",
-            Script::ExecForget | Script::Kill => "sandboxd-kill",
+            Script::Kill => "sandboxd-kill",
+            Script::AgentStart => "sandboxd-agent-start",
             Script::TermWrapper => "sandboxd-terminal",
             Script::TermResize => "sandboxd-term-resize",
             Script::ProjectExists
@@ -109,8 +107,11 @@ pub use super::docker::ExecOutput as OutputChunk;
 /// must never land in a newer container).
 #[derive(Clone)]
 pub struct Door {
-    mgr: Arc<Manager>,
-    container: String,
+    pub(super) mgr: Arc<Manager>,
+    pub(super) container: String,
+    pub(super) slot: Arc<super::Slot>,
+    /// The container's agent (`None` while it has no address).
+    pub(super) agent: Option<super::agent::Endpoint>,
 }
 
 /// An attached program started through a [`Door`]; its streams are handed out beside it.
@@ -143,6 +144,8 @@ impl Manager {
         Ok(Door {
             mgr: self.clone(),
             container: sb.container_id,
+            slot: self.slot(user),
+            agent: sb.agent,
         })
     }
 
@@ -237,9 +240,8 @@ pub fn bytes_of(chunk: OutputChunk) -> bytes::Bytes {
 mod tests {
     use super::*;
 
-    const ALL: [Script; 10] = [
-        Script::ExecRun,
-        Script::ExecForget,
+    const ALL: [Script; 9] = [
+        Script::AgentStart,
         Script::Kill,
         Script::TermWrapper,
         Script::TermResize,
@@ -276,7 +278,7 @@ mod tests {
 
     #[test]
     fn ids_are_checked_before_use() {
-        for s in [Script::Kill, Script::TermResize, Script::ExecForget] {
+        for s in [Script::Kill, Script::TermResize] {
             assert!(s.source().contains("*[!0-9a-f]*) exit 2"), "{s:?}");
         }
     }

@@ -24,6 +24,8 @@ pub(super) struct Container {
     pub(super) boosted: bool,
     /// Which boot the quota watcher in flight belongs to (a newer wake takes over).
     pub(super) boot_gen: u64,
+    /// The key of the container's agent (its label, or made here for an older container).
+    pub(super) agent_key: Arc<str>,
 }
 
 /// Per-user slot. The async mutex is the single-flight: every transition for a user runs
@@ -40,6 +42,8 @@ pub struct Slot {
     pub(super) runs: AtomicUsize,
     /// Lock-free copy of the state and IP for the preview's hot path.
     pub(super) fast: StdMutex<Option<(State, Option<IpAddr>)>>,
+    /// Single-flight for restarting the agent (see agent/door.rs).
+    pub(super) agent_restart: Mutex<()>,
 }
 
 impl Slot {

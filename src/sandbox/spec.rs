@@ -83,6 +83,26 @@ pub fn env(cfg: &Config, user: &UserId) -> Vec<String> {
     env
 }
 
+/// A fresh agent key: 32 random bytes as 64 hex characters.
+pub fn new_agent_key() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Gives a create request its agent key: in the environment (read by the agent, which removes
+/// it from what it starts) and in a label (read back after the edge restarts).
+pub(super) fn set_agent_key(c: &mut ContainerConfig<String>, key: &str) {
+    use super::agent::{KEY_ENV, KEY_LABEL};
+    c.env
+        .get_or_insert_with(Vec::new)
+        .push(format!("{KEY_ENV}={key}"));
+    c.labels
+        .get_or_insert_with(HashMap::new)
+        .insert(KEY_LABEL.to_owned(), key.to_owned());
+}
+
 /// The full create request for a user's container.
 pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> ContainerConfig<String> {
     let l = &cfg.limits;

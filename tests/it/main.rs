@@ -15,6 +15,7 @@ mod engine_restart;
 mod engine_sync;
 mod hardening;
 mod init;
+mod languages;
 mod metrics;
 mod operator;
 mod preview;

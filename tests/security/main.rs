@@ -12,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent;
 mod edge;
 mod files;
 mod fuzz;

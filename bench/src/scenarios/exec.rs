@@ -1,4 +1,5 @@
-//! Execute round trip (phase A): sandboxd's API against `docker exec`.
+//! Execute round trip (phase A): sandboxd's API in every language, back to back and spaced,
+//! against `docker exec`.
 
 use std::time::Instant;
 
@@ -53,11 +54,11 @@ impl Ctx {
                 eng_s.push(e);
             }
         }
-        self.report.exec = vec![
+        let mut rows = vec![
             TimedRow {
-                label: "sandboxd `POST /sandbox/execute`".into(),
+                label: "sandboxd `POST /sandbox/execute` javascript, back to back".into(),
                 ms: summarize(&api_s),
-                note: "HTTP API, code on the exec's stdin, `setsid` wrapper writes it to a file, `node` runs it as uid 1000".into(),
+                note: "HTTP API, the `run` op of the in-sandbox agent over the private network (a warm node takes the code)".into(),
             },
             TimedRow {
                 label: "`docker exec <id> node -e 'console.log(1)'` (CLI floor)".into(),
@@ -67,13 +68,86 @@ impl Ctx {
             TimedRow {
                 label: "engine API exec of `node -e` (no CLI, no edge)".into(),
                 ms: summarize(&eng_s),
-                note: "create, start, read, inspect of one exec over the engine socket, the calls sandboxd makes".into(),
+                note: "create, start, read, inspect of one exec over the engine socket (the old execute path's floor)".into(),
             },
         ];
+        // Every language through the API, back to back and spaced 0.5 s apart (an interactive
+        // user or an agent loop), beside `docker exec` of the same runtime spaced alike.
+        let langs: [(&str, &str, &[&str]); 4] = [
+            (
+                "javascript",
+                "console.log(1)",
+                &["node", "-e", "console.log(1)"],
+            ),
+            ("typescript", "const x: number = 1; console.log(x)", &[]),
+            ("python", "print(1)", &["python3", "-c", "print(1)"]),
+            ("bash", "echo 1", &["bash", "-c", "echo 1"]),
+        ];
+        for spaced in [false, true] {
+            for (lang, src, cli) in langs {
+                if !spaced && lang == "javascript" {
+                    continue; // measured above, interleaved with the floors
+                }
+                let body = json!({"code": src, "language": lang});
+                let (mut a, mut c) = (vec![], vec![]);
+                for i in 0..self.n.exec_runs + warm {
+                    if spaced {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    let t = Instant::now();
+                    let v = self.api()?.post("p1", "/sandbox/execute", &body).await?;
+                    let d = t.elapsed().as_secs_f64() * 1e3;
+                    if v["output"] != "1\n" {
+                        bail!("execute {lang} answered {v}");
+                    }
+                    if i >= warm {
+                        a.push(d);
+                    }
+                    if spaced && !cli.is_empty() {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        let t = Instant::now();
+                        let out = tokio::process::Command::new("docker")
+                            .arg("exec")
+                            .arg(id)
+                            .args(cli)
+                            .output()
+                            .await?;
+                        let e = t.elapsed().as_secs_f64() * 1e3;
+                        if out.stdout != b"1\n" {
+                            bail!(
+                                "docker exec {lang}: {:?}",
+                                String::from_utf8_lossy(&out.stderr)
+                            );
+                        }
+                        if i >= warm {
+                            c.push(e);
+                        }
+                    }
+                }
+                let how = if spaced {
+                    "spaced 0.5 s"
+                } else {
+                    "back to back"
+                };
+                rows.push(TimedRow {
+                    label: format!("sandboxd `POST /sandbox/execute` {lang}, {how}"),
+                    ms: summarize(&a),
+                    note: format!("`{src}`"),
+                });
+                if !c.is_empty() {
+                    rows.push(TimedRow {
+                        label: format!("`docker exec <id> {}`, {how}", cli.join(" ")),
+                        ms: summarize(&c),
+                        note: "the same runtime started by the docker CLI, for comparison".into(),
+                    });
+                }
+            }
+        }
+        self.report.exec = rows;
         self.report.settings.push((
             "execute".into(),
             format!(
-                "{} runs of each path after {warm} warm-up runs, interleaved, on a running sandbox",
+                "{} runs of each path after {warm} warm-up runs on a running sandbox; back to back (javascript interleaved with the floors) and spaced 0.5 s apart",
                 self.n.exec_runs
             ),
         ));
