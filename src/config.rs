@@ -76,6 +76,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("exec_max_code_bytes", Kind::Int, "8388608"),
     ("exec_per_user", Kind::Int, "4"),
     ("max_body_bytes", Kind::Int, "10485760"),
+    ("files_max_bytes", Kind::Int, "67108864"),
     ("start_timeout", Kind::Duration, "\"30s\""),
     ("idle_pause_after", Kind::Duration, "\"5m\""),
     ("idle_stop_after", Kind::Duration, "\"30m\""),
@@ -137,6 +138,8 @@ pub struct Config {
     pub exec_max_code_bytes: usize,
     pub exec_per_user: usize,
     pub max_body_bytes: usize,
+    /// Largest file (PUT /sandbox/files) or archive (PUT /sandbox/files/archive) upload.
+    pub files_max_bytes: usize,
     pub start_timeout: Duration,
     /// Longest a sandbox keeps its boot CPU quota when its app does not listen.
     pub boot_window: Duration,
@@ -384,6 +387,7 @@ impl Config {
             exec_max_code_bytes: t.int_in("exec_max_code_bytes", 1024, 1 << 30)? as usize,
             exec_per_user: t.int_in("exec_per_user", 1, 1024)? as usize,
             max_body_bytes: t.int_in("max_body_bytes", 1024, 1 << 30)? as usize,
+            files_max_bytes: t.int_in("files_max_bytes", 1, 1 << 34)? as usize,
             start_timeout: t.duration_in("start_timeout", 100, 600_000)?,
             boot_window: t.duration_in("boot_window", 0, 600_000)?,
             idle_pause_after: t.duration_in("idle_pause_after", 100, u32::MAX as u64)?,

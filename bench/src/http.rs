@@ -66,6 +66,24 @@ impl Api {
         ))
     }
 
+    /// One request with a raw body; the status and the raw answer.
+    pub async fn raw(
+        &self,
+        user: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes)> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header(AUTHORIZATION, format!("Bearer {}", self.token(user)?))
+            .body(Full::new(body))?;
+        let resp = self.client.request(req).await.context("API request")?;
+        let status = resp.status();
+        Ok((status, resp.into_body().collect().await?.to_bytes()))
+    }
+
     /// POST that must succeed (2xx).
     pub async fn post(&self, user: &str, path: &str, body: &Value) -> Result<Value> {
         let (s, v) = self.call(user, Method::POST, path, Some(body)).await?;

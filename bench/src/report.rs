@@ -71,6 +71,7 @@ pub struct Report {
     pub wake: Vec<TimedRow>,
     pub breakdown: Vec<Breakdown>,
     pub exec: Vec<TimedRow>,
+    pub files: Vec<Fact>,
     pub terminal: Vec<TimedRow>,
     pub footprint: Vec<Fact>,
     pub notes: Vec<String>,
@@ -328,6 +329,7 @@ impl Report {
         self.render_proxy(w);
         self.render_wake(w);
         self.render_exec_terminal(w);
+        self.render_files(w);
         self.render_footprint(w);
         if !self.notes.is_empty() {
             let _ = writeln!(w, "## Notes from this run\n");
@@ -467,6 +469,21 @@ impl Report {
             }
             let _ = writeln!(w);
         }
+    }
+
+    fn render_files(&self, w: &mut String) {
+        if self.files.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "## Files API throughput\n");
+        let _ = writeln!(
+            w,
+            "| operation | rate (time per op) | baseline |\n|---|---:|---|"
+        );
+        for f in &self.files {
+            let _ = writeln!(w, "| {} | {} | {} |", f.label, f.value, f.note);
+        }
+        let _ = writeln!(w);
     }
 
     fn render_exec_terminal(&self, w: &mut String) {

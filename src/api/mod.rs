@@ -1,7 +1,9 @@
 //! The main host's HTTP API: a matchit table from path to endpoint, then method checks,
-//! authentication and the handlers (`sandbox.rs`, `projects.rs`, the terminal, the console).
+//! authentication and the handlers (`sandbox.rs`, `files.rs`, `projects.rs`, the terminal, the
+//! console).
 //! Every error leaves through `crate::http::error`.
 
+mod files;
 mod projects;
 mod sandbox;
 
@@ -31,6 +33,12 @@ pub(crate) enum Endpoint {
     Exit,
     Events,
     Terminal,
+    Files,
+    FilesStat,
+    FilesMove,
+    FilesMkdir,
+    FilesArchive,
+    FilesWatch,
     Projects,
     Job,
     PreviewLink,
@@ -67,6 +75,42 @@ pub(crate) const ROUTES: &[(&str, Endpoint, &[Method], &str)] = &[
     (
         "/sandbox/terminal",
         Endpoint::Terminal,
+        &[Method::GET],
+        "GET",
+    ),
+    (
+        "/sandbox/files",
+        Endpoint::Files,
+        &[Method::GET, Method::PUT, Method::DELETE],
+        "GET, PUT, DELETE",
+    ),
+    (
+        "/sandbox/files/stat",
+        Endpoint::FilesStat,
+        &[Method::GET],
+        "GET",
+    ),
+    (
+        "/sandbox/files/move",
+        Endpoint::FilesMove,
+        &[Method::POST],
+        "POST",
+    ),
+    (
+        "/sandbox/files/mkdir",
+        Endpoint::FilesMkdir,
+        &[Method::POST],
+        "POST",
+    ),
+    (
+        "/sandbox/files/archive",
+        Endpoint::FilesArchive,
+        &[Method::GET, Method::PUT],
+        "GET, PUT",
+    ),
+    (
+        "/sandbox/files/watch",
+        Endpoint::FilesWatch,
         &[Method::GET],
         "GET",
     ),
@@ -122,6 +166,7 @@ pub struct Api {
     mgr: Arc<Manager>,
     auth: Auth,
     terminals: Terminals,
+    files: files::Files,
     projects: Projects,
     console: Console,
 }
@@ -131,6 +176,7 @@ impl Api {
         Api {
             table: Table::new(),
             terminals: Terminals::new(cfg.clone(), mgr.clone(), auth.clone()),
+            files: files::Files::default(),
             projects: Projects::new(mgr.clone()),
             console: Console::new(cfg.clone()),
             cfg,
@@ -146,8 +192,8 @@ impl Api {
     }
 
     /// The one dispatch: path and method, then the endpoint's handler. Every endpoint but the
-    /// public ones (health, the OpenAPI document, the console) and the terminal (which reads
-    /// its token from a subprotocol too) authenticates first.
+    /// public ones (health, the OpenAPI document, the console) and the WebSockets (the terminal
+    /// and the files watch, which read their token from a subprotocol too) authenticates first.
     async fn dispatch(
         &self,
         req: Request<Incoming>,
@@ -167,6 +213,35 @@ impl Api {
                 Ok(self.console.handle(&req, param.as_deref().or(Some(&path))))
             }
             Endpoint::Terminal => Ok(self.terminals.handle(req, conn).await),
+            Endpoint::FilesWatch => Ok(files::watch(self, req, &conn).await),
+            Endpoint::Files => {
+                let user = self.authenticate(&req)?;
+                match *req.method() {
+                    Method::PUT => files::put(self, &user, req).await,
+                    Method::DELETE => files::delete(self, &user, req).await,
+                    _ => files::get(self, &user, req).await,
+                }
+            }
+            Endpoint::FilesStat => {
+                let user = self.authenticate(&req)?;
+                files::stat(self, &user, req).await
+            }
+            Endpoint::FilesMove => {
+                let user = self.authenticate(&req)?;
+                files::rename(self, &user, req).await
+            }
+            Endpoint::FilesMkdir => {
+                let user = self.authenticate(&req)?;
+                files::mkdir(self, &user, req).await
+            }
+            Endpoint::FilesArchive => {
+                let user = self.authenticate(&req)?;
+                if req.method() == Method::PUT {
+                    files::archive_put(self, &user, req).await
+                } else {
+                    files::archive_get(self, &user, req).await
+                }
+            }
             Endpoint::Init => sandbox::init(self, &self.authenticate(&req)?, &conn).await,
             Endpoint::Execute => {
                 let user = self.authenticate(&req)?;

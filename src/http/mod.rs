@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod error;
+pub mod upgrade;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};

@@ -42,20 +42,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{
-    HeaderValue, CONNECTION, HOST, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_PROTOCOL,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
-};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::auth::{bearer, Auth};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
-use crate::http::{empty, Body};
+use crate::http::Body;
 use crate::sandbox::shell::{ExecOptions, Script};
 use crate::sandbox::Manager;
 
@@ -64,9 +60,8 @@ mod handshake;
 mod protocol;
 mod pty;
 
-use handshake::{
-    accept_key, bearer_protocol, host_dir_state, origin_allowed, DirState, BEARER_PROTOCOL_PREFIX,
-};
+use crate::http::upgrade::{accept_key, authenticate, check_origin, switching_protocols};
+use handshake::{host_dir_state, DirState};
 use protocol::ws_config;
 use pty::{session, ExecPty, KillOnDrop, COLS_VAR, MARK_VAR, ROWS_VAR};
 
@@ -94,18 +89,9 @@ impl Terminals {
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Response<Body> {
-        match self.open(&mut req, &conn).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                let version_refused = e.status == StatusCode::UPGRADE_REQUIRED;
-                let mut resp = e.into_response();
-                if version_refused {
-                    resp.headers_mut()
-                        .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-                }
-                resp
-            }
-        }
+        self.open(&mut req, &conn)
+            .await
+            .unwrap_or_else(crate::http::upgrade::refusal)
     }
 
     async fn open(
@@ -115,43 +101,12 @@ impl Terminals {
     ) -> Result<Response<Body>, ApiError> {
         let headers = req.headers();
         // 1. Origin: browsers always send it; other clients may leave it out.
-        let mut origins = headers.get_all(ORIGIN).iter();
-        if let Some(origin) = origins.next() {
-            let own = headers
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| format!("{}://{}", if conn.tls { "https" } else { "http" }, h.trim()));
-            let ok = origins.next().is_none()
-                && origin
-                    .to_str()
-                    .is_ok_and(|o| origin_allowed(o, &self.cfg.origins(), own.as_deref()));
-            if !ok {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "origin_not_allowed",
-                    "this Origin may not open a terminal",
-                ));
-            }
-        }
+        check_origin(headers, conn.tls, &self.cfg.origins(), "a terminal")?;
         // 2. The handshake itself.
         let accept = accept_key(req.version(), headers)?;
         // 3. Who: header, then subprotocol, then query.
         let query = parse_query(req.uri().query()).map_err(ApiError::invalid)?;
-        let protocol = bearer_protocol(headers).map(str::to_owned);
-        let token = bearer(headers)
-            .map(str::to_owned)
-            .or_else(|| {
-                protocol
-                    .as_deref()
-                    .map(|p| p[BEARER_PROTOCOL_PREFIX.len()..].to_owned())
-            })
-            .or_else(|| query.token.clone())
-            .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        let user = self
-            .auth
-            .verify(&token)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        crate::access::note_user(user.as_str());
+        let (user, protocol) = authenticate(headers, &self.auth, query.token.as_deref())?;
         // 4. How many: count first, then check, so two racing opens can never both slip under.
         let guard = self.mgr.terminal_opened(&user);
         if self.mgr.slot(&user).open_terminals() > self.cfg.terminal_per_user {
@@ -237,21 +192,6 @@ impl Terminals {
             tracing::info!(user = %user, terminal = %id, outcome = ?outcome, "terminal closed");
         }));
 
-        let mut resp = Response::new(empty());
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(
-            SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-        );
-        if let Some(p) = protocol {
-            // It came from a header value, so it is one.
-            if let Ok(v) = HeaderValue::from_str(&p) {
-                h.insert(SEC_WEBSOCKET_PROTOCOL, v);
-            }
-        }
-        Ok(resp)
+        Ok(switching_protocols(&accept, protocol.as_deref()))
     }
 }

@@ -13,6 +13,7 @@ mod boot_quota;
 mod console;
 mod engine_restart;
 mod engine_sync;
+mod files;
 mod hardening;
 mod init;
 mod languages;

@@ -12,7 +12,7 @@ use crate::common::*;
 use crate::support::*;
 
 /// Every file under `dir` with its owner and size, for before/after comparisons.
-fn snapshot(dir: &Path) -> Vec<(String, u32, u64)> {
+pub(crate) fn snapshot(dir: &Path) -> Vec<(String, u32, u64)> {
     let mut out = vec![];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -32,7 +32,7 @@ fn snapshot(dir: &Path) -> Vec<(String, u32, u64)> {
 }
 
 /// A host folder that stands for anything outside the workspaces: root-owned, with a file.
-fn victim(root: &Path) -> std::path::PathBuf {
+pub(crate) fn victim(root: &Path) -> std::path::PathBuf {
     let v = root.join("victim");
     std::fs::create_dir_all(&v).unwrap();
     std::fs::write(v.join("secret"), "do not touch").unwrap();

@@ -6,6 +6,7 @@
 //! - `inside`: identity and privileges, read-only root, resources, execute limits (points 1-4)
 //! - `net`: network isolation and the packet filter (point 5)
 //! - `files`: planted symlinks and hardlinks (point 6)
+//! - `files_api`: the files API against planted symlinks, `..`, NUL and absolute paths (point 6)
 //! - `edge`: cross-user, auth, client-supplied limits, preview access, Host routing (7-11)
 //! - `fuzz`: bounded property tests of the Host/SNI router and the terminal's parsers
 
@@ -15,6 +16,7 @@ mod common;
 mod agent;
 mod edge;
 mod files;
+mod files_api;
 mod fuzz;
 mod inside;
 mod net;

@@ -1,10 +1,11 @@
 //! The benchmarks themselves, in phases that each run their own sandboxd:
-//! A (proxy, execute, terminal, idle connections; sandboxes unthrottled so the app is not the
+//! A (proxy, execute, files API, terminal, idle connections; sandboxes unthrottled so the app is not the
 //! bottleneck), B1 (cold first hits, wake from paused, 20 users at once, memory per paused
 //! sandbox; idle pause after 1 s), B2 (wake from stopped; idle stop after 1 s), C (1,000
 //! tracked sandboxes adopted at start-up).
 
 mod exec;
+mod files;
 mod idle;
 mod proxy;
 mod terminal;
@@ -208,7 +209,7 @@ impl Ctx {
 
     pub async fn run_all(&mut self) -> Result<()> {
         self.collect_machine();
-        if ["proxy", "exec", "terminal", "idle"]
+        if ["proxy", "exec", "files", "terminal", "idle"]
             .iter()
             .any(|g| self.opts.wants(g))
         {
@@ -558,6 +559,10 @@ impl Ctx {
         if self.opts.wants("exec") {
             let r = self.bench_exec(&id).await;
             self.note_err("execute round trip", r);
+        }
+        if self.opts.wants("files") {
+            let r = self.bench_files(&id).await;
+            self.note_err("files API throughput", r);
         }
         if self.opts.wants("terminal") {
             let r = self.bench_terminal(&id).await;

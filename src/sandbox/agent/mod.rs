@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 mod door;
+pub mod files;
 pub use door::{head_timeout, HELLO_TIMEOUT};
 
 /// The agent's port inside every sandbox.
