@@ -349,6 +349,12 @@ async function editorStep(heading) {
     ((await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '').trim() === wanted, 500);
   page.off('framenavigated', counter);
   log(`editor: saved App.jsx; the preview shows "${wanted}" (${navigations ? `after ${navigations} frame navigation(s)` : 'hot update, no reload'})`);
+  // Find the new text (the editor scrolls to it) for the picture.
+  await page.locator('#editor .cm-content').click();
+  await page.keyboard.press('Control+f');
+  await page.locator('#editor .cm-search input[name=search]').fill(wanted);
+  await page.locator('#editor .cm-search input[name=search]').press('Enter');
+  await page.locator('#editor .cm-search input[name=search]').press('Escape');
   await page.waitForTimeout(500);
   await screenshot('editor');
 }
