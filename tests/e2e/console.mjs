@@ -338,7 +338,7 @@ async function editorStep(heading) {
   let navigations = 0;
   const counter = (f) => { if (f !== page.mainFrame()) navigations += 1; };
   page.on('framenavigated', counter);
-  await page.locator('#editor .cm-content').click();
+  await page.locator('#editor .cm-content').click({ position: { x: 8, y: 8 } });
   await page.keyboard.press('Control+f');
   await page.locator('#editor .cm-search input[name=search]').fill(heading);
   await page.locator('#editor .cm-search input[name=replace]').fill(wanted);
@@ -367,9 +367,11 @@ async function editorStep(heading) {
   page.off('framenavigated', counter);
   log(`editor: saved App.jsx; the preview shows "${wanted}" (${navigations ? `after ${navigations} frame navigation(s)` : 'hot update, no reload'})`);
   // Find the new text (the editor scrolls to it) for the picture.
-  await page.locator('#editor .cm-content').click();
+  await page.locator('#editor .cm-content').click({ position: { x: 8, y: 8 } });
   await page.keyboard.press('Control+f');
   await page.locator('#editor .cm-search input[name=search]').fill(wanted);
+  // The panel takes the query on keyup: End (a no-op) first, then Enter finds it.
+  await page.locator('#editor .cm-search input[name=search]').press('End');
   await page.locator('#editor .cm-search input[name=search]').press('Enter');
   await page.locator('#editor .cm-search input[name=search]').press('Escape');
   await page.waitForTimeout(500);
