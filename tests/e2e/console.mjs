@@ -24,9 +24,9 @@ const token = process.env.SANDBOXD_E2E_TOKEN || '';
 const artifacts = resolve(process.env.SANDBOXD_E2E_ARTIFACTS || join(here, '..', 'artifacts', 'console'));
 const chromiumPath = process.env.SANDBOXD_E2E_CHROMIUM || '/usr/bin/chromium';
 const deadlineS = Number(process.env.SANDBOXD_E2E_DEADLINE_S || 480);
-// SANDBOXD_E2E_PROJECT=0 leaves out the project step (the HTTPS run does); =node creates the
-// small Node project instead of React + Vite.
-const projectKind = { 0: null, node: 'node' }[process.env.SANDBOXD_E2E_PROJECT] ?? 'react-vite';
+// SANDBOXD_E2E_PROJECT=0 leaves out the project step; =node creates the small Node project
+// instead of React + Vite (the default).
+const projectKind = { 0: null, node: 'node', 'react-vite': 'react-vite' }[process.env.SANDBOXD_E2E_PROJECT || 'react-vite'];
 // SANDBOXD_E2E_PREVIEW_URL: the preview URL the console must show (e.g. the HTTP one when the
 // console is on HTTP, even with the HTTPS listener on).
 const expectPreviewUrl = process.env.SANDBOXD_E2E_PREVIEW_URL || '';

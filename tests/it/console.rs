@@ -303,7 +303,9 @@ async fn console_end_to_end_in_chromium() {
     .await;
 }
 
-/// The same console over HTTPS (development certificate): wss terminal, API, run code.
+/// The same console over HTTPS (development certificate): wss terminal and file watch, API,
+/// the React + Vite project edited in the editor with its hot update over the preview's wss
+/// tunnel, run code.
 #[tokio::test]
 async fn console_over_https_in_chromium() {
     // Alone: every server start creates a Docker network, and Chromium aborts requests in
@@ -321,11 +323,16 @@ async fn console_over_https_in_chromium() {
         &app,
         &base,
         "console-https",
+        &[("SANDBOXD_E2E_IGNORE_TLS", "1")],
         &[
-            ("SANDBOXD_E2E_PROJECT", "0"),
-            ("SANDBOXD_E2E_IGNORE_TLS", "1"),
+            "signin",
+            "started",
+            "terminal",
+            "preview",
+            "editor",
+            "run-code",
+            "run-python",
         ],
-        &["signin", "started", "terminal", "run-code", "run-python"],
     )
     .await;
 }
