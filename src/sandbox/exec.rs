@@ -101,6 +101,16 @@ fn valid_mark(mark: &str) -> bool {
     mark.len() == 32 && mark.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Refusals of a run that come from the state of the user's own workspace.
+const USER_CAUSED: [&str; 6] = [
+    "io_error",
+    "permission_denied",
+    "invalid_path",
+    "outside_workspace",
+    "not_a_directory",
+    "exists",
+];
+
 /// How a run's stream ended, besides its frames.
 enum Ending {
     /// `END` after `EXIT`.
@@ -109,6 +119,8 @@ enum Ending {
     Lost(String),
     /// No end by the edge's own deadline.
     Stuck,
+    /// The agent could not start the program for a reason of the user's workspace.
+    NotStarted(String),
 }
 
 pub(super) async fn run_code(
@@ -126,15 +138,33 @@ pub(super) async fn run_code(
         "timeoutMs": req.timeout.as_millis() as u64,
         "maxOutput": cap,
     });
-    let mut call = door
+    let call = door
         .agent_call(op, Some(AgentBody::Bytes(Bytes::from(req.code))))
-        .await
-        .map_err(|e| match e {
-            AgentError::Refused { code, message } => SandboxError::Internal(anyhow::anyhow!(
+        .await;
+    let mut call = match call {
+        Ok(c) => c,
+        // The workspace keeps the run from starting (a `.sandboxd` the user replaced by a link
+        // or a file, a full disk): the user's to fix, answered like a program that could not
+        // be executed (126), with the reason on stderr.
+        Err(AgentError::Refused { code, message }) if USER_CAUSED.contains(&code.as_str()) => {
+            return Ok(ExecResult {
+                stderr: format!("sandboxd: the run could not start: {code}: {message}\n")
+                    .into_bytes(),
+                exit_code: Some(126),
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..ExecResult::default()
+            });
+        }
+        Err(AgentError::Refused { code, message }) if code == "busy" => {
+            return Err(SandboxError::AgentUnavailable(message))
+        }
+        Err(AgentError::Refused { code, message }) => {
+            return Err(SandboxError::Internal(anyhow::anyhow!(
                 "the sandbox agent refused the run: {code}: {message}"
-            )),
-            other => other.into(),
-        })?;
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mark = call.head["mark"].as_str().unwrap_or("").to_owned();
     let mut res = ExecResult::default();
     let deadline = tokio::time::Instant::now() + req.timeout + AGENT_GRACE;
@@ -154,6 +184,11 @@ pub(super) async fn run_code(
             Ok(Ok(Some(_))) => {}
             Ok(Ok(None)) if exited => break Ending::Done,
             Ok(Ok(None)) => break Ending::Lost("the run ended without its exit".into()),
+            Ok(Err(AgentError::Refused { code, message }))
+                if !exited && USER_CAUSED.contains(&code.as_str()) =>
+            {
+                break Ending::NotStarted(format!("{code}: {message}"))
+            }
             Ok(Err(AgentError::Refused { code, message })) => {
                 break Ending::Lost(format!("the agent failed the run: {code}: {message}"))
             }
@@ -163,7 +198,7 @@ pub(super) async fn run_code(
     };
     // Closing the connection makes the agent kill the run (if it still can).
     drop(call);
-    let clean = matches!(ending, Ending::Done) && !res.timed_out;
+    let clean = matches!(ending, Ending::Done | Ending::NotStarted(_)) && !res.timed_out;
     if !clean && valid_mark(&mark) {
         // From the host too: it works even when the run filled the pids limit (a fork bomb) or
         // the agent is stuck or gone.
@@ -180,6 +215,12 @@ pub(super) async fn run_code(
     }
     match ending {
         Ending::Done => {}
+        Ending::NotStarted(why) => {
+            res.stderr.extend_from_slice(
+                format!("sandboxd: the run could not start: {why}\n").as_bytes(),
+            );
+            res.exit_code = Some(126);
+        }
         Ending::Stuck => {
             tracing::warn!("the agent did not end a run by its deadline; killed from the host");
             res.timed_out = true;

@@ -870,13 +870,23 @@ async fn engine_restart_under_load_never_hangs_and_everything_resumes() {
         t_kill.elapsed()
     );
 
-    // The execution in flight ends with 503 engine_unavailable, not a hang.
-    let (s, v, _) = tokio::time::timeout(Duration::from_secs(5), exec_in_flight)
+    // The execution in flight answers, never hangs: it runs through the in-sandbox agent, not
+    // the engine, so it may well finish (the container outlives the engine's processes);
+    // otherwise it is a 503 with a clear code.
+    let (s, v, _) = tokio::time::timeout(Duration::from_secs(8), exec_in_flight)
         .await
-        .expect("the execution in flight answers within 5 s of the engine going away")
+        .expect("the execution in flight answers within 8 s of the engine going away")
         .unwrap();
-    assert_eq!(s, 503, "{v}");
-    assert_eq!(v["error"]["code"], "engine_unavailable", "{v}");
+    if s == 200 {
+        assert_eq!(v["output"], "late\n", "{v}");
+    } else {
+        assert_eq!(s, 503, "{v}");
+        let code = v["error"]["code"].as_str().unwrap_or("");
+        assert!(
+            code == "engine_unavailable" || code == "agent_unavailable",
+            "{v}"
+        );
+    }
 
     // /healthz: 503 naming the engine.
     let t0 = Instant::now();

@@ -35,7 +35,9 @@ impl Ctx {
                 async move {
                     let dir = this.ws.join(format!("user-{u}"));
                     sandboxd::sandbox::ensure_workspace_dir(&dir)?;
-                    this.engine.create(cfg, u, &dir).await?;
+                    this.engine
+                        .create(cfg, u, &dir, &sandboxd::sandbox::spec::new_agent_key())
+                        .await?;
                     Ok(())
                 }
             })
