@@ -400,14 +400,20 @@ async function projectStep(kind) {
   log('project job succeeded');
   const frame = page.frameLocator('#preview');
   const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
+  // Reloads after network changes: at most 10, at least 3 s apart (while Docker keeps adding
+  // interfaces, reloading every second only gets aborted again).
   let reloads = 0;
+  let lastReload = 0;
+  const mayReload = () => reloads < 10 && Date.now() - lastReload > 3000;
   let changesSeen = networkChanges;
   const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
     // The waiting page refreshes itself, but a refresh that Docker's interface changes abort
     // (ERR_NETWORK_CHANGED) leaves Chromium's error page in the frame: Reload, as a person would.
     const shown = previewFrame() && previewFrame().url();
-    if (shown && shown.startsWith('chrome-error:') && reloads < 5) {
+    if (shown && shown.startsWith('chrome-error:') && mayReload()) {
       reloads += 1;
+      lastReload = Date.now();
+      changesSeen = networkChanges;
       log(`the preview frame shows ${shown} (a network change aborted it): Reload`);
       await page.getByRole('button', { name: 'Reload' }).click();
       return null;
@@ -417,9 +423,10 @@ async function projectStep(kind) {
       const client = await frame.locator('script[src="/@vite/client"]').count();
       const rendered = await frame.locator('#root *').count();
       // A module import that a network change aborted leaves #root empty: Reload.
-      if (client && !rendered && networkChanges > changesSeen && reloads < 5) {
+      if (client && !rendered && networkChanges > changesSeen && mayReload()) {
         changesSeen = networkChanges;
         reloads += 1;
+        lastReload = Date.now();
         log('the app\'s modules were aborted by a network change: Reload');
         await page.waitForTimeout(1000);
         await page.getByRole('button', { name: 'Reload' }).click();
