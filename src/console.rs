@@ -7,8 +7,11 @@
 //! - Every answer carries a strict `Content-Security-Policy` ([`csp`]): scripts only from the
 //!   console's own origin (no inline script, no eval), connections only to the own origin and
 //!   its WebSocket, frames only from the preview domain, nothing may frame the console.
-//!   `style-src` allows inline styles because xterm.js's renderer writes `<style>` elements for
-//!   its cell metrics and theme; scripts stay strict.
+//!   `style-src` allows inline styles (styles only): xterm.js's renderer writes `<style>`
+//!   elements for its cell metrics and theme, and the CodeMirror editor (`editor.js`, bundled by
+//!   esbuild) injects its theme as constructed style sheets or `<style>` elements and sets
+//!   element styles. Neither can take a per-response nonce from a static page, and styles cannot
+//!   run code; scripts stay strict (`'self'` only, no inline, no eval).
 //! - `Cache-Control: no-cache` with an `ETag` (length and modification time): browsers
 //!   revalidate and get 304, so a rebuilt console is picked up without a restart.
 //! - Files are read per request (they are small and in the page cache); a missing build
@@ -33,6 +36,8 @@ use crate::http::{empty, full, Body};
 pub const FILES: &[(&str, &str)] = &[
     ("index.html", "text/html; charset=utf-8"),
     ("app.js", "text/javascript; charset=utf-8"),
+    ("files.js", "text/javascript; charset=utf-8"),
+    ("editor.js", "text/javascript; charset=utf-8"),
     ("app.css", "text/css; charset=utf-8"),
     ("xterm.mjs", "text/javascript; charset=utf-8"),
     ("addon-fit.mjs", "text/javascript; charset=utf-8"),

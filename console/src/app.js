@@ -1,8 +1,10 @@
-// The sandboxd web console: plain ES module, no framework. Talks to the API on this origin with
-// the pasted bearer token (sessionStorage only) and to the terminal WebSocket with the token in
-// the `bearer.<token>` subprotocol, so the token never appears in a URL.
+// The sandboxd web console: plain ES modules, no framework. Talks to the API on this origin with
+// the pasted bearer token (sessionStorage only) and to the terminal and file-watch WebSockets
+// with the token in the `bearer.<token>` subprotocol, so the token never appears in a URL. The
+// file tree and editor live in files.js.
 import { Terminal } from './xterm.mjs';
 import { FitAddon } from './addon-fit.mjs';
+import { initFiles } from './files.js';
 
 const TOKEN_KEY = 'sandboxd.token';
 const JOB_POLL_MS = 1000;
@@ -26,12 +28,25 @@ class ApiError extends Error {
 
 /** Calls the API; resolves with the parsed JSON, rejects with an ApiError that has words. */
 async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${token()}` };
-  const init = { method, headers, cache: 'no-store', credentials: 'omit' };
-  if (body !== undefined) {
-    headers['Content-Type'] = 'application/json';
-    init.body = JSON.stringify(body);
+  const headers = {};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const resp = await fetchRaw(method, path, { headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await resp.text();
+  try {
+    return text ? JSON.parse(text) : null;
+  } catch {
+    throw new ApiError(resp.status, 'bad_response', `sandboxd answered ${method} ${path} with something that is not JSON`);
   }
+}
+
+/**
+ * Calls the API and resolves with the Response when it is a success (2xx; the body is not read
+ * yet), rejects with an ApiError that has words otherwise. For file contents (files API).
+ */
+async function fetchRaw(method, path, { headers: extra = {}, body } = {}) {
+  const headers = { ...extra, Authorization: `Bearer ${token()}` };
+  const init = { method, headers, cache: 'no-store', credentials: 'omit' };
+  if (body !== undefined) init.body = body;
   // Requests that are safe to repeat are retried after a network failure: Chromium aborts
   // requests in flight with ERR_NETWORK_CHANGED whenever Docker adds an interface on the host.
   const retries = method === 'GET' || IDEMPOTENT_POSTS.has(path) ? 2 : 0;
@@ -47,6 +62,7 @@ async function api(method, path, body) {
       await new Promise((r) => setTimeout(r, 400 * (attempt + 1)));
     }
   }
+  if (resp.ok) return resp;
   const text = await resp.text();
   let data = null;
   try {
@@ -54,14 +70,11 @@ async function api(method, path, body) {
   } catch {
     // Not JSON: keep the text for the message below.
   }
-  if (!resp.ok) {
-    const err = data && data.error;
-    const message = err && err.message ? err.message : (text.slice(0, 200) || resp.statusText);
-    const e = new ApiError(resp.status, err && err.code ? err.code : 'http_error', message);
-    if (resp.status === 401) signOut(`The token was refused: ${message}`);
-    throw e;
-  }
-  return data;
+  const err = data && data.error;
+  const message = err && err.message ? err.message : (text.slice(0, 200) || resp.statusText);
+  const e = new ApiError(resp.status, err && err.code ? err.code : 'http_error', message);
+  if (resp.status === 401) signOut(`The token was refused: ${message}`);
+  throw e;
 }
 
 function describe(e) {
@@ -115,6 +128,7 @@ function userOf(t) {
 function signOut(reason) {
   sessionStorage.removeItem(TOKEN_KEY);
   disconnectTerminal();
+  files.reset();
   stopJobPolling();
   setPreview(null);
   previewLink = null;
@@ -148,6 +162,7 @@ async function signIn(t) {
     setPreview(status.previewUrl);
     say('Signed in. Your sandbox is running.');
     connectTerminal();
+    files.start();
   } else {
     say(status ? `Signed in. Your sandbox is ${status.state}.` : 'Signed in. You have no sandbox yet: start one.');
   }
@@ -219,6 +234,7 @@ async function start() {
   const s = await refresh();
   say(`Sandbox ${s ? s.state : r.state}.`);
   if (!ws) connectTerminal();
+  files.start();
   // A container that just started adds a network interface on the host, and Chromium aborts
   // requests in flight when it notices (ERR_NETWORK_CHANGED, a second or two later; only when
   // the browser runs on the sandboxd machine): load the preview once that has likely passed.
@@ -230,6 +246,7 @@ async function start() {
 async function stop() {
   say('Stopping the sandbox…');
   disconnectTerminal();
+  files.stop();
   const r = await api('POST', '/sandbox/exit', {});
   setPreview(null);
   renderStatus(null);
@@ -505,9 +522,27 @@ function pollJob(id, started) {
 // ---------------------------------------------------------------------------------------------
 // Run code
 
+// Sample code per language, shown when the picker changes and the box holds another sample.
+const SAMPLES = {
+  javascript: "console.log('hello from', process.version);\nconsole.error('a line on stderr');",
+  typescript: "const greet = (who: string): string => `hello, ${who}`;\nconsole.log(greet('TypeScript'));",
+  python: "import sys\nprint('hello from Python', sys.version.split()[0])\nprint('a line on stderr', file=sys.stderr)",
+  bash: 'echo "hello from $(bash --version | head -1)"\nls /workspace',
+};
+
+function pickLanguage() {
+  const lang = $('language').value;
+  const box = $('code');
+  if (Object.values(SAMPLES).includes(box.value.trim()) || !box.value.trim()) box.value = SAMPLES[lang];
+  $('code-label').textContent = `${$('language').selectedOptions[0].textContent} code (Ctrl+Enter runs it)`;
+}
+
 async function runCode() {
   const code = $('code').value;
   const body = { code };
+  // JavaScript is the server's default: it is left out, so the request is the one of before.
+  const language = $('language').value;
+  if (language !== 'javascript') body.language = language;
   const t = Number($('timeout').value);
   if ($('timeout').value !== '' && Number.isInteger(t)) body.timeoutMs = t;
   say('Running the code…');
@@ -542,7 +577,10 @@ function wire() {
   $('btn-start').addEventListener('click', () => busy([$('btn-start')], 'sandbox-error', start));
   $('btn-refresh').addEventListener('click', () => busy([$('btn-refresh')], 'sandbox-error', async () => {
     const s = await refresh();
-    if (s && s.state === 'running') setPreview(s.previewUrl);
+    if (s && s.state === 'running') {
+      setPreview(s.previewUrl);
+      files.start();
+    }
     say(s ? `Sandbox ${s.state}.` : 'You have no sandbox yet.');
   }));
   $('btn-stop').addEventListener('click', () => busy([$('btn-stop')], 'sandbox-error', stop));
@@ -557,6 +595,7 @@ function wire() {
     ev.preventDefault();
     busy([$('btn-run')], 'run-error', runCode);
   });
+  $('language').addEventListener('change', pickLanguage);
   $('code').addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) {
       ev.preventDefault();
@@ -566,6 +605,18 @@ function wire() {
   new ResizeObserver(queueFit).observe($('terminal'));
   window.addEventListener('resize', queueFit);
 }
+
+const files = initFiles({
+  api,
+  fetchRaw,
+  token,
+  say,
+  describe,
+  sandboxState: async () => {
+    const s = await refresh();
+    return s ? s.state : null;
+  },
+});
 
 function main() {
   wire();

@@ -6,8 +6,11 @@
 // (sandboxd ignores SANDBOXD_E2E_*, SANDBOXD_TEST_* and SANDBOXD_BENCH_* variables, so the
 // line works in a shell that exports them too.)
 //
-// Steps: paste the token, start the sandbox, `echo hello` in the terminal, a React + Vite (or
-// Node) project shown in the preview iframe, run code. A screenshot per step goes to
+// Steps: paste the token, start the sandbox, `echo hello` in the terminal, the file tree
+// following a file the terminal writes (and deleting it from the tree), a React + Vite (or Node)
+// project shown in the preview iframe, its `src/App.jsx` opened from the tree in the editor,
+// changed and saved, and the new text in the preview frame (HMR), run code in JavaScript and in
+// Python. A screenshot per step goes to
 // SANDBOXD_E2E_ARTIFACTS (default tests/artifacts/console). Every wait is bounded; the whole
 // run is bounded by SANDBOXD_E2E_DEADLINE_S (default 480). Exit 0 = passed.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
@@ -21,9 +24,9 @@ const token = process.env.SANDBOXD_E2E_TOKEN || '';
 const artifacts = resolve(process.env.SANDBOXD_E2E_ARTIFACTS || join(here, '..', 'artifacts', 'console'));
 const chromiumPath = process.env.SANDBOXD_E2E_CHROMIUM || '/usr/bin/chromium';
 const deadlineS = Number(process.env.SANDBOXD_E2E_DEADLINE_S || 480);
-// SANDBOXD_E2E_PROJECT=0 leaves out the project step (the HTTPS run does); =node creates the
-// small Node project instead of React + Vite.
-const projectKind = { 0: null, node: 'node' }[process.env.SANDBOXD_E2E_PROJECT] ?? 'react-vite';
+// SANDBOXD_E2E_PROJECT=0 leaves out the project step; =node creates the small Node project
+// instead of React + Vite (the default).
+const projectKind = { 0: null, node: 'node', 'react-vite': 'react-vite' }[process.env.SANDBOXD_E2E_PROJECT || 'react-vite'];
 // SANDBOXD_E2E_PREVIEW_URL: the preview URL the console must show (e.g. the HTTP one when the
 // console is on HTTP, even with the HTTPS listener on).
 const expectPreviewUrl = process.env.SANDBOXD_E2E_PREVIEW_URL || '';
@@ -91,8 +94,12 @@ page.on('console', (m) => {
     problems.push(`CSP: ${m.text()}`);
   }
 });
+// Requests that Chromium aborted because Docker changed the host's interfaces (any frame).
+let networkChanges = 0;
 page.on('requestfailed', (r) => {
-  appendFileSync(logFile, `requestfailed ${r.url()} ${r.failure() ? r.failure().errorText : ''}\n`);
+  const why = r.failure() ? r.failure().errorText : '';
+  if (why.includes('ERR_NETWORK_CHANGED')) networkChanges += 1;
+  appendFileSync(logFile, `requestfailed ${r.url()} ${why}\n`);
 });
 page.on('pageerror', (e) => {
   appendFileSync(logFile, `pageerror ${e.message}\n`);
@@ -231,6 +238,8 @@ async function run() {
   await page.setViewportSize({ width: 1440, height: 900 });
   await page.waitForTimeout(500);
 
+  await filesStep();
+
   if (projectKind) await projectStep(projectKind);
   else log('project step left out (SANDBOXD_E2E_PROJECT=0)');
 
@@ -251,6 +260,23 @@ async function run() {
   log(`run code: ${summary}`);
   await screenshot('run-code');
 
+  // 5b. The language picker: Python.
+  await page.locator('#language').selectOption('python');
+  await page.locator('#code').fill('print(6*7)');
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+  await until('the Python run result', 30_000, async () => {
+    if (/could not reach sandboxd/.test(await text('#run-error'))) {
+      log(`run code: ${await text('#run-error')}: Run again`);
+      await page.getByRole('button', { name: 'Run', exact: true }).click();
+    }
+    const err = await text('#run-error');
+    if (err) throw new Error(`the Python run failed: ${err}`);
+    return (await text('#run-stdout')) === '42';
+  });
+  log(`run Python: ${await text('#run-summary')}`);
+  await screenshot('run-python');
+  await page.locator('#language').selectOption('javascript');
+
   // 6. An API error is shown in words: a timeout the server refuses (422).
   await page.locator('#timeout').fill('0');
   await page.getByRole('button', { name: 'Run', exact: true }).click();
@@ -263,9 +289,93 @@ async function run() {
   await until('the sandbox to be removed', 30_000, async () => (await text('#sb-state')) === 'removed');
   await until('the terminal to close', 10_000, async () => (await text('#term-state')) === 'closed');
   if (await page.locator('#preview').isVisible()) throw new Error('the preview is still shown after Stop');
+  if (!(await page.locator('#tree-empty').isVisible())) throw new Error('the file tree is still shown after Stop');
   log('stopped');
 
   if (problems.length) throw new Error(`the console page reported problems:\n${problems.join('\n')}`);
+}
+
+// 3b. The file tree: it lists /workspace, follows a file that the terminal writes (the watch
+// WebSocket) and deletes it again (with a confirm).
+async function filesStep() {
+  await until('the file tree to follow /workspace', 30_000, async () =>
+    (await text('#watch-state')) === 'following' && page.locator('#tree .tree-item.root').isVisible());
+  await page.locator('#terminal').click();
+  await page.keyboard.type('echo made-in-the-terminal > /workspace/term-note.txt', { delay: 5 });
+  await page.keyboard.press('Enter');
+  const item = page.locator('#tree .tree-item[data-path="term-note.txt"]');
+  await until('the terminal\'s file in the tree', 20_000, async () => (await item.count()) === 1);
+  await item.click();
+  await until('the file in the editor', 15_000, async () =>
+    (await text('#editor-file')) === 'term-note.txt' && (await text('#editor .cm-content')).includes('made-in-the-terminal'));
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Delete', exact: true }).click();
+  await until('the file to leave the tree', 15_000, async () => (await item.count()) === 0);
+  if ((await text('#editor-file')) !== 'No file open') throw new Error('the deleted file is still open in the editor');
+  log('file tree: followed a file written in the terminal, opened it, deleted it');
+}
+
+// 4b. The editor: open src/App.jsx of the React + Vite project from the tree, change the
+// heading with the search panel's replace, save with Ctrl+S, and see the new heading in the
+// preview frame without a reload of the frame (Vite's HMR).
+async function editorStep(heading) {
+  const wanted = 'Edited in sandboxd';
+  for (const p of ['my-app', 'my-app/src']) {
+    const dir = page.locator(`#tree .tree-item[data-path="${p}"]`);
+    await until(`${p} in the tree`, 20_000, async () => (await dir.count()) === 1);
+    if ((await dir.getAttribute('aria-expanded')) !== 'true') await dir.click();
+  }
+  const file = page.locator('#tree .tree-item[data-path="my-app/src/App.jsx"]');
+  await until('App.jsx in the tree', 20_000, async () => (await file.count()) === 1);
+  await file.click();
+  await until('App.jsx in the editor', 15_000, async () =>
+    (await text('#editor-file')) === 'my-app/src/App.jsx' && (await text('#editor .cm-content')).includes(heading));
+  const lang = await text('#editor-lang');
+  if (lang !== 'JavaScript (JSX)') throw new Error(`App.jsx is highlighted as ${lang}`);
+  if (!(await page.locator('#editor .cm-content .cm-line span').count())) {
+    throw new Error('no syntax highlighting in the editor');
+  }
+  let navigations = 0;
+  const counter = (f) => { if (f !== page.mainFrame()) navigations += 1; };
+  page.on('framenavigated', counter);
+  await page.locator('#editor .cm-content').click({ position: { x: 8, y: 8 } });
+  await page.keyboard.press('Control+f');
+  await page.locator('#editor .cm-search input[name=search]').fill(heading);
+  await page.locator('#editor .cm-search input[name=replace]').fill(wanted);
+  await page.locator('#editor .cm-search button[name=replaceAll]').click();
+  await until('the dirty marker', 5_000, async () => page.locator('#editor-dirty').isVisible());
+  await page.locator('#editor .cm-search input[name=replace]').press('Escape');
+  await page.keyboard.press('Control+s');
+  await until('the save', 15_000, async () =>
+    !(await page.locator('#editor-dirty').isVisible()) && (await text('#status')) === 'Saved my-app/src/App.jsx.');
+  const frame = page.frameLocator('#preview');
+  const changesBefore = networkChanges;
+  const saved = Date.now();
+  let reloaded = false;
+  await until('the new heading in the preview frame', 60_000, async () => {
+    const shown = ((await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '').trim();
+    if (shown === wanted) return true;
+    // Only when a network change aborted requests (the hot update's fetch among them): Reload
+    // once, as a person would; without one, the hot update itself must show the text.
+    if (!reloaded && Date.now() - saved > 20_000 && networkChanges > changesBefore) {
+      reloaded = true;
+      log(`the hot update did not arrive and ${networkChanges - changesBefore} request(s) were aborted by network changes: Reload`);
+      await page.getByRole('button', { name: 'Reload' }).click();
+    }
+    return false;
+  }, 500);
+  page.off('framenavigated', counter);
+  log(`editor: saved App.jsx; the preview shows "${wanted}" (${navigations ? `after ${navigations} frame navigation(s)` : 'hot update, no reload'})`);
+  // Find the new text (the editor scrolls to it) for the picture.
+  await page.locator('#editor .cm-content').click({ position: { x: 8, y: 8 } });
+  await page.keyboard.press('Control+f');
+  await page.locator('#editor .cm-search input[name=search]').fill(wanted);
+  // The panel takes the query on keyup: End (a no-op) first, then Enter finds it.
+  await page.locator('#editor .cm-search input[name=search]').press('End');
+  await page.locator('#editor .cm-search input[name=search]').press('Enter');
+  await page.locator('#editor .cm-search input[name=search]').press('Escape');
+  await page.waitForTimeout(500);
+  await screenshot('editor');
 }
 
 // 4. A React + Vite (or Node) project, with visible progress, then its page in the iframe.
@@ -290,13 +400,20 @@ async function projectStep(kind) {
   log('project job succeeded');
   const frame = page.frameLocator('#preview');
   const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
+  // Reloads after network changes: at most 10, at least 3 s apart (while Docker keeps adding
+  // interfaces, reloading every second only gets aborted again).
   let reloads = 0;
+  let lastReload = 0;
+  const mayReload = () => reloads < 10 && Date.now() - lastReload > 3000;
+  let changesSeen = networkChanges;
   const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
     // The waiting page refreshes itself, but a refresh that Docker's interface changes abort
     // (ERR_NETWORK_CHANGED) leaves Chromium's error page in the frame: Reload, as a person would.
     const shown = previewFrame() && previewFrame().url();
-    if (shown && shown.startsWith('chrome-error:') && reloads < 5) {
+    if (shown && shown.startsWith('chrome-error:') && mayReload()) {
       reloads += 1;
+      lastReload = Date.now();
+      changesSeen = networkChanges;
       log(`the preview frame shows ${shown} (a network change aborted it): Reload`);
       await page.getByRole('button', { name: 'Reload' }).click();
       return null;
@@ -305,6 +422,16 @@ async function projectStep(kind) {
       // Served by Vite's dev server (its client script) and rendered by React (#root filled).
       const client = await frame.locator('script[src="/@vite/client"]').count();
       const rendered = await frame.locator('#root *').count();
+      // A module import that a network change aborted leaves #root empty: Reload.
+      if (client && !rendered && networkChanges > changesSeen && mayReload()) {
+        changesSeen = networkChanges;
+        reloads += 1;
+        lastReload = Date.now();
+        log('the app\'s modules were aborted by a network change: Reload');
+        await page.waitForTimeout(1000);
+        await page.getByRole('button', { name: 'Reload' }).click();
+        return null;
+      }
       if (!client || !rendered) return null;
       return (await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '(no h1)';
     }
@@ -324,6 +451,7 @@ async function projectStep(kind) {
   await page.waitForTimeout(1000); // let the page's logo and styles settle for the picture
   log(`preview shows the ${kind} page "${heading}" (${src}; the frame is at ${inFrame})`);
   await screenshot('preview');
+  if (vite) await editorStep(heading.trim());
 }
 
 let code = 0;

@@ -1,6 +1,7 @@
 //! The web console: how its files are served (types, caching, CSP, the allow-list), and the whole
-//! flow in Debian's Chromium driven by playwright-core (`tests/e2e/console.mjs`) against a real
-//! sandboxd with the default preview domain `preview.localhost`, which Chromium resolves to
+//! flow (terminal, file tree and editor, projects, preview, run code) in Debian's Chromium
+//! driven by playwright-core (`tests/e2e/console.mjs`) against a real sandboxd with the
+//! default preview domain `preview.localhost`, which Chromium resolves to
 //! loopback by itself. Screenshots land in `tests/artifacts/console/`.
 //!
 //! Needs `scripts/ensure-console.sh` (the built console) and, for the browser,
@@ -18,7 +19,9 @@ fn root() -> &'static Path {
 fn console_dist() -> PathBuf {
     let dist = root().join("console/dist");
     assert!(
-        dist.join("index.html").is_file() && dist.join("xterm.mjs").is_file(),
+        dist.join("index.html").is_file()
+            && dist.join("xterm.mjs").is_file()
+            && dist.join("editor.js").is_file(),
         "the web console is not built ({} is missing files): run scripts/ensure-console.sh",
         dist.display()
     );
@@ -41,6 +44,8 @@ async fn console_files_are_served_with_types_caching_and_a_strict_csp() {
         ("/", "text/html; charset=utf-8"),
         ("/console/index.html", "text/html; charset=utf-8"),
         ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/files.js", "text/javascript; charset=utf-8"),
+        ("/console/editor.js", "text/javascript; charset=utf-8"),
         ("/console/xterm.mjs", "text/javascript; charset=utf-8"),
         ("/console/addon-fit.mjs", "text/javascript; charset=utf-8"),
         ("/console/app.css", "text/css; charset=utf-8"),
@@ -264,8 +269,10 @@ async fn run_browser(
     }
 }
 
-/// The whole flow in a real browser over plain HTTP (about 30 s, most of it `npm create vite`
-/// and `npm install` inside the sandbox).
+/// The whole flow in a real browser over plain HTTP (about 40 s, most of it `npm create vite`
+/// and `npm install` inside the sandbox): terminal, the file tree following the terminal, a
+/// React + Vite project whose `src/App.jsx` is edited and saved in the editor until the preview
+/// frame shows the new text (HMR), run code in JavaScript and Python.
 #[tokio::test]
 async fn console_end_to_end_in_chromium() {
     // Alone: every server start creates a Docker network, and Chromium aborts requests in
@@ -288,13 +295,17 @@ async fn console_end_to_end_in_chromium() {
             "terminal",
             "project-progress",
             "preview",
+            "editor",
             "run-code",
+            "run-python",
         ],
     )
     .await;
 }
 
-/// The same console over HTTPS (development certificate): wss terminal, API, run code.
+/// The same console over HTTPS (development certificate): wss terminal and file watch, API,
+/// the React + Vite project edited in the editor with its hot update over the preview's wss
+/// tunnel, run code.
 #[tokio::test]
 async fn console_over_https_in_chromium() {
     // Alone: every server start creates a Docker network, and Chromium aborts requests in
@@ -312,11 +323,16 @@ async fn console_over_https_in_chromium() {
         &app,
         &base,
         "console-https",
+        &[("SANDBOXD_E2E_IGNORE_TLS", "1")],
         &[
-            ("SANDBOXD_E2E_PROJECT", "0"),
-            ("SANDBOXD_E2E_IGNORE_TLS", "1"),
+            "signin",
+            "started",
+            "terminal",
+            "preview",
+            "editor",
+            "run-code",
+            "run-python",
         ],
-        &["signin", "started", "terminal", "run-code"],
     )
     .await;
 }
@@ -433,7 +449,7 @@ async fn console_as_scripts_up_runs_it_shows_the_preview_in_chromium() {
             ("SANDBOXD_E2E_PROJECT", "node"),
             ("SANDBOXD_E2E_PREVIEW_URL", &expect),
         ],
-        &["signin", "started", "preview", "run-code"],
+        &["signin", "started", "preview", "run-code", "run-python"],
     )
     .await;
 }
