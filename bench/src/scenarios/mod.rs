@@ -5,7 +5,7 @@
 //! tracked sandboxes adopted at start-up).
 
 mod exec;
-mod idle;
+pub(crate) mod idle;
 mod proxy;
 mod terminal;
 mod tracked;
