@@ -261,13 +261,33 @@ impl Report {
             .unwrap_or(f64::NAN);
         t.push(Target {
             what: "sandboxd RSS with 5,000 idle WebSockets".into(),
-            target: "≤ 100 MiB".into(),
+            target: "≤ 64 MiB".into(),
             measured: if ws.is_finite() {
                 format!("{ws:.1} MiB")
             } else {
                 "–".into()
             },
-            pass: check(ws, &|v| v <= 100.0),
+            pass: check(ws, &|v| v <= 64.0),
+        });
+        let closed = self
+            .footprint
+            .iter()
+            .find(|f| f.label.contains("after those tunnels closed"));
+        let closed_mib = closed
+            .and_then(|f| f.value.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        let bound = crate::scenarios::idle::CLOSED_BOUND_MIB;
+        t.push(Target {
+            what: "… back after they closed".into(),
+            target: format!("< {bound:.0} MiB within 30 s"),
+            measured: closed.map_or("–".into(), |f| {
+                format!(
+                    "{} ({})",
+                    f.value,
+                    f.note.split(" after").next().unwrap_or("")
+                )
+            }),
+            pass: check(closed_mib, &|v| v < bound),
         });
         t
     }

@@ -328,6 +328,16 @@ impl<S> FramingCheck<S> {
             pos: 0,
         }
     }
+
+    /// The connection and the bytes read from it that the parser has not taken yet (after an
+    /// upgrade, they belong to the new protocol).
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        let FramingCheck {
+            inner, out, pos, ..
+        } = self;
+        let rest = out.get(pos..).map(<[u8]>::to_vec).unwrap_or_default();
+        (inner, rest)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingCheck<S> {

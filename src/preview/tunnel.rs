@@ -12,11 +12,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::forward::{forwarded_headers, strip_hop_by_hop, upgrade_matches};
 use super::upstream::Via;
 use super::{PreviewError, Proxy};
+use crate::edge::framing::FramingCheck;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::Body;
@@ -126,10 +128,145 @@ impl Proxy {
             let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
                 return;
             };
-            pump(mgr, user, TokioIo::new(client), TokioIo::new(upstream)).await;
+            // Our own upstream connection is plain TCP; the client's is too unless it came
+            // over TLS. Plain on both sides relays without buffers; otherwise copy with buffers.
+            let upstream = match plain_upstream(upstream) {
+                Ok(p) => p,
+                Err(upstream) => {
+                    return pump(mgr, user, TokioIo::new(client), TokioIo::new(upstream)).await
+                }
+            };
+            match plain_client(client) {
+                Ok(client) => relay(mgr, user, client, upstream).await,
+                Err(client) => {
+                    let mut client = TokioIo::new(client);
+                    // What the app sent right after its 101 goes first.
+                    if client.write_all(&upstream.early).await.is_err() {
+                        return;
+                    }
+                    pump(mgr, user, client, upstream.stream).await
+                }
+            }
         });
         let (rp, _) = up_resp.into_parts();
         Ok(Response::from_parts(rp, crate::http::empty()))
+    }
+}
+
+/// A plain TCP side of a tunnel: the socket and the bytes already read from it that belong to
+/// the tunnel (read ahead by the HTTP parsers).
+struct Plain {
+    stream: TcpStream,
+    early: Vec<u8>,
+}
+
+/// The client side over plain HTTP (TLS stays an `Upgraded`).
+fn plain_client(up: hyper::upgrade::Upgraded) -> Result<Plain, hyper::upgrade::Upgraded> {
+    type Io = TokioIo<FramingCheck<TcpStream>>;
+    let parts = hyper_util::server::conn::auto::upgrade::downcast::<Io>(up)?;
+    let (stream, rest) = parts.io.into_inner().into_parts();
+    let mut early = parts.read_buf.to_vec();
+    early.extend_from_slice(&rest);
+    Ok(Plain { stream, early })
+}
+
+/// The upstream side (always plain TCP on the private network).
+fn plain_upstream(up: hyper::upgrade::Upgraded) -> Result<Plain, hyper::upgrade::Upgraded> {
+    let parts = up.downcast::<TokioIo<TcpStream>>()?;
+    Ok(Plain {
+        stream: parts.io.into_inner(),
+        early: parts.read_buf.to_vec(),
+    })
+}
+
+/// Bytes moved per readiness event, from a buffer on the stack: an idle tunnel holds no buffer
+/// at all (thousands of idle HMR sockets are the common case).
+const RELAY_CHUNK: usize = 16 * 1024;
+
+enum Moved {
+    /// Something was moved (and maybe more is pending: the bytes the writer did not take).
+    Some(Option<Vec<u8>>),
+    /// Nothing was there after all (a spurious wake-up).
+    Nothing,
+    /// The reader reached its end or failed, or the writer failed.
+    Closed,
+}
+
+/// Moves what the socket has now, without waiting: reads into a stack buffer and writes as much
+/// as the other socket takes; what it does not take is returned to be written with a wait.
+fn move_ready(from: &OwnedReadHalf, to: &OwnedWriteHalf) -> Moved {
+    let mut buf = [0u8; RELAY_CHUNK];
+    let n = match from.try_read(&mut buf) {
+        Ok(0) => return Moved::Closed,
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Moved::Nothing,
+        Err(_) => return Moved::Closed,
+    };
+    match to.try_write(&buf[..n]) {
+        Ok(m) if m == n => Moved::Some(None),
+        Ok(m) => Moved::Some(Some(buf[m..n].to_vec())),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Moved::Some(Some(buf[..n].to_vec()))
+        }
+        Err(_) => Moved::Closed,
+    }
+}
+
+/// One direction of a plain tunnel: waits for readability holding nothing, then moves the bytes.
+async fn one_way(early: Vec<u8>, from: OwnedReadHalf, mut to: OwnedWriteHalf, on_data: impl Fn()) {
+    if !early.is_empty() {
+        on_data();
+        if to.write_all(&early).await.is_err() {
+            return;
+        }
+    }
+    drop(early);
+    loop {
+        if from.readable().await.is_err() {
+            break;
+        }
+        match move_ready(&from, &to) {
+            Moved::Nothing => continue,
+            Moved::Closed => break,
+            Moved::Some(rest) => {
+                on_data();
+                if let Some(rest) = rest {
+                    if to.write_all(&rest).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Copies both ways between two plain sockets until either side closes, with no buffer held
+/// while idle. Client traffic counts as activity and wakes a paused sandbox (its kernel buffers
+/// the bytes meanwhile).
+async fn relay(mgr: Arc<Manager>, user: UserId, client: Plain, upstream: Plain) {
+    let (client_read, client_write) = client.stream.into_split();
+    let (upstream_read, upstream_write) = upstream.stream.into_split();
+    let inbound = {
+        let (mgr, user) = (mgr.clone(), user.clone());
+        one_way(client.early, client_read, upstream_write, move || {
+            client_activity(&mgr, &user)
+        })
+    };
+    let outbound = one_way(upstream.early, upstream_read, client_write, move || {
+        mgr.touch(&user)
+    });
+    tokio::join!(inbound, outbound);
+}
+
+/// Client bytes on a tunnel: activity, and a wake-up if the sandbox is not running.
+fn client_activity(mgr: &Arc<Manager>, user: &UserId) {
+    mgr.touch(user);
+    if mgr.running_ip(user).is_none() {
+        let (mgr, user) = (mgr.clone(), user.clone());
+        tokio::spawn(async move {
+            let _ = mgr.ensure_running(&user).await;
+        });
     }
 }
 
@@ -151,13 +288,7 @@ where
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                mgr.touch(&user);
-                if mgr.running_ip(&user).is_none() {
-                    let (mgr, user) = (mgr.clone(), user.clone());
-                    tokio::spawn(async move {
-                        let _ = mgr.ensure_running(&user).await;
-                    });
-                }
+                client_activity(&mgr, &user);
                 if upstream_write.write_all(&buf[..n]).await.is_err() {
                     break;
                 }

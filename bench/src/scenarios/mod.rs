@@ -6,7 +6,7 @@
 
 mod exec;
 mod files;
-mod idle;
+pub(crate) mod idle;
 mod proxy;
 mod terminal;
 mod tracked;
