@@ -11,6 +11,18 @@ use sandboxd::auth::{self, Auth};
 use sandboxd::config::{parse_duration, Config, LogFormat};
 use sandboxd::user::UserId;
 
+/// jemalloc rather than glibc's malloc: with thousands of connections and tunnels opened and
+/// closed, glibc kept the freed memory in its arenas (78 MiB with 5,000 idle tunnels, 43 MiB
+/// still 30 s after they closed); jemalloc's size-class slabs fragment less and its background
+/// thread gives freed pages back (64 MiB, and 29 MiB 3 s after they closed, in bench/run).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options: a background thread purges freed pages after 1 s.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
 #[derive(Parser)]
 #[command(
     name = "sandboxd",

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -91,7 +90,6 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         let (m, rx) = (mgr.metrics().clone(), shutdown_rx.clone());
         tasks.spawn(crate::metrics::serve(l, m, mgr.clone(), rx));
     }
-    tasks.spawn(return_freed_memory(shutdown_rx.clone()));
     // Containers changed behind sandboxd's back (events.rs).
     let follower = events::spawn(mgr.clone(), shutdown_rx.clone());
     tasks.spawn(async move {
@@ -172,34 +170,3 @@ impl Running {
         Ok(())
     }
 }
-
-/// How often freed heap memory is handed back to the system.
-const TRIM_EVERY: Duration = Duration::from_secs(10);
-/// Free heap below this stays with the allocator (it will be reused soon enough).
-const TRIM_ABOVE: usize = 4 << 20;
-
-/// glibc keeps memory freed by many small allocations (thousands of closed connections and
-/// tunnels) in its arenas for ever; every [`TRIM_EVERY`], when more than [`TRIM_ABOVE`] of the
-/// heap is free, this gives the free pages back, so the RSS falls again after a burst.
-async fn return_freed_memory(mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            () = tokio::time::sleep(TRIM_EVERY) => {}
-        }
-        let _ = tokio::task::spawn_blocking(trim_heap).await;
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim_heap() {
-    // SAFETY: mallinfo2 and malloc_trim only read and adjust glibc's own heap bookkeeping.
-    let free = unsafe { libc::mallinfo2() }.fordblks;
-    if free > TRIM_ABOVE {
-        // SAFETY: as above.
-        unsafe { libc::malloc_trim(0) };
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
