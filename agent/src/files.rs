@@ -390,7 +390,10 @@ pub fn mkdir(root: &Root, h: &Value, c: &mut Conn) -> Res<()> {
 // ---- tar / untar ------------------------------------------------------------------------------
 
 /// Reads at most `cap` bytes of a child's pipe in a thread (the rest is drained).
-fn capture(mut r: impl Read + Send + 'static, cap: usize) -> thread::JoinHandle<Vec<u8>> {
+pub(crate) fn capture(
+    mut r: impl Read + Send + 'static,
+    cap: usize,
+) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut out = Vec::new();
         let mut buf = [0u8; 8192];

@@ -464,8 +464,8 @@ impl Runner {
         let writer = thread::spawn(move || {
             let _ = stdin.write_all(&code);
         });
-        let out = read_all(child.stdout.take().expect("piped"), MAX_CODE * 2);
-        let err = read_all(child.stderr.take().expect("piped"), 64 * 1024);
+        let out = crate::files::capture(child.stdout.take().expect("piped"), MAX_CODE * 2);
+        let err = crate::files::capture(child.stderr.take().expect("piped"), 64 * 1024);
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
@@ -491,21 +491,6 @@ enum Compiled {
     Js(Vec<u8>, &'static str),
     Failed(Vec<u8>),
     TimedOut,
-}
-
-fn read_all(mut r: impl Read + Send + 'static, cap: usize) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 16384];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let room = cap.saturating_sub(out.len());
-            out.extend_from_slice(&buf[..n.min(room)]);
-        }
-        out
-    })
 }
 
 /// Ends a process that will not be used: killed, reaped in the background.
