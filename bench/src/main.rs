@@ -44,7 +44,7 @@ pub struct Opts {
     /// Short runs for development (fewer rounds, samples and connections).
     #[arg(long)]
     pub quick: bool,
-    /// Only these groups (comma-separated: proxy,exec,files,terminal,idle,wake,tracked).
+    /// Only these groups (comma-separated: proxy,proxy-cost,exec,files,terminal,idle,wake,tracked).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Seconds `bench/run` spent before the benchmarks (tools, image, build), for the report.

@@ -90,20 +90,50 @@ pub async fn start_nginx(
     cert: &Path,
     key: &Path,
 ) -> Result<Proc> {
+    start_nginx_with(work, pids, upstream, http, https, cert, key, None).await
+}
+
+/// [`start_nginx`], or with `callgrind` (the folder for its dumps) one nginx process (no
+/// master, no workers) under valgrind's callgrind, so that its instructions can be counted.
+#[allow(clippy::too_many_arguments)]
+pub async fn start_nginx_with(
+    work: &Path,
+    pids: &Path,
+    upstream: SocketAddr,
+    http: SocketAddr,
+    https: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    callgrind: Option<&Path>,
+) -> Result<Proc> {
     let prefix = work.join("nginx");
     std::fs::create_dir_all(prefix.join("tmp"))?;
     let conf = prefix.join("nginx.conf");
     std::fs::write(&conf, nginx_conf(&prefix, upstream, http, https, cert, key))?;
-    let mut cmd = tokio::process::Command::new("nginx");
+    let mut cmd = match callgrind {
+        Some(logs) => {
+            let mut c = tokio::process::Command::new("valgrind");
+            c.args(crate::scenarios::callgrind_args(logs, "nginx"))
+                .arg("nginx");
+            c
+        }
+        None => tokio::process::Command::new("nginx"),
+    };
+    let global = if callgrind.is_some() {
+        "daemon off; master_process off;"
+    } else {
+        "daemon off;"
+    };
     cmd.arg("-p")
         .arg(&prefix)
         .arg("-e")
         .arg(prefix.join("error.log"))
         .arg("-c")
         .arg(&conf)
-        .args(["-g", "daemon off;"]);
+        .args(["-g", global]);
     let mut p = Proc::spawn("nginx", &mut cmd, pids)?;
-    wait_port(http, Duration::from_secs(10))
+    let within = Duration::from_secs(if callgrind.is_some() { 60 } else { 10 });
+    wait_port(http, within)
         .await
         .with_context(|| std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default())?;
     wait_port(https, Duration::from_secs(10)).await?;

@@ -8,6 +8,7 @@ mod exec;
 mod files;
 pub(crate) mod idle;
 mod proxy;
+mod proxy_cost;
 mod terminal;
 mod tracked;
 mod wake;
@@ -29,6 +30,8 @@ use crate::http::{self, Api};
 use crate::report::{Fact, Report};
 use crate::sys::{self, Proc};
 use crate::Opts;
+
+pub(crate) use proxy_cost::callgrind_args;
 
 const PREVIEW_DOMAIN: &str = "preview.localhost";
 const LISTEN_FILE: &str = ".bench-listen";
@@ -209,7 +212,7 @@ impl Ctx {
 
     pub async fn run_all(&mut self) -> Result<()> {
         self.collect_machine();
-        if ["proxy", "exec", "files", "terminal", "idle"]
+        if ["proxy", "proxy-cost", "exec", "files", "terminal", "idle"]
             .iter()
             .any(|g| self.opts.wants(g))
         {
@@ -333,7 +336,15 @@ impl Ctx {
     async fn start_server(&mut self, tag: &str, extra: &[(&str, &str)]) -> Result<Duration> {
         self.stop_server().await;
         let log = std::fs::File::create(self.opts.work.join(format!("logs/sandboxd-{tag}.log")))?;
-        let mut cmd = tokio::process::Command::new(&self.opts.sandboxd);
+        // `BENCH_CALLGRIND=1`: phase A's sandboxd runs under callgrind (proxy_cost.rs).
+        let mut cmd = if tag == "a" && proxy_cost::callgrind() {
+            let mut c = tokio::process::Command::new("valgrind");
+            c.args(callgrind_args(&self.opts.work.join("logs"), "sandboxd"))
+                .arg(&self.opts.sandboxd);
+            c
+        } else {
+            tokio::process::Command::new(&self.opts.sandboxd)
+        };
         cmd.arg("serve").current_dir(&self.opts.work);
         for (k, _) in std::env::vars() {
             if k.starts_with("SANDBOXD_") {
@@ -555,6 +566,10 @@ impl Ctx {
         if self.opts.wants("proxy") {
             let r = self.bench_proxy(ip).await;
             self.note_err("proxy throughput", r);
+        }
+        if self.opts.wants("proxy-cost") {
+            let r = self.bench_proxy_cost(ip).await;
+            self.note_err("proxy cost per request", r);
         }
         if self.opts.wants("exec") {
             let r = self.bench_exec(&id).await;
