@@ -21,6 +21,9 @@ pub struct ProxyRow {
 /// Labels of the floors measured without sandboxd, in the wake table.
 pub const FLOOR_WAKE: &str = "floor: wake from stopped without sandboxd";
 pub const FLOOR_COLD: &str = "floor: cold first hit without sandboxd";
+pub const FLOOR_CROWD: &str = "floor: the same starts at once without sandboxd (per container)";
+/// The crowd row's label ends so (it begins with the number of users).
+pub const CROWD: &str = "different users' first hits at once";
 
 #[derive(Clone, Debug)]
 pub struct TimedRow {
@@ -68,6 +71,8 @@ pub struct Report {
     pub versions: Vec<(String, String)>,
     pub settings: Vec<(String, String)>,
     pub proxy: Vec<ProxyRow>,
+    /// `--only proxy-cost`: CPU time or instructions per small request, sandboxd vs nginx.
+    pub proxy_cost: Vec<Fact>,
     pub wake: Vec<TimedRow>,
     pub breakdown: Vec<Breakdown>,
     pub exec: Vec<TimedRow>,
@@ -223,6 +228,20 @@ impl Report {
                 pass: check(v / f, &|r| r <= 0.8),
             });
         }
+        // The users at once against the same starts without sandboxd, in the same run.
+        let crowd = self
+            .wake
+            .iter()
+            .find(|r| r.label.contains(CROWD))
+            .map_or(f64::NAN, |r| r.ms.p50);
+        let floor = self.wake_row(FLOOR_CROWD).map_or(f64::NAN, |r| r.ms.p50);
+        t.push(Target {
+            what: "users' first hits at once, p50 per user, vs the same starts without sandboxd"
+                .into(),
+            target: "≤ 1.2×".into(),
+            measured: format!("{} vs {} = {}", ms(crowd), ms(floor), ratio(crowd / floor)),
+            pass: check(crowd / floor, &|r| r <= 1.2),
+        });
         let exec = self.exec.first().map_or(f64::NAN, |r| r.ms.p50);
         let floor = self
             .exec
@@ -347,6 +366,7 @@ impl Report {
         let _ = writeln!(w);
 
         self.render_proxy(w);
+        self.render_proxy_cost(w);
         self.render_wake(w);
         self.render_exec_terminal(w);
         self.render_files(w);
@@ -359,6 +379,18 @@ impl Report {
             let _ = writeln!(w);
         }
         o
+    }
+
+    fn render_proxy_cost(&self, w: &mut String) {
+        if self.proxy_cost.is_empty() {
+            return;
+        }
+        let _ = writeln!(w, "## Proxy cost per request (small response)\n");
+        let _ = writeln!(w, "| path | per request | how |\n|---|---:|---|");
+        for f in &self.proxy_cost {
+            let _ = writeln!(w, "| {} | {} | {} |", f.label, f.value, f.note);
+        }
+        let _ = writeln!(w);
     }
 
     fn render_proxy(&self, w: &mut String) {

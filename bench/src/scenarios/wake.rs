@@ -13,7 +13,7 @@ use sandboxd::user::UserId;
 use serde_json::json;
 
 use crate::http;
-use crate::report::{ms, Breakdown, Fact, TimedRow, FLOOR_COLD, FLOOR_WAKE};
+use crate::report::{ms, Breakdown, Fact, TimedRow, CROWD, FLOOR_COLD, FLOOR_CROWD, FLOOR_WAKE};
 use crate::stats::{median, summarize};
 use crate::sys;
 
@@ -45,6 +45,8 @@ impl Ctx {
                 None
             }
         };
+        let r = self.bench_crowd_floor().await;
+        self.note_err("floor of the users at once", r);
         // B2: paused by the idle policy after 1 s.
         self.step("phase B2: idle pause after 1 s");
         self.start_server(
@@ -530,11 +532,87 @@ impl Ctx {
             ));
         }
         self.report.wake.push(TimedRow {
-            label: format!("{n} different users' first hits at once (per user)"),
+            label: format!("{n} {CROWD} (per user)"),
             ms: summarize(&samples),
             note,
         });
         Ok(mem_before)
+    }
+
+    /// The floor of the N first hits at once, without sandboxd: N containers made from the same
+    /// spec as the cold floor (the sandbox's image, limits at the configured CPU quota without
+    /// the boot boost, hardening, network; the app itself as the command), each created and
+    /// started at the same moment, each timed until its app's first 200 on the container's
+    /// address (polled every 5 ms). Same N, same phase as the crowd of sandboxd users.
+    async fn bench_crowd_floor(&mut self) -> Result<()> {
+        let n = self.n.crowd;
+        self.step(&format!("floor: {n} starts at once without sandboxd"));
+        let mut cfg = Config::load(None, self.env(&[]))?;
+        cfg.limits.boot_nano_cpus = cfg.limits.nano_cpus;
+        let mut specs = vec![];
+        for i in 1..=n {
+            let user = format!("cf{i:02}");
+            self.write_app(&user, false)?;
+            let uid = UserId::parse(&user).map_err(|e| anyhow!("{e}"))?;
+            let mut spec = sandboxd::sandbox::spec::container_config(
+                &cfg,
+                &uid,
+                &self.ws.join(format!("user-{user}")),
+            );
+            spec.cmd = Some(vec!["node".into(), "server.js".into()]);
+            // Not sandboxd's (it never adopts it); the instance label lets the cleanup find it.
+            if let Some(l) = spec.labels.as_mut() {
+                l.remove(sandboxd::sandbox::spec::LABEL_MANAGED);
+            }
+            specs.push((format!("{}-crowd-floor-{i}", self.opts.instance), spec));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        let this: &Ctx = self;
+        // Each start: (the container, if created; the time to its app's first 200).
+        let runs: Vec<(Option<String>, Result<f64>)> =
+            futures_util::future::join_all(specs.into_iter().map(|(name, spec)| async move {
+                let id = match this
+                    .docker
+                    .create_container(
+                        Some(CreateContainerOptions {
+                            name: name.as_str(),
+                            platform: None,
+                        }),
+                        spec,
+                    )
+                    .await
+                {
+                    Ok(c) => c.id,
+                    Err(e) => return (None, Err(e.into())),
+                };
+                let timed = async {
+                    this.docker
+                        .start_container(&id, None::<StartContainerOptions<String>>)
+                        .await?;
+                    this.until_200(&id).await?;
+                    Ok(t.elapsed().as_secs_f64() * 1e3)
+                }
+                .await;
+                (Some(id), timed)
+            }))
+            .await;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let ids: Vec<String> = runs.iter().filter_map(|(id, _)| id.clone()).collect();
+        self.remove_containers(ids).await;
+        let mut samples = vec![];
+        for (_, r) in runs {
+            samples.push(r?);
+        }
+        self.report.wake.push(TimedRow {
+            label: FLOOR_CROWD.into(),
+            ms: summarize(&samples),
+            note: format!(
+                "no sandboxd: {n} containers like the cold floor's (image, limits at 0.5 CPU, hardening, the app as the command), created and started all at once, each until its app's first 200; the last after {}",
+                ms(wall)
+            ),
+        });
+        Ok(())
     }
 
     /// Host memory per idle paused sandbox: the crowd's sandboxes, once the idle policy paused
