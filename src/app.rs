@@ -11,7 +11,7 @@ use crate::api::Api;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::edge::listener::{ConnInfo, Handler};
-use crate::edge::router::{self, normalize_host, request_host, Route, RouterConfig};
+use crate::edge::router::{normalized, request_host, Route, Router, RouterConfig};
 use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::preview::Proxy;
@@ -22,7 +22,8 @@ use crate::sandbox::Manager;
 pub struct App {
     pub cfg: Arc<Config>,
     pub mgr: Arc<Manager>,
-    pub router: RouterConfig,
+    /// The Host router, its configured hosts normalized once.
+    routes: Router,
     pub api: Api,
     pub preview: Proxy,
 }
@@ -39,11 +40,11 @@ impl App {
             extra_ports: cfg.preview_extra_ports.clone(),
         };
         Arc::new(App {
+            routes: Router::new(&router),
             api: Api::new(cfg.clone(), mgr.clone(), auth.clone()),
             preview: Proxy::new(cfg.clone(), mgr.clone(), auth),
             cfg,
             mgr,
-            router,
         })
     }
 
@@ -56,7 +57,7 @@ impl App {
         conn: Arc<ConnInfo>,
     ) -> Response<Body> {
         use crate::access::{Access, HostKind, X_REQUEST_ID};
-        let route = router::route(&self.router, request_host(&req));
+        let route = self.routes.route(request_host(&req));
         let host = match route {
             Route::Main => HostKind::Main,
             Route::Preview { .. } => HostKind::Preview,
@@ -75,7 +76,7 @@ impl App {
                 if let Route::Preview { user, .. } = &route {
                     crate::access::note_user(user.as_str());
                 }
-                self.route(req, conn).await
+                self.route(req, conn, route).await
             })
             .await;
         resp.headers_mut()
@@ -84,7 +85,13 @@ impl App {
         resp
     }
 
-    async fn route(self: Arc<Self>, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<Body> {
+    /// `route` is the request's route (its host does not change below).
+    async fn route(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+        route: Route,
+    ) -> Response<Body> {
         // Header smuggling guards: one Host only, and an absolute-form URI must name the same
         // host as the Host header. (hyper already refuses CR/LF inside header values.)
         let mut hosts = req.headers().get_all(HOST).iter();
@@ -101,8 +108,8 @@ impl App {
             let same = h
                 .to_str()
                 .ok()
-                .and_then(normalize_host)
-                .zip(normalize_host(authority.as_str()))
+                .and_then(normalized)
+                .zip(normalized(authority.as_str()))
                 .is_some_and(|(a, b)| a == b);
             if !same {
                 return ApiError::new(
@@ -118,11 +125,13 @@ impl App {
                 return resp;
             }
         }
-        match router::route(&self.router, request_host(&req)) {
-            Route::Main => self.api.handle(req, conn).await,
+        // Each side's future is boxed: the API's is large, and a request future that held both
+        // inline would be copied whole at every move (into its box, its span, its task).
+        match route {
+            Route::Main => Box::pin(self.api.handle(req, conn)).await,
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
-                let resp = self.preview.handle(req, conn, user, port).await;
+                let resp = Box::pin(self.preview.handle(req, conn, user, port)).await;
                 self.mgr
                     .metrics()
                     .preview_request(resp.status(), t.elapsed());
@@ -139,8 +148,8 @@ impl App {
     /// `http_redirect`: plain-HTTP requests for known hosts go to the same URL over HTTPS.
     fn https_redirect(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
         let https = self.cfg.https_addr?;
-        let host = request_host(req).and_then(normalize_host)?;
-        if router::route(&self.router, Some(&host)) == Route::NotFound {
+        let host = request_host(req).and_then(normalized)?.into_owned();
+        if self.routes.route(Some(&host)) == Route::NotFound {
             return None;
         }
         let host = if host.contains(':') {

@@ -9,7 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -144,6 +144,8 @@ pub struct Metrics {
     wake_seconds: Histograms<FromLabel>,
     preview_requests: Family<ClassLabel, Counter>,
     preview_seconds: Histograms<ClassLabel>,
+    /// Per status class (1xx..5xx), the members of the two families above, once used.
+    preview_by_class: [OnceLock<(Counter, Histogram)>; 5],
     terminals_open: Gauge,
     tunnels_open: Gauge,
     executions: Family<OutcomeLabel, Counter>,
@@ -177,6 +179,7 @@ impl Metrics {
             wake_seconds: Family::new_with_constructor(transition_buckets),
             preview_requests: Family::default(),
             preview_seconds: Family::new_with_constructor(preview_buckets),
+            preview_by_class: Default::default(),
             terminals_open: Gauge::default(),
             tunnels_open: Gauge::default(),
             executions: Family::default(),
@@ -345,13 +348,20 @@ impl Metrics {
 
     /// One preview request answered with `status` after `took`.
     pub fn preview_request(&self, status: StatusCode, took: Duration) {
-        let l = ClassLabel {
-            class: status_class(status),
-        };
-        self.preview_requests.get_or_create(&l).inc();
-        self.preview_seconds
-            .get_or_create(&l)
-            .observe(took.as_secs_f64());
+        // The hot path: the class's counter and histogram are looked up in their families once
+        // (created on first use, as before), then used without the families' locks and hashing.
+        let class = status_class(status);
+        // 1xx..5xx → 0..4, as `status_class` (anything past 5xx counts as 5xx).
+        let i = usize::from((status.as_u16() / 100).clamp(1, 5) - 1);
+        let (count, seconds) = self.preview_by_class[i].get_or_init(|| {
+            let l = ClassLabel { class };
+            (
+                self.preview_requests.get_or_create_owned(&l),
+                self.preview_seconds.get_or_create_owned(&l),
+            )
+        });
+        count.inc();
+        seconds.observe(took.as_secs_f64());
     }
 
     /// Counts an open preview tunnel until the guard drops.

@@ -24,6 +24,8 @@ pub const MARKER: &str = "x-sandboxd-bad-framing";
 /// Longest chunk-size or trailer line followed before giving up (hyper refuses such input).
 const MAX_LINE: usize = 4096;
 const READ_CHUNK: usize = 8192;
+/// Largest head buffer kept between requests.
+const KEEP_BUF: usize = 4096;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Mode {
@@ -129,6 +131,15 @@ impl Tracker {
                         input = &input[1..];
                         continue;
                     }
+                    // The common case, a whole head in one read: looked at where it is.
+                    if self.buf.is_empty() {
+                        if let Some(end) = head_end(input, 0) {
+                            let (head, rest) = input.split_at(end);
+                            self.on_head(head, out);
+                            input = rest;
+                            continue;
+                        }
+                    }
                     let start = self.buf.len();
                     self.buf.extend_from_slice(input);
                     let from = start.saturating_sub(3);
@@ -136,8 +147,14 @@ impl Tracker {
                         Some(end) => {
                             input = &input[end - start..];
                             self.buf.truncate(end);
-                            let head = std::mem::take(&mut self.buf);
+                            let mut head = std::mem::take(&mut self.buf);
                             self.on_head(&head, out);
+                            // Kept for the next head unless it grew large (idle keep-alive
+                            // connections should not hold big buffers).
+                            if head.capacity() <= KEEP_BUF {
+                                head.clear();
+                                self.buf = head;
+                            }
                         }
                         None => {
                             if self.buf.len() > self.max_head {
@@ -366,8 +383,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingCheck<S> {
             if this.tracker.passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut tmp = [0u8; READ_CHUNK];
-            let mut rb = ReadBuf::new(&mut tmp);
+            // Not zeroed: the reader only writes into it, and only what it filled is read.
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,

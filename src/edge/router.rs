@@ -5,6 +5,7 @@
 //! user id starts here, so this module is strict: a Host that is not exactly one of the accepted
 //! shapes is `NotFound`, never "close enough".
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::config::PREVIEW_PORT;
@@ -81,12 +82,25 @@ pub enum Route {
 /// `-`, an all-numeric last label that is not an IPv4 address (`127.1`), whitespace, control
 /// characters, non-ASCII, userinfo (`a@b`), or a malformed port.
 pub fn normalize_host(raw: &str) -> Option<String> {
+    normalized(raw).map(Cow::into_owned)
+}
+
+/// [`normalize_host`] without an allocation when the host is already in normal form (a
+/// lowercase name, with or without a port): the per-request form.
+pub fn normalized(raw: &str) -> Option<Cow<'_, str>> {
     // Checked up front so no later branch has to think about CR/LF/space/NUL/UTF-8.
     if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_graphic()) {
         return None;
     }
-    let lower = raw.to_ascii_lowercase();
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        let lower = raw.to_ascii_lowercase();
+        return normalize_lower(&lower).map(|n| Cow::Owned(n.into_owned()));
+    }
+    normalize_lower(raw)
+}
 
+/// [`normalized`] of a host already in lowercase.
+fn normalize_lower(lower: &str) -> Option<Cow<'_, str>> {
     if let Some(rest) = lower.strip_prefix('[') {
         // `[v6]` or `[v6]:port`: the only place brackets are allowed.
         let (inside, after) = rest.split_once(']')?;
@@ -96,14 +110,14 @@ pub fn normalize_host(raw: &str) -> Option<String> {
         // Zone ids (`%eth0`) fail to parse here, which is what we want: they have no meaning in
         // a Host header.
         let ip: Ipv6Addr = inside.parse().ok()?;
-        return Some(ip.to_string());
+        return Some(Cow::Owned(ip.to_string()));
     }
 
     // A bare IPv6 literal (only from configuration; a Host header must bracket it). Two or more
     // colons cannot be `name:port`.
     if lower.bytes().filter(|&b| b == b':').count() >= 2 {
         let ip: Ipv6Addr = lower.parse().ok()?;
-        return Some(ip.to_string());
+        return Some(Cow::Owned(ip.to_string()));
     }
 
     let name = match lower.split_once(':') {
@@ -111,12 +125,12 @@ pub fn normalize_host(raw: &str) -> Option<String> {
             valid_port(port)?;
             name
         }
-        None => lower.as_str(),
+        None => lower,
     };
     let name = name.strip_suffix('.').unwrap_or(name);
 
     if let Ok(ip) = name.parse::<Ipv4Addr>() {
-        return Some(ip.to_string());
+        return Some(Cow::Owned(ip.to_string()));
     }
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return None;
@@ -139,7 +153,7 @@ pub fn normalize_host(raw: &str) -> Option<String> {
             return None;
         }
     }
-    Some(name.to_owned())
+    Some(Cow::Borrowed(name))
 }
 
 /// A Host-header port: 1–5 ASCII digits, at most 65535. `0` is accepted here because it only
@@ -153,31 +167,55 @@ fn valid_port(s: &str) -> Option<u16> {
 
 /// Maps a Host header to a route. See the module docs and [`RouterConfig`].
 pub fn route(cfg: &RouterConfig, host: Option<&str>) -> Route {
-    let Some(host) = host.and_then(normalize_host) else {
-        return Route::NotFound;
-    };
-    if cfg
-        .main_hosts
-        .iter()
-        .any(|m| normalize_host(m).as_deref() == Some(host.as_str()))
-    {
-        return Route::Main;
+    Router::new(cfg).route(host)
+}
+
+/// A [`RouterConfig`] with its hosts normalized once, so that routing a request normalizes
+/// only the request's host. A configured host that does not normalize never matches.
+#[derive(Debug, Clone)]
+pub struct Router {
+    main_hosts: Vec<String>,
+    preview_domain: Option<String>,
+    extra_ports: Vec<u16>,
+}
+
+impl Router {
+    pub fn new(cfg: &RouterConfig) -> Router {
+        Router {
+            main_hosts: cfg
+                .main_hosts
+                .iter()
+                .filter_map(|h| normalize_host(h))
+                .collect(),
+            preview_domain: normalize_host(&cfg.preview_domain),
+            extra_ports: cfg.extra_ports.clone(),
+        }
     }
-    let Some(preview_domain) = normalize_host(&cfg.preview_domain) else {
-        return Route::NotFound;
-    };
-    // Exactly one label in front of the preview domain: deeper names (`a.user-1.preview…`) are
-    // not ours, and the bare preview domain has no user.
-    let Some(label) = host
-        .strip_suffix(preview_domain.as_str())
-        .and_then(|rest| rest.strip_suffix('.'))
-    else {
-        return Route::NotFound;
-    };
-    if label.is_empty() || label.contains('.') {
-        return Route::NotFound;
+
+    /// Maps a Host header to a route, as [`route`].
+    pub fn route(&self, host: Option<&str>) -> Route {
+        let Some(host) = host.and_then(normalized) else {
+            return Route::NotFound;
+        };
+        if self.main_hosts.iter().any(|m| *m == host) {
+            return Route::Main;
+        }
+        let Some(preview_domain) = self.preview_domain.as_deref() else {
+            return Route::NotFound;
+        };
+        // Exactly one label in front of the preview domain: deeper names (`a.user-1.preview…`)
+        // are not ours, and the bare preview domain has no user.
+        let Some(label) = host
+            .strip_suffix(preview_domain)
+            .and_then(|rest| rest.strip_suffix('.'))
+        else {
+            return Route::NotFound;
+        };
+        if label.is_empty() || label.contains('.') {
+            return Route::NotFound;
+        }
+        preview_label(label, &self.extra_ports).unwrap_or(Route::NotFound)
     }
-    preview_label(label, &cfg.extra_ports).unwrap_or(Route::NotFound)
 }
 
 /// `user-<id>` or `<port>-user-<id>`.
@@ -222,7 +260,7 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
 /// browsers retry on a fresh connection when they coalesced two hosts covered by one wildcard
 /// certificate. Either side failing to normalize counts as a mismatch.
 pub fn sni_matches_host(sni: &str, host: &str) -> bool {
-    match (normalize_host(sni), normalize_host(host)) {
+    match (normalized(sni), normalized(host)) {
         (Some(a), Some(b)) => a == b,
         _ => false,
     }

@@ -49,6 +49,11 @@ pub(super) fn remove_connection_listed(h: &mut HeaderMap) {
 
 /// Removes the fixed hop-by-hop headers.
 pub(super) fn remove_hop_headers(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over their names is cheaper than a hashed removal of
+    // each of the nine.
+    if !h.keys().any(|k| HOP_HEADERS.contains(k)) {
+        return;
+    }
     for n in &HOP_HEADERS {
         h.remove(n);
     }
@@ -201,12 +206,12 @@ impl Proxy {
             let result = match tokio::time::timeout(self.cfg.upstream_head_timeout, &mut sent).await
             {
                 Ok(r) => r,
-                Err(_) => match self.late_answer(user).await {
+                Err(_) => match Box::pin(self.late_answer(user)).await {
                     Late::KeepWaiting => sent.await,
                     Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
                         let addr = SocketAddr::new(ip, port);
                         parts.uri = upstream_uri(addr, &parts.uri);
-                        match self.connect_app(user, addr).await {
+                        match Box::pin(self.connect_app(user, addr)).await {
                             Some(_) => continue,
                             None => return Err(PreviewError::NotListening { port }),
                         }
@@ -226,7 +231,7 @@ impl Proxy {
                     // Nothing listening: the app may be starting, or the container died or was
                     // restarted behind our back. Ask the manager again and hold the request
                     // while the app comes up. A body that was already streamed is not replayed.
-                    let addr = self.ready_addr(user, port, Via::Manager).await?;
+                    let addr = Box::pin(self.ready_addr(user, port, Via::Manager)).await?;
                     parts.uri = upstream_uri(addr, &parts.uri);
                     if is_bodyless(&parts) {
                         continue;

@@ -103,11 +103,14 @@ impl Proxy {
                 }
                 access::strip_preview_cookie(req.headers_mut());
             }
-            let addr = self
-                .ready_addr(&user, port, upstream::Via::Published)
-                .await?;
+            // The hot path inline; the cold ones (wake, tunnel) boxed, so that the request's
+            // future stays small (it is moved whole into its box and its span).
+            let addr = match self.mgr.running_ip(&user) {
+                Some(ip) => std::net::SocketAddr::new(ip, port),
+                None => Box::pin(self.ready_addr(&user, port, upstream::Via::Published)).await?,
+            };
             if forward::is_upgrade(req.headers()) {
-                return self.tunnel(req, &conn, user.clone(), addr).await;
+                return Box::pin(self.tunnel(req, &conn, user.clone(), addr)).await;
             }
             self.forward(req, &conn, &user, addr).await
         };
