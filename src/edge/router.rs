@@ -323,6 +323,53 @@ mod tests {
     }
 
     #[test]
+    fn normalized_borrows_when_it_can_and_agrees_with_normalize_host() {
+        for h in [
+            "user-1.preview.localhost",
+            "user-1.preview.localhost:8080",
+            "localhost.",
+            "User-1.Preview.LOCALHOST.:80",
+            "[::1]:8443",
+            "::1",
+            "127.0.0.1:80",
+            "a..b",
+            "-a.b",
+            "127.1",
+            "",
+            "a b",
+        ] {
+            assert_eq!(normalized(h).map(Cow::into_owned), normalize_host(h), "{h}");
+        }
+        assert!(matches!(
+            normalized("user-1.preview.localhost:8080"),
+            Some(Cow::Borrowed("user-1.preview.localhost"))
+        ));
+        assert!(matches!(
+            normalized("localhost."),
+            Some(Cow::Borrowed("localhost"))
+        ));
+    }
+
+    #[test]
+    fn a_router_built_once_routes_as_route() {
+        let c = cfg();
+        let r = Router::new(&c);
+        for h in [
+            "localhost",
+            "[::1]:8443",
+            "user-7.preview.localhost",
+            "3000-user-7.Preview.Localhost.",
+            "9999-user-7.preview.localhost",
+            "a.user-7.preview.localhost",
+            "preview.localhost",
+            "example.com",
+        ] {
+            assert_eq!(r.route(Some(h)), route(&c, Some(h)), "{h}");
+        }
+        assert_eq!(r.route(None), Route::NotFound);
+    }
+
+    #[test]
     fn normalize_ip_literals() {
         assert_eq!(normalize_host("127.0.0.1").as_deref(), Some("127.0.0.1"));
         assert_eq!(

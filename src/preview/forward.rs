@@ -94,41 +94,59 @@ pub(super) fn upgrade_matches(asked: Option<&HeaderValue>, answered: Option<&Hea
             .any(|p| p.trim().eq_ignore_ascii_case(answered))
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// `X-Forwarded-For` (the client's chain plus the peer we saw), `-Proto` and `-Host`.
 pub(super) fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option<&str>) {
-    let peer = conn.peer.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    forwarded_headers_value(h, conn, host.and_then(|h| HeaderValue::from_str(h).ok()));
+}
+
+/// [`forwarded_headers`] with the host already a header value.
+fn forwarded_headers_value(h: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
+    let peer = conn.peer.ip();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         // Clients can send anything: keep their chain, append what we saw.
-        Some(prev) if prev.len() < 1024 => format!("{prev}, {peer}"),
-        _ => peer,
+        Some(prev) if prev.len() < 1024 => HeaderValue::from_str(&format!("{prev}, {peer}")),
+        _ => HeaderValue::try_from(peer.to_string()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if let Ok(v) = xff {
+        h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        h.insert("x-forwarded-host", v);
+    if let Some(v) = host {
+        h.insert(X_FORWARDED_HOST.clone(), v);
     }
 }
 
 /// The upstream URI: the sandbox's address and only the path and query of the request, so no
 /// absolute-form URI can steer the proxy elsewhere.
 fn upstream_uri(addr: SocketAddr, uri: &Uri) -> Uri {
-    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    format!("http://{addr}{pq}")
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("/"))
+    // The path and query are taken as they were parsed (no second parse); only the address is
+    // formatted.
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    parts.authority = hyper::http::uri::Authority::try_from(addr.to_string()).ok();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
-/// The request's host as the client sent it (URI authority first, as `router::request_host`).
-fn host_of(p: &Parts) -> Option<&str> {
-    p.uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| p.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+/// The request's host as a header value: the URI authority when there is one (HTTP/2's
+/// `:authority`, HTTP/1 absolute-form), else the Host header as it came (no copy), as
+/// `router::request_host`.
+fn host_value(p: &Parts) -> Option<HeaderValue> {
+    match p.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => p.headers.get(header::HOST).cloned(),
+    }
 }
 
 /// Safe to send again (RFC 9110 §9.2.2) and nothing in the body that was already consumed.
@@ -179,11 +197,11 @@ impl Proxy {
         addr: SocketAddr,
     ) -> Result<Response<Body>, PreviewError> {
         let (mut parts, body) = req.into_parts();
-        let host = host_of(&parts).map(str::to_owned);
+        let host = host_value(&parts);
         strip_hop_by_hop(&mut parts.headers);
-        forwarded_headers(&mut parts.headers, conn, host.as_deref());
+        forwarded_headers_value(&mut parts.headers, conn, host.clone());
         // HTTP/2 clients send :authority, not Host; the app sees the preview host either way.
-        if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+        if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
         }
         parts.uri = upstream_uri(addr, &parts.uri);
