@@ -209,6 +209,7 @@ impl Ctx {
         let rounds = if self.opts.quick { 1 } else { 3 };
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         let mut counts: Vec<u64> = vec![0; paths.len()];
+        let mut errors: Vec<u64> = vec![0; paths.len()];
         for _ in 0..rounds {
             for (i, (label, url, pid)) in paths.iter().enumerate() {
                 wrk.run(url, CONNS, warm).await?;
@@ -216,9 +217,11 @@ impl Ctx {
                 let before = m.mark().await?;
                 let r = wrk.run(url, CONNS, secs).await?;
                 let after = m.mark().await?;
-                if r.errors > 0 {
-                    bail!("{label}: {} errors", r.errors);
+                // A few timeouts happen under callgrind on a busy machine; many mean a broken path.
+                if r.errors * 10 > r.requests {
+                    bail!("{label}: {} errors in {} requests", r.errors, r.requests);
                 }
+                errors[i] += r.errors;
                 results[i].push(m.per_request(before, after, r.requests));
                 counts[i] += r.requests;
             }
@@ -236,8 +239,8 @@ impl Ctx {
                 label: (*label).into(),
                 value,
                 note: format!(
-                    "median of {rounds} run(s) of {secs:.0} s, {} requests in all, wrk -t1 -c{CONNS}",
-                    counts[i]
+                    "median of {rounds} run(s) of {secs:.0} s, {} requests in all ({} errors), wrk -t1 -c{CONNS}",
+                    counts[i], errors[i]
                 ),
             });
         }
