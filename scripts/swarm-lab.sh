@@ -45,6 +45,8 @@ SANDBOXD_LOG_TAG=swarm-lab
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# lib.sh's log, with the seconds since the script started (the figures `up`/`down` are timed by).
+log() { printf '[swarm-lab +%ss] %s\n' "$SECONDS" "$*" >&2; }
 
 N=3
 EDGES=2
@@ -189,30 +191,44 @@ wait_engine() {
   die "engine n$i did not answer within 60 s (log: $LIB/n$i/dockerd.log)"
 }
 
-# One `docker save` from the host engine, teed into the three node engines' `docker load`.
-load_image() {
-  local f i pids=() rc=0
+# The image goes into n1 by one `docker save | docker load`; n2 and n3 get n1's image store
+# before their engines start: the metadata copied, the layer files hard-linked (`cp -al`), which
+# takes a second where two more loads took a minute. Image layers are never written in place
+# (overlayfs copies a file up into the container's own layer before changing it), so sharing
+# their inodes between the node engines is safe; `docker rmi` on one node unlinks its own names.
+load_image_n1() {
   docker image inspect "$IMAGE" >/dev/null 2>&1 \
     || die "image $IMAGE is not in the host engine (run scripts/ensure-image.sh)"
-  for i in $(seq 1 "$N"); do
-    f=$RUN/image-n$i.fifo
-    rm -f "$f"; mkfifo "$f"
-    nice -n 10 docker -H "unix://$(sock "$i")" load -q -i "$f" >"$LIB/n$i/load.log" 2>&1 &
-    pids+=("$!")
+  nice -n 10 docker save "$IMAGE" | nice -n 10 docker -H "unix://$(sock 1)" load -q
+}
+
+seed_image_store() {  # seed_image_store I…: n1's image store into node I's (engine not started)
+  # n1's engine bind-mounts its overlay2 folder onto itself (private propagation), and a hard
+  # link may not cross a mount point: link inside a plain (non-recursive) bind of $LIB instead,
+  # where that folder is just a folder.
+  local i view=$RUN/libview
+  mkdir -p "$view"
+  mount --bind "$LIB" "$view"
+  for i in "$@"; do
+    mkdir -p "$view/n$i/data/image"
+    if ! cp -a "$view/n1/data/image/overlay2" "$view/n$i/data/image/overlay2" ||
+      ! cp -al "$view/n1/data/overlay2" "$view/n$i/data/overlay2"; then
+      umount "$view"
+      return 1
+    fi
   done
-  if ! nice -n 10 docker save "$IMAGE" | tee "$RUN/image-n1.fifo" "$RUN/image-n2.fifo" >"$RUN/image-n3.fifo"; then
-    rc=1
-  fi
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { rc=1; log "load into n$((i + 1)) failed: $(tail -3 "$LIB/n$((i + 1))/load.log")"; }
-  done
-  rm -f "$RUN"/image-n*.fifo
-  return "$rc"
+  umount "$view"
+  rmdir "$view"
 }
 
 init_swarm() {
   dk 1 swarm init --advertise-addr "$(node_ip 1)" --listen-addr "$(node_ip 1):2377" \
     --default-addr-pool "$POOL" --default-addr-pool-mask-length 24 >/dev/null
+  dk 1 network create --driver overlay --attachable --subnet "$OVERLAY_SUBNET" \
+    --ip-range "$OVERLAY_RANGE" --gateway "$OVERLAY_GW" "$OVERLAY" >/dev/null
+}
+
+join_swarm() {
   local wt i pids=()
   wt=$(dk 1 swarm join-token -q worker)
   for i in $(seq 2 "$N"); do
@@ -225,8 +241,6 @@ init_swarm() {
     dk 1 node update --label-add "sbxlab.node=n$i" --label-add sandboxd=true \
       "$(dk "$i" info -f '{{.Swarm.NodeID}}')" >/dev/null
   done
-  dk 1 network create --driver overlay --attachable --subnet "$OVERLAY_SUBNET" \
-    --ip-range "$OVERLAY_RANGE" --gateway "$OVERLAY_GW" "$OVERLAY" >/dev/null
 }
 
 wait_nodes_ready() {
@@ -361,20 +375,24 @@ cmd_up() {
   setup_db "$pgpw" >"$LIB/db.log" 2>&1 &
   dbpid=$!
 
-  local i
-  log "engines n1..n$N"
-  for i in $(seq 1 "$N"); do start_engine "$i"; done
-  for i in $(seq 1 "$N"); do wait_engine "$i"; done
-  log "engines up at $((SECONDS - t0)) s; loading $IMAGE into every node (background)"
-  local loadpid
-  load_image >"$LIB/image.log" 2>&1 &
+  local i loadpid
+  mkdir -p "$LIB/n1"
+  log "engine n1; $IMAGE into n1 (background); swarm init, overlay $OVERLAY"
+  start_engine 1
+  wait_engine 1
+  load_image_n1 >"$LIB/image.log" 2>&1 &
   loadpid=$!
-
-  log "swarm: init on n1, join n2..n$N, labels, overlay $OVERLAY"
   init_swarm
+  wait "$loadpid" || { cat "$LIB/image.log" >&2; die "loading $IMAGE into n1 failed"; }
+  log "image in n1; n2..n$N: image store from n1 (hard links), engines, join"
+  seed_image_store $(seq 2 "$N") || die "copying n1's image store failed"
+  for i in $(seq 2 "$N"); do start_engine "$i"; done
+  for i in $(seq 2 "$N"); do
+    wait_engine "$i"
+    dk "$i" image inspect "$IMAGE" >/dev/null 2>&1 || die "n$i does not see $IMAGE after the copy"
+  done
+  join_swarm
   wait_nodes_ready
-  wait "$loadpid" || { cat "$LIB/image.log" >&2; die "loading $IMAGE into the nodes failed"; }
-  log "image loaded at $((SECONDS - t0)) s"
   wait "$dbpid" || { cat "$LIB/db.log" >&2; die "setting up the database failed"; }
 
   log "edge anchors on n1..n$EDGES"
@@ -417,22 +435,23 @@ umount_under() {  # unmount every mount point below $1, deepest first
   done
 }
 
-pids_mentioning() {  # pids whose command line contains $1
-  local pat=$1 p
-  for p in /proc/[0-9]*; do
-    tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF -- "$pat" && echo "${p#/proc/}"
-  done
-  return 0
+pids_mentioning() {  # pids whose command line contains the path $1 (a path without brackets)
+  # The last character goes into a bracket expression so that this grep's own command line,
+  # which holds the pattern, does not match it.
+  local p=$1 re
+  re="${p%?}[${p: -1}]"
+  grep -lsE -- "$re" /proc/[0-9]*/cmdline 2>/dev/null | awk -F/ -v self=$$ '$3 != self {print $3}' || true
 }
 
 cmd_down() {
   require_root
-  local t0=$SECONDS i p
+  local t0=$SECONDS i p cmd
   for i in $(seq 1 "$EDGES"); do
     [[ -f "$RUN/edge$i.pid" ]] && log "stop edge $i (pid $(cat "$RUN/edge$i.pid"))"
     pidfile_kill "$RUN/edge$i.pid"
   done
   # Containers first (SIGKILL at once, every node in parallel), then the engines.
+  log "remove the containers of every node"
   for i in $(seq 1 "$N"); do
     if [[ -S "$(sock "$i")" ]]; then
       ( ids=$(timeout 10 docker -H "unix://$(sock "$i")" ps -aq 2>/dev/null || true)
@@ -448,12 +467,15 @@ cmd_down() {
   for i in $(seq 1 "$N"); do
     for p in $(pids_mentioning "$RUN/n$i/"); do
       [[ "$p" = "$(cat "$RUN/n$i/containerd.pid" 2>/dev/null)" ]] && continue
-      log "kill leftover pid $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-80))"
+      cmd=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-100) || continue
+      [[ -n "$cmd" ]] || continue
+      log "kill leftover pid $p ($cmd)"
       kill -KILL "$p" 2>/dev/null || true
     done
     pidfile_kill "$RUN/n$i/containerd.pid" &
   done
   wait
+  log "unmount, cgroups, netns, veth, route, database, files"
   umount_under "$RUN"; umount_under "$LIB"
   local c
   for i in $(seq 1 "$N"); do
@@ -466,6 +488,9 @@ cmd_down() {
   ip link del "$HOSTIF" 2>/dev/null || true
   ip route del blackhole "$POOL" 2>/dev/null || true
   drop_db
+  log "rm -rf $RUN $LIB"
+  for i in $(seq 1 "$N"); do rm -rf "$LIB/n$i" & done
+  wait
   rm -rf "$RUN" "$LIB"
   log "lab down in $((SECONDS - t0)) s"
 }
