@@ -5,6 +5,7 @@
 #                                 PREVIEW_DOMAIN=… (also written to /run/sbxlab/env)
 #   scripts/swarm-lab.sh down     remove everything `up` made (by pid and exact name; idempotent,
 #                                 also after a half-failed `up`)
+#   scripts/swarm-lab.sh edges    (re)start only the two edges on a lab that is up (SANDBOXD_BIN)
 #   scripts/swarm-lab.sh status   what is up
 #   scripts/swarm-lab.sh dk N …   the docker CLI against node nN (docker -H unix:///run/sbxlab/nN.sock …)
 #
@@ -407,21 +408,55 @@ cmd_up() {
     for i in $(seq 1 "$EDGES"); do wait_edge "$i"; done
   fi
 
+  write_env "$secret" "$dburl" "$edges"
+  log "lab up in $((SECONDS - t0)) s"
+  cat "$ENV_FILE"
+}
+
+write_env() {  # write_env SECRET DATABASE_URL EDGES_RUNNING
+  local i
   {
     for i in $(seq 1 "$EDGES"); do echo "EDGE_$i=http://$(node_ip "$i"):$EDGE_PORT"; done
     for i in $(seq 1 "$N"); do echo "NODE_$i=unix://$(sock "$i")"; done
-    echo "AUTH_SECRET=$secret"
+    echo "AUTH_SECRET=$1"
     echo "PREVIEW_DOMAIN=$PREVIEW_DOMAIN"
     echo "DOMAIN=$DOMAIN"
     echo "INSTANCE=$INSTANCE"
     echo "OVERLAY=$OVERLAY"
     echo "EDGE_CIDR=$EDGE_CIDR"
-    echo "EDGES_RUNNING=$edges"
-    echo "DATABASE_URL=$dburl"
+    echo "EDGES_RUNNING=$3"
+    echo "DATABASE_URL=$2"
   } >"$ENV_FILE.tmp"
   chmod 0600 "$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
-  log "lab up in $((SECONDS - t0)) s"
+}
+
+env_value() { sed -n "s/^$1=//p" "$ENV_FILE"; }
+
+stop_edges() {
+  local i
+  for i in $(seq 1 "$EDGES"); do
+    [[ -f "$RUN/edge$i.pid" ]] && log "stop edge $i (pid $(cat "$RUN/edge$i.pid"))"
+    pidfile_kill "$RUN/edge$i.pid"
+  done
+}
+
+# (Re)starts only the edges on a lab that is up, e.g. with a freshly built SANDBOXD_BIN. The
+# database is kept (the edges' state); the anchors are kept (their addresses).
+cmd_edges() {
+  require_root
+  [[ -f "$ENV_FILE" ]] || die "the lab is not up (no $ENV_FILE): run '$0 up'"
+  local bin secret dburl i
+  bin=$(sandboxd_bin)
+  [[ -x "$bin" ]] || die "SANDBOXD_BIN $bin is not an executable"
+  secret=$(env_value AUTH_SECRET); dburl=$(env_value DATABASE_URL)
+  stop_edges
+  write_env "$secret" "$dburl" 0
+  log "edges: $bin in the anchors' network namespaces"
+  for i in $(seq 1 "$EDGES"); do start_edge "$i" "$bin" "$secret" "$dburl"; done
+  for i in $(seq 1 "$EDGES"); do wait_edge "$i"; done
+  write_env "$secret" "$dburl" 1
+  log "edges up"
   cat "$ENV_FILE"
 }
 
@@ -446,10 +481,7 @@ pids_mentioning() {  # pids whose command line contains the path $1 (a path with
 cmd_down() {
   require_root
   local t0=$SECONDS i p cmd
-  for i in $(seq 1 "$EDGES"); do
-    [[ -f "$RUN/edge$i.pid" ]] && log "stop edge $i (pid $(cat "$RUN/edge$i.pid"))"
-    pidfile_kill "$RUN/edge$i.pid"
-  done
+  stop_edges
   # Containers first (SIGKILL at once, every node in parallel), then the engines.
   log "remove the containers of every node"
   for i in $(seq 1 "$N"); do
@@ -541,8 +573,9 @@ cmd_status() {
 
 case "${1:-}" in
   up) cmd_up ;;
+  edges) cmd_edges ;;
   down) cmd_down ;;
   status) cmd_status ;;
   dk) shift; dk "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac
