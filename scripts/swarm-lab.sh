@@ -320,8 +320,6 @@ start_edge() {
     SANDBOXD_METRICS_ADDR= \
     SANDBOXD_DOMAIN="$DOMAIN" \
     SANDBOXD_PREVIEW_DOMAIN="$PREVIEW_DOMAIN" \
-    SANDBOXD_PUBLIC_URL="http://$(node_ip "$i"):$EDGE_PORT" \
-    SANDBOXD_ALLOWED_ORIGINS="http://$(node_ip 1):$EDGE_PORT,http://$(node_ip 2):$EDGE_PORT" \
     SANDBOXD_DATABASE_URL="$dburl" \
     SANDBOXD_AUTH_SECRET="$secret" \
     SANDBOXD_INSTANCE="$INSTANCE" \
@@ -422,6 +420,7 @@ write_env() {  # write_env SECRET DATABASE_URL EDGES_RUNNING
     echo "PREVIEW_DOMAIN=$PREVIEW_DOMAIN"
     echo "DOMAIN=$DOMAIN"
     echo "INSTANCE=$INSTANCE"
+    echo "IMAGE=$IMAGE"
     echo "OVERLAY=$OVERLAY"
     echo "EDGE_CIDR=$EDGE_CIDR"
     echo "EDGES_RUNNING=$3"
