@@ -337,7 +337,7 @@ wait_edge() {
   local i=$1 url _
   url="http://$(node_ip "$i"):$EDGE_PORT/healthz"
   for _ in $(seq 1 300); do
-    curl -fsS --max-time 2 -o /dev/null "$url" 2>/dev/null && return 0
+    curl -fsS --max-time 2 -o /dev/null -H "Host: $DOMAIN" "$url" 2>/dev/null && return 0
     if [[ -f "$RUN/edge$i.pid" ]] && ! kill -0 "$(cat "$RUN/edge$i.pid")" 2>/dev/null; then break; fi
     sleep 0.1
   done
@@ -562,7 +562,7 @@ cmd_status() {
     p=$(cat "$RUN/edge$i.pid" 2>/dev/null || true)
     if [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; then
       printf 'edge %s pid %s http://%s:%s/healthz: %s\n' "$i" "$p" "$(node_ip "$i")" "$EDGE_PORT" \
-        "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$(node_ip "$i"):$EDGE_PORT/healthz" || true)"
+        "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H "Host: $DOMAIN" "http://$(node_ip "$i"):$EDGE_PORT/healthz" || true)"
     else
       echo "edge $i not running"
     fi
