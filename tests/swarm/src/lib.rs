@@ -219,11 +219,11 @@ impl Lab {
         out
     }
 
-    /// Runs JavaScript through edge `e` and returns its stdout; asserts exit code 0.
+    /// Runs JavaScript through edge `e` and returns its output (stdout); asserts exit code 0.
     pub async fn run_js(&self, e: usize, user: &str, code: &str) -> String {
         let out = self.execute(e, user, json!({ "code": code })).await;
         assert_eq!(out["exitCode"], 0, "{out}");
-        out["stdout"].as_str().unwrap_or_default().to_owned()
+        out["output"].as_str().unwrap_or_default().to_owned()
     }
 
     /// Opens a WebSocket through edge `e` to `url` (whose host the edge routes: the domain or a
