@@ -5,7 +5,7 @@
 #                                 PREVIEW_DOMAIN=… (also written to /run/sbxlab/env)
 #   scripts/swarm-lab.sh down     remove everything `up` made (by pid and exact name; idempotent,
 #                                 also after a half-failed `up`)
-#   scripts/swarm-lab.sh edges    (re)start only the two edges on a lab that is up (SANDBOXD_BIN)
+#   scripts/swarm-lab.sh edges [N] (re)start the two edges (or edge N) on a lab that is up
 #   scripts/swarm-lab.sh status   what is up
 #   scripts/swarm-lab.sh dk N …   the docker CLI against node nN (docker -H unix:///run/sbxlab/nN.sock …)
 #
@@ -307,6 +307,9 @@ start_edge() {
   local extra=()
   # shellcheck disable=SC2206 # SBXLAB_EDGE_ENV is a list of KEY=VALUE words on purpose
   [[ -n "${SBXLAB_EDGE_ENV:-}" ]] && extra=(${SBXLAB_EDGE_ENV})
+  # What `edges` reuses when it restarts an edge without being told a binary.
+  printf '%s\n' "$bin" >"$RUN/edge-bin"
+  printf '%s\n' "${SBXLAB_EDGE_ENV:-}" >"$RUN/edge-env"
   (cd "$E" && spawn "$RUN/edge$i.pid" \
     env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     SANDBOXD_LOG="${SBXLAB_LOG:-info}" \
@@ -432,28 +435,31 @@ write_env() {  # write_env SECRET DATABASE_URL EDGES_RUNNING
 
 env_value() { sed -n "s/^$1=//p" "$ENV_FILE"; }
 
-stop_edges() {
+stop_edges() {  # stop_edges [N]: edge N, or both
   local i
-  for i in $(seq 1 "$EDGES"); do
+  for i in $(seq "${1:-1}" "${1:-$EDGES}"); do
     [[ -f "$RUN/edge$i.pid" ]] && log "stop edge $i (pid $(cat "$RUN/edge$i.pid"))"
     pidfile_kill "$RUN/edge$i.pid"
   done
 }
 
-# (Re)starts only the edges on a lab that is up, e.g. with a freshly built SANDBOXD_BIN. The
-# database is kept (the edges' state); the anchors are kept (their addresses).
+# (Re)starts the edges (or edge N) on a lab that is up, e.g. with a freshly built SANDBOXD_BIN,
+# or after a test killed one. Without SANDBOXD_BIN / SBXLAB_EDGE_ENV, the binary and extra
+# environment of the last start are used again. The database and the anchors are kept.
 cmd_edges() {
   require_root
   [[ -f "$ENV_FILE" ]] || die "the lab is not up (no $ENV_FILE): run '$0 up'"
-  local bin secret dburl i
-  bin=$(sandboxd_bin)
+  local which=${1:-} bin secret dburl i
+  [[ -z "$which" || "$which" =~ ^[1-9]$ && "$which" -le "$EDGES" ]] || die "no edge '$which' (1..$EDGES)"
+  if [[ -z "${SANDBOXD_BIN:-}" && -f "$RUN/edge-bin" ]]; then bin=$(cat "$RUN/edge-bin"); else bin=$(sandboxd_bin); fi
+  if [[ -z "${SBXLAB_EDGE_ENV+set}" && -f "$RUN/edge-env" ]]; then SBXLAB_EDGE_ENV=$(cat "$RUN/edge-env"); fi
   [[ -x "$bin" ]] || die "SANDBOXD_BIN $bin is not an executable"
   secret=$(env_value AUTH_SECRET); dburl=$(env_value DATABASE_URL)
-  stop_edges
+  stop_edges "$which"
   write_env "$secret" "$dburl" 0
-  log "edges: $bin in the anchors' network namespaces"
-  for i in $(seq 1 "$EDGES"); do start_edge "$i" "$bin" "$secret" "$dburl"; done
-  for i in $(seq 1 "$EDGES"); do wait_edge "$i"; done
+  log "edges ${which:-1..$EDGES}: $bin in the anchors' network namespaces"
+  for i in $(seq "${which:-1}" "${which:-$EDGES}"); do start_edge "$i" "$bin" "$secret" "$dburl"; done
+  for i in $(seq "${which:-1}" "${which:-$EDGES}"); do wait_edge "$i"; done
   write_env "$secret" "$dburl" 1
   log "edges up"
   cat "$ENV_FILE"
@@ -572,7 +578,7 @@ cmd_status() {
 
 case "${1:-}" in
   up) cmd_up ;;
-  edges) cmd_edges ;;
+  edges) cmd_edges "${2:-}" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   dk) shift; dk "$@" ;;

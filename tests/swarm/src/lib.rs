@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+pub use reqwest;
 pub use serde_json::{json, Value};
 
 /// Where `scripts/swarm-lab.sh up` writes the lab's addresses.
@@ -189,6 +190,26 @@ impl Lab {
         )
     }
 
+    /// `method path` with `body` as `user` through edge `e`: the whole response.
+    pub async fn raw(
+        &self,
+        e: usize,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut req = self
+            .client(e, &[])
+            .request(method, format!("{}{path}", self.api(e)))
+            .timeout(Duration::from_secs(30))
+            .bearer_auth(self.token(user));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await
+    }
+
     pub async fn post(&self, e: usize, user: &str, path: &str, body: Value) -> (u16, Value) {
         self.call(e, user, reqwest::Method::POST, path, Some(body))
             .await
@@ -320,6 +341,26 @@ impl Lab {
             .collect()
     }
 
+    /// Where `status` (through edge `e`) says the sandbox of `user` is: the node's hostname
+    /// (the `"node"` field of swarm mode) and its index.
+    pub async fn node_of(&self, e: usize, user: &str) -> (String, usize) {
+        let st = self.status(e, user).await;
+        let node = st["node"]
+            .as_str()
+            .unwrap_or_else(|| panic!("status of {user} has no \"node\" in swarm mode: {st}"))
+            .to_owned();
+        let i = Lab::node_index(&node);
+        (node, i)
+    }
+
+    /// The one container of `user` in the lab and the node that holds it; asserts there is
+    /// exactly one across all nodes.
+    pub fn only_container(&self, user: &str) -> (usize, String) {
+        let all = self.containers_of(user);
+        assert_eq!(all.len(), 1, "containers of {user} on the nodes: {all:?}");
+        all.into_iter().next().unwrap()
+    }
+
     /// The node index (0-based) of a hostname `n1`, `n2`, `n3`.
     pub fn node_index(hostname: &str) -> usize {
         match hostname {
@@ -373,6 +414,106 @@ impl Lab {
                     &format!("{}-ws-{user}", self.instance),
                 ],
             );
+        }
+    }
+}
+
+/// The lab script, for the fault tests that restart an edge.
+pub const LAB_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/swarm-lab.sh");
+
+/// Runs a command to the end, bounded by `timeout(1)`; whether it succeeded.
+fn run_bounded(secs: u32, program: &str, args: &[&str]) -> bool {
+    Command::new("timeout")
+        .arg(secs.to_string())
+        .arg(program)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Kills edge `n` (1 or 2) with SIGKILL now; starts it again (`swarm-lab.sh edges N`, the same
+/// binary and environment) when this drops, also after a panic.
+pub struct KilledEdge(usize);
+
+impl KilledEdge {
+    pub fn kill(n: usize) -> KilledEdge {
+        let pid = std::fs::read_to_string(format!("/run/sbxlab/edge{n}.pid"))
+            .unwrap_or_else(|e| panic!("edge {n}'s pid file: {e}"));
+        let pid = pid.trim();
+        assert!(
+            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+            "edge {n}'s pid file holds {pid:?}"
+        );
+        assert!(
+            run_bounded(10, "kill", &["-KILL", pid]),
+            "kill -KILL {pid} (edge {n})"
+        );
+        KilledEdge(n)
+    }
+}
+
+impl Drop for KilledEdge {
+    fn drop(&mut self) {
+        let n = self.0.to_string();
+        if !run_bounded(120, "bash", &[LAB_SCRIPT, "edges", &n]) {
+            eprintln!("restarting edge {n} failed: run scripts/swarm-lab.sh edges {n}");
+        }
+    }
+}
+
+/// Node availability `pause` for `hostnames` (no new tasks or sandboxes there) until this drops.
+pub struct PausedNodes {
+    lab: Lab,
+    hostnames: Vec<String>,
+}
+
+impl PausedNodes {
+    pub fn pause(lab: &Lab, hostnames: &[&str]) -> PausedNodes {
+        for h in hostnames {
+            lab.docker_ok(0, &["node", "update", "--availability", "pause", h]);
+        }
+        PausedNodes {
+            lab: lab.clone(),
+            hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+}
+
+impl Drop for PausedNodes {
+    fn drop(&mut self) {
+        for h in &self.hostnames {
+            let _ = self
+                .lab
+                .docker(0, &["node", "update", "--availability", "active", h]);
+        }
+    }
+}
+
+/// Node `nN` cut off the lab's network (its link to the hub bridge down) until this drops.
+/// Its engine stays reachable by its unix socket, as a node's engine would through a separate
+/// management network; the swarm and the overlay lose it.
+pub struct CutNode(usize);
+
+impl CutNode {
+    pub fn cut(n: usize) -> CutNode {
+        let link = format!("sbxv{n}");
+        assert!(
+            run_bounded(
+                10,
+                "ip",
+                &["-n", "sbxlab-hub", "link", "set", &link, "down"]
+            ),
+            "ip -n sbxlab-hub link set {link} down"
+        );
+        CutNode(n)
+    }
+}
+
+impl Drop for CutNode {
+    fn drop(&mut self) {
+        let link = format!("sbxv{}", self.0);
+        if !run_bounded(10, "ip", &["-n", "sbxlab-hub", "link", "set", &link, "up"]) {
+            eprintln!("could not bring {link} up again: ip -n sbxlab-hub link set {link} up");
         }
     }
 }
@@ -452,6 +593,20 @@ impl Term {
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(err))) => panic!("{err} waiting for {needle:?}"),
                 Ok(None) => panic!("stream ended waiting for {needle:?}"),
+            }
+        }
+    }
+
+    /// Waits (at most `within`) for the server to end the connection: a close frame, an error
+    /// or the end of the stream; output on the way is ignored.
+    pub async fn closed(mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => panic!("the terminal stayed open for {within:?}"),
+                Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return,
+                Ok(Some(Ok(_))) => {}
             }
         }
     }

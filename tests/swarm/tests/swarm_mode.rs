@@ -11,25 +11,6 @@ use futures_util::SinkExt;
 use sandboxd_swarm_tests::{app_code, eventually, json, next_text, Lab, Users, ECHO_APP};
 use tokio_tungstenite::tungstenite::Message;
 
-/// Where `status` says the sandbox of `user` is: the node's hostname and index.
-async fn node_of(lab: &Lab, e: usize, user: &str) -> (String, usize) {
-    let st = lab.status(e, user).await;
-    let node = st["node"]
-        .as_str()
-        .unwrap_or_else(|| panic!("status of {user} has no \"node\" in swarm mode: {st}"))
-        .to_owned();
-    let i = Lab::node_index(&node);
-    (node, i)
-}
-
-/// The one container of `user` in the lab, and the node that holds it; asserts there is exactly
-/// one across all nodes.
-fn only_container(lab: &Lab, user: &str) -> (usize, String) {
-    let all = lab.containers_of(user);
-    assert_eq!(all.len(), 1, "containers of {user} on the nodes: {all:?}");
-    all.into_iter().next().unwrap()
-}
-
 #[tokio::test]
 async fn placement_spreads_users_over_nodes_and_status_names_the_node() {
     let lab = Lab::with_edges();
@@ -38,8 +19,8 @@ async fn placement_spreads_users_over_nodes_and_status_names_the_node() {
     for (k, u) in users.all().into_iter().enumerate() {
         // Alternate the edges: placement is shared state, not an edge's own.
         lab.init(k % 2, u).await;
-        let (node, i) = node_of(&lab, k % 2, u).await;
-        let (holder, id) = only_container(&lab, u);
+        let (node, i) = lab.node_of(k % 2, u).await;
+        let (holder, id) = lab.only_container(u);
         assert_eq!(
             holder,
             i,
@@ -70,7 +51,7 @@ async fn placement_spreads_users_over_nodes_and_status_names_the_node() {
     // The other edge reports the same node for every user (state shared through the store).
     for (k, u) in users.all().into_iter().enumerate() {
         assert_eq!(
-            node_of(&lab, (k + 1) % 2, u).await.0,
+            lab.node_of((k + 1) % 2, u).await.0,
             nodes[k],
             "{u}: the edges disagree on the node"
         );
@@ -97,7 +78,7 @@ async fn concurrent_inits_through_both_edges_make_one_container() {
         ids.insert(id.expect("init returns containerId"));
     }
     assert_eq!(ids.len(), 1, "20 inits over two edges answered {ids:?}");
-    only_container(&lab, &u);
+    lab.only_container(&u);
 }
 
 #[tokio::test]
@@ -106,7 +87,7 @@ async fn execute_and_terminal_through_either_edge() {
     let users = Users::new(&lab, "ex", 1);
     let u = users.get(0);
     lab.init(0, u).await;
-    let (node, _) = node_of(&lab, 0, u).await;
+    let (node, _) = lab.node_of(0, u).await;
 
     // Written through edge 1, read through edge 2: one sandbox, one workspace.
     let out = lab
@@ -143,7 +124,7 @@ async fn execute_and_terminal_through_either_edge() {
         );
         term.close().await;
     }
-    only_container(&lab, u);
+    lab.only_container(u);
 }
 
 #[tokio::test]
@@ -152,7 +133,7 @@ async fn preview_http_and_websocket_across_nodes() {
     let users = Users::new(&lab, "pv", 1);
     let u = users.get(0);
     lab.init(0, u).await;
-    let (node, holder) = node_of(&lab, 0, u).await;
+    let (node, holder) = lab.node_of(0, u).await;
     let out = lab
         .execute(0, u, json!({ "code": app_code(ECHO_APP) }))
         .await;
@@ -196,7 +177,7 @@ async fn preview_http_and_websocket_across_nodes() {
         assert_eq!(echo, format!("echo ping through edge {}", e + 1));
         let _ = ws.send(Message::Close(None)).await;
     }
-    assert_eq!(only_container(&lab, u).0, holder);
+    assert_eq!(lab.only_container(u).0, holder);
 }
 
 #[tokio::test]
@@ -211,7 +192,7 @@ async fn wake_from_paused_and_stopped_behind_sandboxds_back() {
         "require('fs').writeFileSync('/workspace/keep.txt', 'kept')",
     )
     .await;
-    let (n, id) = only_container(&lab, u);
+    let (n, id) = lab.only_container(u);
 
     // Paused through the node's engine: a request through the other edge wakes it.
     lab.docker_ok(n, &["pause", &id]);
@@ -237,7 +218,7 @@ async fn wake_from_paused_and_stopped_behind_sandboxds_back() {
         )
         .await;
     assert_eq!(out.trim(), "kept");
-    let (n2, id2) = only_container(&lab, u);
+    let (n2, id2) = lab.only_container(u);
     assert_eq!(n2, n, "the sandbox moved from n{} to n{}", n + 1, n2 + 1);
     assert_eq!(lab.inspect(n2, &id2, "{{.State.Status}}"), "running");
     let st = lab.status(1, u).await;
