@@ -427,6 +427,7 @@ fn run_bounded(secs: u32, program: &str, args: &[&str]) -> bool {
         .arg(secs.to_string())
         .arg(program)
         .args(args)
+        .stdout(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }

@@ -15,6 +15,8 @@ async fn a_cut_off_node_gives_its_users_503_and_heals_without_a_duplicate() {
     {
         // n1 and n2 take no new sandboxes for a moment: the user lands on n3.
         let _paused = PausedNodes::pause(&lab, &["n1", "n2"]);
+        // sandboxd reads the node inventory every second: let it see the pause.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         lab.init(0, u).await;
     }
     let (node, n3) = lab.node_of(0, u).await;
