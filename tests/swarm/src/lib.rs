@@ -490,13 +490,18 @@ impl Drop for PausedNodes {
     }
 }
 
-/// Node `nN` cut off the lab's network (its link to the hub bridge down) until this drops.
-/// Its engine stays reachable by its unix socket, as a node's engine would through a separate
-/// management network; the swarm and the overlay lose it.
-pub struct CutNode(usize);
+/// Node `nN` cut off the lab's network (its link to the hub bridge down) until this drops; the
+/// drop brings the link up and waits (at most 90 s) until the swarm reports the node Ready, so
+/// the tests after this one find the lab whole. Its engine stays reachable by its unix socket
+/// meanwhile, as a node's engine would be through a separate management network; the swarm and
+/// the overlay lose it.
+pub struct CutNode {
+    lab: Lab,
+    n: usize,
+}
 
 impl CutNode {
-    pub fn cut(n: usize) -> CutNode {
+    pub fn cut(lab: &Lab, n: usize) -> CutNode {
         let link = format!("sbxv{n}");
         assert!(
             run_bounded(
@@ -506,16 +511,35 @@ impl CutNode {
             ),
             "ip -n sbxlab-hub link set {link} down"
         );
-        CutNode(n)
+        CutNode {
+            lab: lab.clone(),
+            n,
+        }
     }
 }
 
 impl Drop for CutNode {
     fn drop(&mut self) {
-        let link = format!("sbxv{}", self.0);
+        let link = format!("sbxv{}", self.n);
         if !run_bounded(10, "ip", &["-n", "sbxlab-hub", "link", "set", &link, "up"]) {
             eprintln!("could not bring {link} up again: ip -n sbxlab-hub link set {link} up");
+            return;
         }
+        let want = format!("n{} Ready", self.n);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            let ls = self
+                .lab
+                .docker(0, &["node", "ls", "--format", "{{.Hostname}} {{.Status}}"]);
+            if String::from_utf8_lossy(&ls.stdout)
+                .lines()
+                .any(|l| l == want)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("n{} is not Ready 90 s after its link came back", self.n);
     }
 }
 

@@ -29,7 +29,7 @@ async fn a_cut_off_node_gives_its_users_503_and_heals_without_a_duplicate() {
     .await;
 
     {
-        let _cut = CutNode::cut(3);
+        let _cut = CutNode::cut(&lab, 3);
         let t0 = Instant::now();
         // The swarm marks a silent node down after ~15 s; sandboxd then answers within 2 s.
         let (status, retry, code) =
