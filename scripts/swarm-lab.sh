@@ -110,7 +110,9 @@ sandboxd_bin() {
 # The binary understands engine = "swarm" when a config with it loads (`token` loads the config).
 bin_supports_swarm() {
   local bin=$1
-  (cd / && env -i SANDBOXD_ENGINE=swarm SANDBOXD_AUTH_SECRET=probe-secret-0123456789 \
+  (cd / && env -i SANDBOXD_AUTH_SECRET=probe-secret-0123456789 SANDBOXD_ENGINE=swarm \
+    SANDBOXD_SWARM_MANAGERS="unix://$(sock 1)" SANDBOXD_SWARM_NODE_ENGINE="unix://$RUN/{hostname}.sock" \
+    SANDBOXD_SWARM_NETWORK="$OVERLAY" SANDBOXD_SWARM_EDGE_CIDR="$EDGE_CIDR" \
     "$bin" token probe --ttl 1m) >/dev/null 2>&1
 }
 
@@ -363,6 +365,8 @@ cmd_up() {
     [[ "$edges" = 1 ]] || log "edges: $bin does not support engine = \"swarm\" (or is missing); building the lab without edges (SBXLAB_EDGES=1 forces them)"
   fi
   [[ "$edges" = 0 ]] || [[ -x "$bin" ]] || die "SANDBOXD_BIN $bin is not an executable"
+  docker image inspect "$IMAGE" >/dev/null 2>&1 \
+    || die "image $IMAGE is not in the host engine (run scripts/ensure-image.sh)"
   mkdir -p "$LIB" "$RUN"
   chmod 0700 "$RUN"
 
