@@ -369,6 +369,8 @@ cmd_up() {
     || die "image $IMAGE is not in the host engine (run scripts/ensure-image.sh)"
   mkdir -p "$LIB" "$RUN"
   chmod 0700 "$RUN"
+  # shellcheck disable=SC2064 # $0 now
+  trap "[[ -f '$ENV_FILE' ]] || log 'up did not finish: $0 down removes what it made'" EXIT
 
   log "route blackhole $POOL, netns $HUB + sbxlab-n1..$N (host $NET.1, nodes $(node_ip 1)..$(node_ip "$N"))"
   guard_route
