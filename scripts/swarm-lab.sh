@@ -461,6 +461,9 @@ cmd_edges() {
   if [[ -z "${SBXLAB_EDGE_ENV+set}" && -f "$RUN/edge-env" ]]; then SBXLAB_EDGE_ENV=$(cat "$RUN/edge-env"); fi
   [[ -x "$bin" ]] || die "SANDBOXD_BIN $bin is not an executable"
   secret=$(env_value AUTH_SECRET); dburl=$(env_value DATABASE_URL)
+  # The image the lab loaded into its nodes (SBXLAB_IMAGE at `up`).
+  IMAGE=$(env_value IMAGE)
+  [[ -n "$IMAGE" ]] || die "$ENV_FILE names no IMAGE: rebuild the lab (down, up)"
   stop_edges "$which"
   write_env "$secret" "$dburl" 0
   log "edges ${which:-1..$EDGES}: $bin in the anchors' network namespaces"
