@@ -80,12 +80,12 @@ node_ip()   { echo "$NET.$((10 + $1))"; }
 edge_ip()   { echo "10.241.8.$((1 + $1))"; }
 sock()      { echo "$RUN/n$1.sock"; }
 dk()        { local i=$1; shift; docker -H "unix://$(sock "$i")" "$@"; }
-pidfile_kill() {  # pidfile_kill FILE: TERM the pid in FILE, wait up to 15 s, then KILL
-  local f=$1 p
+pidfile_kill() {  # pidfile_kill FILE WORD: TERM the pid in FILE, wait up to 15 s, then KILL
+  # Only when that process's command line still holds WORD (a pid reused since is left alone).
+  local f=$1 word=$2 p
   [[ -f "$f" ]] || return 0
   p=$(cat "$f" 2>/dev/null || true)
-  [[ "$p" =~ ^[0-9]+$ ]] || { rm -f "$f"; return 0; }
-  if kill -0 "$p" 2>/dev/null; then
+  if [[ "$p" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$word"; then
     kill -TERM "$p" 2>/dev/null || true
     for _ in $(seq 1 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null || true
@@ -445,7 +445,7 @@ stop_edges() {  # stop_edges [N]: edge N, or both
   local i
   for i in $(seq "${1:-1}" "${1:-$EDGES}"); do
     [[ -f "$RUN/edge$i.pid" ]] && log "stop edge $i (pid $(cat "$RUN/edge$i.pid"))"
-    pidfile_kill "$RUN/edge$i.pid"
+    pidfile_kill "$RUN/edge$i.pid" " serve"
   done
 }
 
@@ -507,7 +507,7 @@ cmd_down() {
   wait
   for i in $(seq 1 "$N"); do
     [[ -f "$RUN/n$i/dockerd.pid" ]] && log "stop dockerd n$i (pid $(cat "$RUN/n$i/dockerd.pid"))"
-    pidfile_kill "$RUN/n$i/dockerd.pid" &
+    pidfile_kill "$RUN/n$i/dockerd.pid" dockerd &
   done
   wait
   for i in $(seq 1 "$N"); do
@@ -518,7 +518,7 @@ cmd_down() {
       log "kill leftover pid $p ($cmd)"
       kill -KILL "$p" 2>/dev/null || true
     done
-    pidfile_kill "$RUN/n$i/containerd.pid" &
+    pidfile_kill "$RUN/n$i/containerd.pid" containerd &
   done
   wait
   log "unmount, cgroups, netns, veth, route, database, files"
