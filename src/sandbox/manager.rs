@@ -45,6 +45,7 @@ impl Manager {
         let mgr = Arc::new(Manager {
             capacity: Arc::new(Semaphore::new(cfg.max_containers)),
             health: health::Health::monitored(engine.clone()),
+            replicas: super::replicas::Replicas::new(&cfg, &store)?,
             cfg,
             engine,
             store,
@@ -255,7 +256,7 @@ impl Manager {
         let asked = Instant::now();
         let slot = self.slot(user);
         slot.touch();
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas: the user's lock across replicas
         let result = self.bring_up(&slot, &mut guard, asked).await;
         slot.publish(&guard);
         result
@@ -466,6 +467,10 @@ impl Manager {
         &self,
         user: &UserId,
     ) -> Result<OwnedSemaphorePermit, SandboxError> {
+        // replicas: the cap counts every replica's sandboxes (sandbox/replicas.rs).
+        if self.replicas.is_shared() {
+            return self.acquire_shared_capacity(user).await;
+        }
         for _ in 0..3 {
             if let Ok(p) = self.capacity.clone().try_acquire_owned() {
                 return Ok(p);
@@ -532,6 +537,11 @@ impl Manager {
             }
             None => self.store.save_session(user, None, "removed", None).await,
         };
+        if r.is_ok() {
+            // replicas: the others drop their cached state (sandbox/replicas.rs).
+            let state = c.as_ref().map_or("removed", |c| c.state.as_str());
+            self.announce(user, state).await;
+        }
         r.inspect_err(|_| self.metrics.store_error())
     }
 
@@ -557,8 +567,8 @@ impl Manager {
     }
 
     pub(super) async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
-        let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
-        let mut guard = slot.inner.lock().await;
+        let slot = self.slot_anywhere(user).await?.ok_or(SandboxError::NotFound)?; // replicas
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);
         synced?;
@@ -638,7 +648,15 @@ impl Manager {
         let Some(slot) = self.existing_slot(user) else {
             return;
         };
-        let mut guard = slot.inner.lock().await;
+        // replicas: under the user's lock across replicas, reloaded from the store, so a change
+        // another replica made (and recorded) is not recorded again.
+        let mut guard = match self.lock_user(&slot).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "applying an engine event");
+                return;
+            }
+        };
         if guard.as_ref().map(|c| c.id.as_str()) != Some(container_id) {
             return;
         }
@@ -655,7 +673,14 @@ impl Manager {
     pub(super) async fn resync(&self, cause: &str) -> usize {
         let mut failed = 0;
         for slot in self.all_slots() {
-            let mut guard = slot.inner.lock().await;
+            let mut guard = match self.lock_user(&slot).await {
+                Ok(g) => g, // replicas
+                Err(e) => {
+                    tracing::warn!(user = %slot.user, error = format!("{e:#}"), "re-checking a sandbox");
+                    failed += 1;
+                    continue;
+                }
+            };
             if let Err(e) = self.sync_locked(&slot, &mut guard, Some(cause)).await {
                 tracing::warn!(user = %slot.user, error = format!("{e:#}"), "re-checking a sandbox");
                 failed += 1;
@@ -668,10 +693,10 @@ impl Manager {
     /// Re-inspects the user's container now (the preview's backstop when an answer is late)
     /// and returns its state; `None` when the user has no container.
     pub async fn refresh(&self, user: &UserId) -> anyhow::Result<Option<State>> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(None);
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);
         synced?;
@@ -686,10 +711,10 @@ impl Manager {
     }
 
     pub(super) async fn exit_inner(&self, user: &UserId) -> Result<bool, SandboxError> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(false);
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let Some(c) = guard.take() else {
             return Ok(false);
         };
@@ -731,10 +756,10 @@ impl Manager {
         min_idle_ms: i64,
         reason: &str,
     ) -> anyhow::Result<()> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(());
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }
@@ -772,10 +797,10 @@ impl Manager {
         min_idle_ms: i64,
         reason: &str,
     ) -> anyhow::Result<()> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(());
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }

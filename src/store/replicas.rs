@@ -1,0 +1,300 @@
+//! The store's side of several replicas sharing one PostgreSQL database (the policy is
+//! `sandbox/replicas.rs`): session-level advisory locks, each held by a connection of a
+//! dedicated pool (a replica that dies loses its connections, and PostgreSQL releases their
+//! locks at once), the leader's lock on a connection of its own, `LISTEN`/`NOTIFY` on one
+//! channel through the postgres driver (sqlx's `Any` has no listener), and the capacity
+//! queries over every replica's sessions. SQLite has one replica: none of this is used.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres, Row};
+
+use super::{Backend, Store};
+use crate::user::UserId;
+
+/// The one notification channel; payloads name the instance (see [`Change`]).
+pub const CHANNEL: &str = "sandboxd_sessions";
+
+/// Locks held at once by one replica (one per user in transition, the capacity lock) plus the
+/// listener's connection.
+const LOCK_CONNECTIONS: u32 = 24;
+
+/// The advisory-lock key of `(instance, kind, name)`: the first 8 bytes of a SHA-256, so keys
+/// of different instances or kinds sharing a database do not meet.
+pub fn lock_key(instance: &str, kind: &str, name: &str) -> i64 {
+    let mut h = Sha256::new();
+    for part in [instance, kind, name] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let d = h.finalize();
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// A session change as announced to the other replicas: `instance \t replica \t user \t state`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub instance: String,
+    pub replica: String,
+    pub user: UserId,
+    pub state: String,
+}
+
+impl Change {
+    pub fn payload(&self) -> String {
+        format!(
+            "{}\t{}\t{}\t{}",
+            self.instance, self.replica, self.user, self.state
+        )
+    }
+
+    /// `None` for anything that is not a well-formed change (a stranger on the channel).
+    pub fn parse(payload: &str) -> Option<Change> {
+        let mut it = payload.splitn(4, '\t');
+        let (instance, replica, user, state) = (it.next()?, it.next()?, it.next()?, it.next()?);
+        Some(Change {
+            instance: instance.to_owned(),
+            replica: replica.to_owned(),
+            user: UserId::parse(user).ok()?,
+            state: state.to_owned(),
+        })
+    }
+}
+
+/// The dedicated connections of one replica.
+pub struct Shared {
+    pool: PgPool,
+    opts: PgConnectOptions,
+}
+
+impl Shared {
+    /// Connections are opened on demand; a lock wait gives up after `wait` (PostgreSQL's
+    /// `lock_timeout`, so the server itself abandons the wait).
+    pub fn new(url: &str, wait: Duration) -> anyhow::Result<Shared> {
+        let opts = PgConnectOptions::from_str(url).context("parsing database_url")?;
+        let ms = wait.as_millis().max(1) as u64;
+        let pool = PgPoolOptions::new()
+            .max_connections(LOCK_CONNECTIONS)
+            .min_connections(0)
+            .acquire_timeout(wait)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    sqlx::query(&format!("SET lock_timeout = {ms}"))
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(opts.clone());
+        Ok(Shared { pool, opts })
+    }
+
+    /// Waits for the lock (bounded by `lock_timeout`); held until [`Held`] drops.
+    pub async fn lock(&self, key: i64) -> anyhow::Result<Held> {
+        let mut conn = self.pool.acquire().await.context("a lock connection")?;
+        let r = sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut *conn)
+            .await;
+        match r {
+            Ok(_) => Ok(Held {
+                conn: Some(conn),
+                key,
+            }),
+            Err(e) => {
+                // Whatever state the wait left the connection in, it goes.
+                drop(conn.detach());
+                Err(anyhow::Error::new(e).context("waiting for another replica's lock"))
+            }
+        }
+    }
+
+    /// Takes the lock only if nobody holds it.
+    pub async fn try_lock(&self, key: i64) -> anyhow::Result<Option<Held>> {
+        let mut conn = self.pool.acquire().await.context("a lock connection")?;
+        let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        Ok(got.then_some(Held {
+            conn: Some(conn),
+            key,
+        }))
+    }
+
+    /// A connection of its own, outside the pool (the leader's lock lives as long as it).
+    pub async fn connection(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect_with(&self.opts).await?)
+    }
+
+    /// Listens on [`CHANNEL`].
+    pub async fn listener(&self) -> anyhow::Result<PgListener> {
+        let mut l = PgListener::connect_with(&self.pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok(l)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Tries the session-level lock `key` on `conn`: true when this connection holds it (again).
+pub async fn try_hold(conn: &mut PgConnection, key: i64) -> anyhow::Result<bool> {
+    Ok(sqlx::query("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?)
+}
+
+/// Whether the connection still answers.
+pub async fn alive(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A held advisory lock. Dropping it unlocks (in a task) and gives the connection back; when
+/// that fails the connection is closed, which releases the lock too.
+pub struct Held {
+    conn: Option<PoolConnection<Postgres>>,
+    key: i64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let key = self.key;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(key)
+                        .execute(&mut *conn);
+                    if !matches!(
+                        tokio::time::timeout(Duration::from_secs(5), unlock).await,
+                        Ok(Ok(_))
+                    ) {
+                        drop(conn.detach());
+                    }
+                });
+            }
+            Err(_) => drop(conn.detach()),
+        }
+    }
+}
+
+/// A user another replica may evict: paused, least recently active first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paused {
+    pub user_id: String,
+    pub last_activity: i64,
+}
+
+impl Store {
+    /// Live sandboxes of every replica, the user's own excepted: running or paused, or a slot
+    /// reserved after `reserved_after` (a create or start under way elsewhere).
+    pub async fn count_live_except(
+        &self,
+        user: &UserId,
+        reserved_after: i64,
+    ) -> anyhow::Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sessions WHERE user_id <> $1 AND \
+             ((container_id IS NOT NULL AND state IN ('running', 'paused')) OR reserved_at > $2)",
+        )
+        .bind(user.as_str())
+        .bind(reserved_after)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Reserves the user's slot under the cap (cleared by the next save).
+    pub async fn reserve(&self, user: &UserId, at: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (user_id, container_id, container_name, state, created_at, \
+             started_at, last_activity, updated_at, reserved_at) \
+             VALUES ($1, NULL, NULL, 'removed', $2, NULL, $3, $4, $5) \
+             ON CONFLICT (user_id) DO UPDATE SET reserved_at = excluded.reserved_at",
+        )
+        .bind(user.as_str())
+        .bind(at)
+        .bind(at)
+        .bind(at)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Paused sandboxes of other users, least recently active first (eviction's candidates).
+    pub async fn paused_except(&self, user: &UserId, limit: i64) -> anyhow::Result<Vec<Paused>> {
+        let rows = sqlx::query(
+            "SELECT user_id, last_activity FROM sessions WHERE user_id <> $1 AND \
+             container_id IS NOT NULL AND state = 'paused' ORDER BY last_activity LIMIT $2",
+        )
+        .bind(user.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Paused {
+                    user_id: r.try_get("user_id")?,
+                    last_activity: r.try_get("last_activity")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Tells the other replicas (PostgreSQL `NOTIFY`; nothing to tell with SQLite).
+    pub async fn notify(&self, change: &Change) -> anyhow::Result<()> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(change.payload())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_differ_by_instance_kind_and_name() {
+        let k = lock_key("a", "user", "1");
+        assert_eq!(k, lock_key("a", "user", "1"));
+        assert_ne!(k, lock_key("b", "user", "1"));
+        assert_ne!(k, lock_key("a", "leader", "1"));
+        assert_ne!(k, lock_key("a", "user", "2"));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart.
+        assert_ne!(lock_key("ab", "c", ""), lock_key("a", "bc", ""));
+    }
+
+    #[test]
+    fn changes_round_trip_and_strangers_are_refused() {
+        let c = Change {
+            instance: "sbx".into(),
+            replica: "r1".into(),
+            user: UserId::parse("42").unwrap(),
+            state: "paused".into(),
+        };
+        assert_eq!(Change::parse(&c.payload()), Some(c));
+        assert_eq!(Change::parse("hello"), None);
+        assert_eq!(Change::parse("sbx\tr1\t../x\tpaused"), None);
+    }
+}
