@@ -567,7 +567,10 @@ impl Manager {
     }
 
     pub(super) async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
-        let slot = self.slot_anywhere(user).await?.ok_or(SandboxError::NotFound)?; // replicas
+        let slot = self
+            .slot_anywhere(user)
+            .await?
+            .ok_or(SandboxError::NotFound)?; // replicas
         let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);

@@ -183,10 +183,7 @@ impl Manager {
     pub(super) async fn lock_user<'a>(&self, slot: &'a Slot) -> anyhow::Result<UserLock<'a>> {
         let mut guard = slot.inner.lock().await;
         let Some(shared) = &self.replicas.shared else {
-            return Ok(UserLock {
-                guard,
-                _held: None,
-            });
+            return Ok(UserLock { guard, _held: None });
         };
         let held = shared.lock(self.user_key(&slot.user)).await?;
         self.reload(slot, &mut guard).await?;
@@ -205,10 +202,7 @@ impl Manager {
             return Ok(None);
         };
         let Some(shared) = &self.replicas.shared else {
-            return Ok(Some(UserLock {
-                guard,
-                _held: None,
-            }));
+            return Ok(Some(UserLock { guard, _held: None }));
         };
         let Some(held) = shared.try_lock(self.user_key(&slot.user)).await? else {
             return Ok(None);
@@ -251,7 +245,12 @@ impl Manager {
             let was = c.state;
             c.state = state;
             if was == State::Stopped && state != State::Stopped {
-                c.ip = self.engine.inspect(&id, &self.network).await.ok().and_then(|i| i.ip);
+                c.ip = self
+                    .engine
+                    .inspect(&id, &self.network)
+                    .await
+                    .ok()
+                    .and_then(|i| i.ip);
             }
             self.fix_permit(c);
             return Ok(());
@@ -392,13 +391,16 @@ impl Manager {
     }
 
     fn local_permit(&self) -> OwnedSemaphorePermit {
-        self.capacity.clone().try_acquire_owned().unwrap_or_else(|_| {
-            // This replica still counts sandboxes the others have stopped since; the store's
-            // count, just taken, is the cap.
-            Arc::new(Semaphore::new(1))
-                .try_acquire_owned()
-                .expect("a fresh permit")
-        })
+        self.capacity
+            .clone()
+            .try_acquire_owned()
+            .unwrap_or_else(|_| {
+                // This replica still counts sandboxes the others have stopped since; the store's
+                // count, just taken, is the cap.
+                Arc::new(Semaphore::new(1))
+                    .try_acquire_owned()
+                    .expect("a fresh permit")
+            })
     }
 
     /// At start-up, a session whose container this replica did not list: true when, under the
@@ -454,7 +456,10 @@ pub(super) async fn sweep_shared(mgr: &Arc<Manager>) {
         Ok(s) => s,
         Err(e) => {
             mgr.metrics.store_error();
-            tracing::warn!(error = format!("{e:#}"), "idle policy: reading the sessions");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "idle policy: reading the sessions"
+            );
             return;
         }
     };

@@ -82,8 +82,10 @@ impl Replicas {
     pub async fn add(&mut self) -> usize {
         let cfg = Config::from_table(self.table.clone()).expect("test config is valid");
         let running = startup::build(cfg).await.expect("replica starts");
-        self.bases
-            .push(format!("http://{}", running.http_addr.expect("http listener")));
+        self.bases.push(format!(
+            "http://{}",
+            running.http_addr.expect("http listener")
+        ));
         self.apps.push(Some(running));
         self.apps.len() - 1
     }

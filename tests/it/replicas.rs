@@ -50,11 +50,7 @@ async fn twenty_inits_over_two_replicas_make_one_container() {
     let r = spawn_replicas(2, |_| {}).await;
     let mut calls = vec![];
     for i in 0..20 {
-        let (base, client, token) = (
-            r.bases[i % 2].clone(),
-            r.client.clone(),
-            r.token("7001"),
-        );
+        let (base, client, token) = (r.bases[i % 2].clone(), r.client.clone(), r.token("7001"));
         calls.push(tokio::spawn(async move {
             let resp = client
                 .post(format!("{base}/sandbox/init"))
@@ -74,7 +70,11 @@ async fn twenty_inits_over_two_replicas_make_one_container() {
         ids.push(c.await.unwrap());
     }
     ids.dedup();
-    assert_eq!(ids.len(), 1, "every init answers the same container: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        1,
+        "every init answers the same container: {ids:?}"
+    );
     assert_eq!(r.containers().len(), 1, "one container for the user");
     assert_eq!(r.count_events("7001", "created").await, 1);
     // Both replicas serve it: status and execution through either.
@@ -140,7 +140,10 @@ async fn a_change_on_one_replica_is_seen_by_the_other_within_a_second_and_record
         r.mgr(1).running_ip(&user).is_none()
     })
     .await;
-    assert!(took.is_some(), "B still sends traffic to a paused sandbox after 1 s");
+    assert!(
+        took.is_some(),
+        "B still sends traffic to a paused sandbox after 1 s"
+    );
     assert_eq!(r.state(&b, "7201").await.as_deref(), Some("paused"));
 
     // An external change, seen by both replicas' event followers, is recorded once.
@@ -162,7 +165,11 @@ async fn a_change_on_one_replica_is_seen_by_the_other_within_a_second_and_record
         .into_iter()
         .filter(|e| e.kind == "resumed")
         .collect();
-    assert_eq!(resumed.len(), 1, "one record of the external unpause: {resumed:?}");
+    assert_eq!(
+        resumed.len(),
+        1,
+        "one record of the external unpause: {resumed:?}"
+    );
     assert!(
         resumed[0]
             .reason
@@ -201,11 +208,19 @@ async fn the_leader_pauses_once_and_spares_a_user_active_on_the_other_replica() 
     }
     assert_eq!(r.stored_state("7301").await.as_deref(), Some("paused"));
     assert_eq!(r.count_events("7301", "paused").await, 1, "paused once");
-    assert_eq!(r.count_events("7302", "paused").await, 0, "an active user is never paused");
+    assert_eq!(
+        r.count_events("7302", "paused").await,
+        0,
+        "an active user is never paused"
+    );
     let ev = r.events("7301").await;
     let paused = ev.iter().find(|e| e.kind == "paused").unwrap();
     assert!(
-        paused.reason.as_deref().unwrap_or("").starts_with("idle for"),
+        paused
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("idle for"),
         "{paused:?}"
     );
 }
@@ -229,7 +244,10 @@ async fn another_replica_takes_over_when_the_leader_is_dropped() {
         r.stored_state("7401").await.as_deref() == Some("paused")
     })
     .await;
-    assert!(paused.is_some(), "the new leader does not apply the idle policy");
+    assert!(
+        paused.is_some(),
+        "the new leader does not apply the idle policy"
+    );
     assert_eq!(r.count_events("7401", "paused").await, 1);
 }
 
@@ -240,7 +258,11 @@ async fn a_sigkilled_leader_is_replaced_and_the_other_replica_keeps_serving() {
     let led = p.wait_for(Duration::from_secs(10), |v| {
         (v["message"] == "leadership changed" && v["leader"] == true).then_some(())
     });
-    assert!(led.is_some(), "the process replica does not lead: {:#?}", p.seen);
+    assert!(
+        led.is_some(),
+        "the process replica does not lead: {:#?}",
+        p.seen
+    );
     let b = r.add().await;
     assert!(!r.mgr(b).replicas().is_leader());
     let base_b = r.bases[b].clone();
@@ -274,7 +296,10 @@ async fn a_sigkilled_leader_is_replaced_and_the_other_replica_keeps_serving() {
         r.stored_state("7501").await.as_deref() == Some("paused")
     })
     .await;
-    assert!(paused.is_some(), "the new leader does not pause the idle sandbox");
+    assert!(
+        paused.is_some(),
+        "the new leader does not pause the idle sandbox"
+    );
     assert_eq!(r.count_events("7501", "paused").await, 1);
     assert_eq!(r.containers().len(), 1);
 }
