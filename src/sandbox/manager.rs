@@ -259,6 +259,9 @@ impl Manager {
         let mut guard = self.lock_user(&slot).await?; // replicas: the user's lock across replicas
         let result = self.bring_up(&slot, &mut guard, asked).await;
         slot.publish(&guard);
+        if result.is_err() {
+            self.wake_failed(user).await; // replicas: its reservation under the cap goes
+        }
         result
     }
 

@@ -351,20 +351,14 @@ impl Manager {
         &self,
         user: &UserId,
     ) -> Result<OwnedSemaphorePermit, SandboxError> {
-        let shared = self.replicas.shared.clone().expect("a shared store");
         let max = self.cfg.max_containers as i64;
         let key = lock_key(&self.cfg.instance, "capacity", "");
         for _ in 0..3 {
-            let victims = {
-                let _cap = shared.lock(key).await?;
-                let cutoff = now_ms() - reservation_ttl(&self.cfg).as_millis() as i64;
-                let live = self.store.count_live_except(user, cutoff).await?;
-                if live < max {
-                    self.store.reserve(user, now_ms()).await?;
-                    return Ok(self.local_permit());
-                }
-                self.store.paused_except(user, 8).await?
-            };
+            let cutoff = now_ms() - reservation_ttl(&self.cfg).as_millis() as i64;
+            if self.store.reserve_under_cap(key, user, max, cutoff).await? {
+                return Ok(self.local_permit());
+            }
+            let victims = self.store.paused_except(user, 8).await?;
             let mut evicted = false;
             for v in victims {
                 let Ok(vu) = UserId::parse(&v.user_id) else {
@@ -388,6 +382,18 @@ impl Manager {
             }
         }
         Err(SandboxError::CapacityFull(self.cfg.max_containers))
+    }
+
+    /// After a wake that failed: the user's reservation under the cap goes at once (rather
+    /// than when it expires).
+    pub(super) async fn wake_failed(&self, user: &UserId) {
+        if !self.replicas.is_shared() {
+            return;
+        }
+        if let Err(e) = self.store.unreserve(user).await {
+            self.metrics.store_error();
+            tracing::warn!(user = %user, error = format!("{e:#}"), "giving up a reservation");
+        }
     }
 
     fn local_permit(&self) -> OwnedSemaphorePermit {

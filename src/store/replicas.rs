@@ -6,6 +6,7 @@
 //! queries over every replica's sessions. SQLite has one replica: none of this is used.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Backend, Store};
 use crate::user::UserId;
@@ -20,9 +22,12 @@ use crate::user::UserId;
 /// The one notification channel; payloads name the instance (see [`Change`]).
 pub const CHANNEL: &str = "sandboxd_sessions";
 
-/// Locks held at once by one replica (one per user in transition, the capacity lock) plus the
-/// listener's connection.
+/// Connections of one replica's lock pool: one per user lock held or waited for (at most
+/// [`WAITERS`]), the listener's, and room for eviction's tries, which never wait for one.
 const LOCK_CONNECTIONS: u32 = 24;
+const WAITERS: usize = 18;
+/// How long an eviction's try waits for a free connection before it passes.
+const TRY_ACQUIRE: Duration = Duration::from_secs(1);
 
 /// The advisory-lock key of `(instance, kind, name)`: the first 8 bytes of a SHA-256, so keys
 /// of different instances or kinds sharing a database do not meet.
@@ -70,6 +75,10 @@ impl Change {
 pub struct Shared {
     pool: PgPool,
     opts: PgConnectOptions,
+    /// Keeps waiting lockers below the pool's size, so a try (eviction) or the listener is
+    /// never starved by holders that wait for it.
+    waiters: Arc<Semaphore>,
+    wait: Duration,
 }
 
 impl Shared {
@@ -91,11 +100,20 @@ impl Shared {
                 })
             })
             .connect_lazy_with(opts.clone());
-        Ok(Shared { pool, opts })
+        Ok(Shared {
+            pool,
+            opts,
+            waiters: Arc::new(Semaphore::new(WAITERS)),
+            wait,
+        })
     }
 
     /// Waits for the lock (bounded by `lock_timeout`); held until [`Held`] drops.
     pub async fn lock(&self, key: i64) -> anyhow::Result<Held> {
+        let permit = tokio::time::timeout(self.wait, self.waiters.clone().acquire_owned())
+            .await
+            .map_err(|_| anyhow::anyhow!("too many locks waited for at once"))?
+            .expect("never closed");
         let mut conn = self.pool.acquire().await.context("a lock connection")?;
         let r = sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
@@ -105,6 +123,7 @@ impl Shared {
             Ok(_) => Ok(Held {
                 conn: Some(conn),
                 key,
+                _permit: Some(permit),
             }),
             Err(e) => {
                 // Whatever state the wait left the connection in, it goes.
@@ -116,7 +135,10 @@ impl Shared {
 
     /// Takes the lock only if nobody holds it.
     pub async fn try_lock(&self, key: i64) -> anyhow::Result<Option<Held>> {
-        let mut conn = self.pool.acquire().await.context("a lock connection")?;
+        let Ok(conn) = tokio::time::timeout(TRY_ACQUIRE, self.pool.acquire()).await else {
+            return Ok(None);
+        };
+        let mut conn = conn.context("a lock connection")?;
         let got: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
             .bind(key)
             .fetch_one(&mut *conn)
@@ -125,6 +147,7 @@ impl Shared {
         Ok(got.then_some(Held {
             conn: Some(conn),
             key,
+            _permit: None,
         }))
     }
 
@@ -165,6 +188,7 @@ pub async fn alive(conn: &mut PgConnection) -> anyhow::Result<()> {
 pub struct Held {
     conn: Option<PoolConnection<Postgres>>,
     key: i64,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Held {
@@ -200,26 +224,36 @@ pub struct Paused {
 }
 
 impl Store {
-    /// Live sandboxes of every replica, the user's own excepted: running or paused, or a slot
-    /// reserved after `reserved_after` (a create or start under way elsewhere).
-    pub async fn count_live_except(
+    /// Under the transaction-level advisory lock `key` (released at commit, or when the
+    /// connection dies): counts every replica's live sandboxes but the user's (running or
+    /// paused, or reserved after `reserved_after`) and, below `max`, reserves the user's slot
+    /// (cleared by the next save). True when reserved.
+    pub async fn reserve_under_cap(
         &self,
+        key: i64,
         user: &UserId,
+        max: i64,
         reserved_after: i64,
-    ) -> anyhow::Result<i64> {
-        let row = sqlx::query(
+    ) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let live: i64 = sqlx::query(
             "SELECT COUNT(*) AS n FROM sessions WHERE user_id <> $1 AND \
              ((container_id IS NOT NULL AND state IN ('running', 'paused')) OR reserved_at > $2)",
         )
         .bind(user.as_str())
         .bind(reserved_after)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get("n")?)
-    }
-
-    /// Reserves the user's slot under the cap (cleared by the next save).
-    pub async fn reserve(&self, user: &UserId, at: i64) -> anyhow::Result<()> {
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if live >= max {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let at = super::now_ms();
         sqlx::query(
             "INSERT INTO sessions (user_id, container_id, container_name, state, created_at, \
              started_at, last_activity, updated_at, reserved_at) \
@@ -231,8 +265,18 @@ impl Store {
         .bind(at)
         .bind(at)
         .bind(at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Gives up the user's reservation (a create or start that failed).
+    pub async fn unreserve(&self, user: &UserId) -> anyhow::Result<()> {
+        sqlx::query("UPDATE sessions SET reserved_at = NULL WHERE user_id = $1")
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
