@@ -303,3 +303,37 @@ async fn a_sigkilled_leader_is_replaced_and_the_other_replica_keeps_serving() {
     assert_eq!(r.count_events("7501", "paused").await, 1);
     assert_eq!(r.containers().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_on_both_replicas_never_pass_the_cap() {
+    let r = spawn_replicas(2, |t| {
+        t.insert("max_containers".into(), 3.into());
+    })
+    .await;
+    let mut calls = vec![];
+    for i in 0..8 {
+        let (base, client, token) = (
+            r.bases[i % 2].clone(),
+            r.client.clone(),
+            r.token(&format!("76{i:02}")),
+        );
+        calls.push(tokio::spawn(async move {
+            client
+                .post(format!("{base}/sandbox/init"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = vec![];
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 503, 503, 503, 503, 503]);
+    assert_eq!(r.containers().len(), 3);
+}
