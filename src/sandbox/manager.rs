@@ -774,6 +774,7 @@ impl Manager {
                 // Take the sandbox off the preview's fast path before freezing it, so no request
                 // is sent to a container that is being paused: they wait on our lock instead.
                 slot.hide();
+                let _no_exec_starting = self.pause_gate(user).await?; // replicas
                 let t = Instant::now();
                 if let Err(e) = self.engine.pause(&c.id).await {
                     self.engine_failed(&e);

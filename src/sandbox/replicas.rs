@@ -43,6 +43,8 @@ use super::{spec, Manager, SandboxError, Slot, State};
 
 /// How often a replica tries to become the leader (and the leader checks it still is).
 pub const LEADER_EVERY: Duration = Duration::from_secs(1);
+/// How long a pause waits for exec starts of other replicas to end.
+pub const PAUSE_GATE_WAIT: Duration = Duration::from_secs(5);
 /// With replicas, activity reaches the store at least this often.
 pub const ACTIVITY_EVERY: Duration = Duration::from_secs(1);
 
@@ -219,6 +221,40 @@ impl Manager {
         match &self.replicas.shared {
             Some(shared) => Ok(Some(shared.lock(self.user_key(user)).await?)),
             None => Ok(None),
+        }
+    }
+
+    /// Held while this replica starts an exec in the user's sandbox (shell.rs): another
+    /// replica's pause waits for it ([`Self::pause_gate`]), as the engine client's own gate
+    /// does within one replica (a container frozen while an exec joins it hangs for good).
+    pub(super) async fn exec_gate(&self, user: &UserId) -> anyhow::Result<Option<Held>> {
+        match &self.replicas.shared {
+            Some(shared) => Ok(Some(
+                shared
+                    .lock_shared(lock_key(&self.cfg.instance, "exec", user.as_str()))
+                    .await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Held around a pause: no replica is starting an exec in the sandbox meanwhile. Tried
+    /// for [`PAUSE_GATE_WAIT`] (a script may hold it for as long as it runs, and the user's
+    /// lock is held meanwhile), then the pause fails; the idle policy tries again next round.
+    pub(super) async fn pause_gate(&self, user: &UserId) -> anyhow::Result<Option<Held>> {
+        let Some(shared) = &self.replicas.shared else {
+            return Ok(None);
+        };
+        let key = lock_key(&self.cfg.instance, "exec", user.as_str());
+        let until = Instant::now() + PAUSE_GATE_WAIT;
+        loop {
+            if let Some(held) = shared.try_lock(key).await? {
+                return Ok(Some(held));
+            }
+            if Instant::now() >= until {
+                anyhow::bail!("an exec is being started in the sandbox by another replica");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -110,19 +110,31 @@ impl Shared {
 
     /// Waits for the lock (bounded by `lock_timeout`); held until [`Held`] drops.
     pub async fn lock(&self, key: i64) -> anyhow::Result<Held> {
+        self.lock_as(key, false).await
+    }
+
+    /// Waits for the lock in shared mode: any number of shared holders, no exclusive one.
+    pub async fn lock_shared(&self, key: i64) -> anyhow::Result<Held> {
+        self.lock_as(key, true).await
+    }
+
+    async fn lock_as(&self, key: i64, shared: bool) -> anyhow::Result<Held> {
         let permit = tokio::time::timeout(self.wait, self.waiters.clone().acquire_owned())
             .await
             .map_err(|_| anyhow::anyhow!("too many locks waited for at once"))?
             .expect("never closed");
         let mut conn = self.pool.acquire().await.context("a lock connection")?;
-        let r = sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(key)
-            .execute(&mut *conn)
-            .await;
+        let sql = if shared {
+            "SELECT pg_advisory_lock_shared($1)"
+        } else {
+            "SELECT pg_advisory_lock($1)"
+        };
+        let r = sqlx::query(sql).bind(key).execute(&mut *conn).await;
         match r {
             Ok(_) => Ok(Held {
                 conn: Some(conn),
                 key,
+                shared,
                 _permit: Some(permit),
             }),
             Err(e) => {
@@ -147,6 +159,7 @@ impl Shared {
         Ok(got.then_some(Held {
             conn: Some(conn),
             key,
+            shared: false,
             _permit: None,
         }))
     }
@@ -188,6 +201,7 @@ pub async fn alive(conn: &mut PgConnection) -> anyhow::Result<()> {
 pub struct Held {
     conn: Option<PoolConnection<Postgres>>,
     key: i64,
+    shared: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -197,12 +211,15 @@ impl Drop for Held {
             return;
         };
         let key = self.key;
+        let sql = if self.shared {
+            "SELECT pg_advisory_unlock_shared($1)"
+        } else {
+            "SELECT pg_advisory_unlock($1)"
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
-                        .bind(key)
-                        .execute(&mut *conn);
+                    let unlock = sqlx::query(sql).bind(key).execute(&mut *conn);
                     if !matches!(
                         tokio::time::timeout(Duration::from_secs(5), unlock).await,
                         Ok(Ok(_))
