@@ -337,3 +337,37 @@ async fn concurrent_creates_on_both_replicas_never_pass_the_cap() {
     assert_eq!(statuses, [200, 200, 200, 503, 503, 503, 503, 503]);
     assert_eq!(r.containers().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminal_open_on_one_replica_keeps_the_leader_from_pausing() {
+    use crate::common::ws::{ws_open, Term};
+    let r = spawn_replicas(2, idle_fast).await;
+    let leader = r
+        .leader(Duration::from_secs(5))
+        .await
+        .expect("a leader within 5 s");
+    let other = 1 - leader;
+    let base = r.bases[other].clone();
+    init(&r, &base, "7701").await;
+    let url = format!("{}/sandbox/terminal", base.replace("http://", "ws://"));
+    let auth = format!("Bearer {}", r.token("7701"));
+    let (ws, resp) = ws_open(&url, &[("authorization", &auth)])
+        .await
+        .expect("terminal opens");
+    assert_eq!(resp.status(), 101);
+    let mut term = Term::from_ws(ws);
+    assert_eq!(term.output("echo ready").await, "ready");
+    // Silent for longer than idle_pause_after (2 s): the open terminal is activity.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.stored_state("7701").await.as_deref(), Some("running"));
+    assert_eq!(r.count_events("7701", "paused").await, 0);
+    assert_eq!(term.output("echo still").await, "still");
+    drop(term);
+    // Closed: the leader pauses it once it has been idle long enough.
+    let paused = within(Duration::from_secs(8), || async {
+        r.stored_state("7701").await.as_deref() == Some("paused")
+    })
+    .await;
+    assert!(paused.is_some(), "not paused after the terminal closed");
+    assert_eq!(r.count_events("7701", "paused").await, 1);
+}
