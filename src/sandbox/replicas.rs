@@ -18,6 +18,9 @@
 //!   replaced within about a second after PostgreSQL drops its connection. Every replica
 //!   flushes its activity (busy sandboxes touched) every second, and the leader decides from
 //!   the store's activity, re-checked under the user's lock.
+//! - **No pause while an exec starts**, on any replica: exec starts (shell.rs) hold a shared
+//!   advisory lock that a pause takes exclusively ([`Manager::pause_gate`]), as the engine
+//!   client's gate does within one process.
 //! - **Changes visible within a second.** Every saved change is announced with `NOTIFY`; the
 //!   other replicas drop that user's fast path (address and state), so their next request
 //!   takes the locked path and reloads.
