@@ -3,7 +3,7 @@
 //!
 //! - **One transition per user at a time, across replicas.** Every change of a user's sandbox
 //!   (and every look that may record one) runs under the user's local lock *and* a PostgreSQL
-//!   advisory lock held by a connection of this replica ([`Manager::lock_user`]); the wait is
+//!   advisory lock held by a connection of this replica (`Manager::lock_user`); the wait is
 //!   bounded (`start_timeout` + 30 s) and a replica that dies loses its connection and so its
 //!   locks. Right after taking it, the slot is reloaded from the store (the truth about what
 //!   any replica did), so a container another replica made, paused or removed is this
@@ -11,7 +11,7 @@
 //!   it is recorded once, by whichever replica finds it first (events are not doubled).
 //! - **One global cap.** Under a capacity lock, `max_containers` is compared with every
 //!   replica's live sessions in the store plus slots reserved by creates under way
-//!   ([`Manager::acquire_shared_capacity`]); eviction stops the least recently active paused
+//!   (`Manager::acquire_shared_capacity`); eviction stops the least recently active paused
 //!   sandbox of any replica.
 //! - **What must run once runs on the leader**: the idle sweep. The leader holds an advisory
 //!   lock on a connection of its own; the others try it every second, so a dead leader is
@@ -19,7 +19,7 @@
 //!   flushes its activity (busy sandboxes touched) every second, and the leader decides from
 //!   the store's activity, re-checked under the user's lock.
 //! - **No pause while an exec starts**, on any replica: exec starts (shell.rs) hold a shared
-//!   advisory lock that a pause takes exclusively ([`Manager::pause_gate`]), as the engine
+//!   advisory lock that a pause takes exclusively (`Manager::pause_gate`), as the engine
 //!   client's gate does within one process.
 //! - **Changes visible within a second.** Every saved change is announced with `NOTIFY`; the
 //!   other replicas drop that user's fast path (address and state), so their next request
