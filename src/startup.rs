@@ -151,8 +151,10 @@ impl Running {
         self.app.mgr.flush_activity().await;
         // The rules confine sandboxes that keep running while sandboxd is down: they go only
         // when no sandbox of this instance is live (start-up replaces stale ones anyway).
-        // With replicas, the others may still serve sandboxes behind these rules.
-        if self.app.mgr.live_count() == 0 && !self.app.mgr.replicas().is_shared() {
+        // With replicas: only the last one, when no sandbox of any replica is live.
+        if self.app.mgr.live_count() == 0
+            && self.app.mgr.replicas().last_one(self.app.mgr.store()).await
+        {
             let instance = self.app.cfg.instance.clone();
             match tokio::task::spawn_blocking(move || firewall::remove(&instance)).await {
                 Ok(Ok(())) => {}

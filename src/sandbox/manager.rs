@@ -36,6 +36,9 @@ impl Manager {
     /// labels and reconciles the store.
     pub async fn start(cfg: Arc<Config>, store: Store) -> anyhow::Result<Arc<Self>> {
         let engine = Engine::connect().await?;
+        // replicas: counted as alive before the packet filter is installed, so an exiting
+        // replica never removes it from under this one (sandbox/replicas.rs).
+        let replicas = super::replicas::Replicas::new(&cfg, &store).await?;
         let network = firewall::install_around(&cfg, &engine).await?;
         std::fs::create_dir_all(&cfg.workspaces_dir)
             .with_context(|| format!("creating workspaces_dir {}", cfg.workspaces_dir.display()))?;
@@ -45,7 +48,7 @@ impl Manager {
         let mgr = Arc::new(Manager {
             capacity: Arc::new(Semaphore::new(cfg.max_containers)),
             health: health::Health::monitored(engine.clone()),
-            replicas: super::replicas::Replicas::new(&cfg, &store)?,
+            replicas,
             cfg,
             engine,
             store,

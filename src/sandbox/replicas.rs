@@ -21,6 +21,9 @@
 //! - **No pause while an exec starts**, on any replica: exec starts (shell.rs) hold a shared
 //!   advisory lock that a pause takes exclusively (`Manager::pause_gate`), as the engine
 //!   client's gate does within one process.
+//! - **The packet filter outlives every replica but the last**: each holds a shared "alive"
+//!   lock from before it installs the rules; at shutdown the rules go only when this replica
+//!   was the last holder and no sandbox is live in the store (`Replicas::last_one`).
 //! - **Changes visible within a second.** Every saved change is announced with `NOTIFY`; the
 //!   other replicas drop that user's fast path (address and state), so their next request
 //!   takes the locked path and reloads.
@@ -36,7 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, MutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
-use crate::store::replicas::{alive, lock_key, try_hold, Change, Held, Shared};
+use crate::store::replicas::{alive, lock_key, try_hold, Alive, Change, Held, Shared};
 use crate::store::{now_ms, Backend, SessionRow, Store};
 use crate::user::UserId;
 
@@ -57,13 +60,26 @@ pub struct Replicas {
     shared: Option<Arc<Shared>>,
     leader: watch::Sender<bool>,
     last_sweep: StdMutex<Option<Instant>>,
+    /// Holds the instance's "alive" lock in shared mode while this replica runs (exclusively
+    /// at exit when it is the last one, until the packet filter is gone).
+    alive: tokio::sync::Mutex<Option<Alive>>,
 }
 
 impl Replicas {
-    pub(super) fn new(cfg: &Config, store: &Store) -> anyhow::Result<Replicas> {
+    /// With PostgreSQL, waits until no replica is removing the instance's packet filter on its
+    /// way out, and counts this one as alive.
+    pub(super) async fn new(cfg: &Config, store: &Store) -> anyhow::Result<Replicas> {
         let shared = match store.backend() {
             Backend::Postgres => Some(Arc::new(Shared::new(&cfg.database_url, lock_wait(cfg))?)),
             Backend::Sqlite => None,
+        };
+        let alive = match &shared {
+            Some(s) => Some(
+                s.join(lock_key(&cfg.instance, "alive", ""))
+                    .await
+                    .map_err(|e| e.context("joining the other replicas"))?,
+            ),
+            None => None,
         };
         // The one replica of a SQLite store leads from the start.
         let (leader, _) = watch::channel(shared.is_none());
@@ -73,7 +89,29 @@ impl Replicas {
             shared,
             leader,
             last_sweep: StdMutex::new(None),
+            alive: tokio::sync::Mutex::new(alive),
         })
+    }
+
+    /// At shutdown: whether this replica may remove the instance's packet filter, i.e. it is
+    /// the last replica running and the store has no live sandbox. When true, no replica can
+    /// start until [`Self::close`] (it waits for the filter to be gone, then installs its own).
+    pub(crate) async fn last_one(&self, store: &Store) -> bool {
+        let mut alive = self.alive.lock().await;
+        let Some(alive) = alive.as_mut() else {
+            return self.shared.is_none();
+        };
+        let key_free = match alive.last_holder().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "asking whether other replicas run"
+                );
+                false
+            }
+        };
+        key_free && store.count_live().await.is_ok_and(|n| n == 0)
     }
 
     /// Whether other replicas may share the store (PostgreSQL).
@@ -96,6 +134,7 @@ impl Replicas {
     }
 
     pub(crate) async fn close(&self) {
+        self.alive.lock().await.take();
         if let Some(s) = &self.shared {
             s.close().await;
         }

@@ -181,6 +181,43 @@ impl Shared {
     }
 }
 
+/// A connection holding the shared lock `key` for as long as it lives: a replica's "I run".
+pub struct Alive {
+    conn: PgConnection,
+    key: i64,
+}
+
+impl Shared {
+    /// Takes the shared lock `key` on a connection of its own, waiting (at most `lock_timeout`)
+    /// while an exiting replica holds it exclusively.
+    pub async fn join(&self, key: i64) -> anyhow::Result<Alive> {
+        let mut conn = self.connection().await?;
+        sqlx::query(&format!(
+            "SET lock_timeout = {}",
+            self.wait.as_millis().max(1)
+        ))
+        .execute(&mut conn)
+        .await?;
+        sqlx::query("SELECT pg_advisory_lock_shared($1)")
+            .bind(key)
+            .execute(&mut conn)
+            .await?;
+        Ok(Alive { conn, key })
+    }
+}
+
+impl Alive {
+    /// Gives up the shared hold and takes the lock exclusively if nobody else holds it: true
+    /// when this was the last holder (the lock is then held until this drops).
+    pub async fn last_holder(&mut self) -> anyhow::Result<bool> {
+        sqlx::query("SELECT pg_advisory_unlock_shared($1)")
+            .bind(self.key)
+            .execute(&mut self.conn)
+            .await?;
+        try_hold(&mut self.conn, self.key).await
+    }
+}
+
 /// Tries the session-level lock `key` on `conn`: true when this connection holds it (again).
 pub async fn try_hold(conn: &mut PgConnection, key: i64) -> anyhow::Result<bool> {
     Ok(sqlx::query("SELECT pg_try_advisory_lock($1)")
@@ -295,6 +332,17 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Live sandboxes (running or paused) of every replica.
+    pub async fn count_live(&self) -> anyhow::Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sessions WHERE container_id IS NOT NULL AND \
+             state IN ('running', 'paused')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// Paused sandboxes of other users, least recently active first (eviction's candidates).

@@ -371,3 +371,45 @@ async fn a_terminal_open_on_one_replica_keeps_the_leader_from_pausing() {
     assert!(paused.is_some(), "not paused after the terminal closed");
     assert_eq!(r.count_events("7701", "paused").await, 1);
 }
+
+/// The instance's packet-filter rules (src/sandbox/firewall.rs), as iptables lists them.
+fn rules_of(instance: &str) -> String {
+    let out = std::process::Command::new("iptables")
+        .arg("-S")
+        .output()
+        .expect("iptables");
+    let (cin, cfw) = sandboxd::sandbox::firewall::chain_names(instance);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&cin) || l.contains(&cfw))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_packet_filter_stays_until_the_last_replica_leaves() {
+    let mut r = spawn_replicas(2, |_| {}).await;
+    let rules = rules_of(&r.instance);
+    assert!(!rules.is_empty());
+    // No sandbox anywhere, but another replica runs: its future sandboxes need the rules.
+    r.apps[0].take().unwrap().shutdown().await;
+    assert_eq!(
+        rules_of(&r.instance),
+        rules,
+        "rules removed under a running replica"
+    );
+    init(&r, &r.bases[1].clone(), "7801").await;
+    assert_eq!(
+        r.post(&r.bases[1].clone(), "7801", "/sandbox/exit")
+            .await
+            .status(),
+        200
+    );
+    // The last one leaves with no sandbox live: the rules go.
+    r.apps[1].take().unwrap().shutdown().await;
+    assert_eq!(
+        rules_of(&r.instance),
+        "",
+        "rules left after the last replica"
+    );
+}
