@@ -311,6 +311,11 @@ impl Manager {
             .fetch_max(row.last_activity, Ordering::Relaxed);
         let Some(id) = row.container_id else {
             *guard = None;
+            // A reservation nobody saved, seen under the user's lock: its replica died between
+            // reserving and saving, and may have left a container behind.
+            if self.store.reserved_at(&slot.user).await?.is_some() {
+                self.adopt_left_behind(slot, guard).await?;
+            }
             return Ok(());
         };
         let state = parse_state(&row.state);
@@ -352,6 +357,63 @@ impl Manager {
         self.fix_permit(&mut c);
         *guard = Some(c);
         Ok(())
+    }
+
+    /// Adopts the container a dead replica made for the user and never saved (the newest live
+    /// one; any other is removed), so the next wake does not make a second one.
+    async fn adopt_left_behind(
+        &self,
+        slot: &Slot,
+        guard: &mut Option<Container>,
+    ) -> anyhow::Result<()> {
+        let user = &slot.user;
+        let (found, _) = self.engine.list_managed(&self.cfg.instance).await?;
+        let mine: Vec<_> = found.into_iter().filter(|m| &m.user == user).collect();
+        if mine.is_empty() {
+            self.store.unreserve(user).await?;
+            return Ok(());
+        }
+        let (keep, dups) = super::recover::keep_one(mine, None);
+        for dup in dups {
+            self.engine.remove(&dup.id).await?;
+            self.event(
+                user,
+                Some(&dup.id),
+                "removed",
+                Some("duplicate left by a replica that stopped"),
+            )
+            .await;
+        }
+        let i = self.engine.inspect(&keep.id, &self.network).await?;
+        let mut c = Container {
+            id: keep.id.clone(),
+            name: keep.name,
+            state: State::of_engine(i.state),
+            ip: i.ip,
+            created_at: if keep.created > 0 {
+                keep.created
+            } else {
+                now_ms()
+            },
+            permit: None,
+            boosted: false,
+            boot_gen: 0,
+            agent_key: keep
+                .agent_key
+                .or(i.agent_key)
+                .unwrap_or_else(spec::new_agent_key)
+                .into(),
+        };
+        self.fix_permit(&mut c);
+        *guard = Some(c);
+        self.event(
+            user,
+            Some(&keep.id),
+            "adopted",
+            Some("left by a replica that stopped"),
+        )
+        .await;
+        self.save(user, guard, None).await
     }
 
     /// A live container holds a local permit when one is free (the store's count is the cap).

@@ -325,6 +325,19 @@ impl Store {
         Ok(true)
     }
 
+    /// When the user's slot under the cap was reserved and not yet saved (a create or start
+    /// under way, or one whose replica died).
+    pub async fn reserved_at(&self, user: &UserId) -> anyhow::Result<Option<i64>> {
+        let row = sqlx::query("SELECT reserved_at FROM sessions WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("reserved_at")?,
+            None => None,
+        })
+    }
+
     /// Gives up the user's reservation (a create or start that failed).
     pub async fn unreserve(&self, user: &UserId) -> anyhow::Result<()> {
         sqlx::query("UPDATE sessions SET reserved_at = NULL WHERE user_id = $1")

@@ -413,3 +413,32 @@ async fn the_packet_filter_stays_until_the_last_replica_leaves() {
         "rules left after the last replica"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_left_by_a_replica_that_died_mid_create_is_adopted_not_doubled() {
+    let r = spawn_replicas(2, |_| {}).await;
+    let user = sandboxd::user::UserId::parse("7901").unwrap();
+    // What a replica leaves when it dies between reserving the slot and saving the container:
+    // the reservation, and a container the store does not name.
+    let store = r.mgr(0).store().clone();
+    assert!(store.reserve_under_cap(1, &user, 100, 0).await.unwrap());
+    let ws = r.mgr(0).workspace_path(&user);
+    sandboxd::sandbox::ensure_workspace_dir(&ws).unwrap();
+    let cfg = sandboxd::config::Config::from_table(r.table.clone()).unwrap();
+    let engine = sandboxd::sandbox::testing::Engine::connect().await.unwrap();
+    let (left, _) = engine
+        .create(&cfg, &user, &ws, &"ab".repeat(32))
+        .await
+        .unwrap();
+    // The next init, through the other replica, takes that container.
+    let body = init(&r, &r.bases[1].clone(), "7901").await;
+    assert_eq!(body["containerId"], left.as_str());
+    assert_eq!(r.containers(), [left.clone()]);
+    let ev = r.events("7901").await;
+    assert!(
+        ev.iter().any(|e| e.kind == "adopted"
+            && e.reason.as_deref() == Some("left by a replica that stopped")),
+        "{ev:?}"
+    );
+    assert_eq!(store.reserved_at(&user).await.unwrap(), None);
+}
