@@ -447,9 +447,13 @@ impl Manager {
             return Ok(None);
         }
         let row = self.store.session(user).await?;
-        Ok(row
-            .filter(|r| r.container_id.is_some())
-            .map(|r| self.slot_as_stored(user, r.last_activity)))
+        Ok(row.filter(|r| r.container_id.is_some()).map(|r| {
+            let slot = self.slot_as_stored(user, r.last_activity);
+            // A request's first look at this user on this replica is activity too (the
+            // request's own touch found no slot).
+            slot.touch();
+            slot
+        }))
     }
 
     /// Tells the other replicas that the user's session changed.

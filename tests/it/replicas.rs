@@ -433,7 +433,7 @@ async fn a_container_left_by_a_replica_that_died_mid_create_is_adopted_not_doubl
     // The next init, through the other replica, takes that container.
     let body = init(&r, &r.bases[1].clone(), "7901").await;
     assert_eq!(body["containerId"], left.as_str());
-    assert_eq!(r.containers(), [left.clone()]);
+    assert_eq!(r.containers(), std::slice::from_ref(&left));
     let ev = r.events("7901").await;
     assert!(
         ev.iter().any(|e| e.kind == "adopted"
