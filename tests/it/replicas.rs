@@ -144,6 +144,7 @@ async fn a_change_on_one_replica_is_seen_by_the_other_within_a_second_and_record
         took.is_some(),
         "B still sends traffic to a paused sandbox after 1 s"
     );
+    eprintln!("B dropped its fast path {took:?} after A's pause");
     assert_eq!(r.state(&b, "7201").await.as_deref(), Some("paused"));
 
     // An external change, seen by both replicas' event followers, is recorded once.
@@ -240,6 +241,7 @@ async fn another_replica_takes_over_when_the_leader_is_dropped() {
     })
     .await;
     assert!(took.is_some(), "no new leader within 3 s");
+    eprintln!("leadership passed {took:?} after the leader was dropped");
     let paused = within(Duration::from_secs(6), || async {
         r.stored_state("7401").await.as_deref() == Some("paused")
     })
