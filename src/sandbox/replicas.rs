@@ -664,6 +664,7 @@ async fn lead(mgr: &Manager, shared: &Shared) {
     let key = lock_key(&mgr.cfg.instance, "leader", "");
     let mut conn = None;
     loop {
+        keep_alive(mgr, shared).await;
         let leading = mgr.replicas.is_leader();
         let step = async {
             if conn.is_none() {
@@ -698,6 +699,32 @@ async fn lead(mgr: &Manager, shared: &Shared) {
             mgr.replicas.leader.send_replace(now_leading);
         }
         tokio::time::sleep(LEADER_EVERY).await;
+    }
+}
+
+/// Keeps this replica counted as alive: when the connection holding the "alive" lock is gone
+/// (the database restarted), joins again and installs the packet filter again, since a replica
+/// that exited meanwhile may have removed it believing it was the last.
+async fn keep_alive(mgr: &Manager, shared: &Shared) {
+    let mut alive = mgr.replicas.alive.lock().await;
+    if let Some(a) = alive.as_mut() {
+        if a.holds().await {
+            return;
+        }
+    }
+    *alive = None;
+    match shared.join(lock_key(&mgr.cfg.instance, "alive", "")).await {
+        Ok(a) => {
+            *alive = Some(a);
+            tracing::warn!("the replicas' alive lock was lost; joined again");
+            if let Err(e) = super::firewall::install_around(&mgr.cfg, &mgr.engine).await {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "installing the packet filter again"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "joining the other replicas again"),
     }
 }
 

@@ -207,6 +207,14 @@ impl Shared {
 }
 
 impl Alive {
+    /// Whether the connection (and so the hold) is still there.
+    pub async fn holds(&mut self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), alive(&mut self.conn)).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Gives up the shared hold and takes the lock exclusively if nobody else holds it: true
     /// when this was the last holder (the lock is then held until this drops).
     pub async fn last_holder(&mut self) -> anyhow::Result<bool> {

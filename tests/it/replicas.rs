@@ -444,3 +444,45 @@ async fn a_container_left_by_a_replica_that_died_mid_create_is_adopted_not_doubl
     );
     assert_eq!(store.reserved_at(&user).await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_replicas_recover_when_the_database_drops_every_connection() {
+    use sqlx::Connection;
+    let mut r = spawn_replicas(2, |_| {}).await;
+    let (a, b) = (r.bases[0].clone(), r.bases[1].clone());
+    // Made (and later removed) through B, so A holds no sandbox when it leaves.
+    init(&r, &b, "7951").await;
+    r.leader(Duration::from_secs(5)).await.expect("a leader");
+    let rules = rules_of(&r.instance);
+    let url = r.table["database_url"].as_str().unwrap().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // Leadership, the alive locks and the listeners come back; both replicas serve.
+    let leader = r.leader(Duration::from_secs(10)).await;
+    assert!(
+        leader.is_some(),
+        "no leader after the database dropped the connections"
+    );
+    let served = within(Duration::from_secs(10), || async {
+        r.get(&b, "7951", "/sandbox/status").await.status() == 200
+            && r.get(&a, "7951", "/sandbox/status").await.status() == 200
+    })
+    .await;
+    assert!(served.is_some(), "the replicas do not serve again");
+    // Give the replicas a round to hold their alive lock again (and reinstall the packet
+    // filter), then one leaves: the filter stays for the other.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(r.post(&b, "7951", "/sandbox/exit").await.status(), 200);
+    r.apps[0].take().unwrap().shutdown().await;
+    assert_eq!(
+        rules_of(&r.instance),
+        rules,
+        "rules removed under a running replica"
+    );
+}
