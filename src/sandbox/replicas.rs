@@ -49,6 +49,10 @@ use super::{spec, Manager, SandboxError, Slot, State};
 
 /// How often a replica tries to become the leader (and the leader checks it still is).
 pub const LEADER_EVERY: Duration = Duration::from_secs(1);
+/// Rounds of eviction when the cap is reached, and the wait between rounds whose candidates
+/// were all locked.
+const EVICTION_ROUNDS: usize = 5;
+const EVICTION_RETRY: Duration = Duration::from_millis(100);
 /// How long a pause waits for exec starts of other replicas to end.
 pub const PAUSE_GATE_WAIT: Duration = Duration::from_secs(5);
 /// With replicas, activity reaches the store at least this often.
@@ -497,13 +501,13 @@ impl Manager {
     ) -> Result<OwnedSemaphorePermit, SandboxError> {
         let max = self.cfg.max_containers as i64;
         let key = lock_key(&self.cfg.instance, "capacity", "");
-        for _ in 0..3 {
+        for _ in 0..EVICTION_ROUNDS {
             let cutoff = now_ms() - reservation_ttl(&self.cfg).as_millis() as i64;
             if self.store.reserve_under_cap(key, user, max, cutoff).await? {
                 return Ok(self.local_permit());
             }
             let victims = self.store.paused_except(user, 8).await?;
-            let mut evicted = false;
+            let (mut evicted, mut contended) = (false, false);
             for v in victims {
                 let Ok(vu) = UserId::parse(&v.user_id) else {
                     continue;
@@ -511,6 +515,7 @@ impl Manager {
                 let slot = self.slot_as_stored(&vu, v.last_activity);
                 // Never wait on another user's transition while holding ours.
                 let Some(mut g) = self.try_lock_user(&slot).await? else {
+                    contended = true;
                     continue;
                 };
                 if slot.busy() || !matches!(g.as_ref(), Some(c) if c.state == State::Paused) {
@@ -521,8 +526,13 @@ impl Manager {
                 evicted = true;
                 break;
             }
-            if !evicted {
+            if !evicted && !contended {
                 break;
+            }
+            if !evicted {
+                // A candidate was in a transition (or its lock not yet given back, which
+                // happens a moment after the transition): look again shortly.
+                tokio::time::sleep(EVICTION_RETRY).await;
             }
         }
         Err(SandboxError::CapacityFull(self.cfg.max_containers))
