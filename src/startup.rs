@@ -13,7 +13,7 @@ use crate::app::{App, AppHandler};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
-use crate::sandbox::{events, firewall, idle, Manager};
+use crate::sandbox::{events, firewall, idle, replicas, Manager};
 use crate::store::Store;
 
 pub struct Running {
@@ -96,6 +96,10 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         let _ = follower.await;
     });
 
+    // Several replicas sharing PostgreSQL: leader election and the other replicas' changes
+    // (sandbox/replicas.rs; nothing to do with SQLite).
+    tasks.spawn(replicas::run(mgr.clone(), shutdown_rx.clone()));
+
     // 4. TLS, when an HTTPS listener is configured.
     let (tls, dev_ca) = match &https {
         Some(_) => {
@@ -147,7 +151,10 @@ impl Running {
         self.app.mgr.flush_activity().await;
         // The rules confine sandboxes that keep running while sandboxd is down: they go only
         // when no sandbox of this instance is live (start-up replaces stale ones anyway).
-        if self.app.mgr.live_count() == 0 {
+        // With replicas: only the last one, when no sandbox of any replica is live.
+        if self.app.mgr.live_count() == 0
+            && self.app.mgr.replicas().last_one(self.app.mgr.store()).await
+        {
             let instance = self.app.cfg.instance.clone();
             match tokio::task::spawn_blocking(move || firewall::remove(&instance)).await {
                 Ok(Ok(())) => {}
@@ -155,6 +162,7 @@ impl Running {
                 Err(e) => tracing::warn!(error = %e, "removing the firewall"),
             }
         }
+        self.app.mgr.replicas().close().await;
         self.app.mgr.store().close().await;
     }
 

@@ -86,6 +86,9 @@ pub struct Inspected {
     pub exit_code: Option<i64>,
     /// The CPU quota the engine holds for the container (`HostConfig.NanoCpus`).
     pub nano_cpus: Option<i64>,
+    /// The agent's key from the container's label (replicas.rs: a replica that did not make
+    /// the container learns it here).
+    pub agent_key: Option<String>,
 }
 
 /// A container event from the engine's event stream (this instance's containers only).
@@ -652,6 +655,11 @@ impl Engine {
             .and_then(|mut n| n.remove(network))
             .and_then(|e| e.ip_address)
             .and_then(|ip| ip.parse().ok());
+        let agent_key = c
+            .config
+            .and_then(|c| c.labels)
+            .and_then(|mut l| l.remove(super::agent::KEY_LABEL))
+            .filter(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()));
         Ok(Inspected {
             state,
             ip,
@@ -659,6 +667,7 @@ impl Engine {
             pid: st.pid.filter(|p| *p > 0),
             exit_code: st.exit_code,
             nano_cpus: c.host_config.and_then(|h| h.nano_cpus),
+            agent_key,
         })
     }
 

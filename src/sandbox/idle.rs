@@ -19,11 +19,17 @@ pub fn spawn(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let every = mgr.config().idle_check_every;
+        // replicas: with a shared store every replica ticks at least once a second and only the
+        // leader pauses and stops (sandbox/replicas.rs).
+        let every = super::replicas::tick(&mgr, mgr.config().idle_check_every);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => break,
+            }
+            if mgr.replicas().is_shared() {
+                super::replicas::sweep_shared(&mgr).await;
+                continue;
             }
             sweep(&mgr).await;
         }

@@ -36,6 +36,9 @@ impl Manager {
     /// labels and reconciles the store.
     pub async fn start(cfg: Arc<Config>, store: Store) -> anyhow::Result<Arc<Self>> {
         let engine = Engine::connect().await?;
+        // replicas: counted as alive before the packet filter is installed, so an exiting
+        // replica never removes it from under this one (sandbox/replicas.rs).
+        let replicas = super::replicas::Replicas::new(&cfg, &store).await?;
         let network = firewall::install_around(&cfg, &engine).await?;
         std::fs::create_dir_all(&cfg.workspaces_dir)
             .with_context(|| format!("creating workspaces_dir {}", cfg.workspaces_dir.display()))?;
@@ -45,6 +48,7 @@ impl Manager {
         let mgr = Arc::new(Manager {
             capacity: Arc::new(Semaphore::new(cfg.max_containers)),
             health: health::Health::monitored(engine.clone()),
+            replicas,
             cfg,
             engine,
             store,
@@ -255,9 +259,12 @@ impl Manager {
         let asked = Instant::now();
         let slot = self.slot(user);
         slot.touch();
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas: the user's lock across replicas
         let result = self.bring_up(&slot, &mut guard, asked).await;
         slot.publish(&guard);
+        if result.is_err() {
+            self.wake_failed(user).await; // replicas: its reservation under the cap goes
+        }
         result
     }
 
@@ -466,6 +473,10 @@ impl Manager {
         &self,
         user: &UserId,
     ) -> Result<OwnedSemaphorePermit, SandboxError> {
+        // replicas: the cap counts every replica's sandboxes (sandbox/replicas.rs).
+        if self.replicas.is_shared() {
+            return self.acquire_shared_capacity(user).await;
+        }
         for _ in 0..3 {
             if let Ok(p) = self.capacity.clone().try_acquire_owned() {
                 return Ok(p);
@@ -532,6 +543,11 @@ impl Manager {
             }
             None => self.store.save_session(user, None, "removed", None).await,
         };
+        if r.is_ok() {
+            // replicas: the others drop their cached state (sandbox/replicas.rs).
+            let state = c.as_ref().map_or("removed", |c| c.state.as_str());
+            self.announce(user, state).await;
+        }
         r.inspect_err(|_| self.metrics.store_error())
     }
 
@@ -557,8 +573,11 @@ impl Manager {
     }
 
     pub(super) async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
-        let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
-        let mut guard = slot.inner.lock().await;
+        let slot = self
+            .slot_anywhere(user)
+            .await?
+            .ok_or(SandboxError::NotFound)?; // replicas
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);
         synced?;
@@ -638,7 +657,15 @@ impl Manager {
         let Some(slot) = self.existing_slot(user) else {
             return;
         };
-        let mut guard = slot.inner.lock().await;
+        // replicas: under the user's lock across replicas, reloaded from the store, so a change
+        // another replica made (and recorded) is not recorded again.
+        let mut guard = match self.lock_user(&slot).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "applying an engine event");
+                return;
+            }
+        };
         if guard.as_ref().map(|c| c.id.as_str()) != Some(container_id) {
             return;
         }
@@ -655,7 +682,14 @@ impl Manager {
     pub(super) async fn resync(&self, cause: &str) -> usize {
         let mut failed = 0;
         for slot in self.all_slots() {
-            let mut guard = slot.inner.lock().await;
+            let mut guard = match self.lock_user(&slot).await {
+                Ok(g) => g, // replicas
+                Err(e) => {
+                    tracing::warn!(user = %slot.user, error = format!("{e:#}"), "re-checking a sandbox");
+                    failed += 1;
+                    continue;
+                }
+            };
             if let Err(e) = self.sync_locked(&slot, &mut guard, Some(cause)).await {
                 tracing::warn!(user = %slot.user, error = format!("{e:#}"), "re-checking a sandbox");
                 failed += 1;
@@ -668,10 +702,10 @@ impl Manager {
     /// Re-inspects the user's container now (the preview's backstop when an answer is late)
     /// and returns its state; `None` when the user has no container.
     pub async fn refresh(&self, user: &UserId) -> anyhow::Result<Option<State>> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(None);
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);
         synced?;
@@ -686,10 +720,10 @@ impl Manager {
     }
 
     pub(super) async fn exit_inner(&self, user: &UserId) -> Result<bool, SandboxError> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(false);
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         let Some(c) = guard.take() else {
             return Ok(false);
         };
@@ -731,10 +765,10 @@ impl Manager {
         min_idle_ms: i64,
         reason: &str,
     ) -> anyhow::Result<()> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(());
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }
@@ -743,6 +777,7 @@ impl Manager {
                 // Take the sandbox off the preview's fast path before freezing it, so no request
                 // is sent to a container that is being paused: they wait on our lock instead.
                 slot.hide();
+                let _no_exec_starting = self.pause_gate(user).await?; // replicas
                 let t = Instant::now();
                 if let Err(e) = self.engine.pause(&c.id).await {
                     self.engine_failed(&e);
@@ -772,10 +807,10 @@ impl Manager {
         min_idle_ms: i64,
         reason: &str,
     ) -> anyhow::Result<()> {
-        let Some(slot) = self.existing_slot(user) else {
+        let Some(slot) = self.slot_anywhere(user).await? else {
             return Ok(());
         };
-        let mut guard = slot.inner.lock().await;
+        let mut guard = self.lock_user(&slot).await?; // replicas
         if !slot.idle_for(min_idle_ms) {
             return Ok(());
         }

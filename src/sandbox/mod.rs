@@ -15,6 +15,7 @@ pub(crate) mod idle;
 pub mod inventory;
 mod manager;
 mod recover;
+pub mod replicas;
 pub mod shell;
 mod slot;
 pub mod spec;
@@ -124,4 +125,6 @@ pub struct Manager {
     pub(super) capacity: Arc<Semaphore>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<health::Health>,
+    /// Several replicas sharing the store (replicas.rs).
+    pub(super) replicas: replicas::Replicas,
 }

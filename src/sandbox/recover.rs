@@ -24,7 +24,7 @@ impl Manager {
         for m in found {
             by_user.entry(m.user.clone()).or_default().push(m);
         }
-        let sessions: HashMap<String, crate::store::SessionRow> = self
+        let mut sessions: HashMap<String, crate::store::SessionRow> = self
             .store
             .sessions()
             .await?
@@ -42,6 +42,14 @@ impl Manager {
             )
         });
         for (user, list) in users {
+            // replicas: under the user's lock across replicas, with the session as it is now
+            // (another replica may be serving this user meanwhile).
+            let held = self.hold_user(&user).await?;
+            if held.is_some() {
+                if let Some(row) = self.store.session(&user).await? {
+                    sessions.insert(row.user_id.clone(), row);
+                }
+            }
             let named = sessions
                 .get(user.as_str())
                 .and_then(|s| s.container_id.as_deref());
@@ -134,7 +142,8 @@ impl Manager {
                 continue;
             };
             let present = self.existing_slot(&user).is_some();
-            if !present && s.container_id.is_some() {
+            // replicas: unless another replica made one meanwhile.
+            if !present && s.container_id.is_some() && !self.still_there(&user).await? {
                 self.event(
                     &user,
                     s.container_id.as_deref(),

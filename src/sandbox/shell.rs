@@ -158,6 +158,7 @@ impl Manager {
         args: &[String],
     ) -> Result<(i64, String), SandboxError> {
         let sb = self.status(user).await?;
+        let _gate = self.exec_gate(user).await?; // replicas: no pause meanwhile
         Ok(self.engine.run(&sb.container_id, script.argv(args)).await?)
     }
 
@@ -174,6 +175,7 @@ impl Door {
         script: Script,
         args: &[String],
     ) -> anyhow::Result<(i64, String)> {
+        let _gate = self.mgr.exec_gate(&self.slot.user).await?; // replicas: no pause meanwhile
         Ok(self
             .mgr
             .engine
@@ -193,6 +195,7 @@ impl Door {
             .working_dir
             .as_deref()
             .unwrap_or(super::spec::WORKSPACE);
+        let gate = self.mgr.exec_gate(&self.slot.user).await?; // replicas: no pause meanwhile
         let (exec_id, output, input) = self
             .mgr
             .engine
@@ -209,6 +212,7 @@ impl Door {
                 },
             )
             .await?;
+        drop(gate);
         let exec = Exec {
             door: self.clone(),
             exec_id,

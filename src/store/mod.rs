@@ -15,6 +15,8 @@ use sqlx::{AnyPool, Row};
 
 use crate::user::UserId;
 
+pub mod replicas;
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -184,7 +186,7 @@ impl Store {
              ON CONFLICT (user_id) DO UPDATE SET container_id = excluded.container_id, \
              container_name = excluded.container_name, state = excluded.state, \
              started_at = COALESCE(excluded.started_at, sessions.started_at), \
-             updated_at = excluded.updated_at",
+             updated_at = excluded.updated_at, reserved_at = NULL",
         )
         .bind(user.as_str())
         .bind(cid)

@@ -7,6 +7,7 @@
 pub mod gate;
 pub mod openapi;
 pub mod preview;
+pub mod replicas;
 pub mod ws;
 
 use std::path::PathBuf;

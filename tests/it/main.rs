@@ -20,6 +20,7 @@ mod languages;
 mod metrics;
 mod operator;
 mod preview;
+mod replicas;
 mod restart;
 mod store;
 mod terminal;
