@@ -119,6 +119,9 @@ impl Manager {
             let mut g = slot.inner.lock().await;
             *g = Some(c);
             slot.publish(&g);
+            if let Some((node, _)) = self.engine.node_of(&keep.id) {
+                self.record_node(&user, &node).await?;
+            }
             let changed = session.map(|s| {
                 s.container_id.as_deref() != Some(keep.id.as_str()) || s.state != state.as_str()
             });
@@ -134,6 +137,10 @@ impl Manager {
                 continue;
             };
             let present = self.existing_slot(&user).is_some();
+            // Swarm mode: a container on a node that is away now is not missing.
+            if !present && self.node_unusable(self.store.session_node(&user).await?.as_deref()) {
+                continue;
+            }
             if !present && s.container_id.is_some() {
                 self.event(
                     &user,

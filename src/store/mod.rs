@@ -256,6 +256,28 @@ impl Store {
             .collect()
     }
 
+    /// Swarm mode: the node that holds the user's workspace (`None`: none recorded yet).
+    pub async fn session_node(&self, user: &UserId) -> anyhow::Result<Option<String>> {
+        let row = sqlx::query("SELECT node FROM sessions WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("node")?,
+            None => None,
+        })
+    }
+
+    /// Swarm mode: records the node that holds the user's workspace (the session exists).
+    pub async fn set_session_node(&self, user: &UserId, node: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE sessions SET node = $1 WHERE user_id = $2")
+            .bind(node)
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn count_sessions(&self) -> anyhow::Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM sessions")
             .fetch_one(&self.pool)
