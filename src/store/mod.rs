@@ -268,13 +268,22 @@ impl Store {
         })
     }
 
-    /// Swarm mode: records the node that holds the user's workspace (the session exists).
+    /// Swarm mode: records the node that holds the user's workspace, creating the session
+    /// (state `removed` until the container is saved) on first use.
     pub async fn set_session_node(&self, user: &UserId, node: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE sessions SET node = $1 WHERE user_id = $2")
-            .bind(node)
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO sessions (user_id, state, created_at, last_activity, updated_at, node) \
+             VALUES ($1, 'removed', $2, $3, $4, $5) \
+             ON CONFLICT (user_id) DO UPDATE SET node = excluded.node",
+        )
+        .bind(user.as_str())
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(node)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
