@@ -734,16 +734,84 @@ impl Engine {
             .collect())
     }
 
-    /// Runs a fixed program as root with every capability (`privileged`) and `stdin`, to its
-    /// end: `(exit code, first 64 KiB of output)`. Swarm mode's network guard only.
-    pub async fn run_privileged(
+    /// Swarm mode's network guard: runs a fixed program in a one-shot helper container on the
+    /// sandbox's node that shares only the sandbox's network namespace, as root with the one
+    /// capability `NET_ADMIN` (everything else dropped, no-new-privileges, read-only), to its
+    /// end, then removes it: `(exit code, the end of its output)`. A privileged exec into the
+    /// sandbox would need every capability of the host's bounding set (refused on hosts that
+    /// lack one, e.g. these VMs without CAP_SYS_RESOURCE), and a plain root exec has none of the
+    /// sandbox's (dropped) capabilities.
+    pub async fn run_beside(
         &self,
         container: &str,
+        image: &str,
+        instance: &str,
         cmd: Vec<String>,
-        stdin: Bytes,
     ) -> Result<(i64, String), EngineError> {
-        use tokio::io::AsyncWriteExt;
-        let (id, mut out, mut input) = self
+        let (docker, node) = self.client(container)?;
+        let config = spec::guard_helper_config(container, image, instance, cmd);
+        let created = docker
+            .create_container(None::<CreateContainerOptions<String>>, config)
+            .await
+            .map_err(failed("creating the network guard helper"))
+            .map_err(|e| self.on_node(&node, e))?;
+        let helper = created.id;
+        let ran = async {
+            docker
+                .start_container(&helper, None::<StartContainerOptions<String>>)
+                .await
+                .map_err(failed("starting the network guard helper"))?;
+            let mut wait = docker.wait_container(
+                &helper,
+                None::<bollard::container::WaitContainerOptions<String>>,
+            );
+            let code = match wait.next().await {
+                Some(Ok(r)) => r.status_code,
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
+                Some(Err(e)) => {
+                    return Err(EngineError::new("waiting for the network guard helper", e))
+                }
+                None => -1,
+            };
+            let mut said = String::new();
+            if code != 0 {
+                let mut logs = docker.logs(
+                    &helper,
+                    Some(bollard::container::LogsOptions::<String> {
+                        stdout: true,
+                        stderr: true,
+                        tail: "20".to_owned(),
+                        ..Default::default()
+                    }),
+                );
+                while let Some(Ok(line)) = logs.next().await {
+                    if said.len() < 4096 {
+                        said.push_str(&line.to_string());
+                    }
+                }
+            }
+            Ok((code, said))
+        }
+        .await;
+        let removed = docker
+            .remove_container(
+                &helper,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(helper, error = %e, "removing the network guard helper");
+        }
+        ran.map_err(|e| self.on_node(&node, e))
+    }
+
+    /// Runs a fixed program as root (the container's own, dropped, capabilities: none), to its
+    /// end: the exit code. Swarm mode's network guard marker only.
+    pub async fn run_as_root(&self, container: &str, cmd: Vec<String>) -> Result<i64, EngineError> {
+        let (id, mut out, _input) = self
             .exec_as(
                 container,
                 ExecSpec {
@@ -751,29 +819,19 @@ impl Engine {
                     env: vec![],
                     working_dir: Some("/"),
                     tty: false,
-                    stdin: true,
+                    stdin: false,
                 },
                 true,
             )
             .await?;
-        let wrote = async {
-            input.write_all(&stdin).await?;
-            input.shutdown().await
-        }
-        .await;
-        let mut text = Vec::new();
         while let Some(chunk) = out.next().await {
-            let (ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) = chunk?;
-            if text.len() < 64 * 1024 {
-                text.extend_from_slice(&b);
-            }
+            chunk?;
         }
-        let info = self.exec_info(container, &id).await?;
-        let mut said = String::from_utf8_lossy(&text).into_owned();
-        if let Err(e) = wrote {
-            said.push_str(&format!(" (writing its input: {e})"));
-        }
-        Ok((info.exit_code.unwrap_or(-1), said))
+        Ok(self
+            .exec_info(container, &id)
+            .await?
+            .exit_code
+            .unwrap_or(-1))
     }
 
     /// Removes the instance's network (tests clean up with this); ignores a missing one.
@@ -1166,8 +1224,8 @@ impl Engine {
         self.exec_as(container, spec, false).await
     }
 
-    /// [`Engine::exec`], or with `root` a privileged exec as uid 0 (swarm mode's network guard
-    /// only: a fixed program, never client input).
+    /// [`Engine::exec`], or with `root` an exec as uid 0 without capabilities (swarm mode's
+    /// network guard marker only: a fixed program, never client input).
     async fn exec_as(
         &self,
         container: &str,
@@ -1182,6 +1240,7 @@ impl Engine {
         } else {
             format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)
         };
+        // Never privileged: a root exec keeps the container's (dropped) capabilities.
         let created = docker
             .create_exec(
                 container,
@@ -1194,7 +1253,7 @@ impl Engine {
                     attach_stderr: Some(true),
                     tty: Some(spec.tty),
                     user: Some(user),
-                    privileged: Some(root),
+                    privileged: Some(false),
                     // Only meaningful with a TTY, where Docker always watches for a detach sequence (empty
                     // means the default); the terminal therefore runs without a Docker TTY and makes
                     // its PTY inside the container (see terminal/mod.rs).

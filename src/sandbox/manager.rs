@@ -205,6 +205,11 @@ impl Manager {
         self.workspaces.join(format!("user-{user}"))
     }
 
+    /// The user's workspace folder on this host (`None` in swarm mode: a volume on a node).
+    pub fn host_workspace(&self, user: &UserId) -> Option<PathBuf> {
+        self.swarm.is_none().then(|| self.workspace_path(user))
+    }
+
     /// Records activity for the idle policy (in memory; the idle task flushes it to the store).
     pub fn touch(&self, user: &UserId) {
         if let Some(slot) = self.existing_slot(user) {

@@ -32,8 +32,8 @@ pub enum Script {
     PreviewMark,
     /// Whether an app may still start listening.
     PreviewAppMayCome,
-    /// Swarm mode's network guard: installs the rules on stdin, then writes the marker the init
-    /// waits for (run as root by a privileged exec; see swarm/rules.rs).
+    /// Swarm mode's network guard: installs the rules of `$1` (run as root with NET_ADMIN in a
+    /// helper container sharing the sandbox's network namespace; see swarm/rules.rs).
     NetGuard,
 }
 

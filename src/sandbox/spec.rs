@@ -131,6 +131,46 @@ pub(super) fn set_agent_key(c: &mut ContainerConfig<String>, key: &str) {
         .insert(KEY_LABEL.to_owned(), key.to_owned());
 }
 
+/// Label of swarm mode's one-shot network guard helpers (value: the instance): they are never
+/// sandboxes (no `sandboxd.managed`), so recovery never adopts one.
+pub const LABEL_GUARD: &str = "sandboxd.guard";
+
+/// Swarm mode's network guard helper: the sandbox image running `cmd` as root in the network
+/// namespace of `sandbox` only, with `NET_ADMIN` alone, no-new-privileges, read-only, small.
+pub(super) fn guard_helper_config(
+    sandbox: &str,
+    image: &str,
+    instance: &str,
+    cmd: Vec<String>,
+) -> ContainerConfig<String> {
+    ContainerConfig {
+        image: Some(image.to_owned()),
+        user: Some("0:0".to_owned()),
+        entrypoint: Some(vec![]),
+        cmd: Some(cmd),
+        labels: Some(HashMap::from([(
+            LABEL_GUARD.to_owned(),
+            instance.to_owned(),
+        )])),
+        host_config: Some(HostConfig {
+            network_mode: Some(format!("container:{sandbox}")),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(vec!["NET_ADMIN".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/run".to_owned(),
+                "rw,nosuid,nodev,noexec,size=1048576,mode=0755".to_owned(),
+            )])),
+            memory: Some(64 << 20),
+            pids_limit: Some(16),
+            privileged: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The full create request for a user's container with its folder bind-mounted (one host).
 pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> ContainerConfig<String> {
     container_config_in(cfg, user, Workspace::Bind(workspace))

@@ -9,7 +9,9 @@
 //! engine does not answer, is unusable, and its users get 503 `node_unavailable` at once (never
 //! a new sandbox elsewhere while their workspace lives there); when it is back its sandboxes are
 //! re-read and a user's container found there is adopted, not made twice. Isolation on the
-//! shared overlay is [`rules`], installed in each sandbox at every start.
+//! shared overlay is [`rules`], installed in each sandbox at every start by a one-shot helper
+//! container in its network namespace (`NET_ADMIN` only), then confirmed to the sandbox's init
+//! by a root-owned marker.
 
 pub mod nodes;
 pub mod placement;
@@ -363,27 +365,39 @@ impl Manager {
             blocked: self.cfg.sandbox_blocked_networks.clone(),
         };
         let text = rules::guard_rules(&policy);
-        let ran = tokio::time::timeout(
-            GUARD_WITHIN,
-            self.engine
-                .run_privileged(container, Script::NetGuard.argv(&[]), text.into()),
-        )
-        .await
-        .map_err(|_| anyhow!("installing the network guard took longer than {GUARD_WITHIN:?}"))??;
-        match ran {
-            (0, _) => {
-                tracing::debug!(
+        let work = async {
+            let (code, said) = self
+                .engine
+                .run_beside(
                     container,
-                    ms = t.elapsed().as_millis() as u64,
-                    "network guard installed"
+                    &self.cfg.image,
+                    &self.cfg.instance,
+                    Script::NetGuard.argv(&[text]),
+                )
+                .await?;
+            if code != 0 {
+                bail!(
+                    "installing the network guard failed ({code}): {}",
+                    said.trim()
                 );
-                Ok(())
             }
-            (code, said) => bail!(
-                "installing the network guard failed ({code}): {}",
-                said.trim()
-            ),
-        }
+            let mark = vec!["touch".to_owned(), spec::GUARD_MARK.to_owned()];
+            match self.engine.run_as_root(container, mark).await? {
+                0 => Ok(()),
+                code => bail!("writing the network guard's marker failed ({code})"),
+            }
+        };
+        tokio::time::timeout(GUARD_WITHIN, work)
+            .await
+            .map_err(|_| {
+                anyhow!("installing the network guard took longer than {GUARD_WITHIN:?}")
+            })??;
+        tracing::debug!(
+            container,
+            ms = t.elapsed().as_millis() as u64,
+            "network guard installed"
+        );
+        Ok(())
     }
 
     async fn bridge_subnets(&self, swarm: &Swarm, node: &str) -> anyhow::Result<Vec<String>> {

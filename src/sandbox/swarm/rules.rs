@@ -3,10 +3,13 @@
 //! On the shared overlay every sandbox could otherwise reach every other one (any node, any
 //! port), the nodes' engines and the swarm's control ports. The rules are an
 //! `iptables-restore` file (filter table only: Docker's embedded DNS keeps its nat rules),
-//! made here from the configuration and the inventory only (pure, unit-tested), installed by
-//! sandboxd through a privileged exec of `scripts/net-guard.sh` with the file on stdin at every
-//! start (the namespace is new each start), before the sandbox's init starts the agent and the
-//! app: the init waits for the root-owned marker the exec writes after the rules are in.
+//! made here from the configuration and the inventory only (pure, unit-tested), installed at
+//! every start (the namespace is new each start) by `scripts/net-guard.sh` in a one-shot helper
+//! container that shares only the sandbox's network namespace, runs as root with `NET_ADMIN`
+//! alone and is removed after (a privileged exec needs the host's whole capability bounding
+//! set, which these VMs lack; a root exec in the sandbox has no capabilities). Then a root exec
+//! in the sandbox writes the marker (root-owned, under the root tmpfs /run) that the sandbox's
+//! init waits for before it starts the agent and the app (fail-closed after 10 s).
 //!
 //! - Inbound: loopback, replies, and new connections from `swarm_edge_cidr` only.
 //! - Outbound new connections: refused to the overlay's subnets (other sandboxes, the edges'
