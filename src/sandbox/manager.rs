@@ -665,6 +665,13 @@ impl Manager {
             }
         }
         self.metrics.outside_change(kind);
+        if kind == "started" {
+            // Swarm mode: started behind our back, its network guard is not in (its init waits
+            // for it, and stops after 10 s without).
+            if let Err(e) = self.guard_network(&c.id).await {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "guarding a sandbox started outside sandboxd");
+            }
+        }
         let id = c.id.clone();
         self.event(user, Some(&id), kind, Some(&reason)).await;
         self.save(user, guard, None).await
