@@ -793,18 +793,21 @@ impl Engine {
             Ok((code, said))
         }
         .await;
-        let removed = docker
-            .remove_container(
-                &helper,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        if let Err(e) = removed {
-            tracing::warn!(helper, error = %e, "removing the network guard helper");
-        }
+        // Removed off the start's path (it has ended, or is killed by the force).
+        tokio::spawn(async move {
+            let removed = docker
+                .remove_container(
+                    &helper,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(helper, error = %e, "removing the network guard helper");
+            }
+        });
         ran.map_err(|e| self.on_node(&node, e))
     }
 
@@ -873,6 +876,55 @@ impl Engine {
             bad.extend(b);
         }
         Ok((good, bad))
+    }
+
+    /// Swarm mode: removes network guard helpers left behind (sandboxd stopped while one ran)
+    /// on every usable node; returns how many.
+    pub async fn remove_guard_helpers(&self, instance: &str) -> Result<usize, EngineError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(0);
+        };
+        let nodes: Vec<Docker> = fleet
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|n| n.down.is_none())
+            .map(|n| n.docker.clone())
+            .collect();
+        let mut removed = 0;
+        for docker in nodes {
+            let list = docker
+                .list_containers(Some(ListContainersOptions::<String> {
+                    all: true,
+                    filters: HashMap::from([(
+                        "label".to_owned(),
+                        vec![format!("{}={instance}", spec::LABEL_GUARD)],
+                    )]),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(failed("listing network guard helpers"))?;
+            for c in list {
+                let Some(id) = c.id else { continue };
+                let labels = c.labels.unwrap_or_default();
+                if labels.get(spec::LABEL_GUARD).map(String::as_str) != Some(instance) {
+                    continue;
+                }
+                let res = docker
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                ok_if_not_found(res, "removing a network guard helper")?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Swarm mode: the user's containers on one node (recorded as that node's).

@@ -15,6 +15,11 @@ impl Manager {
     /// Rebuilds the table from Docker's labels and reconciles the store: adopted containers are
     /// recorded, sessions whose container is gone are marked removed, duplicates are removed.
     pub(super) async fn recover(&self) -> anyhow::Result<()> {
+        // Swarm mode: network guard helpers of a previous run are of no use.
+        let helpers = self.engine.remove_guard_helpers(&self.cfg.instance).await?;
+        if helpers > 0 {
+            tracing::info!(helpers, "removed network guard helpers left behind");
+        }
         let (found, bad) = self.engine.list_managed(&self.cfg.instance).await?;
         for id in bad {
             tracing::warn!(container = %id, "removing a labelled container with an invalid user");
