@@ -363,6 +363,32 @@ mod tests {
     }
 
     #[test]
+    fn the_guard_helper_holds_net_admin_only_in_the_sandbox_netns_and_is_never_a_sandbox() {
+        let c = guard_helper_config("abc123", "img:1", "sandboxd", vec!["x".into()]);
+        let h = c.host_config.as_ref().unwrap();
+        assert_eq!(h.network_mode.as_deref(), Some("container:abc123"));
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.cap_add, Some(vec!["NET_ADMIN".to_owned()]));
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert!(
+            h.binds.is_none() && h.mounts.is_none(),
+            "no files of anyone"
+        );
+        let labels = c.labels.as_ref().unwrap();
+        assert_eq!(
+            labels.get(LABEL_GUARD).map(String::as_str),
+            Some("sandboxd")
+        );
+        assert!(!labels.contains_key(LABEL_MANAGED) && !labels.contains_key(LABEL_USER));
+        assert_eq!(c.entrypoint, Some(vec![]));
+    }
+
+    #[test]
     fn swarm_mode_uses_the_overlay_and_the_volume_and_keeps_the_hardening() {
         let mut cfg = cfg();
         cfg.swarm = Some(crate::config::SwarmConfig {
