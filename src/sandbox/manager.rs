@@ -596,7 +596,10 @@ impl Manager {
     }
 
     pub(super) async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
-        let slot = self.existing_slot(user).ok_or(SandboxError::NotFound)?;
+        let Some(slot) = self.existing_slot(user) else {
+            // Swarm mode: not in the table because its node is away (503, not 404).
+            return Err(self.absent(user).await);
+        };
         let mut guard = slot.inner.lock().await;
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);

@@ -268,6 +268,25 @@ impl Manager {
             .inspect_err(|_| self.metrics.store_error())
     }
 
+    /// Why a user has no slot: in swarm mode, a known sandbox on a node that is away is
+    /// [`SandboxError::NodeUnavailable`]; otherwise [`SandboxError::NotFound`].
+    pub(super) async fn absent(&self, user: &UserId) -> SandboxError {
+        if self.swarm.is_none() {
+            return SandboxError::NotFound;
+        }
+        match self.store.session(user).await {
+            Ok(Some(s)) if s.container_id.is_some() => {}
+            _ => return SandboxError::NotFound,
+        }
+        match self.recorded_node(user).await {
+            Ok(Some(node)) => match self.engine.node_usable(&node) {
+                Err(why) => SandboxError::NodeUnavailable(workspace_there(&why)),
+                Ok(()) => SandboxError::NotFound,
+            },
+            _ => SandboxError::NotFound,
+        }
+    }
+
     /// Swarm mode: records the node that now holds the user's workspace.
     pub(super) async fn record_node(&self, user: &UserId, node: &str) -> anyhow::Result<()> {
         self.store
