@@ -4,12 +4,13 @@
 #   sandbox-image/build.sh [--offline] [--force]
 #
 #   --offline  do not try a registry; build on the debootstrap base
-#              sandboxd-base:trixie-2 (created on first use)
+#              sandboxd-base:trixie-3 (created on first use)
 #   --force    rebuild even if the image is up to date
 #
 # Env: SANDBOXD_IMAGE (default sandboxd-sandbox:latest)
 #      SANDBOXD_BASE_IMAGE_ONLINE (default node:20-bookworm-slim)
-#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie-2; -2: with Python)
+#      SANDBOXD_BASE_IMAGE_OFFLINE (default sandboxd-base:trixie-3; -2: with Python,
+#      -3: with iptables for swarm mode's network guard)
 #
 # The image is labelled sandboxd.context-hash=<sha256 of this directory's files,
 # the agent's sources (agent/src, agent/Cargo.toml, Cargo.lock) and the host CA bundle>; when the
@@ -31,7 +32,7 @@ source "$REPO_ROOT/scripts/lib.sh"
 
 SANDBOXD_IMAGE=${SANDBOXD_IMAGE:-sandboxd-sandbox:latest}
 ONLINE_BASE=${SANDBOXD_BASE_IMAGE_ONLINE:-node:20-bookworm-slim}
-OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie-2}
+OFFLINE_BASE=${SANDBOXD_BASE_IMAGE_OFFLINE:-sandboxd-base:trixie-3}
 HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 BUILD_LOG=${SANDBOXD_BUILD_LOG:-/tmp/sandboxd-image-build.log}
 
@@ -132,7 +133,7 @@ build_offline_base() {
   rootfs_dir=$(mktemp -d /var/tmp/sandboxd-base.XXXXXX)
   log "debootstrap trixie into $rootfs_dir (1-2 minutes)"
   run_quiet "debootstrap" debootstrap --variant=minbase \
-    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less,python3,python3-pip,python3-venv \
+    --include=nodejs,ca-certificates,curl,git,bash,procps,nano,less,python3,python3-pip,python3-venv,iptables \
     trixie "$rootfs_dir"
   unmount_under "$rootfs_dir"
   log "debootstrap done after $((SECONDS - t0))s; installing npm inside the base tree"
@@ -241,7 +242,7 @@ verify_err=$(mktemp)
 verify_rc=0
 verify_out=$(docker run --rm --read-only --tmpfs /tmp --tmpfs /home/sandbox:uid=1000,gid=1000 \
   --cap-drop ALL --security-opt no-new-privileges "$SANDBOXD_IMAGE" \
-  bash -lc 'id -u; node --version; npm --version; git --version; curl --version | head -1; nano --version | head -1; ps --version; python3 --version; python3 -m venv --help >/dev/null && echo venv; python3 -m pip --version; esbuild --version; sandboxd-agent --version' \
+  bash -lc 'id -u; node --version; npm --version; git --version; curl --version | head -1; nano --version | head -1; ps --version; python3 --version; python3 -m venv --help >/dev/null && echo venv; python3 -m pip --version; esbuild --version; sandboxd-agent --version; /usr/sbin/iptables-restore --version' \
   2>"$verify_err") || verify_rc=$?
 if [[ $verify_rc -ne 0 ]]; then
   cat "$verify_err" >&2
@@ -256,6 +257,7 @@ mapfile -t lines <<<"$verify_out"
 [[ "${lines[7]:-}" =~ ^Python\ 3\. ]] || die "python3 --version is '${lines[7]:-}'. Output: $verify_out"
 [[ "${lines[8]:-}" == venv ]] || die "python3 -m venv does not work. Output: $verify_out"
 [[ "${lines[11]:-}" =~ ^sandboxd-agent\  ]] || die "sandboxd-agent --version is '${lines[11]:-}'. Output: $verify_out"
+[[ "${lines[12]:-}" =~ ^iptables-restore ]] || die "iptables-restore --version is '${lines[12]:-}' (swarm mode's network guard needs it). Output: $verify_out"
 log "verified: uid 1000, node ${lines[1]}, npm ${lines[2]}, ${lines[3]}, ${lines[7]}, esbuild ${lines[10]}, ${lines[11]}"
 
 # Drop the previous image if nothing uses it any more (ignore failures).

@@ -104,6 +104,12 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("http_redirect", Kind::Bool, "false"),
     ("console_dir", Kind::Str, "\"console/dist\""),
     ("log_format", Kind::Str, "\"text\""),
+    ("engine", Kind::Str, "\"docker\""),
+    ("swarm_managers", Kind::List, "[]"),
+    ("swarm_node_engine", Kind::Str, "\"\""),
+    ("swarm_network", Kind::Str, "\"sandboxd-overlay\""),
+    ("swarm_edge_cidr", Kind::Str, "\"\""),
+    ("swarm_node_labels", Kind::List, "[]"),
 ];
 
 /// Validated configuration. Built only through [`Config::load`] or [`Config::from_table`].
@@ -169,6 +175,29 @@ pub struct Config {
     pub console_dir: PathBuf,
     /// `text` (human) or `json` (one object per line) log lines on stderr.
     pub log_format: LogFormat,
+    /// `engine = "swarm"`: sandboxes on the nodes of a Docker Swarm (`None`: one host engine).
+    pub swarm: Option<SwarmConfig>,
+}
+
+/// Swarm mode's settings (`engine = "swarm"`).
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    /// Engine URLs of managers, tried in order, for the node inventory and the network.
+    pub managers: Vec<String>,
+    /// A node's engine URL with `{hostname}` and `{addr}` to fill in.
+    pub node_engine: String,
+    /// The attachable overlay network sandboxes join.
+    pub network: String,
+    /// Where the edges sit on the overlay: the only sources that may connect to a sandbox.
+    pub edge_cidr: String,
+    /// `key=value` node labels a node must carry to receive new sandboxes.
+    pub node_labels: Vec<(String, String)>,
+}
+
+/// An engine URL sandboxd can reach: `unix:///path` (more schemes later: TLS endpoints).
+fn valid_engine_url(s: &str) -> bool {
+    s.strip_prefix("unix://")
+        .is_some_and(|p| p.starts_with('/') && !p.contains(char::is_whitespace))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +383,13 @@ impl Config {
                     .map_err(|e| anyhow!("invalid value for preview_public_url: {e}"))?,
             ),
         };
+        let swarm = match t.str("engine")?.as_str() {
+            "docker" => None,
+            "swarm" => Some(swarm_config(&t)?),
+            other => bail!("invalid value for engine: {other:?} (docker or swarm)"),
+        };
         let cfg = Config {
+            swarm,
             http_addr: opt_addr("http_addr")?,
             https_addr: opt_addr("https_addr")?,
             metrics_addr: opt_addr("metrics_addr")?,
@@ -493,6 +528,66 @@ impl Config {
         };
         dev(&self.domain) && dev(&self.preview_domain)
     }
+}
+
+/// The `swarm_*` keys, validated (only read with `engine = "swarm"`).
+fn swarm_config(t: &Table) -> anyhow::Result<SwarmConfig> {
+    let managers = t.list("swarm_managers")?;
+    if managers.is_empty() {
+        bail!(
+            "invalid value for swarm_managers: engine = \"swarm\" needs at least one manager URL"
+        );
+    }
+    if let Some(bad) = managers.iter().find(|m| !valid_engine_url(m)) {
+        bail!("invalid value for swarm_managers: {bad:?} is not an engine URL like unix:///run/docker.sock");
+    }
+    let node_engine = t.str("swarm_node_engine")?;
+    let sample = node_engine
+        .replace("{hostname}", "n1")
+        .replace("{addr}", "10.0.0.1");
+    if !(node_engine.contains("{hostname}") || node_engine.contains("{addr}"))
+        || !valid_engine_url(&sample)
+    {
+        bail!("invalid value for swarm_node_engine: {node_engine:?} (an engine URL with {{hostname}} or {{addr}}, e.g. unix:///run/sbxlab/{{hostname}}.sock)");
+    }
+    let network = t.nonempty("swarm_network")?;
+    let network_ok = network.len() <= 64
+        && network
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !network_ok {
+        bail!("invalid value for swarm_network: {network:?} is not a network name");
+    }
+    let edge_cidr = t.str("swarm_edge_cidr")?.trim().to_owned();
+    if !crate::sandbox::firewall::valid_cidr(&edge_cidr) {
+        bail!("invalid value for swarm_edge_cidr: {edge_cidr:?} (the edges' part of the overlay, e.g. 10.241.8.0/28; required in swarm mode)");
+    }
+    let node_labels = t
+        .list("swarm_node_labels")?
+        .into_iter()
+        .map(|l| {
+            let ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 128
+                    && s.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/')
+                    })
+            };
+            match l.split_once('=') {
+                Some((k, v)) if ok(k) && ok(v) => Ok((k.to_owned(), v.to_owned())),
+                _ => Err(anyhow!(
+                    "invalid value for swarm_node_labels: {l:?} is not a label like sandboxd=true"
+                )),
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(SwarmConfig {
+        managers,
+        node_engine,
+        network,
+        edge_cidr,
+        node_labels,
+    })
 }
 
 /// The scheme and port of a public base URL (`preview_public_url`, `public_url`).
@@ -717,6 +812,43 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("metrics_addr"), "{err}");
+    }
+
+    #[test]
+    fn swarm_mode_needs_its_keys_and_single_host_stays_the_default() {
+        assert!(Config::load(None, env(&[])).unwrap().swarm.is_none());
+        let ok = [
+            ("SANDBOXD_ENGINE", "swarm"),
+            ("SANDBOXD_SWARM_MANAGERS", "unix:///run/sbxlab/n1.sock"),
+            (
+                "SANDBOXD_SWARM_NODE_ENGINE",
+                "unix:///run/sbxlab/{hostname}.sock",
+            ),
+            ("SANDBOXD_SWARM_EDGE_CIDR", "10.241.8.0/28"),
+            ("SANDBOXD_SWARM_NODE_LABELS", "sandboxd=true"),
+        ];
+        let c = Config::load(None, env(&ok)).unwrap();
+        let s = c.swarm.unwrap();
+        assert_eq!(s.managers, ["unix:///run/sbxlab/n1.sock"]);
+        assert_eq!(s.network, "sandboxd-overlay");
+        assert_eq!(s.node_labels, [("sandboxd".to_owned(), "true".to_owned())]);
+        for (key, bad) in [
+            ("SANDBOXD_ENGINE", "kubernetes"),
+            ("SANDBOXD_SWARM_MANAGERS", ""),
+            ("SANDBOXD_SWARM_MANAGERS", "tcp://10.0.0.1:2375"),
+            ("SANDBOXD_SWARM_NODE_ENGINE", "unix:///run/fixed.sock"),
+            ("SANDBOXD_SWARM_EDGE_CIDR", ""),
+            ("SANDBOXD_SWARM_EDGE_CIDR", "10.241.8.0/28 -j ACCEPT"),
+            ("SANDBOXD_SWARM_NODE_LABELS", "sandboxd"),
+            ("SANDBOXD_SWARM_NETWORK", "a b"),
+        ] {
+            let mut vars = ok.to_vec();
+            vars.retain(|(k, _)| *k != key);
+            vars.push((key, bad));
+            let err = Config::load(None, env(&vars)).unwrap_err();
+            let name = key.trim_start_matches("SANDBOXD_").to_ascii_lowercase();
+            assert!(format!("{err:#}").contains(&name), "{key}={bad}: {err:#}");
+        }
     }
 
     #[test]

@@ -174,7 +174,7 @@ async fn operator(cfg: Config, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Ps => {
             let store = op::open_store(&cfg).await?;
-            let engine = op::open_inventory().await?;
+            let engine = op::open_inventory(&cfg).await?;
             print!("{}", op::render_ps(&op::ps(&cfg, &store, &engine).await?));
         }
         Cmd::Events { user, limit } => {
@@ -188,7 +188,7 @@ async fn operator(cfg: Config, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Stop { user } => {
             let user = parse(&user)?;
             let store = op::open_store(&cfg).await?;
-            let engine = op::open_inventory().await?;
+            let engine = op::open_inventory(&cfg).await?;
             match op::stop(&cfg, &store, &engine, &user).await? {
                 op::StopOutcome::Stopped(c) => println!("stopped {user} (container {c})"),
                 op::StopOutcome::AlreadyStopped(c) => {

@@ -52,8 +52,12 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     }
 }
 
-/// Connects to the engine the server uses (DOCKER_HOST, else the local socket).
-pub async fn open_inventory() -> anyhow::Result<Inventory> {
+/// Connects to the engine the server uses (DOCKER_HOST, else the local socket; in swarm mode
+/// the managers and every node's engine).
+pub async fn open_inventory(cfg: &Config) -> anyhow::Result<Inventory> {
+    if cfg.swarm.is_some() {
+        return Inventory::connect_swarm(cfg).await;
+    }
     Inventory::connect().await
 }
 

@@ -152,7 +152,8 @@ impl Running {
         // The rules confine sandboxes that keep running while sandboxd is down: they go only
         // when no sandbox of this instance is live (start-up replaces stale ones anyway).
         // With replicas: only the last one, when no sandbox of any replica is live.
-        if self.app.mgr.live_count() == 0
+        if !self.app.mgr.swarm_mode()
+            && self.app.mgr.live_count() == 0
             && self.app.mgr.replicas().last_one(self.app.mgr.store()).await
         {
             let instance = self.app.cfg.instance.clone();

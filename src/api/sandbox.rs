@@ -41,6 +41,9 @@ struct StatusResponse {
     preview_url: String,
     preview_access: &'static str,
     limits: LimitsDto,
+    /// Swarm mode: the hostname of the node that holds the sandbox (absent on one host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -161,6 +164,7 @@ pub(super) async fn status(api: &Api, user: &UserId, conn: &ConnInfo) -> Result<
             last_activity: rfc3339(sb.last_activity),
             preview_url: crate::preview::url(&api.cfg, user, conn),
             preview_access: api.cfg.preview_access.as_str(),
+            node: sb.node.clone(),
             limits: LimitsDto {
                 memory_bytes: l.memory_bytes,
                 cpus: l.nano_cpus as f64 / 1e9,

@@ -63,6 +63,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable", msg)
             .retry_after(crate::sandbox::health::RETRY_AFTER_SECS)
     }
+    /// 503 in swarm mode while the node holding the user's sandbox is down or unreachable.
+    pub fn node_unavailable(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "node_unavailable", msg)
+            .retry_after(crate::sandbox::health::RETRY_AFTER_SECS)
+    }
     /// 503 when the in-sandbox agent did not answer and restarting it did not help.
     pub fn agent_unavailable(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "agent_unavailable", msg).retry_after(2)
@@ -127,6 +132,7 @@ impl From<SandboxError> for ApiError {
                 )
             }
             SandboxError::EngineUnavailable(msg) => Self::engine_unavailable(msg),
+            SandboxError::NodeUnavailable(msg) => Self::node_unavailable(msg),
             SandboxError::AgentUnavailable(_) => {
                 tracing::warn!(error = %e, "sandbox agent unavailable");
                 Self::agent_unavailable(e.to_string())

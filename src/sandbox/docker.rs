@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 
 use anyhow::Context;
 use bollard::container::{
@@ -33,12 +33,36 @@ pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 
 #[derive(Clone)]
 pub struct Engine {
+    /// The host's engine; in swarm mode the manager (inventory, network, ping).
     docker: Docker,
+    /// Swarm mode: the node engines and which node holds which container.
+    fleet: Option<Arc<Fleet>>,
     /// Per container: an exec being started holds its gate shared, a pause holds it exclusively.
     /// On this engine (20.10, cgroup v1) a container frozen while `runc exec` joins it gets
     /// stuck for good (`unpause` and `rm -f` hang), and the exec API answers before the process
     /// exists, so the gate is held until the engine reports the exec's pid (or its end).
     gates: Arc<StdMutex<HashMap<String, Arc<RwLock<()>>>>>,
+}
+
+/// Swarm mode: one engine client per node, and the node of every container sandboxd knows
+/// (created or adopted through that node's engine). Calls about a container go to its node;
+/// a node that is down or unreachable answers [`ErrorKind::NodeUnavailable`] at once.
+#[derive(Default)]
+pub(super) struct Fleet {
+    nodes: StdRwLock<HashMap<String, FleetNode>>,
+    /// container id → node id.
+    owner: StdMutex<HashMap<String, String>>,
+    /// Bumped when a node becomes usable or unusable.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+struct FleetNode {
+    docker: Docker,
+    url: String,
+    hostname: String,
+    /// `None`: usable; else why not (down in the inventory, engine not answering).
+    down: Option<String>,
 }
 
 /// How long an exec start may keep a pause waiting for the process to appear.
@@ -89,6 +113,14 @@ pub struct Inspected {
     /// The agent's key from the container's label (replicas.rs: a replica that did not make
     /// the container learns it here).
     pub agent_key: Option<String>,
+}
+
+/// Swarm mode: what start-up checks of the overlay network.
+#[derive(Clone, Debug)]
+pub struct Overlay {
+    pub driver: String,
+    pub attachable: bool,
+    pub subnets: Vec<String>,
 }
 
 /// A container event from the engine's event stream (this instance's containers only).
@@ -147,6 +179,8 @@ pub enum ErrorKind {
     Unavailable,
     /// Anything else: another answer from the engine, or a reply sandboxd cannot use.
     Other,
+    /// Swarm mode: the container's node is down or its engine does not answer.
+    NodeUnavailable,
 }
 
 /// A failed engine call: what sandboxd was doing, the kind of failure and the cause.
@@ -187,6 +221,21 @@ impl EngineError {
 
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// Swarm mode: the node is down or unreachable (why, for the client).
+    fn node_down(hostname: &str, why: &str) -> Self {
+        EngineError {
+            kind: ErrorKind::NodeUnavailable,
+            status: None,
+            doing: "reaching the sandbox's node",
+            source: format!("node {hostname} is unavailable: {why}").into(),
+        }
+    }
+
+    /// The message of a node failure (what clients see with 503 `node_unavailable`).
+    pub fn node_message(&self) -> Option<String> {
+        (self.kind == ErrorKind::NodeUnavailable).then(|| self.source.to_string())
     }
 
     /// The engine itself answered the call (with an error status): it is up.
@@ -234,6 +283,41 @@ fn ok_if_not_found(res: Result<(), BollardError>, what: &'static str) -> Result<
         Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
         r => r,
     }
+}
+
+impl Fleet {
+    fn read_node(&self, id: &str) -> Option<FleetNode> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
+/// A client for an engine URL (`unix:///path`), not yet asked anything; API version 1.41
+/// (Debian's engine, the oldest sandboxd supports).
+fn lazy_url(url: &str) -> anyhow::Result<Docker> {
+    let path = url
+        .strip_prefix("unix://")
+        .ok_or_else(|| anyhow::anyhow!("unsupported engine URL {url:?} (unix:// only)"))?;
+    let v141 = bollard::ClientVersion {
+        major_version: 1,
+        minor_version: 41,
+    };
+    Ok(
+        Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), &v141)
+            .with_context(|| format!("engine URL {url}"))?
+            .with_timeout(CALL_TIMEOUT),
+    )
+}
+
+/// A client for an engine URL, with the API version negotiated (the engine must answer).
+async fn connect_url(url: &str) -> anyhow::Result<Docker> {
+    lazy_url(url)?
+        .negotiate_version()
+        .await
+        .with_context(|| format!("the engine at {url} did not answer"))
 }
 
 /// The kind of the engine failure behind an error that went through `anyhow`, if any.
@@ -300,8 +384,192 @@ impl Engine {
             .context("the Docker engine did not answer (is dockerd running?)")?;
         Ok(Engine {
             docker,
+            fleet: None,
             gates: Arc::default(),
         })
+    }
+
+    /// Swarm mode: connects to the first manager that answers; node engines are added by
+    /// [`Engine::set_node`] as the inventory finds them.
+    pub async fn connect_swarm(managers: &[String]) -> anyhow::Result<Engine> {
+        let mut last = anyhow::anyhow!("no swarm manager configured");
+        for url in managers {
+            match connect_url(url).await {
+                Ok(docker) => {
+                    return Ok(Engine {
+                        docker,
+                        fleet: Some(Arc::default()),
+                        gates: Arc::default(),
+                    })
+                }
+                Err(e) => last = e.context(format!("swarm manager {url}")),
+            }
+        }
+        Err(last)
+    }
+
+    pub fn is_swarm(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// Swarm mode: records a node of the inventory (connecting to its engine when new or moved)
+    /// and whether it is usable.
+    pub async fn set_node(
+        &self,
+        id: &str,
+        hostname: &str,
+        url: &str,
+        down: Option<String>,
+    ) -> anyhow::Result<()> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let known = fleet.read_node(id).filter(|n| n.url == url);
+        let docker = match known {
+            Some(n) => n.docker,
+            None => lazy_url(url)?,
+        };
+        let mut nodes = fleet.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let was_up = nodes.get(id).map(|n| n.down.is_none());
+        let up = down.is_none();
+        nodes.insert(
+            id.to_owned(),
+            FleetNode {
+                docker,
+                url: url.to_owned(),
+                hostname: hostname.to_owned(),
+                down,
+            },
+        );
+        drop(nodes);
+        if was_up != Some(up) {
+            fleet.generation.send_modify(|g| *g += 1);
+        }
+        Ok(())
+    }
+
+    /// Swarm mode: marks a node unusable (or usable again with `None`).
+    pub fn mark_node(&self, id: &str, down: Option<String>) {
+        if let Some(fleet) = &self.fleet {
+            let mut nodes = fleet.nodes.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = nodes.get_mut(id) {
+                let changed = n.down.is_none() != down.is_none();
+                n.down = down;
+                drop(nodes);
+                if changed {
+                    fleet.generation.send_modify(|g| *g += 1);
+                }
+            }
+        }
+    }
+
+    /// Swarm mode: pings one node's engine.
+    pub async fn ping_node(&self, id: &str) -> Result<(), EngineError> {
+        let docker = self.node_client(id)?.0;
+        docker
+            .ping()
+            .await
+            .map_err(failed("pinging the node's engine"))?;
+        Ok(())
+    }
+
+    /// Swarm mode: the node holding a container (id, hostname), when known.
+    pub fn node_of(&self, container: &str) -> Option<(String, String)> {
+        let fleet = self.fleet.as_ref()?;
+        let id = fleet
+            .owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(container)
+            .cloned()?;
+        let hostname = fleet.read_node(&id).map(|n| n.hostname).unwrap_or_default();
+        Some((id, hostname))
+    }
+
+    /// Swarm mode: whether a node is known and usable (`Err`: why not).
+    pub fn node_usable(&self, id: &str) -> Result<(), String> {
+        match self.fleet.as_ref().and_then(|f| f.read_node(id)) {
+            Some(FleetNode { down: None, .. }) => Ok(()),
+            Some(FleetNode {
+                down: Some(why),
+                hostname,
+                ..
+            }) => Err(format!("node {hostname} is unavailable: {why}")),
+            None => Err(format!("node {id} is not in the swarm's inventory")),
+        }
+    }
+
+    /// The engine client of a node (usable or not) and its hostname.
+    fn node_client(&self, id: &str) -> Result<(Docker, String), EngineError> {
+        match self.fleet.as_ref().and_then(|f| f.read_node(id)) {
+            Some(n) => Ok((n.docker, n.hostname)),
+            None => Err(EngineError::node_down(id, "not in the swarm's inventory")),
+        }
+    }
+
+    /// The engine to ask about a container: the host's, or in swarm mode its node's (an error
+    /// at once when that node is down). The node id comes back for [`Engine::on_node`].
+    fn client(&self, container: &str) -> Result<(Docker, Option<String>), EngineError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok((self.docker.clone(), None));
+        };
+        let owner = fleet
+            .owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(container)
+            .cloned();
+        let Some(node) = owner else {
+            // Never NotFound: that would tell the manager the container is gone.
+            return Err(EngineError::node_down(
+                "?",
+                "the container's node is not known",
+            ));
+        };
+        match fleet.read_node(&node) {
+            Some(FleetNode {
+                docker, down: None, ..
+            }) => Ok((docker, Some(node))),
+            Some(FleetNode {
+                down: Some(why),
+                hostname,
+                ..
+            }) => Err(EngineError::node_down(&hostname, &why)),
+            None => Err(EngineError::node_down(
+                &node,
+                "not in the swarm's inventory",
+            )),
+        }
+    }
+
+    /// Swarm mode: a node engine that cannot be reached makes its node unusable at once (the
+    /// inventory's next pass decides when it is back) and the failure a node failure.
+    fn on_node(&self, node: &Option<String>, e: EngineError) -> EngineError {
+        let (Some(fleet), Some(node)) = (&self.fleet, node) else {
+            return e;
+        };
+        if e.kind != ErrorKind::Unavailable {
+            return e;
+        }
+        let why = format!("its engine does not answer ({e:#})");
+        let hostname = fleet
+            .read_node(node)
+            .map(|n| n.hostname)
+            .unwrap_or_default();
+        self.mark_node(node, Some(why.clone()));
+        EngineError::node_down(&hostname, &why)
+    }
+
+    /// Swarm mode: records which node holds a container (a container another replica made is
+    /// learnt from the node the store recorded for its user).
+    pub fn own(&self, container: &str, node: &str) {
+        if let Some(fleet) = &self.fleet {
+            fleet
+                .owner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(container.to_owned(), node.to_owned());
+        }
     }
 
     fn gate(&self, container: &str) -> Arc<RwLock<()>> {
@@ -310,11 +578,11 @@ impl Engine {
     }
 
     /// Waits (bounded) until the engine reports the exec's process started (a pid) or done.
-    async fn exec_settled(&self, exec_id: &str) {
+    async fn exec_settled(&self, container: &str, exec_id: &str) {
         let deadline = tokio::time::Instant::now() + EXEC_SETTLE;
         let mut pause = std::time::Duration::from_millis(1);
         loop {
-            match self.exec_info(exec_id).await {
+            match self.exec_info(container, exec_id).await {
                 // Not `Running`: the engine sets it before it asks containerd to start the
                 // process; the pid is known only once `runc exec` is done.
                 Ok(i) if i.exit_code.is_some() || i.pid.is_some_and(|p| p > 0) => return,
@@ -334,9 +602,13 @@ impl Engine {
         Ok(())
     }
 
-    pub async fn image_exists(&self, image: &str) -> Result<bool, EngineError> {
-        match self
-            .docker
+    /// Whether the image is present (in swarm mode on `node`).
+    pub async fn image_exists(&self, node: Option<&str>, image: &str) -> Result<bool, EngineError> {
+        let docker = match node {
+            Some(n) => self.node_client(n)?.0,
+            None => self.docker.clone(),
+        };
+        match docker
             .inspect_image(image)
             .await
             .map_err(failed("inspecting the sandbox image"))
@@ -430,6 +702,146 @@ impl Engine {
         Ok((bridge, n.internal.unwrap_or(false)))
     }
 
+    /// Swarm mode: the overlay network as the manager sees it (start-up refuses a missing or
+    /// not attachable one).
+    pub async fn inspect_overlay(&self, name: &str) -> Result<Overlay, EngineError> {
+        let n = self
+            .docker
+            .inspect_network(name, None::<InspectNetworkOptions<String>>)
+            .await
+            .map_err(failed("inspecting the swarm network"))?;
+        Ok(Overlay {
+            driver: n.driver.unwrap_or_default(),
+            attachable: n.attachable.unwrap_or(false),
+            subnets: n
+                .ipam
+                .and_then(|i| i.config)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|c| c.subnet)
+                .collect(),
+        })
+    }
+
+    /// Swarm mode: the subnets of a node's `docker_gwbridge` (the bridge through which its
+    /// containers reach the node itself and the outside).
+    pub async fn node_bridge_subnets(&self, node: &str) -> Result<Vec<String>, EngineError> {
+        let docker = self.node_client(node)?.0;
+        let n = docker
+            .inspect_network("docker_gwbridge", None::<InspectNetworkOptions<String>>)
+            .await
+            .map_err(failed("inspecting the node's docker_gwbridge"))?;
+        Ok(n.ipam
+            .and_then(|i| i.config)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| c.subnet)
+            .collect())
+    }
+
+    /// Swarm mode's network guard: runs a fixed program in a one-shot helper container on the
+    /// sandbox's node that shares only the sandbox's network namespace, as root with the one
+    /// capability `NET_ADMIN` (everything else dropped, no-new-privileges, read-only), to its
+    /// end, then removes it: `(exit code, the end of its output)`. A privileged exec into the
+    /// sandbox would need every capability of the host's bounding set (refused on hosts that
+    /// lack one, e.g. these VMs without CAP_SYS_RESOURCE), and a plain root exec has none of the
+    /// sandbox's (dropped) capabilities.
+    pub async fn run_beside(
+        &self,
+        container: &str,
+        image: &str,
+        instance: &str,
+        cmd: Vec<String>,
+    ) -> Result<(i64, String), EngineError> {
+        let (docker, node) = self.client(container)?;
+        let config = spec::guard_helper_config(container, image, instance, cmd);
+        let created = docker
+            .create_container(None::<CreateContainerOptions<String>>, config)
+            .await
+            .map_err(failed("creating the network guard helper"))
+            .map_err(|e| self.on_node(&node, e))?;
+        let helper = created.id;
+        let ran = async {
+            docker
+                .start_container(&helper, None::<StartContainerOptions<String>>)
+                .await
+                .map_err(failed("starting the network guard helper"))?;
+            let mut wait = docker.wait_container(
+                &helper,
+                None::<bollard::container::WaitContainerOptions<String>>,
+            );
+            let code = match wait.next().await {
+                Some(Ok(r)) => r.status_code,
+                Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
+                Some(Err(e)) => {
+                    return Err(EngineError::new("waiting for the network guard helper", e))
+                }
+                None => -1,
+            };
+            let mut said = String::new();
+            if code != 0 {
+                let mut logs = docker.logs(
+                    &helper,
+                    Some(bollard::container::LogsOptions::<String> {
+                        stdout: true,
+                        stderr: true,
+                        tail: "20".to_owned(),
+                        ..Default::default()
+                    }),
+                );
+                while let Some(Ok(line)) = logs.next().await {
+                    if said.len() < 4096 {
+                        said.push_str(&line.to_string());
+                    }
+                }
+            }
+            Ok((code, said))
+        }
+        .await;
+        // Removed off the start's path (it has ended, or is killed by the force).
+        tokio::spawn(async move {
+            let removed = docker
+                .remove_container(
+                    &helper,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(helper, error = %e, "removing the network guard helper");
+            }
+        });
+        ran.map_err(|e| self.on_node(&node, e))
+    }
+
+    /// Runs a fixed program as root (the container's own, dropped, capabilities: none), to its
+    /// end: the exit code. Swarm mode's network guard marker only.
+    pub async fn run_as_root(&self, container: &str, cmd: Vec<String>) -> Result<i64, EngineError> {
+        let (id, mut out, _input) = self
+            .exec_as(
+                container,
+                ExecSpec {
+                    cmd,
+                    env: vec![],
+                    working_dir: Some("/"),
+                    tty: false,
+                    stdin: false,
+                },
+                true,
+            )
+            .await?;
+        while let Some(chunk) = out.next().await {
+            chunk?;
+        }
+        Ok(self
+            .exec_info(container, &id)
+            .await?
+            .exit_code
+            .unwrap_or(-1))
+    }
+
     /// Removes the instance's network (tests clean up with this); ignores a missing one.
     pub async fn remove_network(&self, instance: &str) -> Result<(), EngineError> {
         let res = self
@@ -445,8 +857,113 @@ impl Engine {
         &self,
         instance: &str,
     ) -> Result<(Vec<Managed>, Vec<String>), EngineError> {
-        let list = self
-            .docker
+        let Some(fleet) = &self.fleet else {
+            return list_on(&self.docker, instance).await;
+        };
+        // Swarm mode: every usable node's, each recorded as that node's.
+        let nodes: Vec<(String, FleetNode)> = fleet
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, n)| n.down.is_none())
+            .map(|(id, n)| (id.clone(), n.clone()))
+            .collect();
+        let (mut good, mut bad) = (vec![], vec![]);
+        for (id, n) in nodes {
+            let (g, b) = list_on(&n.docker, instance)
+                .await
+                .map_err(|e| self.on_node(&Some(id.clone()), e))?;
+            for c in g.iter().map(|m| &m.id).chain(&b) {
+                self.own(c, &id);
+            }
+            good.extend(g);
+            bad.extend(b);
+        }
+        Ok((good, bad))
+    }
+
+    /// Swarm mode: removes network guard helpers left behind (sandboxd stopped while one ran)
+    /// on every usable node; returns how many.
+    pub async fn remove_guard_helpers(&self, instance: &str) -> Result<usize, EngineError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(0);
+        };
+        let nodes: Vec<Docker> = fleet
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|n| n.down.is_none())
+            .map(|n| n.docker.clone())
+            .collect();
+        let mut removed = 0;
+        for docker in nodes {
+            let list = docker
+                .list_containers(Some(ListContainersOptions::<String> {
+                    all: true,
+                    filters: HashMap::from([(
+                        "label".to_owned(),
+                        vec![format!("{}={instance}", spec::LABEL_GUARD)],
+                    )]),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(failed("listing network guard helpers"))?;
+            for c in list {
+                let Some(id) = c.id else { continue };
+                let labels = c.labels.unwrap_or_default();
+                if labels.get(spec::LABEL_GUARD).map(String::as_str) != Some(instance) {
+                    continue;
+                }
+                let res = docker
+                    .remove_container(
+                        &id,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                ok_if_not_found(res, "removing a network guard helper")?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Swarm mode: the user's containers on one node (recorded as that node's).
+    pub async fn list_user_on(
+        &self,
+        node: &str,
+        instance: &str,
+        user: &UserId,
+    ) -> Result<Vec<Managed>, EngineError> {
+        let docker = self.node_client(node)?.0;
+        let (good, _) = list_on(&docker, instance)
+            .await
+            .map_err(|e| self.on_node(&Some(node.to_owned()), e))?;
+        let mine: Vec<Managed> = good.into_iter().filter(|m| &m.user == user).collect();
+        for m in &mine {
+            self.own(&m.id, node);
+        }
+        Ok(mine)
+    }
+
+    /// Swarm mode: changes whenever a node becomes usable or unusable (the event stream
+    /// resubscribes).
+    fn fleet_changed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.fleet.as_ref().map(|f| f.generation.subscribe())
+    }
+}
+
+/// The instance's containers on one engine (see [`Engine::list_managed`]).
+async fn list_on(
+    docker: &Docker,
+    instance: &str,
+) -> Result<(Vec<Managed>, Vec<String>), EngineError> {
+    {
+        let list = docker
             .list_containers(Some(ListContainersOptions::<String> {
                 all: true,
                 filters: spec::instance_filters(instance),
@@ -485,11 +1002,38 @@ impl Engine {
         }
         Ok((good, bad))
     }
+}
 
+impl Engine {
     /// The engine's event stream, filtered by the engine to this instance's containers and the
     /// actions the manager follows; each event's labels are checked again here. Ends or yields
     /// an error when the connection to the engine breaks.
     pub fn events(&self, instance: &str) -> EventStream {
+        let Some(fleet) = &self.fleet else {
+            return events_on(&self.docker, instance);
+        };
+        // Swarm mode: every usable node's stream, merged; it ends when a node comes or goes,
+        // and the follower subscribes again (and re-inspects).
+        let streams: Vec<EventStream> = fleet
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|n| n.down.is_none())
+            .map(|n| events_on(&n.docker, instance))
+            .collect();
+        let mut changed = self.fleet_changed().expect("swarm mode");
+        changed.borrow_and_update();
+        let until = async move {
+            let _ = changed.changed().await;
+        };
+        Box::pin(futures_util::stream::select_all(streams).take_until(Box::pin(until)))
+    }
+}
+
+/// One engine's event stream (see [`Engine::events`]).
+fn events_on(docker: &Docker, instance: &str) -> EventStream {
+    {
         let mut filters = spec::instance_filters(instance);
         filters.insert("type".to_owned(), vec!["container".to_owned()]);
         filters.insert(
@@ -497,8 +1041,7 @@ impl Engine {
             FOLLOWED_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
         );
         let instance = instance.to_owned();
-        let stream = self
-            .docker
+        let stream = docker
             .events(Some(EventsOptions::<String> {
                 filters,
                 ..Default::default()
@@ -527,19 +1070,33 @@ impl Engine {
             });
         Box::pin(stream)
     }
+}
 
+impl Engine {
     pub async fn create(
         &self,
         cfg: &Config,
         user: &UserId,
         workspace: &Path,
         agent_key: &str,
+        node: Option<&str>,
     ) -> Result<(String, String), EngineError> {
         let name = spec::container_name(&cfg.instance, user);
-        let mut config = spec::container_config(cfg, user, workspace);
+        let (docker, mut config) = match node {
+            None => (
+                self.docker.clone(),
+                spec::container_config(cfg, user, workspace),
+            ),
+            Some(node) => {
+                let docker = self.node_client(node)?.0;
+                let volume = spec::volume_name(&cfg.instance, user);
+                self.ensure_volume(&docker, cfg, user, &volume).await?;
+                let ws = spec::Workspace::Volume(&volume);
+                (docker, spec::container_config_in(cfg, user, ws))
+            }
+        };
         spec::set_agent_key(&mut config, agent_key);
-        let res = self
-            .docker
+        let res = docker
             .create_container(
                 Some(CreateContainerOptions {
                     name: name.clone(),
@@ -549,12 +1106,45 @@ impl Engine {
             )
             .await
             .map_err(failed("creating the container"))?;
+        if let Some(node) = node {
+            self.own(&res.id, node);
+        }
         Ok((res.id, name))
     }
 
+    /// Swarm mode: the user's workspace volume on the node, created when missing (empty: the
+    /// engine copies the image's /workspace into it, owner included, at the first mount).
+    async fn ensure_volume(
+        &self,
+        docker: &Docker,
+        cfg: &Config,
+        user: &UserId,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        match docker.inspect_volume(name).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let e = EngineError::new("inspecting the workspace volume", e);
+                if e.kind != ErrorKind::NotFound {
+                    return Err(e);
+                }
+            }
+        }
+        docker
+            .create_volume(bollard::volume::CreateVolumeOptions {
+                name: name.to_owned(),
+                driver: "local".to_owned(),
+                driver_opts: HashMap::new(),
+                labels: spec::labels(&cfg.instance, user),
+            })
+            .await
+            .map_err(failed("creating the workspace volume"))?;
+        Ok(())
+    }
+
     pub async fn start(&self, id: &str) -> Result<(), EngineError> {
-        match self
-            .docker
+        let (docker, node) = self.client(id)?;
+        match docker
             .start_container(id, None::<StartContainerOptions<String>>)
             .await
         {
@@ -563,16 +1153,15 @@ impl Engine {
             Err(BollardError::DockerResponseServerError {
                 status_code: 304, ..
             }) => Ok(()),
-            Err(e) => Err(EngineError::new("starting the container", e)),
+            Err(e) => Err(self.on_node(&node, EngineError::new("starting the container", e))),
         }
     }
 
     pub async fn stop(&self, id: &str, timeout_secs: i64) -> Result<(), EngineError> {
         // The engine answers a stop only after the grace period: bound it beyond that.
         let grace = std::time::Duration::from_secs(timeout_secs.max(0) as u64);
-        match self
-            .docker
-            .clone()
+        let (docker, node) = self.client(id)?;
+        match docker
             .with_timeout(CALL_TIMEOUT + grace)
             .stop_container(id, Some(StopContainerOptions { t: timeout_secs }))
             .await
@@ -581,7 +1170,7 @@ impl Engine {
             Err(BollardError::DockerResponseServerError {
                 status_code: 304, ..
             }) => Ok(()),
-            Err(e) => Err(EngineError::new("stopping the container", e)),
+            Err(e) => Err(self.on_node(&node, EngineError::new("stopping the container", e))),
         }
     }
 
@@ -591,8 +1180,8 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        let res = self
-            .docker
+        let (docker, node) = self.client(id)?;
+        let res = docker
             .remove_container(
                 id,
                 Some(RemoveContainerOptions {
@@ -602,29 +1191,45 @@ impl Engine {
                 }),
             )
             .await;
-        ok_if_not_found(res, "removing the container")
+        let res =
+            ok_if_not_found(res, "removing the container").map_err(|e| self.on_node(&node, e));
+        if res.is_ok() {
+            if let Some(fleet) = &self.fleet {
+                fleet
+                    .owner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+        }
+        res
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), EngineError> {
         let gate = self.gate(id);
         let _no_exec_starting = gate.write().await;
-        self.docker
+        let (docker, node) = self.client(id)?;
+        docker
             .pause_container(id)
             .await
             .map_err(failed("pausing the container"))
+            .map_err(|e| self.on_node(&node, e))
     }
 
     pub async fn unpause(&self, id: &str) -> Result<(), EngineError> {
-        self.docker
+        let (docker, node) = self.client(id)?;
+        docker
             .unpause_container(id)
             .await
             .map_err(failed("unpausing the container"))
+            .map_err(|e| self.on_node(&node, e))
     }
 
     /// Sets the container's CPU quota (running, paused or stopped: the engine applies it to the
     /// cgroup now, or at the next start).
     pub async fn set_cpus(&self, id: &str, nano_cpus: i64) -> Result<(), EngineError> {
-        self.docker
+        let (docker, node) = self.client(id)?;
+        docker
             .update_container(
                 id,
                 bollard::container::UpdateContainerOptions::<String> {
@@ -634,14 +1239,16 @@ impl Engine {
             )
             .await
             .map_err(failed("updating the container's CPU quota"))
+            .map_err(|e| self.on_node(&node, e))
     }
 
     pub async fn inspect(&self, id: &str, network: &str) -> Result<Inspected, EngineError> {
-        let c = self
-            .docker
+        let (docker, node) = self.client(id)?;
+        let c = docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
-            .map_err(failed("inspecting the container"))?;
+            .map_err(failed("inspecting the container"))
+            .map_err(|e| self.on_node(&node, e))?;
         let st = c.state.unwrap_or_default();
         let state = match (st.paused, st.running, st.status) {
             (Some(true), _, _) => DockerState::Paused,
@@ -677,10 +1284,27 @@ impl Engine {
         container: &str,
         spec: ExecSpec<'_>,
     ) -> Result<(String, ExecStream, ExecInput), EngineError> {
+        self.exec_as(container, spec, false).await
+    }
+
+    /// [`Engine::exec`], or with `root` an exec as uid 0 without capabilities (swarm mode's
+    /// network guard marker only: a fixed program, never client input).
+    async fn exec_as(
+        &self,
+        container: &str,
+        spec: ExecSpec<'_>,
+        root: bool,
+    ) -> Result<(String, ExecStream, ExecInput), EngineError> {
         let gate = self.gate(container);
         let _starting = gate.read().await;
-        let created = self
-            .docker
+        let (docker, node) = self.client(container)?;
+        let user = if root {
+            "0:0".to_owned()
+        } else {
+            format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)
+        };
+        // Never privileged: a root exec keeps the container's (dropped) capabilities.
+        let created = docker
             .create_exec(
                 container,
                 CreateExecOptions::<String> {
@@ -691,7 +1315,7 @@ impl Engine {
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     tty: Some(spec.tty),
-                    user: Some(format!("{}:{}", spec::SANDBOX_UID, spec::SANDBOX_GID)),
+                    user: Some(user),
                     privileged: Some(false),
                     // Only meaningful with a TTY, where Docker always watches for a detach sequence (empty
                     // means the default); the terminal therefore runs without a Docker TTY and makes
@@ -700,9 +1324,9 @@ impl Engine {
                 },
             )
             .await
-            .map_err(failed(CREATING_EXEC))?;
-        let started = self
-            .docker
+            .map_err(failed(CREATING_EXEC))
+            .map_err(|e| self.on_node(&node, e))?;
+        let started = docker
             .start_exec(
                 &created.id,
                 Some(StartExecOptions {
@@ -712,10 +1336,11 @@ impl Engine {
                 }),
             )
             .await
-            .map_err(failed("starting an exec"))?;
+            .map_err(failed("starting an exec"))
+            .map_err(|e| self.on_node(&node, e))?;
         match started {
             StartExecResults::Attached { output, input } => {
-                self.exec_settled(&created.id).await;
+                self.exec_settled(container, &created.id).await;
                 let output = output.filter_map(|item| async move {
                     match item {
                         Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
@@ -760,7 +1385,7 @@ impl Engine {
                 text.extend_from_slice(&b);
             }
         }
-        let info = self.exec_info(&id).await?;
+        let info = self.exec_info(container, &id).await?;
         Ok((
             info.exit_code.unwrap_or(-1),
             String::from_utf8_lossy(&text).into_owned(),
@@ -769,11 +1394,13 @@ impl Engine {
 
     pub async fn resize_exec(
         &self,
+        container: &str,
         exec_id: &str,
         cols: u16,
         rows: u16,
     ) -> Result<(), EngineError> {
-        self.docker
+        self.client(container)?
+            .0
             .resize_exec(
                 exec_id,
                 ResizeExecOptions {
@@ -785,12 +1412,13 @@ impl Engine {
             .map_err(failed("resizing the terminal"))
     }
 
-    pub async fn exec_info(&self, exec_id: &str) -> Result<ExecInfo, EngineError> {
-        let i = self
-            .docker
+    pub async fn exec_info(&self, container: &str, exec_id: &str) -> Result<ExecInfo, EngineError> {
+        let (docker, node) = self.client(container)?;
+        let i = docker
             .inspect_exec(exec_id)
             .await
-            .map_err(failed("inspecting an exec"))?;
+            .map_err(failed("inspecting an exec"))
+            .map_err(|e| self.on_node(&node, e))?;
         Ok(ExecInfo {
             running: i.running.unwrap_or(false),
             exit_code: i.exit_code,
@@ -803,7 +1431,8 @@ impl Engine {
     /// reports none (a stopped container).
     pub async fn memory_in_use(&self, id: &str) -> Result<Option<u64>, EngineError> {
         use bollard::container::{MemoryStatsStats, StatsOptions};
-        let mut s = self.docker.stats(
+        let docker = self.client(id)?.0;
+        let mut s = docker.stats(
             id,
             Some(StatsOptions {
                 stream: false,

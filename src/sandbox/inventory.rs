@@ -29,6 +29,15 @@ impl Inventory {
         }
     }
 
+    /// Swarm mode: through the managers, every usable node's engine.
+    pub async fn connect_swarm(cfg: &crate::config::Config) -> anyhow::Result<Inventory> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, super::swarm::Swarm::open(cfg)).await {
+            Ok(Ok((engine, _))) => Ok(Inventory { engine }),
+            Ok(Err(e)) => Err(e.context("swarm unreachable")),
+            Err(_) => Err(anyhow!("swarm unreachable: no answer within 15s")),
+        }
+    }
+
     /// Every container with this instance's labels.
     pub async fn containers(&self, instance: &str) -> anyhow::Result<Vec<Managed>> {
         Ok(self.engine.list_managed(instance).await?.0)

@@ -20,8 +20,8 @@ use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    agent, docker, exec, firewall, health, spec, Manager, Sandbox, SandboxError, Slot, State,
-    TerminalGuard,
+    agent, docker, exec, firewall, health, spec, swarm, Manager, Sandbox, SandboxError, Slot,
+    State, TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -35,11 +35,22 @@ impl Manager {
     /// any sandbox is adopted or made) and the workspace root, then rebuilds state from Docker's
     /// labels and reconciles the store.
     pub async fn start(cfg: Arc<Config>, store: Store) -> anyhow::Result<Arc<Self>> {
-        let engine = Engine::connect().await?;
         // replicas: counted as alive before the packet filter is installed, so an exiting
         // replica never removes it from under this one (sandbox/replicas.rs).
         let replicas = super::replicas::Replicas::new(&cfg, &store).await?;
-        let network = firewall::install_around(&cfg, &engine).await?;
+        // Swarm mode: the manager(s), the overlay and the node inventory (swarm/); one host:
+        // the engine and the packet filter around the instance's bridge.
+        let (engine, network, swarm) = match &cfg.swarm {
+            None => {
+                let engine = Engine::connect().await?;
+                let network = firewall::install_around(&cfg, &engine).await?;
+                (engine, network, None)
+            }
+            Some(sc) => {
+                let (engine, swarm) = swarm::Swarm::open(&cfg).await?;
+                (engine, sc.network.clone(), Some(Arc::new(swarm)))
+            }
+        };
         std::fs::create_dir_all(&cfg.workspaces_dir)
             .with_context(|| format!("creating workspaces_dir {}", cfg.workspaces_dir.display()))?;
         let workspaces = cfg.workspaces_dir.canonicalize().with_context(|| {
@@ -56,9 +67,11 @@ impl Manager {
             workspaces,
             slots: StdMutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
+            swarm,
         });
         mgr.recover().await?;
         mgr.follow_health();
+        mgr.follow_swarm();
         Ok(mgr)
     }
 
@@ -78,7 +91,7 @@ impl Manager {
             return Err(SandboxError::EngineUnavailable(self.health.down_message()));
         }
         tokio::select! {
-            r = work => match r {
+            r = work => match r.map_err(SandboxError::sorted) {
                 Err(SandboxError::Internal(e)) if self.health.note_error(&e).await => {
                     Err(SandboxError::EngineUnavailable(self.health.down_message()))
                 }
@@ -99,7 +112,7 @@ impl Manager {
         if !self.health.is_up() {
             return Err(SandboxError::EngineUnavailable(self.health.down_message()));
         }
-        match work.await {
+        match work.await.map_err(SandboxError::sorted) {
             Err(SandboxError::Internal(e)) if self.health.note_error(&e).await => {
                 Err(SandboxError::EngineUnavailable(self.health.down_message()))
             }
@@ -169,6 +182,7 @@ impl Manager {
                     runs: AtomicUsize::new(0),
                     fast: StdMutex::new(None),
                     agent_restart: Mutex::new(()),
+                    node_down: Default::default(),
                 })
             })
             .clone()
@@ -193,6 +207,11 @@ impl Manager {
 
     pub fn workspace_path(&self, user: &UserId) -> PathBuf {
         self.workspaces.join(format!("user-{user}"))
+    }
+
+    /// The user's workspace folder on this host (`None` in swarm mode: a volume on a node).
+    pub fn host_workspace(&self, user: &UserId) -> Option<PathBuf> {
+        self.swarm.is_none().then(|| self.workspace_path(user))
     }
 
     /// Records activity for the idle policy (in memory; the idle task flushes it to the store).
@@ -227,6 +246,9 @@ impl Manager {
             return None;
         }
         let slot = self.existing_slot(user)?;
+        if slot.node_down.load(Ordering::Relaxed) {
+            return None;
+        }
         let fast = *slot.fast.lock().unwrap_or_else(|p| p.into_inner());
         match fast {
             Some((State::Running, Some(ip))) => {
@@ -275,6 +297,8 @@ impl Manager {
         asked: Instant,
     ) -> Result<Sandbox, SandboxError> {
         let user = &slot.user;
+        // Swarm mode: a container on the user's node that the table does not hold is adopted.
+        self.adopt_from_node(slot, guard).await?;
         // Never trust the cached state: check it against Docker. A container may have been
         // paused, stopped, killed or removed behind our back (events.rs usually got there first).
         if let Err(e) = self.sync_locked(slot, guard, None).await {
@@ -336,17 +360,29 @@ impl Manager {
             }
             None => {
                 let permit = self.acquire_capacity(user).await?;
-                let workspace = self.prepare_workspace(user)?;
-                if !self.engine.image_exists(&self.cfg.image).await? {
+                // Swarm mode: the node that holds (or will hold) the user's workspace volume.
+                let node = self.place(user).await?;
+                let workspace = match node {
+                    None => self.prepare_workspace(user)?,
+                    Some(_) => PathBuf::new(),
+                };
+                if !self
+                    .engine
+                    .image_exists(node.as_deref(), &self.cfg.image)
+                    .await?
+                {
                     return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
                 }
                 let t = Instant::now();
                 let agent_key = spec::new_agent_key();
                 let created = self
                     .engine
-                    .create(&self.cfg, user, &workspace, &agent_key)
+                    .create(&self.cfg, user, &workspace, &agent_key, node.as_deref())
                     .await;
                 let (id, name) = created.inspect_err(|e| self.engine_failed(e))?;
+                if let Some(node) = &node {
+                    self.record_node(user, node).await?;
+                }
                 self.metrics.transition(Op::Create, t.elapsed());
                 self.event(user, Some(&id), "created", None).await;
                 let mut c = Container {
@@ -383,6 +419,8 @@ impl Manager {
     pub(super) async fn start_container(&self, c: &mut Container) -> anyhow::Result<()> {
         tokio::time::timeout(self.cfg.start_timeout, async {
             self.engine.start(&c.id).await?;
+            // Swarm mode: the network guard goes in before the init starts anything.
+            self.guard_network(&c.id).await?;
             let i = self.engine.inspect(&c.id, &self.network).await?;
             if i.state != DockerState::Running {
                 bail!("container is {:?} right after start", i.state);
@@ -522,6 +560,7 @@ impl Manager {
             ip: c.ip,
             created_at: c.created_at,
             last_activity: slot.last_activity(),
+            node: self.node_name(&c.id),
             agent: c.ip.map(|ip| agent::Endpoint {
                 addr: std::net::SocketAddr::new(ip, agent::AGENT_PORT),
                 key: c.agent_key.clone(),
@@ -573,10 +612,10 @@ impl Manager {
     }
 
     pub(super) async fn status_inner(&self, user: &UserId) -> Result<Sandbox, SandboxError> {
-        let slot = self
-            .slot_anywhere(user)
-            .await?
-            .ok_or(SandboxError::NotFound)?; // replicas
+        let Some(slot) = self.slot_anywhere(user).await? else {
+            // Swarm mode: not in the table because its node is away (503, not 404).
+            return Err(self.absent(user).await);
+        };
         let mut guard = self.lock_user(&slot).await?; // replicas
         let synced = self.sync_locked(&slot, &mut guard, None).await;
         slot.publish(&guard);
@@ -645,6 +684,13 @@ impl Manager {
             }
         }
         self.metrics.outside_change(kind);
+        if kind == "started" {
+            // Swarm mode: started behind our back, its network guard is not in (its init waits
+            // for it, and stops after 10 s without).
+            if let Err(e) = self.guard_network(&c.id).await {
+                tracing::warn!(user = %user, error = format!("{e:#}"), "guarding a sandbox started outside sandboxd");
+            }
+        }
         let id = c.id.clone();
         self.event(user, Some(&id), kind, Some(&reason)).await;
         self.save(user, guard, None).await

@@ -19,6 +19,7 @@ pub mod replicas;
 pub mod shell;
 mod slot;
 pub mod spec;
+pub mod swarm;
 mod workspace;
 
 /// What the bench and the integration tests reach below the door: the engine client itself, to
@@ -91,13 +92,35 @@ pub enum SandboxError {
     /// The engine is unreachable or restarting (see health.rs).
     #[error("{0}")]
     EngineUnavailable(String),
+    /// Swarm mode: the node holding the user's sandbox (and workspace) is down or unreachable,
+    /// or no node takes new sandboxes (see swarm/).
+    #[error("{0}")]
+    NodeUnavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
 impl From<EngineError> for SandboxError {
     fn from(e: EngineError) -> Self {
-        SandboxError::Internal(e.into())
+        match e.node_message() {
+            Some(m) => SandboxError::NodeUnavailable(m),
+            None => SandboxError::Internal(e.into()),
+        }
+    }
+}
+
+impl SandboxError {
+    /// An internal error that is a node failure underneath becomes [`SandboxError::NodeUnavailable`].
+    pub(crate) fn sorted(self) -> Self {
+        match self {
+            SandboxError::Internal(e) => {
+                match docker::engine_error(&e).and_then(EngineError::node_message) {
+                    Some(m) => SandboxError::NodeUnavailable(m),
+                    None => SandboxError::Internal(e),
+                }
+            }
+            e => e,
+        }
     }
 }
 
@@ -111,6 +134,8 @@ pub struct Sandbox {
     pub ip: Option<IpAddr>,
     pub created_at: i64,
     pub last_activity: i64,
+    /// Swarm mode: the hostname of the node that holds it (`None` on one host).
+    pub node: Option<String>,
     /// Where its agent listens and its key (never shown; see agent/).
     pub(crate) agent: Option<agent::Endpoint>,
 }
@@ -127,4 +152,6 @@ pub struct Manager {
     pub(super) health: Arc<health::Health>,
     /// Several replicas sharing the store (replicas.rs).
     pub(super) replicas: replicas::Replicas,
+    /// Swarm mode's inventory (`None` on one host).
+    pub(super) swarm: Option<Arc<swarm::Swarm>>,
 }

@@ -15,6 +15,11 @@ impl Manager {
     /// Rebuilds the table from Docker's labels and reconciles the store: adopted containers are
     /// recorded, sessions whose container is gone are marked removed, duplicates are removed.
     pub(super) async fn recover(&self) -> anyhow::Result<()> {
+        // Swarm mode: network guard helpers of a previous run are of no use.
+        let helpers = self.engine.remove_guard_helpers(&self.cfg.instance).await?;
+        if helpers > 0 {
+            tracing::info!(helpers, "removed network guard helpers left behind");
+        }
         let (found, bad) = self.engine.list_managed(&self.cfg.instance).await?;
         for id in bad {
             tracing::warn!(container = %id, "removing a labelled container with an invalid user");
@@ -127,6 +132,9 @@ impl Manager {
             let mut g = slot.inner.lock().await;
             *g = Some(c);
             slot.publish(&g);
+            if let Some((node, _)) = self.engine.node_of(&keep.id) {
+                self.record_node(&user, &node).await?;
+            }
             let changed = session.map(|s| {
                 s.container_id.as_deref() != Some(keep.id.as_str()) || s.state != state.as_str()
             });
@@ -142,6 +150,10 @@ impl Manager {
                 continue;
             };
             let present = self.existing_slot(&user).is_some();
+            // Swarm mode: a container on a node that is away now is not missing.
+            if !present && self.node_unusable(self.store.session_node(&user).await?.as_deref()) {
+                continue;
+            }
             // replicas: unless another replica made one meanwhile.
             if !present && s.container_id.is_some() && !self.still_there(&user).await? {
                 self.event(

@@ -323,6 +323,7 @@ impl Manager {
             return Ok(());
         };
         let state = parse_state(&row.state);
+        self.learn_home(&slot.user, &id).await?; // swarm: a container another replica made
         let known = guard.as_ref().is_some_and(|c| c.id == id);
         if known {
             let c = guard.as_mut().expect("known");
@@ -577,6 +578,7 @@ impl Manager {
         let Some(id) = row.container_id else {
             return Ok(true);
         };
+        self.learn_home(user, &id).await?; // swarm: a container another replica made
         match self.engine.inspect(&id, &self.network).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
@@ -727,6 +729,10 @@ async fn keep_alive(mgr: &Manager, shared: &Shared) {
         Ok(a) => {
             *alive = Some(a);
             tracing::warn!("the replicas' alive lock was lost; joined again");
+            // One host only: in swarm mode each sandbox carries its own rules (swarm/rules.rs).
+            if mgr.swarm.is_some() {
+                return;
+            }
             if let Err(e) = super::firewall::install_around(&mgr.cfg, &mgr.engine).await {
                 tracing::error!(
                     error = format!("{e:#}"),

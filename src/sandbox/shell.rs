@@ -32,6 +32,9 @@ pub enum Script {
     PreviewMark,
     /// Whether an app may still start listening.
     PreviewAppMayCome,
+    /// Swarm mode's network guard: installs the rules of `$1` (run as root with NET_ADMIN in a
+    /// helper container sharing the sandbox's network namespace; see swarm/rules.rs).
+    NetGuard,
 }
 
 impl Script {
@@ -47,6 +50,7 @@ impl Script {
             Script::ProjectVite => include_str!("scripts/project-vite.sh"),
             Script::PreviewMark => include_str!("scripts/preview-mark.sh"),
             Script::PreviewAppMayCome => include_str!("scripts/preview-app-may-come.sh"),
+            Script::NetGuard => include_str!("scripts/net-guard.sh"),
         }
     }
 
@@ -62,6 +66,7 @@ impl Script {
             | Script::ProjectVite
             | Script::PreviewMark => "sandboxd-project",
             Script::PreviewAppMayCome => "sandboxd-preview",
+            Script::NetGuard => "sandboxd-net-guard",
         }
     }
 
@@ -224,7 +229,13 @@ impl Door {
 impl Exec {
     /// Whether the program still runs and its exit code once it ended.
     pub async fn status(&self) -> anyhow::Result<ExecStatus> {
-        Ok(self.door.mgr.engine.exec_info(&self.exec_id).await?.into())
+        Ok(self
+            .door
+            .mgr
+            .engine
+            .exec_info(&self.door.container, &self.exec_id)
+            .await?
+            .into())
     }
 
     /// The door the program was started through (to run helper scripts next to it).
@@ -244,7 +255,7 @@ pub fn bytes_of(chunk: OutputChunk) -> bytes::Bytes {
 mod tests {
     use super::*;
 
-    const ALL: [Script; 9] = [
+    const ALL: [Script; 10] = [
         Script::AgentStart,
         Script::Kill,
         Script::TermWrapper,
@@ -254,6 +265,7 @@ mod tests {
         Script::ProjectVite,
         Script::PreviewMark,
         Script::PreviewAppMayCome,
+        Script::NetGuard,
     ];
 
     #[test]

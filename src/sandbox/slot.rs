@@ -2,7 +2,7 @@
 //! state for the preview's hot path, and the guards that keep a busy sandbox from going idle.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
@@ -44,6 +44,8 @@ pub struct Slot {
     pub(super) fast: StdMutex<Option<(State, Option<IpAddr>)>>,
     /// Single-flight for restarting the agent (see agent/door.rs).
     pub(super) agent_restart: Mutex<()>,
+    /// Swarm mode: the sandbox's node is unusable (the preview's fast path is closed).
+    pub(super) node_down: AtomicBool,
 }
 
 impl Slot {

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use bollard::container::{Config as ContainerConfig, NetworkingConfig};
 use bollard::models::{
-    EndpointSettings, HostConfig, HostConfigLogConfig, ResourcesUlimits, RestartPolicy,
-    RestartPolicyNameEnum,
+    EndpointSettings, HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, ResourcesUlimits,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 
 use crate::config::Config;
@@ -26,6 +26,34 @@ pub const WORKSPACE: &str = "/workspace";
 /// The private bridge network of an instance.
 pub(super) fn network_name(instance: &str) -> String {
     format!("{instance}-net")
+}
+
+/// Swarm mode: the user's workspace volume on their node.
+pub fn volume_name(instance: &str, user: &UserId) -> String {
+    format!("{instance}-ws-{user}")
+}
+
+/// The environment variable that makes the sandbox's init wait for the network guard (swarm
+/// mode: sandboxd installs the rules through an exec at every start, then writes [`GUARD_MARK`]).
+pub const GUARD_ENV: &str = "SANDBOXD_NET_GUARD";
+/// The marker the guard's exec writes (root-owned; /run is a root tmpfs of mode 0755).
+pub const GUARD_MARK: &str = "/run/sandboxd-net-guard";
+
+/// What is mounted at /workspace.
+#[derive(Clone, Copy, Debug)]
+pub enum Workspace<'a> {
+    /// One host: the user's folder under `workspaces_dir`.
+    Bind(&'a Path),
+    /// Swarm mode: the named volume on the user's node.
+    Volume(&'a str),
+}
+
+/// The network sandboxes join: the instance's bridge, or in swarm mode the overlay.
+pub fn sandbox_network(cfg: &Config) -> String {
+    match &cfg.swarm {
+        Some(s) => s.network.clone(),
+        None => network_name(&cfg.instance),
+    }
 }
 
 /// A fresh container name: `<instance>-user-<id>-<8 hex>`. The suffix keeps names unique across
@@ -103,8 +131,57 @@ pub(super) fn set_agent_key(c: &mut ContainerConfig<String>, key: &str) {
         .insert(KEY_LABEL.to_owned(), key.to_owned());
 }
 
-/// The full create request for a user's container.
+/// Label of swarm mode's one-shot network guard helpers (value: the instance): they are never
+/// sandboxes (no `sandboxd.managed`), so recovery never adopts one.
+pub const LABEL_GUARD: &str = "sandboxd.guard";
+
+/// Swarm mode's network guard helper: the sandbox image running `cmd` as root in the network
+/// namespace of `sandbox` only, with `NET_ADMIN` alone, no-new-privileges, read-only, small.
+pub(super) fn guard_helper_config(
+    sandbox: &str,
+    image: &str,
+    instance: &str,
+    cmd: Vec<String>,
+) -> ContainerConfig<String> {
+    ContainerConfig {
+        image: Some(image.to_owned()),
+        user: Some("0:0".to_owned()),
+        entrypoint: Some(vec![]),
+        cmd: Some(cmd),
+        labels: Some(HashMap::from([(
+            LABEL_GUARD.to_owned(),
+            instance.to_owned(),
+        )])),
+        host_config: Some(HostConfig {
+            network_mode: Some(format!("container:{sandbox}")),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(vec!["NET_ADMIN".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/run".to_owned(),
+                "rw,nosuid,nodev,noexec,size=1048576,mode=0755".to_owned(),
+            )])),
+            memory: Some(64 << 20),
+            pids_limit: Some(16),
+            privileged: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The full create request for a user's container with its folder bind-mounted (one host).
 pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> ContainerConfig<String> {
+    container_config_in(cfg, user, Workspace::Bind(workspace))
+}
+
+/// The full create request for a user's container.
+pub fn container_config_in(
+    cfg: &Config,
+    user: &UserId,
+    workspace: Workspace<'_>,
+) -> ContainerConfig<String> {
     let l = &cfg.limits;
     let tmpfs = HashMap::from([
         (
@@ -123,9 +200,30 @@ pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> Contai
             "rw,nosuid,nodev,noexec,size=16777216,mode=0755".to_owned(),
         ),
     ]);
-    let network = network_name(&cfg.instance);
+    let network = sandbox_network(cfg);
+    let (binds, mounts) = match workspace {
+        Workspace::Bind(path) => (
+            Some(vec![format!("{}:{WORKSPACE}:rw", path.display())]),
+            None,
+        ),
+        Workspace::Volume(name) => (
+            None,
+            Some(vec![Mount {
+                target: Some(WORKSPACE.to_owned()),
+                source: Some(name.to_owned()),
+                typ: Some(MountTypeEnum::VOLUME),
+                read_only: Some(false),
+                ..Default::default()
+            }]),
+        ),
+    };
+    let mut env = env(cfg, user);
+    if cfg.swarm.is_some() {
+        env.push(format!("{GUARD_ENV}=1"));
+    }
     let host_config = HostConfig {
-        binds: Some(vec![format!("{}:{WORKSPACE}:rw", workspace.display())]),
+        binds,
+        mounts,
         network_mode: Some(network.clone()),
         // No port bindings at all: previews are reached over the private network.
         port_bindings: Some(HashMap::new()),
@@ -178,7 +276,7 @@ pub fn container_config(cfg: &Config, user: &UserId, workspace: &Path) -> Contai
         hostname: Some(hostname(user)),
         user: Some(format!("{SANDBOX_UID}:{SANDBOX_GID}")),
         working_dir: Some(WORKSPACE.to_owned()),
-        env: Some(env(cfg, user)),
+        env: Some(env),
         labels: Some(labels(&cfg.instance, user)),
         stop_timeout: Some(cfg.stop_timeout.as_secs() as i64),
         tty: Some(false),
@@ -256,5 +354,74 @@ mod tests {
         assert_eq!(c.stop_timeout, Some(2));
         assert_eq!(c.labels.as_ref().unwrap()[LABEL_USER], "7");
         assert!(c.exposed_ports.is_none());
+        assert!(!c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with(GUARD_ENV)));
+    }
+
+    #[test]
+    fn the_guard_helper_holds_net_admin_only_in_the_sandbox_netns_and_is_never_a_sandbox() {
+        let c = guard_helper_config("abc123", "img:1", "sandboxd", vec!["x".into()]);
+        let h = c.host_config.as_ref().unwrap();
+        assert_eq!(h.network_mode.as_deref(), Some("container:abc123"));
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.cap_add, Some(vec!["NET_ADMIN".to_owned()]));
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert!(
+            h.binds.is_none() && h.mounts.is_none(),
+            "no files of anyone"
+        );
+        let labels = c.labels.as_ref().unwrap();
+        assert_eq!(
+            labels.get(LABEL_GUARD).map(String::as_str),
+            Some("sandboxd")
+        );
+        assert!(!labels.contains_key(LABEL_MANAGED) && !labels.contains_key(LABEL_USER));
+        assert_eq!(c.entrypoint, Some(vec![]));
+    }
+
+    #[test]
+    fn swarm_mode_uses_the_overlay_and_the_volume_and_keeps_the_hardening() {
+        let mut cfg = cfg();
+        cfg.swarm = Some(crate::config::SwarmConfig {
+            managers: vec!["unix:///run/m.sock".into()],
+            node_engine: "unix:///run/{hostname}.sock".into(),
+            network: "sandboxd-overlay".into(),
+            edge_cidr: "10.241.8.0/28".into(),
+            node_labels: vec![],
+        });
+        let u = UserId::parse("7").unwrap();
+        assert_eq!(volume_name("sandboxd", &u), "sandboxd-ws-7");
+        let c = container_config_in(&cfg, &u, Workspace::Volume("sandboxd-ws-7"));
+        let h = c.host_config.as_ref().unwrap();
+        assert_eq!(h.binds, None);
+        let m = &h.mounts.as_ref().unwrap()[0];
+        assert_eq!(m.typ, Some(MountTypeEnum::VOLUME));
+        assert_eq!(m.source.as_deref(), Some("sandboxd-ws-7"));
+        assert_eq!(m.target.as_deref(), Some(WORKSPACE));
+        assert_eq!(h.network_mode.as_deref(), Some("sandboxd-overlay"));
+        assert!(c
+            .networking_config
+            .as_ref()
+            .unwrap()
+            .endpoints_config
+            .contains_key("sandboxd-overlay"));
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        assert!(h.port_bindings.as_ref().unwrap().is_empty());
+        assert!(c.env.as_ref().unwrap().contains(&format!("{GUARD_ENV}=1")));
     }
 }

@@ -258,6 +258,37 @@ impl Store {
             .collect()
     }
 
+    /// Swarm mode: the node that holds the user's workspace (`None`: none recorded yet).
+    pub async fn session_node(&self, user: &UserId) -> anyhow::Result<Option<String>> {
+        let row = sqlx::query("SELECT node FROM sessions WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("node")?,
+            None => None,
+        })
+    }
+
+    /// Swarm mode: records the node that holds the user's workspace, creating the session
+    /// (state `removed` until the container is saved) on first use.
+    pub async fn set_session_node(&self, user: &UserId, node: &str) -> anyhow::Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO sessions (user_id, state, created_at, last_activity, updated_at, node) \
+             VALUES ($1, 'removed', $2, $3, $4, $5) \
+             ON CONFLICT (user_id) DO UPDATE SET node = excluded.node",
+        )
+        .bind(user.as_str())
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(node)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn count_sessions(&self) -> anyhow::Result<i64> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM sessions")
             .fetch_one(&self.pool)

@@ -121,7 +121,10 @@ impl Terminals {
             .retry_after(1));
         }
 
-        if host_dir_state(&self.mgr.workspace_path(&user), &query.cwd) == DirState::Missing {
+        // Swarm mode has no host folder (the workspace is a volume on the user's node): the
+        // shell finds out itself.
+        let host_ws = self.mgr.host_workspace(&user);
+        if host_ws.is_some_and(|ws| host_dir_state(&ws, &query.cwd) == DirState::Missing) {
             return Err(ApiError::invalid(format!(
                 "cwd {} is not a folder in the workspace",
                 query.cwd

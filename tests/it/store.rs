@@ -53,6 +53,28 @@ async fn exercise(url: &str) {
     assert!(ev[0].at > 1_600_000_000_000, "UTC milliseconds");
     assert_eq!(store.sessions().await.unwrap().len(), 1);
     assert_eq!(store.count_sessions().await.unwrap(), 1);
+
+    // Swarm mode's node column (migration 0002): none on one host, kept across saves.
+    assert_eq!(store.session_node(&u).await.unwrap(), None);
+    store.set_session_node(&u, "node-a").await.unwrap();
+    store
+        .save_session(&u, Some(("c2", "n2")), "running", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.session_node(&u).await.unwrap().as_deref(),
+        Some("node-a")
+    );
+    let fresh = UserId::parse("4242").unwrap();
+    store.set_session_node(&fresh, "node-b").await.unwrap();
+    assert_eq!(
+        store.session_node(&fresh).await.unwrap().as_deref(),
+        Some("node-b")
+    );
+    assert_eq!(
+        store.session(&fresh).await.unwrap().unwrap().state,
+        "removed"
+    );
 }
 
 #[tokio::test]

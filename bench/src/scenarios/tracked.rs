@@ -36,7 +36,13 @@ impl Ctx {
                     let dir = this.ws.join(format!("user-{u}"));
                     sandboxd::sandbox::ensure_workspace_dir(&dir)?;
                     this.engine
-                        .create(cfg, u, &dir, &sandboxd::sandbox::spec::new_agent_key())
+                        .create(
+                            cfg,
+                            u,
+                            &dir,
+                            &sandboxd::sandbox::spec::new_agent_key(),
+                            None,
+                        )
                         .await?;
                     Ok(())
                 }
