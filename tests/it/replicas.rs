@@ -429,7 +429,7 @@ async fn a_container_left_by_a_replica_that_died_mid_create_is_adopted_not_doubl
     let cfg = sandboxd::config::Config::from_table(r.table.clone()).unwrap();
     let engine = sandboxd::sandbox::testing::Engine::connect().await.unwrap();
     let (left, _) = engine
-        .create(&cfg, &user, &ws, &"ab".repeat(32))
+        .create(&cfg, &user, &ws, &"ab".repeat(32), None)
         .await
         .unwrap();
     // The next init, through the other replica, takes that container.
