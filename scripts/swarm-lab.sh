@@ -101,7 +101,8 @@ spawn() {
 }
 
 sandboxd_bin() {
-  if [[ -n "${SANDBOXD_BIN:-}" ]]; then echo "$SANDBOXD_BIN"; return; fi
+  # Absolute: the edges start from their own folders.
+  if [[ -n "${SANDBOXD_BIN:-}" ]]; then realpath -m -- "$SANDBOXD_BIN"; return; fi
   local t=${CARGO_TARGET_DIR:-$REPO/target} r d
   r=$t/release/sandboxd; d=$t/debug/sandboxd
   if [[ -x "$r" && ( ! -x "$d" || "$r" -nt "$d" ) ]]; then echo "$r"; else echo "$d"; fi
