@@ -21,6 +21,9 @@ pub struct Api {
     addr: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
     auth: Auth,
+    /// The Host header of API calls, when it is not the address (an edge of the swarm lab
+    /// serves its API on the lab's domain only).
+    host: Option<String>,
 }
 
 impl Api {
@@ -33,6 +36,23 @@ impl Api {
                 .pool_idle_timeout(Duration::from_secs(3))
                 .build(conn),
             auth: Auth::new(secret.as_bytes()),
+            host: None,
+        }
+    }
+
+    /// The same client, sending `host` as the Host header of every API call.
+    pub fn with_host(mut self, host: &str) -> Api {
+        self.host = Some(host.to_owned());
+        self
+    }
+
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        let b = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        match &self.host {
+            Some(h) => b.header(HOST, h.as_str()),
+            None => b,
         }
     }
 
@@ -49,9 +69,8 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value)> {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr))
+        let req = self
+            .request(method, path)
             .header(AUTHORIZATION, format!("Bearer {}", self.token(user)?))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(
@@ -74,9 +93,8 @@ impl Api {
         path: &str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes)> {
-        let req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr))
+        let req = self
+            .request(method, path)
             .header(AUTHORIZATION, format!("Bearer {}", self.token(user)?))
             .body(Full::new(body))?;
         let resp = self.client.request(req).await.context("API request")?;
@@ -94,8 +112,9 @@ impl Api {
     }
 
     pub async fn healthz(&self) -> bool {
-        let Ok(req) =
-            Request::get(format!("http://{}/healthz", self.addr)).body(Full::new(Bytes::new()))
+        let Ok(req) = self
+            .request(Method::GET, "/healthz")
+            .body(Full::new(Bytes::new()))
         else {
             return false;
         };

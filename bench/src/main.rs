@@ -44,7 +44,9 @@ pub struct Opts {
     /// Short runs for development (fewer rounds, samples and connections).
     #[arg(long)]
     pub quick: bool,
-    /// Only these groups (comma-separated: proxy,proxy-cost,exec,files,terminal,idle,wake,tracked).
+    /// Only these groups (comma-separated: proxy,proxy-cost,exec,files,terminal,idle,wake,tracked,
+    /// swarm). Without it: every group but swarm, which runs only with `BENCH_SWARM=1` (it needs
+    /// the swarm lab: root, PostgreSQL, a few minutes).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Seconds `bench/run` spent before the benchmarks (tools, image, build), for the report.
@@ -57,7 +59,11 @@ pub struct Opts {
 
 impl Opts {
     pub fn wants(&self, group: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|g| g == group)
+        if self.only.is_empty() {
+            group != "swarm" || std::env::var("BENCH_SWARM").is_ok_and(|v| v == "1")
+        } else {
+            self.only.iter().any(|g| g == group)
+        }
     }
 }
 

@@ -45,6 +45,25 @@ pub struct Breakdown {
     pub cpu: Option<(f64, f64)>,
 }
 
+/// Swarm mode (`--only swarm`): one scenario timed single-host and in swarm mode through an
+/// edge, in the same run.
+#[derive(Clone, Debug)]
+pub struct SwarmWake {
+    pub label: String,
+    pub single: Summary,
+    pub swarm: Summary,
+    pub note: String,
+}
+
+/// Swarm mode: small preview GETs through one edge or both (wrk, keep-alive).
+#[derive(Clone, Debug)]
+pub struct SwarmLoad {
+    pub label: String,
+    pub conns: u32,
+    pub load: WrkResult,
+    pub note: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Fact {
     pub label: String,
@@ -79,6 +98,10 @@ pub struct Report {
     pub files: Vec<Fact>,
     pub terminal: Vec<TimedRow>,
     pub footprint: Vec<Fact>,
+    /// `--only swarm` (or a full run with `BENCH_SWARM=1`).
+    pub swarm_wake: Vec<SwarmWake>,
+    pub swarm_load: Vec<SwarmLoad>,
+    pub swarm_facts: Vec<Fact>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -371,6 +394,7 @@ impl Report {
         self.render_exec_terminal(w);
         self.render_files(w);
         self.render_footprint(w);
+        self.render_swarm(w);
         if !self.notes.is_empty() {
             let _ = writeln!(w, "## Notes from this run\n");
             for n in &self.notes {
@@ -597,5 +621,77 @@ impl Report {
             let _ = writeln!(w, "| {} | {} | {} |", f.label, f.value, f.note);
         }
         let _ = writeln!(w);
+    }
+
+    fn render_swarm(&self, w: &mut String) {
+        if self.swarm_wake.is_empty() && self.swarm_load.is_empty() && self.swarm_facts.is_empty()
+        {
+            return;
+        }
+        let _ = writeln!(w, "## Swarm mode\n");
+        let _ = writeln!(
+            w,
+            "`engine = \"swarm\"` on the project's lab (`scripts/swarm-lab.sh`: three Docker \
+             engines in network namespaces of this machine, two sandboxd edges sharing \
+             PostgreSQL), beside a single-host sandboxd on the host engine, same image, same \
+             limits (0.5 CPU, 512 MiB), same app, same run. Swarm-mode requests go to the edge \
+             on another node than the sandbox (edge 1 runs on n1, edge 2 on n2). Every engine \
+             of the lab runs on the same two cores as the bench, so the lab's own cost is in \
+             these figures.\n"
+        );
+        if !self.swarm_wake.is_empty() {
+            let _ = writeln!(
+                w,
+                "| scenario | runs | single host p50 | p95 | swarm p50 | p95 | swarm − single (p50) | how |\n|---|---:|---:|---:|---:|---:|---:|---|"
+            );
+            for r in &self.swarm_wake {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} / {} | {} | {} | {} | {} | {} | {} |",
+                    r.label,
+                    r.single.n,
+                    r.swarm.n,
+                    ms(r.single.p50),
+                    ms(r.single.p95),
+                    ms(r.swarm.p50),
+                    ms(r.swarm.p95),
+                    ms(r.swarm.p50 - r.single.p50),
+                    r.note
+                );
+            }
+            let _ = writeln!(w);
+        }
+        if !self.swarm_load.is_empty() {
+            let _ = writeln!(
+                w,
+                "Small preview responses (6 bytes) through the edges, wrk keep-alive GETs; \
+                 medians of the rounds:\n"
+            );
+            let _ = writeln!(
+                w,
+                "| path | connections | req/s | p50 | p99 | errors | how |\n|---|---:|---:|---:|---:|---:|---|"
+            );
+            for r in &self.swarm_load {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {:.0} | {} | {} | {} | {} |",
+                    r.label,
+                    r.conns,
+                    r.load.rps,
+                    us(r.load.p50_us),
+                    us(r.load.p99_us),
+                    r.load.errors,
+                    r.note
+                );
+            }
+            let _ = writeln!(w);
+        }
+        if !self.swarm_facts.is_empty() {
+            let _ = writeln!(w, "| what | value | how |\n|---|---:|---|");
+            for f in &self.swarm_facts {
+                let _ = writeln!(w, "| {} | {} | {} |", f.label, f.value, f.note);
+            }
+            let _ = writeln!(w);
+        }
     }
 }

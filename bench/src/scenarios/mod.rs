@@ -2,13 +2,15 @@
 //! A (proxy, execute, files API, terminal, idle connections; sandboxes unthrottled so the app is not the
 //! bottleneck), B1 (cold first hits, wake from paused, 20 users at once, memory per paused
 //! sandbox; idle pause after 1 s), B2 (wake from stopped; idle stop after 1 s), C (1,000
-//! tracked sandboxes adopted at start-up).
+//! tracked sandboxes adopted at start-up), and the swarm group (`--only swarm`: its own
+//! single-host sandboxd, then the swarm lab, which it brings up and down itself).
 
 mod exec;
 mod files;
 pub(crate) mod idle;
 mod proxy;
 mod proxy_cost;
+mod swarm;
 mod terminal;
 mod tracked;
 mod wake;
@@ -228,6 +230,11 @@ impl Ctx {
         if self.opts.wants("tracked") {
             let r = self.phase_c().await;
             self.note_err("phase C (tracked sandboxes)", r);
+            self.stop_server().await;
+        }
+        if self.opts.wants("swarm") {
+            let r = self.phase_swarm().await;
+            self.note_err("swarm mode (single host beside the swarm lab)", r);
             self.stop_server().await;
         }
         Ok(())
