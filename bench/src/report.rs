@@ -624,8 +624,7 @@ impl Report {
     }
 
     fn render_swarm(&self, w: &mut String) {
-        if self.swarm_wake.is_empty() && self.swarm_load.is_empty() && self.swarm_facts.is_empty()
-        {
+        if self.swarm_wake.is_empty() && self.swarm_load.is_empty() && self.swarm_facts.is_empty() {
             return;
         }
         let _ = writeln!(w, "## Swarm mode\n");

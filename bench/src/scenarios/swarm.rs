@@ -161,9 +161,12 @@ impl Side {
             }
         }
         let mut out = [cold, vec![], vec![]];
-        for (k, (args, want)) in [(&["pause"][..], "paused"), (&["stop", "-t", "1"][..], "exited")]
-            .into_iter()
-            .enumerate()
+        for (k, (args, want)) in [
+            (&["pause"][..], "paused"),
+            (&["stop", "-t", "1"][..], "exited"),
+        ]
+        .into_iter()
+        .enumerate()
         {
             for i in 0..=runs {
                 // The app is up, so the sample is the wake (and, after a stop, the app's start).
@@ -241,7 +244,8 @@ struct Lab {
 
 impl Lab {
     fn load() -> Result<Lab> {
-        let text = std::fs::read_to_string(LAB_ENV).with_context(|| format!("reading {LAB_ENV}"))?;
+        let text =
+            std::fs::read_to_string(LAB_ENV).with_context(|| format!("reading {LAB_ENV}"))?;
         let vars: HashMap<&str, &str> = text
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -286,7 +290,11 @@ impl Lab {
         let addr = self.edges[e];
         Side {
             name: format!("edge {}", e + 1),
-            api: Api::new(addr, &self.secret).with_host(&format!("{}:{}", self.domain, addr.port())),
+            api: Api::new(addr, &self.secret).with_host(&format!(
+                "{}:{}",
+                self.domain,
+                addr.port()
+            )),
             addr,
             preview_domain: self.preview_domain.clone(),
             instance: self.instance.clone(),
@@ -329,7 +337,9 @@ impl Ctx {
         self.opts.work.join("swarm-lab.ours")
     }
 
-    /// Runs `scripts/swarm-lab.sh ARG` (bounded), its output into `logs/swarm-lab-ARG.log`.
+    /// Runs `scripts/swarm-lab.sh ARG` (bounded), its log (stderr) into
+    /// `logs/swarm-lab-ARG.log`; stdout (`up` prints the token secret) is dropped, the lab's
+    /// addresses are read from /run/sbxlab/env.
     async fn lab_script(&self, arg: &str, limit: Duration) -> Result<()> {
         let log = std::fs::File::create(self.opts.work.join(format!("logs/swarm-lab-{arg}.log")))?;
         let mut cmd = tokio::process::Command::new("bash");
@@ -340,7 +350,7 @@ impl Ctx {
             .env("SBXLAB_EDGES", "1")
             .env("SBXLAB_LOG", EDGE_LOG_FILTER)
             .env_remove("SBXLAB_EDGE_ENV")
-            .stdout(log.try_clone()?)
+            .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
         if let Ok(img) = std::env::var("SANDBOXD_IMAGE") {
