@@ -138,3 +138,35 @@ async fn run(opts: Opts, nofile: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swarm_runs_when_named_or_with_bench_swarm() {
+        let opts = |only: &[&str]| {
+            Opts::parse_from(
+                [
+                    "sandboxd-bench",
+                    "--work",
+                    "w",
+                    "--sandboxd",
+                    "s",
+                    "--chp",
+                    "c",
+                ]
+                .into_iter()
+                .chain(["--out", "o", "--instance", "i"])
+                .chain(only.iter().copied()),
+            )
+        };
+        assert!(opts(&["--only", "swarm"]).wants("swarm"));
+        assert!(!opts(&["--only", "wake"]).wants("swarm"));
+        assert!(opts(&[]).wants("wake"));
+        // Without --only: only with BENCH_SWARM=1 (not set by the test command).
+        if std::env::var("BENCH_SWARM").is_err() {
+            assert!(!opts(&[]).wants("swarm"));
+        }
+    }
+}

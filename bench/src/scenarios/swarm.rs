@@ -312,20 +312,19 @@ fn guard_times(from: &[usize]) -> (Vec<usize>, Vec<f64>) {
             .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         counts.push(lines.len());
-        for l in lines.iter().skip(*skip) {
-            if !l.contains(GUARD_LINE) {
-                continue;
-            }
-            if let Some(v) = l
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("ms="))
-                .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-            {
-                times.push(v);
-            }
-        }
+        times.extend(lines.iter().skip(*skip).filter_map(|l| guard_ms(l)));
     }
     (counts, times)
+}
+
+/// The `ms=` of an edge's `network guard installed` log line (text format).
+fn guard_ms(line: &str) -> Option<f64> {
+    if !line.contains(GUARD_LINE) {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("ms="))
+        .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
 }
 
 fn fresh_user(tag: &str) -> String {
@@ -617,5 +616,29 @@ fn pct(part: f64, whole: f64) -> String {
         format!("{:.0} %", 100.0 * part / whole)
     } else {
         "–".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_times_come_from_the_edges_debug_line() {
+        let l = r#"2026-12-01T15:59:25.333863Z DEBUG request{request_id=07a9 user=bsww1}: sandboxd::sandbox::swarm: network guard installed container="afc2" ms=346"#;
+        assert_eq!(guard_ms(l), Some(346.0));
+        assert_eq!(guard_ms("INFO sandbox event ms=12"), None);
+        assert_eq!(
+            guard_ms("DEBUG network guard installed container=\"x\""),
+            None
+        );
+    }
+
+    #[test]
+    fn users_are_valid_ids_and_the_app_is_embedded() {
+        let u = fresh_user("w");
+        assert!(sandboxd::user::UserId::parse(&u).is_ok(), "{u}");
+        assert!(app_code().contains("preview.json"));
+        assert!(app_code().contains("server.listen(5173"));
     }
 }
