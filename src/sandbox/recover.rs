@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use crate::store::now_ms;
 use crate::user::UserId;
 use docker::{DockerState, ErrorKind};
 
@@ -108,27 +107,7 @@ impl Manager {
                 slot.flushed_activity
                     .store(s.last_activity, Ordering::Relaxed);
             }
-            let c = Container {
-                id: keep.id.clone(),
-                name: keep.name.clone(),
-                state,
-                ip: i.ip,
-                created_at: if keep.created > 0 {
-                    keep.created
-                } else {
-                    now_ms()
-                },
-                permit,
-                boosted: false,
-                boot_gen: 0,
-                // A container made before the agent had keys: one made here; the first call
-                // finds the agent deaf to it and restarts it with this one (agent/door.rs).
-                agent_key: keep
-                    .agent_key
-                    .clone()
-                    .unwrap_or_else(super::spec::new_agent_key)
-                    .into(),
-            };
+            let c = Container::found(keep.clone(), state, i.ip, None, permit);
             let mut g = slot.inner.lock().await;
             *g = Some(c);
             slot.publish(&g);

@@ -390,30 +390,13 @@ impl Manager {
             .await;
         }
         let i = self.engine.inspect(&keep.id, &self.network).await?;
-        let mut c = Container {
-            id: keep.id.clone(),
-            name: keep.name,
-            state: State::of_engine(i.state),
-            ip: i.ip,
-            created_at: if keep.created > 0 {
-                keep.created
-            } else {
-                now_ms()
-            },
-            permit: None,
-            boosted: false,
-            boot_gen: 0,
-            agent_key: keep
-                .agent_key
-                .or(i.agent_key)
-                .unwrap_or_else(spec::new_agent_key)
-                .into(),
-        };
+        let keep_id = keep.id.clone();
+        let mut c = Container::found(keep, State::of_engine(i.state), i.ip, i.agent_key, None);
         self.fix_permit(&mut c);
         *guard = Some(c);
         self.event(
             user,
-            Some(&keep.id),
+            Some(&keep_id),
             "adopted",
             Some("left by a replica that stopped"),
         )

@@ -10,6 +10,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use crate::store::now_ms;
 use crate::user::UserId;
 
+use super::docker::Managed;
 use super::State;
 
 pub(super) struct Container {
@@ -26,6 +27,37 @@ pub(super) struct Container {
     pub(super) boot_gen: u64,
     /// The key of the container's agent (its label, or made here for an older container).
     pub(super) agent_key: Arc<str>,
+}
+
+impl Container {
+    /// A container found on an engine rather than made here (start-up, a node's inventory, one a
+    /// stopped replica left behind), in the `state` and at the `ip` its inspection gave. It never
+    /// runs with the boot quota. One made before the agent had keys (no label, no `key` from the
+    /// inspection) gets a key here: the first call finds the agent deaf to it and restarts it
+    /// with this one (agent/door.rs).
+    pub(super) fn found(
+        m: Managed,
+        state: State,
+        ip: Option<IpAddr>,
+        key: Option<String>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Container {
+        Container {
+            id: m.id,
+            name: m.name,
+            state,
+            ip,
+            created_at: if m.created > 0 { m.created } else { now_ms() },
+            permit,
+            boosted: false,
+            boot_gen: 0,
+            agent_key: m
+                .agent_key
+                .or(key)
+                .unwrap_or_else(super::spec::new_agent_key)
+                .into(),
+        }
+    }
 }
 
 /// Per-user slot. The async mutex is the single-flight: every transition for a user runs

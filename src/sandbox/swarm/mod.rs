@@ -28,7 +28,6 @@ use super::docker::{Engine, ErrorKind, Managed};
 use super::slot::Container;
 use super::{shell::Script, spec, Manager, SandboxError, Slot, State};
 use crate::config::{Config, SwarmConfig};
-use crate::store::now_ms;
 use crate::user::UserId;
 use nodes::Node;
 
@@ -351,25 +350,7 @@ impl Manager {
         } else {
             self.capacity.clone().try_acquire_owned().ok()
         };
-        *guard = Some(Container {
-            id: keep.id.clone(),
-            name: keep.name.clone(),
-            state,
-            ip: i.ip,
-            created_at: if keep.created > 0 {
-                keep.created
-            } else {
-                now_ms()
-            },
-            permit,
-            boosted: false,
-            boot_gen: 0,
-            agent_key: keep
-                .agent_key
-                .clone()
-                .unwrap_or_else(spec::new_agent_key)
-                .into(),
-        });
+        *guard = Some(Container::found(keep.clone(), state, i.ip, None, permit));
         self.event(user, Some(&keep.id), "adopted", Some("found on its node"))
             .await;
         self.save(user, guard, None).await?;
