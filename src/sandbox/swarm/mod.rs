@@ -13,6 +13,7 @@
 //! container in its network namespace (`NET_ADMIN` only), then confirmed to the sandbox's init
 //! by a root-owned marker.
 
+pub mod endpoint;
 pub mod nodes;
 pub mod placement;
 pub mod rules;
@@ -43,6 +44,8 @@ const GUARD_WITHIN: Duration = Duration::from_secs(8);
 /// The swarm as sandboxd last saw it.
 pub struct Swarm {
     cfg: SwarmConfig,
+    /// `swarm_tls_dir`'s material, for `https://` managers and nodes.
+    tls: Option<Arc<endpoint::EngineTls>>,
     /// The overlay's subnets (checked IPv4 networks).
     overlay: Vec<String>,
     nodes: StdMutex<Vec<Node>>,
@@ -60,7 +63,11 @@ impl Swarm {
             .swarm
             .clone()
             .ok_or_else(|| anyhow!("engine is not swarm"))?;
-        let engine = Engine::connect_swarm(&sc.managers).await?;
+        let tls = match &sc.tls_dir {
+            Some(dir) => Some(Arc::new(endpoint::EngineTls::load(dir)?)),
+            None => None,
+        };
+        let engine = Engine::connect_swarm(&sc.managers, tls.clone()).await?;
         let overlay = match engine.inspect_overlay(&sc.network).await {
             Ok(o) => o,
             Err(e) if e.kind() == ErrorKind::NotFound => bail!(
@@ -88,6 +95,7 @@ impl Swarm {
         }
         let swarm = Swarm {
             cfg: sc,
+            tls,
             overlay: subnets,
             nodes: StdMutex::default(),
             bridges: StdMutex::default(),
@@ -109,7 +117,7 @@ impl Swarm {
         let mut last = anyhow!("no swarm manager configured");
         let mut found = None;
         for url in &self.cfg.managers {
-            match nodes::fetch(url, ASK_WITHIN).await {
+            match nodes::fetch(url, self.tls.as_deref(), ASK_WITHIN).await {
                 Ok(n) => {
                     found = Some(n);
                     break;
