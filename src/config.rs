@@ -556,9 +556,8 @@ fn swarm_config(t: &Table) -> anyhow::Result<SwarmConfig> {
     if !(node_engine.contains("{hostname}") || node_engine.contains("{addr}")) {
         bail!("invalid value for swarm_node_engine: {node_engine:?} (an engine URL with {{hostname}} or {{addr}}, e.g. unix:///run/sbxlab/{{hostname}}.sock or https://{{addr}}:2376)");
     }
-    check_engine_url(&sample, tls).map_err(|e| {
-        anyhow!("invalid value for swarm_node_engine: {node_engine:?}: {e}")
-    })?;
+    check_engine_url(&sample, tls)
+        .map_err(|e| anyhow!("invalid value for swarm_node_engine: {node_engine:?}: {e}"))?;
     let network = t.nonempty("swarm_network")?;
     let network_ok = network.len() <= 64
         && network
@@ -871,7 +870,10 @@ mod tests {
         ];
         let mut tls = base.to_vec();
         tls.extend([
-            ("SANDBOXD_SWARM_MANAGERS", "https://10.97.0.11:2376, tcp://m2.example:2376"),
+            (
+                "SANDBOXD_SWARM_MANAGERS",
+                "https://10.97.0.11:2376, tcp://m2.example:2376",
+            ),
             ("SANDBOXD_SWARM_NODE_ENGINE", "https://{addr}:2376"),
             ("SANDBOXD_SWARM_TLS_DIR", "/etc/sandboxd/engine-tls"),
         ]);
@@ -884,7 +886,10 @@ mod tests {
         // The same without the TLS dir: refused, naming the key that needs it.
         tls.retain(|(k, _)| *k != "SANDBOXD_SWARM_TLS_DIR");
         let err = format!("{:#}", Config::load(None, env(&tls)).unwrap_err());
-        assert!(err.contains("swarm_managers") && err.contains("swarm_tls_dir"), "{err}");
+        assert!(
+            err.contains("swarm_managers") && err.contains("swarm_tls_dir"),
+            "{err}"
+        );
         // unix:// engines need no TLS dir; the key stays empty.
         let mut unix = base.to_vec();
         unix.extend([

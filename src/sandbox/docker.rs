@@ -308,10 +308,8 @@ fn lazy_url(url: &str, tls: Option<&Arc<EngineTls>>) -> anyhow::Result<Docker> {
     };
     let endpoint = Endpoint::parse(url, tls.is_some()).map_err(|e| anyhow::anyhow!(e))?;
     let docker = match (&endpoint, tls) {
-        (Endpoint::Unix(path), _) => {
-            Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), &v141)
-                .with_context(|| format!("engine URL {url}"))?
-        }
+        (Endpoint::Unix(path), _) => Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), &v141)
+            .with_context(|| format!("engine URL {url}"))?,
         (Endpoint::Tls { .. }, Some(tls)) => {
             let base = endpoint.https_base().unwrap_or_default();
             tls_client(&base, tls, &v141).with_context(|| format!("engine URL {url}"))?
@@ -364,7 +362,13 @@ async fn connect_url(url: &str, tls: Option<&Arc<EngineTls>>) -> anyhow::Result<
         Err(e) => {
             let e = anyhow::Error::new(e);
             Err(match (Endpoint::parse(url, true), tls) {
-                (Ok(Endpoint::Tls { host, port }), Some(tls)) => e.context(tls.refused(&host, port)),
+                // The TLS alert (a refused client certificate) is in the probe's answer.
+                (Ok(Endpoint::Tls { host, port }), Some(tls)) => match tls.probe(&host, port).await
+                {
+                    Err(why) => why,
+                    Ok(()) => e,
+                }
+                .context(tls.refused(&host, port)),
                 _ => e,
             }
             .context(format!("the engine at {url} did not answer")))

@@ -167,6 +167,13 @@ impl Swarm {
         for gone in before.iter().filter(|n| !now.contains(n.id.as_str())) {
             engine.mark_node(&gone.id, Some("no longer in the swarm".into()));
         }
+        // What placement will act on from now: a node new, or its state or availability changed.
+        for n in &list {
+            let was = before.iter().find(|b| b.id == n.id);
+            if was.is_none_or(|b| (&b.state, &b.availability) != (&n.state, &n.availability)) {
+                tracing::info!(node = %n.hostname, state = %n.state, availability = %n.availability, "swarm node");
+            }
+        }
         *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = list;
         Ok(())
     }

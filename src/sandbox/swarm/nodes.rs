@@ -163,12 +163,10 @@ async fn get(
                 ask(stream, "docker", path).await
             }
             (Endpoint::Tls { host, port }, Some(tls)) => {
-                let stream = tls.connect(host, *port).await?;
                 let authority = endpoint.https_base().unwrap_or_default();
                 let authority = authority.trim_start_matches("https://");
-                ask(stream, authority, path)
-                    .await
-                    .with_context(|| tls.refused(host, *port))
+                let asked = async { ask(tls.connect(host, *port).await?, authority, path).await };
+                asked.await.with_context(|| tls.refused(host, *port))
             }
             (Endpoint::Tls { .. }, None) => bail!("{url} needs swarm_tls_dir"),
         }
