@@ -127,7 +127,13 @@ impl Swarm {
         }
         let list = found.ok_or(last).context("reading the swarm's nodes")?;
         let checks = list.iter().map(|n| async move {
-            let url = match nodes::engine_url(&self.cfg.node_engine, n) {
+            // A URL the template cannot make, or not a usable engine URL (e.g. a hostname that
+            // is no TLS server name): the node is left out, never a failed inventory pass.
+            let url = match nodes::engine_url(&self.cfg.node_engine, n).and_then(|u| {
+                endpoint::Endpoint::parse(&u, self.tls.is_some())
+                    .map(|_| u)
+                    .map_err(|e| anyhow!("node {}: {e}", n.hostname))
+            }) {
                 Ok(u) => u,
                 Err(e) => return (n, String::new(), Some(format!("{e:#}"))),
             };
