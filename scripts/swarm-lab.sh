@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # swarm-lab.sh — the project's 3-node Docker Swarm lab on ONE machine, with two sandboxd edges.
 #
-#   scripts/swarm-lab.sh up       build the lab, print EDGE_1=… EDGE_2=… NODE_1..3=… AUTH_SECRET=…
-#                                 PREVIEW_DOMAIN=… (also written to /run/sbxlab/env)
+#   scripts/swarm-lab.sh up       build the lab, print EDGE_1=… EDGE_2=… NODE_1..3=… NODE_TLS_1..3=…
+#                                 AUTH_SECRET=… PREVIEW_DOMAIN=… (also written to /run/sbxlab/env)
 #   scripts/swarm-lab.sh down     remove everything `up` made (by pid and exact name; idempotent,
 #                                 also after a half-failed `up`)
 #   scripts/swarm-lab.sh edges [N] (re)start the two edges (or edge N) on a lab that is up
@@ -17,7 +17,12 @@
 #     before any engine starts: overlay addresses are never routed off the machine.
 #   - per node: containerd + dockerd (niced, own data/exec roots under /var/lib/sbxlab/nN and
 #     /run/sbxlab/nN, own UTS hostname nN, socket /run/sbxlab/nN.sock, cgroup parent /sbxlab-nN,
-#     --no-new-privileges engine-wide).
+#     --no-new-privileges engine-wide), and the same engine on tcp://10.97.0.1N:2376 with
+#     --tlsverify (Docker's TLS port; a real deployment's engine endpoint).
+#   - engine TLS under /var/lib/sbxlab/tls (openssl, EC P-256, valid 2 days): a lab CA (its key
+#     stays in tls/ca), per node nN/{ca,cert,key}.pem (server certificate, SAN IP 10.97.0.1N),
+#     and client/{ca,cert,key}.pem (sandboxd's client certificate; Docker's --tlsverify layout,
+#     what swarm_tls_dir points at).
 #   - swarm: n1 manager, n2 n3 workers, --default-addr-pool 10.241.0.0/16; node labels
 #     sbxlab.node=nN and sandboxd=true.
 #   - the attachable overlay sandboxd-overlay: subnet 10.241.8.0/22, sandboxes get addresses from
@@ -31,8 +36,12 @@
 #     running `sleep infinity` as nobody, no capabilities, read-only, on the overlay at its static
 #     address, its port 8080 published on the node address 10.97.0.1N by the node engine), and
 #     the host's sandboxd binary run by `nsenter --net=/proc/<anchor pid>/ns/net`: it reaches
-#     sandboxes by overlay address, node engines and PostgreSQL by unix socket, and the host
-#     reaches it at http://10.97.0.1N:8080 (the node's published port). The edges start when the
+#     sandboxes by overlay address and PostgreSQL by unix socket; edge 1 reaches the node
+#     engines by their unix sockets, edge 2 over TLS (swarm_managers https://10.97.0.11:2376,
+#     swarm_node_engine https://{addr}:2376, swarm_tls_dir /var/lib/sbxlab/tls/client), from the
+#     anchor's namespace through its docker_gwbridge to its node, which forwards (masqueraded)
+#     to the node addresses; so the suite runs through both transports. The host reaches an
+#     edge at http://10.97.0.1N:8080 (the node's published port). The edges start when the
 #     binary knows `engine = "swarm"` (checked with `sandboxd token`), or when SBXLAB_EDGES=1.
 #
 # Env: SANDBOXD_BIN (default: the newer of ${CARGO_TARGET_DIR:-target}/{release,debug}/sandboxd),
@@ -62,6 +71,7 @@ OVERLAY_RANGE=10.241.10.0/23
 OVERLAY_GW=10.241.8.1
 EDGE_CIDR=10.241.8.0/28
 EDGE_PORT=8080
+TLS_PORT=2376
 DOMAIN=sbxlab.test
 PREVIEW_DOMAIN=preview.sbxlab.test
 INSTANCE=sbxlab
@@ -69,6 +79,7 @@ IMAGE=${SBXLAB_IMAGE:-sandboxd-sandbox:latest}
 LIB=/var/lib/sbxlab
 RUN=/run/sbxlab
 ENV_FILE=$RUN/env
+TLS=$LIB/tls
 PG_DB=sbxlab
 PG_ROLE=sbxlab
 PG_SOCKET_DIR=/var/run/postgresql
@@ -79,6 +90,7 @@ SET_HOSTNAME_AND_EXEC='hostname "$0"; exec "$@"'
 node_ip()   { echo "$NET.$((10 + $1))"; }
 edge_ip()   { echo "10.241.8.$((1 + $1))"; }
 sock()      { echo "$RUN/n$1.sock"; }
+tls_url()   { echo "https://$(node_ip "$1"):$TLS_PORT"; }
 dk()        { local i=$1; shift; docker -H "unix://$(sock "$i")" "$@"; }
 pidfile_kill() {  # pidfile_kill FILE WORD: TERM the pid in FILE, wait up to 15 s, then KILL
   # Only when that process's command line still holds WORD (a pid reused since is left alone).
@@ -145,6 +157,49 @@ setup_net() {
   done
 }
 
+# The engines' TLS material: a lab CA, a server certificate per node (SAN = its address) and
+# sandboxd's client certificate, each in Docker's --tlsverify layout (ca.pem, cert.pem, key.pem).
+make_tls() {
+  local i d
+  mkdir -p "$TLS/ca" "$TLS/client"
+  chmod 0700 "$TLS" "$TLS/ca"
+  ( umask 077
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -subj "/CN=sbxlab engine CA" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$TLS/ca/key.pem" -out "$TLS/ca/ca.pem" 2>/dev/null )
+  issue() {  # issue DIR CN EXTENSIONS: key + certificate signed by the lab CA in DIR
+    ( umask 077
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$2" \
+        -keyout "$1/key.pem" -out "$1/req.pem" 2>/dev/null )
+    printf '%s\n' "$3" >"$1/ext.cnf"
+    openssl x509 -req -in "$1/req.pem" -CA "$TLS/ca/ca.pem" -CAkey "$TLS/ca/key.pem" \
+      -CAcreateserial -days 2 -extfile "$1/ext.cnf" -out "$1/cert.pem" 2>/dev/null
+    rm -f "$1/req.pem" "$1/ext.cnf"
+    cp "$TLS/ca/ca.pem" "$1/ca.pem"
+  }
+  for i in $(seq 1 "$N"); do
+    d=$TLS/n$i
+    mkdir -p "$d"
+    issue "$d" "n$i" "subjectAltName=IP:$(node_ip "$i")
+extendedKeyUsage=serverAuth
+keyUsage=critical,digitalSignature"
+  done
+  issue "$TLS/client" sandboxd "extendedKeyUsage=clientAuth
+keyUsage=critical,digitalSignature"
+}
+
+# The node's TLS endpoint answers a client with the lab's client certificate (from the host).
+wait_tls() {
+  local i=$1 _
+  for _ in $(seq 1 100); do
+    curl -fsS --max-time 2 -o /dev/null --cacert "$TLS/client/ca.pem" --cert "$TLS/client/cert.pem" \
+      --key "$TLS/client/key.pem" "$(tls_url "$i")/_ping" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "engine n$i does not answer TLS at $(tls_url "$i") (log: $LIB/n$i/dockerd.log)"
+}
+
 guard_route() {
   ip route replace blackhole "$POOL"
   ip route show exact "$POOL" | grep -q '^blackhole' \
@@ -183,6 +238,8 @@ EOF
     --containerd "$R/containerd/containerd.sock" \
     --data-root "$L/data" --exec-root "$R/docker" \
     -H "unix://$(sock "$i")" --pidfile "$R/docker.pid" \
+    -H "tcp://$(node_ip "$i"):$TLS_PORT" --tlsverify --tlscacert "$TLS/n$i/ca.pem" \
+    --tlscert "$TLS/n$i/cert.pem" --tlskey "$TLS/n$i/key.pem" \
     --bip "10.96.$i.1/24" --cgroup-parent "/sbxlab-n$i" \
     --no-new-privileges --log-level warn \
     >>"$L/dockerd.log" 2>&1
@@ -313,12 +370,18 @@ start_edge() {
   # What `edges` reuses when it restarts an edge without being told a binary.
   printf '%s\n' "$bin" >"$RUN/edge-bin"
   printf '%s\n' "${SBXLAB_EDGE_ENV:-}" >"$RUN/edge-env"
+  # Edge 1 reaches the engines by their unix sockets, edge 2 over TLS with a client certificate.
+  local engines=(SANDBOXD_SWARM_MANAGERS="unix://$(sock 1)"
+    SANDBOXD_SWARM_NODE_ENGINE="unix://$RUN/{hostname}.sock" SANDBOXD_SWARM_TLS_DIR=)
+  if [[ "$i" = 2 ]]; then
+    engines=(SANDBOXD_SWARM_MANAGERS="$(tls_url 1)"
+      SANDBOXD_SWARM_NODE_ENGINE="https://{addr}:$TLS_PORT" SANDBOXD_SWARM_TLS_DIR="$TLS/client")
+  fi
   (cd "$E" && spawn "$RUN/edge$i.pid" \
     env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     SANDBOXD_LOG="${SBXLAB_LOG:-info}" \
     SANDBOXD_ENGINE=swarm \
-    SANDBOXD_SWARM_MANAGERS="unix://$(sock 1)" \
-    SANDBOXD_SWARM_NODE_ENGINE="unix://$RUN/{hostname}.sock" \
+    "${engines[@]}" \
     SANDBOXD_SWARM_NETWORK="$OVERLAY" \
     SANDBOXD_SWARM_EDGE_CIDR="$EDGE_CIDR" \
     SANDBOXD_HTTP_ADDR="0.0.0.0:$EDGE_PORT" \
@@ -355,7 +418,7 @@ wait_edge() {
 cmd_up() {
   require_root
   local t0=$SECONDS c
-  for c in docker dockerd containerd nsenter unshare ip psql pg_lsclusters runuser curl setsid; do need "$c"; done
+  for c in docker dockerd containerd nsenter unshare ip psql pg_lsclusters runuser curl setsid openssl; do need "$c"; done
   if ip netns list | grep -qw "$HUB" || [[ -e "$RUN" ]]; then
     die "the lab (or a part of it) is already there: run '$0 down' first"
   fi
@@ -376,6 +439,8 @@ cmd_up() {
   log "route blackhole $POOL, netns $HUB + sbxlab-n1..$N (host $NET.1, nodes $(node_ip 1)..$(node_ip "$N"))"
   guard_route
   setup_net
+  log "engine TLS: lab CA, server certificates for $(node_ip 1)..$(node_ip "$N"), client certificate ($TLS)"
+  make_tls
 
   local secret pgpw dbpid
   secret=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -389,6 +454,7 @@ cmd_up() {
   log "engine n1; $IMAGE into n1 (background); swarm init, overlay $OVERLAY"
   start_engine 1
   wait_engine 1
+  wait_tls 1
   load_image_n1 >"$LIB/image.log" 2>&1 &
   loadpid=$!
   init_swarm
@@ -398,6 +464,7 @@ cmd_up() {
   for i in $(seq 2 "$N"); do start_engine "$i"; done
   for i in $(seq 2 "$N"); do
     wait_engine "$i"
+    wait_tls "$i"
     dk "$i" image inspect "$IMAGE" >/dev/null 2>&1 || die "n$i does not see $IMAGE after the copy"
   done
   join_swarm
@@ -426,6 +493,8 @@ write_env() {  # write_env SECRET DATABASE_URL EDGES_RUNNING
   {
     for i in $(seq 1 "$EDGES"); do echo "EDGE_$i=http://$(node_ip "$i"):$EDGE_PORT"; done
     for i in $(seq 1 "$N"); do echo "NODE_$i=unix://$(sock "$i")"; done
+    for i in $(seq 1 "$N"); do echo "NODE_TLS_$i=$(tls_url "$i")"; done
+    echo "TLS_DIR=$TLS"
     echo "AUTH_SECRET=$1"
     echo "PREVIEW_DOMAIN=$PREVIEW_DOMAIN"
     echo "DOMAIN=$DOMAIN"

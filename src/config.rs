@@ -110,6 +110,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("swarm_network", Kind::Str, "\"sandboxd-overlay\""),
     ("swarm_edge_cidr", Kind::Str, "\"\""),
     ("swarm_node_labels", Kind::List, "[]"),
+    ("swarm_tls_dir", Kind::Str, "\"\""),
 ];
 
 /// Validated configuration. Built only through [`Config::load`] or [`Config::from_table`].
@@ -192,12 +193,15 @@ pub struct SwarmConfig {
     pub edge_cidr: String,
     /// `key=value` node labels a node must carry to receive new sandboxes.
     pub node_labels: Vec<(String, String)>,
+    /// TLS to `https://` (or `tcp://`) engines: `ca.pem`, `cert.pem`, `key.pem` (Docker's
+    /// `--tlsverify` layout); loaded and checked at start-up (`swarm::endpoint`).
+    pub tls_dir: Option<PathBuf>,
 }
 
-/// An engine URL sandboxd can reach: `unix:///path` (more schemes later: TLS endpoints).
-fn valid_engine_url(s: &str) -> bool {
-    s.strip_prefix("unix://")
-        .is_some_and(|p| p.starts_with('/') && !p.contains(char::is_whitespace))
+/// An engine URL sandboxd can reach: `unix:///path`, or `https://host:port` / `tcp://host:port`
+/// with a TLS dir (`swarm::endpoint`); why not otherwise.
+fn check_engine_url(s: &str, tls: bool) -> Result<(), String> {
+    crate::sandbox::swarm::endpoint::Endpoint::parse(s, tls).map(drop)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -532,24 +536,28 @@ impl Config {
 
 /// The `swarm_*` keys, validated (only read with `engine = "swarm"`).
 fn swarm_config(t: &Table) -> anyhow::Result<SwarmConfig> {
+    let tls_dir = Some(t.str("swarm_tls_dir")?.trim().to_owned())
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    let tls = tls_dir.is_some();
     let managers = t.list("swarm_managers")?;
     if managers.is_empty() {
         bail!(
             "invalid value for swarm_managers: engine = \"swarm\" needs at least one manager URL"
         );
     }
-    if let Some(bad) = managers.iter().find(|m| !valid_engine_url(m)) {
-        bail!("invalid value for swarm_managers: {bad:?} is not an engine URL like unix:///run/docker.sock");
+    for m in &managers {
+        check_engine_url(m, tls).map_err(|e| anyhow!("invalid value for swarm_managers: {e}"))?;
     }
     let node_engine = t.str("swarm_node_engine")?;
     let sample = node_engine
         .replace("{hostname}", "n1")
         .replace("{addr}", "10.0.0.1");
-    if !(node_engine.contains("{hostname}") || node_engine.contains("{addr}"))
-        || !valid_engine_url(&sample)
-    {
-        bail!("invalid value for swarm_node_engine: {node_engine:?} (an engine URL with {{hostname}} or {{addr}}, e.g. unix:///run/sbxlab/{{hostname}}.sock)");
+    if !(node_engine.contains("{hostname}") || node_engine.contains("{addr}")) {
+        bail!("invalid value for swarm_node_engine: {node_engine:?} (an engine URL with {{hostname}} or {{addr}}, e.g. unix:///run/sbxlab/{{hostname}}.sock or https://{{addr}}:2376)");
     }
+    check_engine_url(&sample, tls)
+        .map_err(|e| anyhow!("invalid value for swarm_node_engine: {node_engine:?}: {e}"))?;
     let network = t.nonempty("swarm_network")?;
     let network_ok = network.len() <= 64
         && network
@@ -587,6 +595,7 @@ fn swarm_config(t: &Table) -> anyhow::Result<SwarmConfig> {
         network,
         edge_cidr,
         node_labels,
+        tls_dir,
     })
 }
 
@@ -841,6 +850,8 @@ mod tests {
             ("SANDBOXD_SWARM_EDGE_CIDR", "10.241.8.0/28 -j ACCEPT"),
             ("SANDBOXD_SWARM_NODE_LABELS", "sandboxd"),
             ("SANDBOXD_SWARM_NETWORK", "a b"),
+            ("SANDBOXD_SWARM_NODE_ENGINE", "https://{addr}:2376"),
+            ("SANDBOXD_SWARM_NODE_ENGINE", "http://{addr}:2375"),
         ] {
             let mut vars = ok.to_vec();
             vars.retain(|(k, _)| *k != key);
@@ -849,6 +860,44 @@ mod tests {
             let name = key.trim_start_matches("SANDBOXD_").to_ascii_lowercase();
             assert!(format!("{err:#}").contains(&name), "{key}={bad}: {err:#}");
         }
+    }
+
+    #[test]
+    fn swarm_engines_over_tls_need_the_tls_dir() {
+        let base = [
+            ("SANDBOXD_ENGINE", "swarm"),
+            ("SANDBOXD_SWARM_EDGE_CIDR", "10.241.8.0/28"),
+        ];
+        let mut tls = base.to_vec();
+        tls.extend([
+            (
+                "SANDBOXD_SWARM_MANAGERS",
+                "https://10.97.0.11:2376, tcp://m2.example:2376",
+            ),
+            ("SANDBOXD_SWARM_NODE_ENGINE", "https://{addr}:2376"),
+            ("SANDBOXD_SWARM_TLS_DIR", "/etc/sandboxd/engine-tls"),
+        ]);
+        let s = Config::load(None, env(&tls)).unwrap().swarm.unwrap();
+        assert_eq!(
+            s.tls_dir.as_deref(),
+            Some(std::path::Path::new("/etc/sandboxd/engine-tls"))
+        );
+        assert_eq!(s.managers.len(), 2);
+        // The same without the TLS dir: refused, naming the key that needs it.
+        tls.retain(|(k, _)| *k != "SANDBOXD_SWARM_TLS_DIR");
+        let err = format!("{:#}", Config::load(None, env(&tls)).unwrap_err());
+        assert!(
+            err.contains("swarm_managers") && err.contains("swarm_tls_dir"),
+            "{err}"
+        );
+        // unix:// engines need no TLS dir; the key stays empty.
+        let mut unix = base.to_vec();
+        unix.extend([
+            ("SANDBOXD_SWARM_MANAGERS", "unix:///run/docker.sock"),
+            ("SANDBOXD_SWARM_NODE_ENGINE", "unix:///run/{hostname}.sock"),
+        ]);
+        let s = Config::load(None, env(&unix)).unwrap().swarm.unwrap();
+        assert_eq!(s.tls_dir, None);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::sync::RwLock;
 
 use crate::config::Config;
 use crate::sandbox::spec;
+use crate::sandbox::swarm::endpoint::{self, Endpoint, EngineTls};
 use crate::user::UserId;
 
 /// Bound on the engine's answer (its response head) to any call; streams such as an exec's
@@ -54,6 +55,8 @@ pub(super) struct Fleet {
     owner: StdMutex<HashMap<String, String>>,
     /// Bumped when a node becomes usable or unusable.
     generation: tokio::sync::watch::Sender<u64>,
+    /// `swarm_tls_dir`, for `https://` engines.
+    tls: Option<Arc<EngineTls>>,
 }
 
 #[derive(Clone)]
@@ -295,29 +298,82 @@ impl Fleet {
     }
 }
 
-/// A client for an engine URL (`unix:///path`), not yet asked anything; API version 1.41
-/// (Debian's engine, the oldest sandboxd supports).
-fn lazy_url(url: &str) -> anyhow::Result<Docker> {
-    let path = url
-        .strip_prefix("unix://")
-        .ok_or_else(|| anyhow::anyhow!("unsupported engine URL {url:?} (unix:// only)"))?;
+/// A client for an engine URL (`unix:///path`, or `https://host:port` with the TLS material of
+/// `swarm_tls_dir`), not yet asked anything; API version 1.41 (Debian's engine, the oldest
+/// sandboxd supports).
+fn lazy_url(url: &str, tls: Option<&Arc<EngineTls>>) -> anyhow::Result<Docker> {
     let v141 = bollard::ClientVersion {
         major_version: 1,
         minor_version: 41,
     };
-    Ok(
-        Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), &v141)
-            .with_context(|| format!("engine URL {url}"))?
-            .with_timeout(CALL_TIMEOUT),
+    let endpoint = Endpoint::parse(url, tls.is_some()).map_err(|e| anyhow::anyhow!(e))?;
+    let docker = match (&endpoint, tls) {
+        (Endpoint::Unix(path), _) => Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), &v141)
+            .with_context(|| format!("engine URL {url}"))?,
+        (Endpoint::Tls { .. }, Some(tls)) => {
+            let base = endpoint.https_base().unwrap_or_default();
+            tls_client(&base, tls, &v141).with_context(|| format!("engine URL {url}"))?
+        }
+        (Endpoint::Tls { .. }, None) => anyhow::bail!("engine URL {url} needs swarm_tls_dir"),
+    };
+    Ok(docker.with_timeout(CALL_TIMEOUT))
+}
+
+/// bollard over our own TLS (bollard 0.18's `connect_with_ssl` would also trust the system's
+/// roots, read the key at every handshake and keep no connection alive): a pooled hyper client
+/// whose connector speaks only HTTPS, trusts only `ca.pem` and presents the client certificate.
+fn tls_client(
+    base: &str,
+    tls: &EngineTls,
+    version: &bollard::ClientVersion,
+) -> Result<Docker, BollardError> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(endpoint::CONNECT_WITHIN));
+    http.set_keepalive(Some(std::time::Duration::from_secs(30)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls.client_config()).clone())
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = Arc::new(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_max_idle_per_host(8)
+            .build(https),
+    );
+    Docker::connect_with_custom_transport(
+        move |req: bollard::BollardRequest| {
+            let client = client.clone();
+            Box::pin(async move { client.request(req).await.map_err(BollardError::from) })
+        },
+        Some(base),
+        CALL_TIMEOUT.as_secs(),
+        version,
     )
 }
 
 /// A client for an engine URL, with the API version negotiated (the engine must answer).
-async fn connect_url(url: &str) -> anyhow::Result<Docker> {
-    lazy_url(url)?
-        .negotiate_version()
-        .await
-        .with_context(|| format!("the engine at {url} did not answer"))
+async fn connect_url(url: &str, tls: Option<&Arc<EngineTls>>) -> anyhow::Result<Docker> {
+    let docker = lazy_url(url, tls)?;
+    match docker.negotiate_version().await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            let e = anyhow::Error::new(e);
+            Err(match (Endpoint::parse(url, true), tls) {
+                // The TLS alert (a refused client certificate) is in the probe's answer.
+                (Ok(Endpoint::Tls { host, port }), Some(tls)) => match tls.probe(&host, port).await
+                {
+                    Err(why) => why,
+                    Ok(()) => e,
+                }
+                .context(tls.refused(&host, port)),
+                _ => e,
+            }
+            .context(format!("the engine at {url} did not answer")))
+        }
+    }
 }
 
 /// The kind of the engine failure behind an error that went through `anyhow`, if any.
@@ -391,14 +447,20 @@ impl Engine {
 
     /// Swarm mode: connects to the first manager that answers; node engines are added by
     /// [`Engine::set_node`] as the inventory finds them.
-    pub async fn connect_swarm(managers: &[String]) -> anyhow::Result<Engine> {
+    pub async fn connect_swarm(
+        managers: &[String],
+        tls: Option<Arc<EngineTls>>,
+    ) -> anyhow::Result<Engine> {
         let mut last = anyhow::anyhow!("no swarm manager configured");
         for url in managers {
-            match connect_url(url).await {
+            match connect_url(url, tls.as_ref()).await {
                 Ok(docker) => {
                     return Ok(Engine {
                         docker,
-                        fleet: Some(Arc::default()),
+                        fleet: Some(Arc::new(Fleet {
+                            tls,
+                            ..Fleet::default()
+                        })),
                         gates: Arc::default(),
                     })
                 }
@@ -427,7 +489,7 @@ impl Engine {
         let known = fleet.read_node(id).filter(|n| n.url == url);
         let docker = match known {
             Some(n) => n.docker,
-            None => lazy_url(url)?,
+            None => lazy_url(url, fleet.tls.as_ref())?,
         };
         let mut nodes = fleet.nodes.write().unwrap_or_else(|p| p.into_inner());
         let was_up = nodes.get(id).map(|n| n.down.is_none());

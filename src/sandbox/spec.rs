@@ -397,6 +397,7 @@ mod tests {
             network: "sandboxd-overlay".into(),
             edge_cidr: "10.241.8.0/28".into(),
             node_labels: vec![],
+            tls_dir: None,
         });
         let u = UserId::parse("7").unwrap();
         assert_eq!(volume_name("sandboxd", &u), "sandboxd-ws-7");

@@ -13,6 +13,7 @@
 //! container in its network namespace (`NET_ADMIN` only), then confirmed to the sandbox's init
 //! by a root-owned marker.
 
+pub mod endpoint;
 pub mod nodes;
 pub mod placement;
 pub mod rules;
@@ -42,6 +43,8 @@ const GUARD_WITHIN: Duration = Duration::from_secs(8);
 /// The swarm as sandboxd last saw it.
 pub struct Swarm {
     cfg: SwarmConfig,
+    /// `swarm_tls_dir`'s material, for `https://` managers and nodes.
+    tls: Option<Arc<endpoint::EngineTls>>,
     /// The overlay's subnets (checked IPv4 networks).
     overlay: Vec<String>,
     nodes: StdMutex<Vec<Node>>,
@@ -59,7 +62,11 @@ impl Swarm {
             .swarm
             .clone()
             .ok_or_else(|| anyhow!("engine is not swarm"))?;
-        let engine = Engine::connect_swarm(&sc.managers).await?;
+        let tls = match &sc.tls_dir {
+            Some(dir) => Some(Arc::new(endpoint::EngineTls::load(dir)?)),
+            None => None,
+        };
+        let engine = Engine::connect_swarm(&sc.managers, tls.clone()).await?;
         let overlay = match engine.inspect_overlay(&sc.network).await {
             Ok(o) => o,
             Err(e) if e.kind() == ErrorKind::NotFound => bail!(
@@ -87,6 +94,7 @@ impl Swarm {
         }
         let swarm = Swarm {
             cfg: sc,
+            tls,
             overlay: subnets,
             nodes: StdMutex::default(),
             bridges: StdMutex::default(),
@@ -108,7 +116,7 @@ impl Swarm {
         let mut last = anyhow!("no swarm manager configured");
         let mut found = None;
         for url in &self.cfg.managers {
-            match nodes::fetch(url, ASK_WITHIN).await {
+            match nodes::fetch(url, self.tls.as_deref(), ASK_WITHIN).await {
                 Ok(n) => {
                     found = Some(n);
                     break;
@@ -118,7 +126,13 @@ impl Swarm {
         }
         let list = found.ok_or(last).context("reading the swarm's nodes")?;
         let checks = list.iter().map(|n| async move {
-            let url = match nodes::engine_url(&self.cfg.node_engine, n) {
+            // A URL the template cannot make, or not a usable engine URL (e.g. a hostname that
+            // is no TLS server name): the node is left out, never a failed inventory pass.
+            let url = match nodes::engine_url(&self.cfg.node_engine, n).and_then(|u| {
+                endpoint::Endpoint::parse(&u, self.tls.is_some())
+                    .map(|_| u)
+                    .map_err(|e| anyhow!("node {}: {e}", n.hostname))
+            }) {
                 Ok(u) => u,
                 Err(e) => return (n, String::new(), Some(format!("{e:#}"))),
             };
@@ -157,6 +171,13 @@ impl Swarm {
         let before = self.nodes();
         for gone in before.iter().filter(|n| !now.contains(n.id.as_str())) {
             engine.mark_node(&gone.id, Some("no longer in the swarm".into()));
+        }
+        // What placement will act on from now: a node new, or its state or availability changed.
+        for n in &list {
+            let was = before.iter().find(|b| b.id == n.id);
+            if was.is_none_or(|b| (&b.state, &b.availability) != (&n.state, &n.availability)) {
+                tracing::info!(node = %n.hostname, state = %n.state, availability = %n.availability, "swarm node");
+            }
         }
         *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = list;
         Ok(())

@@ -1,10 +1,13 @@
 //! The swarm's node inventory as a manager reports it (`GET /nodes`): the typed subset sandboxd
 //! uses, parsed from the engine's JSON, and the one small HTTP GET that fetches it over the
-//! manager's unix socket (bollard 0.18 has no nodes API; this GET is ~40 lines, a bollard
-//! upgrade to 0.19 would be a breaking change across the engine client).
+//! manager's unix socket or TLS endpoint ([`super::endpoint`]; bollard 0.18 has no nodes API;
+//! this GET is ~50 lines, a bollard upgrade to 0.19 would be a breaking change across the engine
+//! client).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use super::endpoint::{Endpoint, EngineTls};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -133,45 +136,79 @@ pub fn engine_url(template: &str, node: &Node) -> anyhow::Result<String> {
         .replace("{addr}", &node.addr))
 }
 
-/// `GET /v1.41/nodes` from a manager's engine URL (`unix:///path`), bounded in time and size.
-pub async fn fetch(url: &str, within: Duration) -> anyhow::Result<Vec<Node>> {
-    let body = get(url, "/v1.41/nodes", within).await?;
+/// `GET /v1.41/nodes` from a manager's engine URL (`unix:///path`, or `https://host:port` with
+/// `tls`), bounded in time and size.
+pub async fn fetch(
+    url: &str,
+    tls: Option<&EngineTls>,
+    within: Duration,
+) -> anyhow::Result<Vec<Node>> {
+    let body = get(url, tls, "/v1.41/nodes", within).await?;
     parse_nodes(&body)
 }
 
-async fn get(url: &str, path: &str, within: Duration) -> anyhow::Result<Bytes> {
-    let sock = url
-        .strip_prefix("unix://")
-        .ok_or_else(|| anyhow!("unsupported engine URL {url:?} (unix:// only)"))?;
+async fn get(
+    url: &str,
+    tls: Option<&EngineTls>,
+    path: &str,
+    within: Duration,
+) -> anyhow::Result<Bytes> {
+    let endpoint = Endpoint::parse(url, tls.is_some()).map_err(|e| anyhow!(e))?;
     let work = async {
-        let stream = tokio::net::UnixStream::connect(sock)
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, "docker")
-            .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading {path}: {e}"))?
-            .to_bytes();
-        conn.abort();
-        if !status.is_success() {
-            bail!(
-                "{path} answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
+        match (&endpoint, tls) {
+            (Endpoint::Unix(sock), _) => {
+                let stream = tokio::net::UnixStream::connect(sock)
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?;
+                ask(stream, "docker", path).await
+            }
+            (Endpoint::Tls { host, port }, Some(tls)) => {
+                let authority = endpoint.https_base().unwrap_or_default();
+                let authority = authority.trim_start_matches("https://");
+                let asked = async { ask(tls.connect(host, *port).await?, authority, path).await };
+                asked.await.with_context(|| tls.refused(host, *port))
+            }
+            (Endpoint::Tls { .. }, None) => bail!("{url} needs swarm_tls_dir"),
         }
-        anyhow::Ok(body)
     };
     tokio::time::timeout(within, work)
         .await
         .map_err(|_| anyhow!("{url} did not answer {path} within {within:?}"))?
+}
+
+/// One HTTP/1.1 GET on a connected stream.
+async fn ask<S>(stream: S, host: &str, path: &str) -> anyhow::Result<Bytes>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            conn.abort();
+            return Err(e.into());
+        }
+    };
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading {path}: {e}"));
+    conn.abort();
+    let body = body?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "{path} answered {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

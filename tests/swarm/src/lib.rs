@@ -462,6 +462,37 @@ impl Drop for KilledEdge {
     }
 }
 
+/// The log of edge `n` (1 or 2) from a point on: what the edge logged after [`EdgeLog::mark`].
+pub struct EdgeLog {
+    path: String,
+    from: u64,
+}
+
+impl EdgeLog {
+    pub fn mark(n: usize) -> EdgeLog {
+        let path = format!("/var/lib/sbxlab/edge{n}/sandboxd.log");
+        let from = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("edge {n}'s log {path}: {e}"))
+            .len();
+        EdgeLog { path, from }
+    }
+
+    /// The lines written since the mark (at most the last 4 MiB of them).
+    pub fn since(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = self.from.max(len.saturating_sub(4 << 20));
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(start)).is_ok() {
+            let _ = f.take(4 << 20).read_to_end(&mut buf);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
 /// Node availability `pause` for `hostnames` (no new tasks or sandboxes there) until this drops.
 pub struct PausedNodes {
     lab: Lab,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use sandboxd_swarm_tests::{eventually, json, CutNode, Lab, PausedNodes, Users, Value};
+use sandboxd_swarm_tests::{eventually, json, CutNode, EdgeLog, Lab, PausedNodes, Users, Value};
 
 #[tokio::test]
 async fn a_cut_off_node_gives_its_users_503_and_heals_without_a_duplicate() {
@@ -14,9 +14,28 @@ async fn a_cut_off_node_gives_its_users_503_and_heals_without_a_duplicate() {
     let u = users.get(0);
     {
         // n1 and n2 take no new sandboxes for a moment: the user lands on n3.
+        let log = EdgeLog::mark(1);
         let _paused = PausedNodes::pause(&lab, &["n1", "n2"]);
-        // sandboxd reads the node inventory every second: let it see the pause.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // sandboxd reads the node inventory every second and logs what changed: wait until
+        // edge 1 has seen both pauses.
+        eventually(
+            Duration::from_secs(15),
+            "edge 1 sees n1, n2 paused",
+            || async {
+                let new = log.since();
+                ["n1", "n2"]
+                    .iter()
+                    .all(|n| {
+                        new.lines().any(|l| {
+                            l.contains("swarm node")
+                                && l.contains(&format!("node={n} "))
+                                && l.contains("availability=pause")
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
         lab.init(0, u).await;
     }
     let (node, n3) = lab.node_of(0, u).await;

@@ -1,7 +1,8 @@
 //! Isolation across nodes, probed from inside a sandbox through execute: no other sandbox (on
 //! any node; the app port and the agent's port), no node address (swarm control 2377, gossip
-//! 7946, an engine's TCP port 2375), no edge on the overlay and not the overlay's gateway. Only
-//! the edges reach a sandbox's ports (the preview tests show that side).
+//! 7946, an engine's TCP ports 2375 and 2376, the TLS endpoint edge 2 uses), no edge on the
+//! overlay and not the overlay's gateway. Only the edges reach a sandbox's ports (the preview
+//! tests show that side).
 
 use std::time::Duration;
 
@@ -102,7 +103,7 @@ async fn a_sandbox_reaches_no_other_sandbox_node_or_edge() {
         .await;
     }
     for node in ["10.97.0.11", "10.97.0.12", "10.97.0.13"] {
-        for port in [2375, 2377, 7946] {
+        for port in [2375, 2376, 2377, 7946] {
             targets.push((node.to_owned(), port));
         }
     }
