@@ -185,18 +185,14 @@ impl Pool {
                 let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
                 let list = idle.get_mut(&addr)?;
                 let now = Instant::now();
-                let found = loop {
-                    match list.pop() {
-                        Some(i) if now.duration_since(i.since) < self.0.idle_timeout => {
-                            break Some(i.conn)
-                        }
-                        // Older ones lie below it and expired too.
-                        Some(_) => {
-                            list.clear();
-                            break None;
-                        }
-                        None => break None,
+                let found = match list.pop() {
+                    Some(i) if now.duration_since(i.since) < self.0.idle_timeout => Some(i.conn),
+                    // Older ones lie below it and expired too.
+                    Some(_) => {
+                        list.clear();
+                        None
                     }
+                    None => None,
                 };
                 if list.is_empty() {
                     idle.remove(&addr);
@@ -236,9 +232,7 @@ impl Pool {
 
     fn start_sweeper(&self) {
         use std::sync::atomic::Ordering;
-        if self.0.sweeping.load(Ordering::Relaxed)
-            || self.0.sweeping.swap(true, Ordering::AcqRel)
-        {
+        if self.0.sweeping.load(Ordering::Relaxed) || self.0.sweeping.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
