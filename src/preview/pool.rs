@@ -57,10 +57,11 @@ impl std::fmt::Display for UpstreamError {
 /// One upstream connection: the handle requests are sent on and the driver that does its I/O.
 pub(super) struct Conn {
     sender: http1::SendRequest<Body>,
-    driver: Driver,
+    /// `None` once it has returned: the connection is closed (or failed). It is dropped then,
+    /// which is what hands a request it had not taken back to its sender, and fails the one
+    /// in flight, instead of leaving them waiting.
+    driver: Option<Driver>,
     addr: SocketAddr,
-    /// The driver has returned: the connection is closed (or failed).
-    ended: bool,
     /// Taken from the pool rather than made for this request.
     reused: bool,
 }
@@ -69,9 +70,11 @@ impl Conn {
     /// Polls the driver unless it has ended; its result only matters through the sender and
     /// the response, which report the failure themselves.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.ended && self.driver.as_mut().poll(cx).is_ready() {
-            self.ended = true;
-        }
+        poll_driver(&mut self.driver, cx);
+    }
+
+    fn ended(&self) -> bool {
+        self.driver.is_none()
     }
 
     /// Waits until the connection can take a request; `false` when it closed.
@@ -80,7 +83,7 @@ impl Conn {
             self.drive(cx);
             match self.sender.poll_ready(cx) {
                 Poll::Ready(r) => Poll::Ready(r.is_ok()),
-                Poll::Pending if self.ended => Poll::Ready(false),
+                Poll::Pending if self.ended() => Poll::Ready(false),
                 Poll::Pending => Poll::Pending,
             }
         })
@@ -95,11 +98,8 @@ impl Conn {
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
         let mut answer = std::pin::pin!(self.sender.try_send_request(req));
         let driver = &mut self.driver;
-        let ended = &mut self.ended;
         poll_fn(|cx| {
-            if !*ended && driver.as_mut().poll(cx).is_ready() {
-                *ended = true;
-            }
+            poll_driver(driver, cx);
             answer.as_mut().poll(cx)
         })
         .await
@@ -107,6 +107,15 @@ impl Conn {
             let req = e.take_message();
             (e.into_error(), req)
         })
+    }
+}
+
+/// Polls `driver` and drops it once it has returned (see [`Conn::driver`]).
+fn poll_driver(driver: &mut Option<Driver>, cx: &mut Context<'_>) {
+    if let Some(d) = driver {
+        if d.as_mut().poll(cx).is_ready() {
+            *driver = None;
+        }
     }
 }
 
@@ -223,9 +232,8 @@ impl Pool {
         self.start_sweeper();
         Ok(Conn {
             sender,
-            driver: Box::pin(driver),
+            driver: Some(Box::pin(driver)),
             addr,
-            ended: false,
             reused: false,
         })
     }
@@ -263,7 +271,7 @@ impl Pool {
 
 impl Inner {
     fn checkin(&self, conn: Conn) {
-        if conn.ended {
+        if conn.ended() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -448,6 +456,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(*accepted.lock().unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_app_that_closes_without_answering_fails_the_request_at_once() {
+        // Accepts and closes at once; then (second connection on) after its first answer.
+        for close_after in [0, 1] {
+            let (addr, _) = app("x", close_after).await;
+            let pool = pool();
+            for _ in 0..3 {
+                let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, get()))
+                    .await
+                    .expect("an answer or an error, not a hang");
+                if let Ok(resp) = sent {
+                    let body = tokio::time::timeout(Duration::from_secs(5), text(resp)).await;
+                    assert_eq!(body.expect("the body ends"), "x");
+                }
+            }
+        }
     }
 
     #[tokio::test]
