@@ -1,4 +1,4 @@
-//! Plain requests: the request goes to the app through the pooled client with its hop-by-hop
+//! Plain requests: the request goes to the app through the pool (`pool.rs`) with its hop-by-hop
 //! headers removed and `X-Forwarded-*` set; the answer streams back the same way. The header
 //! operations are small functions, one per job, each with its own tests.
 
@@ -34,13 +34,27 @@ static HOP_HEADERS: [HeaderName; 9] = [
 
 /// Removes the headers that any `Connection` header names. Every `Connection` header is read,
 /// not only the first: a client may split the list over several lines.
-pub(super) fn remove_connection_listed(h: &mut HeaderMap) {
+#[cfg(test)]
+fn remove_connection_listed(h: &mut HeaderMap) {
+    remove_listed(h, false);
+}
+
+/// [`remove_connection_listed`]; with `skip_fixed`, names of [`HOP_HEADERS`] are left to the
+/// caller, which removes those anyway (`Connection: keep-alive` then costs no lookup here).
+fn remove_listed(h: &mut HeaderMap, skip_fixed: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| {
+            !(skip_fixed
+                && HOP_HEADERS
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(n)))
+        })
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         h.remove(n);
@@ -48,21 +62,40 @@ pub(super) fn remove_connection_listed(h: &mut HeaderMap) {
 }
 
 /// Removes the fixed hop-by-hop headers.
-pub(super) fn remove_hop_headers(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over their names is cheaper than a hashed removal of
-    // each of the nine.
-    if !h.keys().any(|k| HOP_HEADERS.contains(k)) {
-        return;
+#[cfg(test)]
+fn remove_hop_headers(h: &mut HeaderMap) {
+    for (n, there) in HOP_HEADERS.iter().zip(hop_headers_present(h)) {
+        if there {
+            h.remove(n);
+        }
     }
-    for n in &HOP_HEADERS {
-        h.remove(n);
+}
+
+/// Which of [`HOP_HEADERS`] `h` carries, in one pass over its names: most messages carry none
+/// or two (`Connection` and `Keep-Alive` from Node), and a hashed removal of each of the nine
+/// cost more than the pass.
+fn hop_headers_present(h: &HeaderMap) -> [bool; HOP_HEADERS.len()] {
+    let mut present = [false; HOP_HEADERS.len()];
+    for k in h.keys() {
+        if let Some(i) = HOP_HEADERS.iter().position(|n| n == k) {
+            present[i] = true;
+        }
     }
+    present
 }
 
 /// Both of the above, in the order that still sees the `Connection` list.
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    remove_connection_listed(h);
-    remove_hop_headers(h);
+    let present = hop_headers_present(h);
+    // HOP_HEADERS[0] is `Connection`: without it, nothing is listed.
+    if present[0] {
+        remove_listed(h, true);
+    }
+    for (n, there) in HOP_HEADERS.iter().zip(present) {
+        if there {
+            h.remove(n);
+        }
+    }
 }
 
 /// An HTTP/1.1 upgrade request: `Connection` lists `upgrade` and an `Upgrade` header is there.
@@ -105,11 +138,18 @@ pub(super) fn forwarded_headers(h: &mut HeaderMap, conn: &ConnInfo, host: Option
 
 /// [`forwarded_headers`] with the host already a header value.
 fn forwarded_headers_value(h: &mut HeaderMap, conn: &ConnInfo, host: Option<HeaderValue>) {
-    let peer = conn.peer.ip();
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let mut ip = IpText::new();
+    let peer = ip.of(conn.peer.ip());
+    let xff = match h.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         // Clients can send anything: keep their chain, append what we saw.
-        Some(prev) if prev.len() < 1024 => HeaderValue::from_str(&format!("{prev}, {peer}")),
-        _ => HeaderValue::try_from(peer.to_string()),
+        Some(prev) if prev.len() < 1024 => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+        }
+        _ => HeaderValue::from_bytes(peer),
     };
     if let Ok(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
@@ -123,20 +163,60 @@ fn forwarded_headers_value(h: &mut HeaderMap, conn: &ConnInfo, host: Option<Head
     }
 }
 
-/// The upstream URI: the sandbox's address and only the path and query of the request, so no
-/// absolute-form URI can steer the proxy elsewhere.
-fn upstream_uri(addr: SocketAddr, uri: &Uri) -> Uri {
-    // The path and query are taken as they were parsed (no second parse); only the address is
-    // formatted.
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    parts.authority = hyper::http::uri::Authority::try_from(addr.to_string()).ok();
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+/// An IP address as text without `fmt` (IPv4 by hand, the common case; IPv6 through
+/// `Display`): the formatting machinery cost more than the rest of the forwarded headers.
+struct IpText {
+    buf: [u8; 45],
+}
+
+impl IpText {
+    fn new() -> IpText {
+        IpText { buf: [0; 45] }
+    }
+
+    fn of(&mut self, ip: IpAddr) -> &[u8] {
+        use std::io::Write;
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => {
+                let mut w = &mut self.buf[..];
+                // 45 bytes hold the longest IPv6 text.
+                let _ = write!(w, "{v6}");
+                let n = 45 - w.len();
+                return &self.buf[..n];
+            }
+        };
+        let mut n = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                self.buf[n] = b'.';
+                n += 1;
+            }
+            if octet >= 100 {
+                self.buf[n] = b'0' + octet / 100;
+                n += 1;
+            }
+            if octet >= 10 {
+                self.buf[n] = b'0' + octet / 10 % 10;
+                n += 1;
+            }
+            self.buf[n] = b'0' + octet % 10;
+            n += 1;
+        }
+        &self.buf[..n]
+    }
+}
+
+/// The upstream request target: only the path and query of the request, in origin form, so no
+/// absolute-form URI can steer the proxy elsewhere (the connection is to the sandbox's address).
+fn upstream_uri(uri: &Uri) -> Uri {
+    // Origin form already (the usual HTTP/1 case): a shared copy, no parse.
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    uri.path_and_query()
+        .map(|pq| Uri::from(pq.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"))
 }
 
 /// The request's host as a header value: the URI authority when there is one (HTTP/2's
@@ -194,7 +274,7 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ConnInfo,
         user: &UserId,
-        addr: SocketAddr,
+        mut addr: SocketAddr,
     ) -> Result<Response<Body>, PreviewError> {
         let (mut parts, body) = req.into_parts();
         let host = host_value(&parts);
@@ -204,7 +284,7 @@ impl Proxy {
         if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
         }
-        parts.uri = upstream_uri(addr, &parts.uri);
+        parts.uri = upstream_uri(&parts.uri);
         parts.version = hyper::Version::HTTP_11;
         let port = addr.port();
         let mut body = Some(body);
@@ -216,7 +296,7 @@ impl Proxy {
                 None => crate::http::empty(),
             };
             let up = Request::from_parts(clone_parts(&parts), b);
-            let sent = self.client.request(up);
+            let sent = self.pool.send(addr, up);
             tokio::pin!(sent);
             // Backstop: an answer whose head is late may be a request sent to a container that
             // was paused or stopped behind our back. Re-check the sandbox instead of waiting
@@ -227,8 +307,7 @@ impl Proxy {
                 Err(_) => match Box::pin(self.late_answer(user)).await {
                     Late::KeepWaiting => sent.await,
                     Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
-                        let addr = SocketAddr::new(ip, port);
-                        parts.uri = upstream_uri(addr, &parts.uri);
+                        addr = SocketAddr::new(ip, port);
                         match Box::pin(self.connect_app(user, addr)).await {
                             Some(_) => continue,
                             None => return Err(PreviewError::NotListening { port }),
@@ -249,8 +328,7 @@ impl Proxy {
                     // Nothing listening: the app may be starting, or the container died or was
                     // restarted behind our back. Ask the manager again and hold the request
                     // while the app comes up. A body that was already streamed is not replayed.
-                    let addr = Box::pin(self.ready_addr(user, port, Via::Manager)).await?;
-                    parts.uri = upstream_uri(addr, &parts.uri);
+                    addr = Box::pin(self.ready_addr(user, port, Via::Manager)).await?;
                     if is_bodyless(&parts) {
                         continue;
                     }
@@ -264,7 +342,7 @@ impl Proxy {
                     ));
                 }
                 Err(e) => {
-                    tracing::warn!(user = %user, error = format!("{e:#}"), "preview upstream error");
+                    tracing::warn!(user = %user, error = %e, "preview upstream error");
                     if e.is_connect() {
                         return Err(PreviewError::NotListening { port });
                     }
@@ -432,12 +510,34 @@ mod tests {
     }
 
     #[test]
+    fn ip_text_matches_display() {
+        let mut t = IpText::new();
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.9",
+            "127.0.0.1",
+            "172.20.100.255",
+            "255.255.255.255",
+            "::1",
+            "fe80::1:2:3:4",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let addr: IpAddr = ip.parse().unwrap();
+            assert_eq!(t.of(addr), ip.as_bytes());
+        }
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(t.of(mapped), mapped.to_string().as_bytes());
+    }
+
+    #[test]
     fn upstream_uri_keeps_only_path_and_query() {
-        let addr: SocketAddr = "172.20.0.5:5173".parse().unwrap();
-        let u = upstream_uri(addr, &"http://evil.example/x?y=1".parse().unwrap());
-        assert_eq!(u.to_string(), "http://172.20.0.5:5173/x?y=1");
-        let u = upstream_uri(addr, &"/a/b".parse().unwrap());
-        assert_eq!(u.to_string(), "http://172.20.0.5:5173/a/b");
+        let u = upstream_uri(&"http://evil.example/x?y=1".parse().unwrap());
+        assert_eq!(u.to_string(), "/x?y=1");
+        assert!(u.authority().is_none() && u.scheme().is_none());
+        let u = upstream_uri(&"/a/b?c".parse().unwrap());
+        assert_eq!(u.to_string(), "/a/b?c");
+        let u = upstream_uri(&"http://evil.example".parse().unwrap());
+        assert_eq!(u.to_string(), "/");
     }
 
     #[test]

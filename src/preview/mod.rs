@@ -3,14 +3,16 @@
 //! No Host, path or header can steer it anywhere else (README, "Preview").
 //!
 //! - `upstream.rs`: the one cold path (wake, hold the request until the app listens).
-//! - `forward.rs`: plain requests through a pooled HTTP/1.1 client (idle timeout 4 s, under
-//!   Node's 5 s keep-alive, so the pool never reuses a socket the app is closing).
+//! - `forward.rs`: plain requests, over `pool.rs`: pooled HTTP/1.1 upstream connections driven
+//!   inside the request's own task (idle timeout 4 s, under Node's 5 s keep-alive, so the pool
+//!   never reuses a socket the app is closing).
 //! - `tunnel.rs`: upgrades (Vite HMR) on a dedicated upstream connection.
 //! - `access.rs`: `preview_access = "owner"`; `pages.rs`: the proxy's own answers.
 
 mod access;
 mod forward;
 mod pages;
+mod pool;
 mod tunnel;
 mod upstream;
 
@@ -19,9 +21,6 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use access::LINK_PARAM;
 
@@ -34,12 +33,12 @@ use crate::sandbox::{Manager, SandboxError};
 use crate::user::UserId;
 
 /// The preview feature and what it needs: the configuration, the manager (addresses, wakes,
-/// activity), the token verifier (owner mode) and the pooled upstream client.
+/// activity), the token verifier (owner mode) and the upstream connection pool.
 pub struct Proxy {
     cfg: Arc<Config>,
     mgr: Arc<Manager>,
     auth: Auth,
-    client: Client<HttpConnector, Body>,
+    pool: pool::Pool,
 }
 
 /// Why a preview request got no answer from the app. [`PreviewError::into_response`]
@@ -71,19 +70,11 @@ impl From<SandboxError> for PreviewError {
 
 impl Proxy {
     pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(4))
-            .pool_max_idle_per_host(64)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Proxy {
             cfg,
             mgr,
             auth,
-            client,
+            pool: pool::Pool::new(Duration::from_secs(4), 64, Duration::from_secs(3)),
         }
     }
 
