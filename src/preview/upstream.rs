@@ -86,6 +86,8 @@ impl Proxy {
         let deadline = start + self.cfg.wake_timeout;
         let mut next_check = start + NO_APP_GRACE;
         let mut check_gap = NO_APP_CHECK_FIRST;
+        // A held request is activity: the idle policy must not pause a sandbox mid-start.
+        let _held = self.mgr.request_held(user);
         loop {
             if let Ok(Ok(s)) =
                 tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
@@ -93,8 +95,6 @@ impl Proxy {
                 let _ = s.set_nodelay(true);
                 return Some(s);
             }
-            // A held request is activity: the idle policy must not pause a sandbox mid-start.
-            self.mgr.touch(user);
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return None;

@@ -20,8 +20,8 @@ use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    agent, docker, exec, firewall, health, spec, swarm, Manager, Sandbox, SandboxError, Slot,
-    State, TerminalGuard,
+    agent, docker, exec, firewall, health, spec, swarm, HeldGuard, Manager, Sandbox, SandboxError,
+    Slot, State, TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -219,6 +219,14 @@ impl Manager {
         if let Some(slot) = self.existing_slot(user) {
             slot.touch();
         }
+    }
+
+    /// Counts a preview request waiting for the app as busy until the guard drops.
+    pub fn request_held(&self, user: &UserId) -> HeldGuard {
+        let slot = self.slot(user);
+        slot.runs.fetch_add(1, Ordering::Relaxed);
+        slot.touch();
+        HeldGuard(slot)
     }
 
     /// Counts an open terminal until the guard drops.

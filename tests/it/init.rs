@@ -117,7 +117,10 @@ async fn the_boot_path_starts_the_app_like_the_node_init_did() {
     // in its own session, without the agent's key, the agent started after it all the same.
     let d = ws(&app, "57");
     write(&d.join("server.js"), SERVER);
-    write(&d.join(".sandboxd/preview.json"), r#"{"command": "node server.js"}"#);
+    write(
+        &d.join(".sandboxd/preview.json"),
+        r#"{"command": "node server.js"}"#,
+    );
     own(&d);
     let b = boot(&app, "57").await;
     assert_eq!(b["started"], true, "{b}");
