@@ -22,7 +22,7 @@
 //   2. /workspace/package.json with scripts.dev
 // Command: $SANDBOXD_DEV_COMMAND, else preview.json "command", else
 //   npm run dev -- --host 0.0.0.0 --port 5173
-// run as `bash -lc <command>` in its own process group, output appended to
+// run as `bash -c <command>` (no login shell) in its own process group, output appended to
 // /workspace/.sandboxd/dev.log.
 'use strict';
 
@@ -383,7 +383,7 @@ async function startDev() {
     const env = Object.assign({}, process.env, { PORT, HOST: '0.0.0.0', BROWSER: 'none' });
     let child;
     try {
-      child = spawn('bash', ['-lc', found.command], {
+      child = spawn('bash', ['-c', found.command], {
         cwd: found.cwd,
         env,
         detached: true, // setsid(): own session and process group

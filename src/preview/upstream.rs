@@ -13,9 +13,20 @@ use super::{PreviewError, Proxy};
 use crate::http::error::ApiError;
 use crate::user::UserId;
 
-const PROBE_EVERY: Duration = Duration::from_millis(25);
+/// How often a refused port is tried again while the app boots: often at first (the time
+/// between the app listening and the held request going out is this interval at most), then
+/// less often for an app that takes long (a refused connect costs both sides a little).
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+const PROBE_EVERY_LATER: Duration = Duration::from_millis(25);
+/// How long the frequent probing lasts.
+const PROBE_FAST_FOR: Duration = Duration::from_secs(3);
 /// How long a refused port is retried before asking whether a dev server is starting at all.
 const NO_APP_GRACE: Duration = Duration::from_millis(1500);
+/// The gaps between the next such questions: each is an exec in the sandbox (engine and
+/// runtime work that a busy host, many sandboxes booting at once, can least afford), so they
+/// grow from the first to the last.
+const NO_APP_CHECK_FIRST: Duration = Duration::from_secs(1);
+const NO_APP_CHECK_LAST: Duration = Duration::from_secs(4);
 
 /// Whether the published address may be used as it is.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,15 +76,18 @@ impl Proxy {
         }
     }
 
-    /// Connects to the app, retrying a refused port every 25 ms up to `wake_timeout`. After a
-    /// short grace, and then every second, it asks the sandbox whether an app can still come:
-    /// the init's discovery is still running (a slow start under load) or a dev server process
-    /// is alive. If not, it gives up early so the client gets the "nothing listens" answer
-    /// instead of a hang.
+    /// Connects to the app, retrying a refused port every 5 ms (every 25 ms after the first
+    /// 3 s) up to `wake_timeout`. After a short grace, and then after 1, 2, 4, 4 … s, it asks
+    /// the sandbox whether an app can still come: the init's discovery is still running (a slow
+    /// start under load) or a dev server process is alive. If not, it gives up early so the
+    /// client gets the "nothing listens" answer instead of a hang.
     pub(super) async fn connect_app(&self, user: &UserId, addr: SocketAddr) -> Option<TcpStream> {
         let start = tokio::time::Instant::now();
         let deadline = start + self.cfg.wake_timeout;
         let mut next_check = start + NO_APP_GRACE;
+        let mut check_gap = NO_APP_CHECK_FIRST;
+        // A held request is activity: the idle policy must not pause a sandbox mid-start.
+        let _held = self.mgr.request_held(user);
         loop {
             if let Ok(Ok(s)) =
                 tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
@@ -81,19 +95,23 @@ impl Proxy {
                 let _ = s.set_nodelay(true);
                 return Some(s);
             }
-            // A held request is activity: the idle policy must not pause a sandbox mid-start.
-            self.mgr.touch(user);
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return None;
             }
             if now >= next_check {
-                next_check = now + Duration::from_secs(1);
+                next_check = now + check_gap;
+                check_gap = (check_gap * 2).min(NO_APP_CHECK_LAST);
                 if !self.app_may_come(user).await {
                     return None;
                 }
             }
-            tokio::time::sleep(PROBE_EVERY).await;
+            let every = if now - start < PROBE_FAST_FOR {
+                PROBE_EVERY
+            } else {
+                PROBE_EVERY_LATER
+            };
+            tokio::time::sleep(every).await;
         }
     }
 

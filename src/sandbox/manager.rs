@@ -20,8 +20,8 @@ use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    agent, docker, exec, firewall, health, spec, swarm, Manager, Sandbox, SandboxError, Slot,
-    State, TerminalGuard,
+    agent, docker, exec, firewall, health, spec, swarm, HeldGuard, Manager, Sandbox, SandboxError,
+    Slot, State, TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -221,6 +221,14 @@ impl Manager {
         }
     }
 
+    /// Counts a preview request waiting for the app as busy until the guard drops.
+    pub fn request_held(&self, user: &UserId) -> HeldGuard {
+        let slot = self.slot(user);
+        slot.runs.fetch_add(1, Ordering::Relaxed);
+        slot.touch();
+        HeldGuard(slot)
+    }
+
     /// Counts an open terminal until the guard drops.
     pub fn terminal_opened(&self, user: &UserId) -> TerminalGuard {
         let slot = self.slot(user);
@@ -366,25 +374,34 @@ impl Manager {
                     None => self.prepare_workspace(user)?,
                     Some(_) => PathBuf::new(),
                 };
-                if !self
-                    .engine
-                    .image_exists(node.as_deref(), &self.cfg.image)
-                    .await?
-                {
-                    return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
-                }
                 let t = Instant::now();
                 let agent_key = spec::new_agent_key();
                 let created = self
                     .engine
                     .create(&self.cfg, user, &workspace, &agent_key, node.as_deref())
                     .await;
-                let (id, name) = created.inspect_err(|e| self.engine_failed(e))?;
+                // The image is looked up only when the create failed for something missing
+                // (one engine call less on every cold start).
+                let (id, name) = match created {
+                    Ok(v) => v,
+                    Err(e)
+                        if e.kind() == ErrorKind::NotFound
+                            && !self
+                                .engine
+                                .image_exists(node.as_deref(), &self.cfg.image)
+                                .await? =>
+                    {
+                        return Err(SandboxError::ImageMissing(self.cfg.image.clone()));
+                    }
+                    Err(e) => {
+                        self.engine_failed(&e);
+                        return Err(e.into());
+                    }
+                };
                 if let Some(node) = &node {
                     self.record_node(user, node).await?;
                 }
                 self.metrics.transition(Op::Create, t.elapsed());
-                self.event(user, Some(&id), "created", None).await;
                 let mut c = Container {
                     id: id.clone(),
                     name,
@@ -398,7 +415,12 @@ impl Manager {
                     agent_key: agent_key.into(),
                 };
                 let t = Instant::now();
-                if let Err(e) = self.start_container(&mut c).await {
+                // The history's write goes beside the start, not before it.
+                let (started, ()) = tokio::join!(
+                    self.start_container(&mut c),
+                    self.event(user, Some(&id), "created", None)
+                );
+                if let Err(e) = started {
                     self.engine_failed(&e);
                     // A container that never started is of no use: remove it, keep the story.
                     let _ = self.engine.remove(&id).await;

@@ -133,3 +133,15 @@ impl Drop for TerminalGuard {
         self.0.touch();
     }
 }
+
+/// Counts a preview request held while the app boots as a run in flight until dropped: the
+/// idle policy must not pause or stop a sandbox whose first request waits for its app (the
+/// wait's own checks are execs that can outlast `idle_pause_after` on a busy host).
+pub struct HeldGuard(pub(super) Arc<Slot>);
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.0.runs.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}

@@ -113,6 +113,30 @@ async fn the_boot_path_starts_the_app_like_the_node_init_did() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A command that is only words: exec'd as they are (no bash between the init and the app),
+    // in its own session, without the agent's key, the agent started after it all the same.
+    let d = ws(&app, "57");
+    write(&d.join("server.js"), SERVER);
+    write(
+        &d.join(".sandboxd/preview.json"),
+        r#"{"command": "node server.js"}"#,
+    );
+    own(&d);
+    let b = boot(&app, "57").await;
+    assert_eq!(b["started"], true, "{b}");
+    assert_eq!(b["command"], "node server.js", "{b}");
+    let r = app
+        .execute(
+            "57",
+            json!({"code": "const fs = require('fs'); const p = fs.readFileSync('/tmp/sandboxd-dev.pid', 'utf8').trim(); const st = fs.readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' '); console.log(JSON.stringify([fs.readFileSync(`/proc/${p}/cmdline`, 'utf8'), st[3] === p, fs.readFileSync(`/proc/${p}/environ`, 'utf8').includes('SANDBOXD_AGENT_KEY')]))"}),
+        )
+        .await;
+    assert_eq!(r["exitCode"], 0, "{r}");
+    assert_eq!(
+        r["output"], "[\"node\\u0000server.js\\u0000\",true,false]\n",
+        "the app is node itself, leads its session, has no agent key: {r}"
+    );
+
     // A \u escape: the bash reader leaves it to Node, which decodes it and starts the app.
     let d = ws(&app, "52");
     write(&d.join("server.js"), SERVER);
