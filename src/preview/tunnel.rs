@@ -130,22 +130,18 @@ impl Proxy {
             };
             // Our own upstream connection is plain TCP; the client's is too unless it came
             // over TLS. Plain on both sides relays without buffers; otherwise copy with buffers.
+            // The buffered copies are boxed: a task is as large as its largest state, and every
+            // idle tunnel's task would otherwise carry their state too.
             let upstream = match plain_upstream(upstream) {
                 Ok(p) => p,
                 Err(upstream) => {
-                    return pump(mgr, user, TokioIo::new(client), TokioIo::new(upstream)).await
+                    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    return Box::pin(pump(mgr, user, client, upstream)).await;
                 }
             };
             match plain_client(client) {
                 Ok(client) => relay(mgr, user, client, upstream).await,
-                Err(client) => {
-                    let mut client = TokioIo::new(client);
-                    // What the app sent right after its 101 goes first.
-                    if client.write_all(&upstream.early).await.is_err() {
-                        return;
-                    }
-                    pump(mgr, user, client, upstream.stream).await
-                }
+                Err(client) => Box::pin(tls_pump(mgr, user, client, upstream)).await,
             }
         });
         let (rp, _) = up_resp.into_parts();
@@ -256,8 +252,24 @@ async fn relay(mgr: Arc<Manager>, user: UserId, client: Plain, upstream: Plain) 
     let outbound = one_way(upstream.early, upstream_read, client_write, move || {
         mgr.touch(&user)
     });
-    tokio::join!(inbound, outbound);
+    tokio::pin!(inbound, outbound);
+    // Once one side is done (its end was passed on as a half-close), the other gets
+    // `CLOSE_GRACE` to finish: an app that keeps its socket open after the client left (Node's
+    // HTTP server allows half-open upgraded sockets) would otherwise hold the tunnel, its two
+    // sockets and its task forever.
+    let client_done = tokio::select! {
+        () = &mut inbound => true,
+        () = &mut outbound => false,
+    };
+    if client_done {
+        let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await;
+    } else {
+        let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await;
+    }
 }
+
+/// How long the other side of a plain tunnel may take to finish once one side is done.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Client bytes on a tunnel: activity, and a wake-up if the sandbox is not running.
 fn client_activity(mgr: &Arc<Manager>, user: &UserId) {
@@ -268,6 +280,22 @@ fn client_activity(mgr: &Arc<Manager>, user: &UserId) {
             let _ = mgr.ensure_running(&user).await;
         });
     }
+}
+
+/// A client over TLS to a plain upstream: what the app sent right after its 101 goes first, then
+/// [`pump`].
+async fn tls_pump(
+    mgr: Arc<Manager>,
+    user: UserId,
+    client: hyper::upgrade::Upgraded,
+    upstream: Plain,
+) {
+    let mut client = TokioIo::new(client);
+    if client.write_all(&upstream.early).await.is_err() {
+        return;
+    }
+    drop(upstream.early);
+    pump(mgr, user, client, upstream.stream).await
 }
 
 /// Copies both ways until either side closes. Client traffic counts as activity and wakes a
