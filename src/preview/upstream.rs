@@ -20,6 +20,15 @@ const PROBE_EVERY: Duration = Duration::from_millis(5);
 const PROBE_EVERY_LATER: Duration = Duration::from_millis(25);
 /// How long the frequent probing lasts.
 const PROBE_FAST_FOR: Duration = Duration::from_secs(3);
+/// How long one probe's connect may take while probing is frequent. A SYN sent while a woken
+/// container's network is still coming up is lost, not refused, and the kernel sends it again
+/// only after a second: a probe that waited for that held the request ~0.3–0.5 s past the
+/// moment the app listened (measured on wakes from stopped). A connect to a listening app on
+/// the private network completes in well under a millisecond (the kernel answers, not the
+/// throttled app), so a probe that has no answer by then is dropped and a fresh SYN sent.
+const PROBE_CONNECT_FAST: Duration = Duration::from_millis(50);
+/// The same bound later on (a host under heavy load).
+const PROBE_CONNECT_LATER: Duration = Duration::from_secs(2);
 /// How long a refused port is retried before asking whether a dev server is starting at all.
 const NO_APP_GRACE: Duration = Duration::from_millis(1500);
 /// The gaps between the next such questions: each is an exec in the sandbox (engine and
@@ -89,9 +98,12 @@ impl Proxy {
         // A held request is activity: the idle policy must not pause a sandbox mid-start.
         let _held = self.mgr.request_held(user);
         loop {
-            if let Ok(Ok(s)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
-            {
+            let bound = if start.elapsed() < PROBE_FAST_FOR {
+                PROBE_CONNECT_FAST
+            } else {
+                PROBE_CONNECT_LATER
+            };
+            if let Ok(Ok(s)) = tokio::time::timeout(bound, TcpStream::connect(addr)).await {
                 let _ = s.set_nodelay(true);
                 return Some(s);
             }
