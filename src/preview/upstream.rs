@@ -98,10 +98,10 @@ impl Proxy {
         // A held request is activity: the idle policy must not pause a sandbox mid-start.
         let _held = self.mgr.request_held(user);
         loop {
-            let bound = if start.elapsed() < PROBE_FAST_FOR {
-                PROBE_CONNECT_FAST
+            let (bound, every) = if start.elapsed() < PROBE_FAST_FOR {
+                (PROBE_CONNECT_FAST, PROBE_EVERY)
             } else {
-                PROBE_CONNECT_LATER
+                (PROBE_CONNECT_LATER, PROBE_EVERY_LATER)
             };
             if let Ok(Ok(s)) = tokio::time::timeout(bound, TcpStream::connect(addr)).await {
                 let _ = s.set_nodelay(true);
@@ -118,11 +118,6 @@ impl Proxy {
                     return None;
                 }
             }
-            let every = if now - start < PROBE_FAST_FOR {
-                PROBE_EVERY
-            } else {
-                PROBE_EVERY_LATER
-            };
             tokio::time::sleep(every).await;
         }
     }

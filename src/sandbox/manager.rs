@@ -20,8 +20,8 @@ use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
 use super::slot::{Container, RunGuard};
 use super::{
-    agent, docker, exec, firewall, health, spec, swarm, HeldGuard, Manager, Sandbox, SandboxError,
-    Slot, State, TerminalGuard,
+    agent, docker, exec, firewall, health, spec, swarm, Manager, Sandbox, SandboxError, Slot,
+    State, TerminalGuard,
 };
 
 /// How often the boot watcher looks for the app's port.
@@ -222,11 +222,10 @@ impl Manager {
     }
 
     /// Counts a preview request waiting for the app as busy until the guard drops.
-    pub fn request_held(&self, user: &UserId) -> HeldGuard {
+    pub fn request_held(&self, user: &UserId) -> RunGuard {
         let slot = self.slot(user);
-        slot.runs.fetch_add(1, Ordering::Relaxed);
         slot.touch();
-        HeldGuard(slot)
+        RunGuard::new(slot)
     }
 
     /// Counts an open terminal until the guard drops.
@@ -935,7 +934,7 @@ impl Manager {
             .clone()
             .try_acquire_owned()
             .map_err(|_| SandboxError::TooManyExecutions(self.cfg.exec_per_user))?;
-        let _running = RunGuard::new(&slot);
+        let _running = RunGuard::new(slot.clone());
         let t = Instant::now();
         let res = async {
             let door = self.enter(user).await?;

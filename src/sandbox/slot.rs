@@ -107,17 +107,20 @@ impl Slot {
     }
 }
 
-/// Counts an execution in flight for the idle policy until dropped.
-pub(super) struct RunGuard<'a>(&'a Slot);
+/// Counts a run in flight for the idle policy until dropped: an execution, or a preview request
+/// held while the app boots (the idle policy must not pause or stop a sandbox whose first
+/// request waits for its app; the wait's own checks are execs that can outlast
+/// `idle_pause_after` on a busy host).
+pub struct RunGuard(Arc<Slot>);
 
-impl<'a> RunGuard<'a> {
-    pub(super) fn new(slot: &'a Slot) -> Self {
+impl RunGuard {
+    pub(super) fn new(slot: Arc<Slot>) -> Self {
         slot.runs.fetch_add(1, Ordering::Relaxed);
         RunGuard(slot)
     }
 }
 
-impl Drop for RunGuard<'_> {
+impl Drop for RunGuard {
     fn drop(&mut self) {
         self.0.runs.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
@@ -130,18 +133,6 @@ pub struct TerminalGuard(pub(super) Arc<Slot>);
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
         self.0.terminals.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
-}
-
-/// Counts a preview request held while the app boots as a run in flight until dropped: the
-/// idle policy must not pause or stop a sandbox whose first request waits for its app (the
-/// wait's own checks are execs that can outlast `idle_pause_after` on a busy host).
-pub struct HeldGuard(pub(super) Arc<Slot>);
-
-impl Drop for HeldGuard {
-    fn drop(&mut self) {
-        self.0.runs.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
     }
 }
