@@ -58,7 +58,16 @@ pub fn thread_count(configured: usize) -> usize {
 
 /// Binds `n` listening sockets on `addr` with `SO_REUSEPORT`. Port 0: the first socket picks
 /// the port and the others bind to it. Must run inside a tokio runtime.
+///
+/// A plain bind comes first and is closed at once: it fails while anything listens on the
+/// address (another sandboxd included), which an `SO_REUSEPORT` group of the same user would
+/// otherwise join silently, sharing the port.
 pub fn bind(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListener>> {
+    let probe = plain_socket(addr)
+        .and_then(|s| s.bind(addr).map(|()| s))
+        .with_context(|| format!("binding {addr}"))?;
+    let addr = probe.local_addr()?;
+    drop(probe);
     let first = bind_one(addr).with_context(|| format!("binding {addr}"))?;
     let addr = first.local_addr()?;
     let mut all = vec![first];
@@ -68,14 +77,20 @@ pub fn bind(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpListener>> {
     Ok(all)
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A socket for `addr` with `SO_REUSEADDR`, as `TcpListener::bind` makes: a restart does not
+/// wait for the last run's TIME_WAIT sockets (Linux still refuses it beside a listener).
+fn plain_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    // As `TcpListener::bind` does: a restart does not wait for TIME_WAIT sockets.
     socket.set_reuseaddr(true)?;
+    Ok(socket)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = plain_socket(addr)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
@@ -222,6 +237,18 @@ mod tests {
         for _ in 0..8 {
             assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
         }
+    }
+
+    #[tokio::test]
+    async fn an_address_in_use_is_refused_not_shared() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind");
+        let addr = first[0].local_addr().unwrap();
+        let err = bind(addr, 2).expect_err("a second group on a port in use");
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+        drop(first);
+        // Free again once the first group has closed.
+        let again = bind(addr, 2).expect("rebind after close");
+        assert_eq!(again[0].local_addr().unwrap(), addr);
     }
 
     #[test]
