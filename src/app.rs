@@ -51,13 +51,14 @@ impl App {
     /// Every request: a request id (kept from the client when sane, else new), a span that
     /// carries it through every log line of the request, the `X-Request-Id` header on the
     /// request (so the preview app gets it) and on the response, and one access line.
-    pub async fn handle(
+    /// `route` is the request's route, found once by the caller.
+    async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        route: Route,
     ) -> Response<Body> {
         use crate::access::{Access, HostKind, X_REQUEST_ID};
-        let route = self.routes.route(request_host(&req));
         let host = match route {
             Route::Main => HostKind::Main,
             Route::Preview { .. } => HostKind::Preview,
@@ -177,6 +178,10 @@ impl App {
 }
 
 /// Adapter: the listener holds an `Arc<dyn Handler>`.
+///
+/// On an edge thread (`edge/percore.rs`) only the preview's hot path runs in place; every other
+/// request (the API, the terminal, wakes, tunnels) runs on the main runtime, where the manager,
+/// the engine client and the store live, and its answer comes back to the connection.
 pub struct AppHandler(pub Arc<App>);
 
 impl Handler for AppHandler {
@@ -185,6 +190,53 @@ impl Handler for AppHandler {
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
-        Box::pin(self.0.clone().handle(req, conn))
+        let app = self.0.clone();
+        let route = app.routes.route(request_host(&req));
+        let in_place = match &route {
+            Route::Preview { user, .. } => app.preview.is_hot(&req, user),
+            _ => false,
+        };
+        let main = match in_place {
+            true => None,
+            false => crate::edge::percore::main_runtime(),
+        };
+        let Some(main) = main else {
+            return Box::pin(app.handle(req, conn, route));
+        };
+        // Aborted when the connection drops the request, as the in-place future would be.
+        let task = AbortOnDrop(main.spawn(app.handle(req, conn, route)));
+        Box::pin(async move {
+            match task.await {
+                Ok(resp) => resp,
+                // The listener turns a panic into a 500, as for a request served in place.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the server is shutting down",
+                )
+                .into_response(),
+            }
+        })
+    }
+}
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }

@@ -86,6 +86,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("shutdown_grace", Kind::Duration, "\"10s\""),
     ("cert_reload_every", Kind::Duration, "\"5s\""),
     ("max_connections", Kind::Int, "10000"),
+    ("edge_threads", Kind::Int, "0"),
     ("allowed_origins", Kind::List, "[]"),
     ("terminal_max_frame_bytes", Kind::Int, "1048576"),
     ("terminal_per_user", Kind::Int, "8"),
@@ -158,6 +159,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub cert_reload_every: Duration,
     pub max_connections: usize,
+    /// Edge threads serving the HTTP and HTTPS listeners, each a runtime of its own with its
+    /// own `SO_REUSEPORT` socket (edge/percore.rs); 0 = one per core.
+    pub edge_threads: usize,
     pub allowed_origins: Vec<String>,
     pub terminal_max_frame_bytes: usize,
     pub terminal_per_user: usize,
@@ -437,6 +441,7 @@ impl Config {
             shutdown_grace: t.duration_in("shutdown_grace", 0, 600_000)?,
             cert_reload_every: t.duration_in("cert_reload_every", 100, 3_600_000)?,
             max_connections: t.int_in("max_connections", 1, 1_000_000)? as usize,
+            edge_threads: t.int_in("edge_threads", 0, 256)? as usize,
             allowed_origins: t
                 .list("allowed_origins")?
                 .into_iter()

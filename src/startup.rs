@@ -13,6 +13,7 @@ use crate::app::{App, AppHandler};
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::edge::listener::{self, ListenerConfig};
+use crate::edge::percore;
 use crate::sandbox::{events, firewall, idle, replicas, Manager};
 use crate::store::Store;
 
@@ -41,21 +42,15 @@ impl Running {
 }
 
 pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
-    // 1. Listeners first, so the configuration knows the real ports (port 0 in tests).
+    // 1. Listeners first, so the configuration knows the real ports (port 0 in tests). The
+    //    edge listeners are one socket per edge thread, on one port (edge/percore.rs).
+    let threads = percore::thread_count(cfg.edge_threads);
     let http = match cfg.http_addr {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding http_addr {a}"))?,
-        ),
+        Some(a) => Some(percore::bind(a, threads).context("binding http_addr")?),
         None => None,
     };
     let https = match cfg.https_addr {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding https_addr {a}"))?,
-        ),
+        Some(a) => Some(percore::bind(a, threads).context("binding https_addr")?),
         None => None,
     };
     let metrics = match cfg.metrics_addr {
@@ -67,8 +62,8 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         None => None,
     };
     cfg.metrics_addr = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
-    cfg.http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
-    cfg.https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
+    cfg.http_addr = http.as_ref().map(|l| l[0].local_addr()).transpose()?;
+    cfg.https_addr = https.as_ref().map(|l| l[0].local_addr()).transpose()?;
     let cfg = Arc::new(cfg);
 
     // 2. Store (migrations run here), engine, manager (rebuilds state from Docker's labels).
@@ -117,19 +112,15 @@ pub async fn build(mut cfg: Config) -> anyhow::Result<Running> {
         max_connections: cfg.max_connections,
     };
     let handler: Arc<dyn listener::Handler> = Arc::new(AppHandler(app.clone()));
-    for (listener, tls, name) in [(http, None, "http"), (https, tls, "https")] {
-        let Some(l) = listener else { continue };
+    for (listeners, tls, name) in [(http, None, "http"), (https, tls, "https")] {
+        let Some(l) = listeners else { continue };
         let (h, c, rx, g) = (
             handler.clone(),
             lcfg.clone(),
             shutdown_rx.clone(),
             cfg.shutdown_grace,
         );
-        tasks.spawn(async move {
-            if let Err(e) = listener::serve(l, tls, h, c, rx, g).await {
-                tracing::error!(error = format!("{e:#}"), "{name} listener failed");
-            }
-        });
+        tasks.spawn(percore::serve(l, tls, h, c, rx, g, name)?);
     }
     Ok(Running {
         http_addr: cfg.http_addr,

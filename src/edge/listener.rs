@@ -131,11 +131,30 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     handler: Arc<dyn Handler>,
     cfg: ListenerConfig,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let slots = connection_slots(&cfg);
+    serve_shared(listener, tls, handler, cfg, slots, shutdown, grace).await
+}
+
+/// The connection cap of `cfg` as a semaphore, for loops that share it ([`serve_shared`]).
+pub fn connection_slots(cfg: &ListenerConfig) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(cfg.max_connections.max(1)))
+}
+
+/// [`serve`] with the connection slots given: several accept loops on one address (one per
+/// edge thread, `edge/percore.rs`) share one cap.
+pub async fn serve_shared(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Arc<dyn Handler>,
+    cfg: ListenerConfig,
+    slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<()> {
     let builder = Arc::new(http_builder(&cfg));
-    let slots = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut tasks = JoinSet::new();
     let local_addr = listener.local_addr()?;

@@ -289,6 +289,7 @@ impl Proxy {
         let port = addr.port();
         let mut body = Some(body);
         let mut attempt = 0;
+        let pool = self.pool.here();
         loop {
             attempt += 1;
             let b: Body = match body.take() {
@@ -296,7 +297,7 @@ impl Proxy {
                 None => crate::http::empty(),
             };
             let up = Request::from_parts(clone_parts(&parts), b);
-            let sent = self.pool.send(addr, up);
+            let sent = pool.send(addr, up);
             tokio::pin!(sent);
             // Backstop: an answer whose head is late may be a request sent to a container that
             // was paused or stopped behind our back. Re-check the sandbox instead of waiting

@@ -111,6 +111,16 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Whether the request is the hot path, served start to end on the connection's edge
+    /// thread: a plain (not upgrade) request to a sandbox that runs. Waking a sandbox and
+    /// tunnels go to the main runtime (`app.rs`). The hot path may still find the app gone
+    /// and fall back to the manager on that thread, which is rare.
+    pub fn is_hot(&self, req: &Request<Incoming>, user: &UserId) -> bool {
+        self.mgr.running_ip(user).is_some() && !forward::is_upgrade(req.headers())
+    }
+}
+
 /// The URL of `user`'s preview as the client of `conn` reaches it: the scheme and port of the
 /// configured public base (`preview_public_url`, else `public_url`), else those of the
 /// listener the request came in on, so a console over HTTP embeds an HTTP preview and one over

@@ -119,6 +119,12 @@ fn poll_driver(driver: &mut Option<Driver>, cx: &mut Context<'_>) {
     }
 }
 
+thread_local! {
+    /// An edge thread's own pool (see [`Pool::here`]); dropped, with its idle connections,
+    /// when the thread ends.
+    static LOCAL: std::cell::OnceCell<Pool> = const { std::cell::OnceCell::new() };
+}
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -150,6 +156,26 @@ impl Pool {
             connect_timeout,
             sweeping: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// The pool to use from the calling thread: on an edge thread (`edge/percore.rs`) that
+    /// thread's own pool, with the same settings, so a request never takes a connection whose
+    /// socket another thread's runtime drives; elsewhere this one.
+    pub(super) fn here(&self) -> Pool {
+        if !crate::edge::percore::on_edge_thread() {
+            return self.clone();
+        }
+        LOCAL.with(|local| {
+            local
+                .get_or_init(|| {
+                    Pool::new(
+                        self.0.idle_timeout,
+                        self.0.max_idle_per_host,
+                        self.0.connect_timeout,
+                    )
+                })
+                .clone()
+        })
     }
 
     /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
