@@ -2,6 +2,7 @@
 //! handshake forwarded, then bytes both ways with `hyper::upgrade::on` on both sides. Client
 //! traffic on a tunnel counts as activity and wakes a paused sandbox.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Waker};
@@ -269,11 +270,15 @@ async fn relay(mgr: Arc<Manager>, user: UserId, client: Plain, upstream: Plain) 
     let outbound = one_way(upstream.early, upstream_read, client_write, move || {
         mgr.touch(&user)
     });
+    both_ways(inbound, outbound).await
+}
+
+/// Runs both directions of a tunnel. Once one side is done (its end was passed on as a
+/// half-close), the other gets `CLOSE_GRACE` to finish: an app that keeps its socket open after
+/// the client left (Node's HTTP server allows half-open upgraded sockets) would otherwise hold
+/// the tunnel, its two sockets and its task forever.
+async fn both_ways(inbound: impl Future<Output = ()>, outbound: impl Future<Output = ()>) {
     tokio::pin!(inbound, outbound);
-    // Once one side is done (its end was passed on as a half-close), the other gets
-    // `CLOSE_GRACE` to finish: an app that keeps its socket open after the client left (Node's
-    // HTTP server allows half-open upgraded sockets) would otherwise hold the tunnel, its two
-    // sockets and its task forever.
     let client_done = tokio::select! {
         () = &mut inbound => true,
         () = &mut outbound => false,
@@ -315,8 +320,8 @@ async fn tls_pump(
     pump(mgr, user, client, upstream.stream).await
 }
 
-/// Copies both ways until either side closes. Client traffic counts as activity and wakes a
-/// paused sandbox (its kernel buffers the bytes meanwhile).
+/// Copies both ways until either side closes (see [`both_ways`]). Client traffic counts as
+/// activity and wakes a paused sandbox (its kernel buffers the bytes meanwhile).
 async fn pump<C, U>(mgr: Arc<Manager>, user: UserId, client: C, upstream: U)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -355,7 +360,7 @@ where
         }
         let _ = client_write.shutdown().await;
     };
-    tokio::join!(inbound, outbound);
+    both_ways(inbound, outbound).await
 }
 
 #[cfg(test)]
