@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::Duration;
@@ -270,6 +271,7 @@ async fn relay(mgr: Arc<Manager>, user: UserId, client: Plain, upstream: Plain) 
     let outbound = one_way(upstream.early, upstream_read, client_write, move || {
         mgr.touch(&user)
     });
+    tokio::pin!(inbound, outbound);
     both_ways(inbound, outbound).await
 }
 
@@ -277,11 +279,17 @@ async fn relay(mgr: Arc<Manager>, user: UserId, client: Plain, upstream: Plain) 
 /// half-close), the other gets `CLOSE_GRACE` to finish: an app that keeps its socket open after
 /// the client left (Node's HTTP server allows half-open upgraded sockets) would otherwise hold
 /// the tunnel, its two sockets and its task forever.
-async fn both_ways(inbound: impl Future<Output = ()>, outbound: impl Future<Output = ()>) {
-    tokio::pin!(inbound, outbound);
+///
+/// The directions are pinned by the caller: moved in by value, they would take the caller's
+/// task twice their size (the moved-from locals keep their room), which every idle tunnel pays.
+async fn both_ways<I, O>(mut inbound: Pin<&mut I>, mut outbound: Pin<&mut O>)
+where
+    I: Future<Output = ()>,
+    O: Future<Output = ()>,
+{
     let client_done = tokio::select! {
-        () = &mut inbound => true,
-        () = &mut outbound => false,
+        () = inbound.as_mut() => true,
+        () = outbound.as_mut() => false,
     };
     if client_done {
         let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await;
@@ -290,7 +298,7 @@ async fn both_ways(inbound: impl Future<Output = ()>, outbound: impl Future<Outp
     }
 }
 
-/// How long the other side of a plain tunnel may take to finish once one side is done.
+/// How long the other side of a tunnel may take to finish once one side is done.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Client bytes on a tunnel: activity, and a wake-up if the sandbox is not running.
@@ -360,6 +368,7 @@ where
         }
         let _ = client_write.shutdown().await;
     };
+    tokio::pin!(inbound, outbound);
     both_ways(inbound, outbound).await
 }
 
