@@ -38,6 +38,8 @@ use crate::http::upgrade::{self, accept_key, authenticate, check_origin, percent
 use crate::http::{json, Body, BoxError};
 use crate::sandbox::agent::files::{Entry, Stream};
 use crate::sandbox::agent::{AgentBody, AgentError};
+use crate::sandbox::shell::Door;
+use crate::sandbox::RunGuard;
 use crate::user::UserId;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -436,8 +438,9 @@ fn yes() -> bool {
 
 /// A response body fed by an agent stream: at most `length` bytes (exactly, or the body fails
 /// so the client sees a truncated transfer rather than a short file), each chunk awaited at
-/// most [`CHUNK_TIMEOUT`]. Pulled only as fast as the client reads.
-fn streamed(stream: Stream, length: Option<u64>) -> Body {
+/// most [`CHUNK_TIMEOUT`]. Pulled only as fast as the client reads. `held` keeps the sandbox
+/// awake until the body ends (a download may outlast `idle_pause_after`).
+fn streamed(stream: Stream, length: Option<u64>, held: RunGuard) -> Body {
     type Item = std::result::Result<Frame<Bytes>, BoxError>;
     type State = (Option<Stream>, Option<u64>);
     let s = futures_util::stream::unfold((Some(stream), length), |(stream, left)| async move {
@@ -464,7 +467,23 @@ fn streamed(stream: Stream, length: Option<u64>) -> Body {
             }
         }
     });
+    let s = s.map(move |item| {
+        let _held = &held;
+        item
+    });
     BodyExt::boxed(StreamBody::new(s))
+}
+
+/// Wakes the user's sandbox for a files call and keeps it awake until the guard drops: the
+/// idle policy counts the call as a run in flight, so it cannot pause the sandbox between the
+/// wake and the agent's answer (an upload slower than `idle_pause_after` froze the agent
+/// mid-request, and the edge's attempt to restart it failed with 409 "is not running"). The
+/// guard is taken before the wake: a pause already under way finishes first (under the user's
+/// lock) and the wake undoes it.
+async fn enter(api: &Api, user: &UserId) -> Result<(Door, RunGuard)> {
+    let held = api.mgr.request_held(user);
+    let door = api.mgr.enter(user).await?;
+    Ok((door, held))
 }
 
 /// The body of a request, pumped into a bounded channel for the agent: chunks of at most
@@ -538,7 +557,7 @@ pub(super) async fn get(
         .get(RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_range);
-    let door = api.mgr.enter(user).await?;
+    let (door, held) = enter(api, user).await?;
     let (offset, length) = match range {
         None => (0, None),
         Some(r) => {
@@ -577,7 +596,7 @@ pub(super) async fn get(
         None => (StatusCode::OK, read.size),
     };
     let name = q.path.rsplit('/').next().unwrap_or("");
-    let mut resp = Response::new(streamed(read.stream, Some(length)));
+    let mut resp = Response::new(streamed(read.stream, Some(length), held));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
@@ -627,7 +646,7 @@ pub(super) async fn stat(
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
     let q = parse_query(req.uri().query())?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     let e = door.file_stat(&q.path).await.map_err(agent_error)?;
     Ok(entry_response(StatusCode::OK, e))
 }
@@ -662,7 +681,7 @@ pub(super) async fn put(
 ) -> Result<Response<Body>> {
     let q = parse_query(req.uri().query())?;
     let path = not_root(&q.path, "written as a file")?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     let e = upload(api, req, |max, body| door.file_write(&path, max, body)).await?;
     api.mgr.touch(user);
     Ok(entry_response(StatusCode::OK, e))
@@ -676,7 +695,7 @@ pub(super) async fn delete(
 ) -> Result<Response<Body>> {
     let q = parse_query(req.uri().query())?;
     let path = not_root(&q.path, "removed")?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     door.file_remove(&path, q.recursive)
         .await
         .map_err(agent_error)?;
@@ -695,7 +714,7 @@ pub(super) async fn rename(
     let b: MoveBody = read_json(req, MAX_JSON_BODY).await?;
     let from = not_root(&b.from, "moved")?;
     let to = not_root(&b.to, "replaced")?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     let e = door
         .file_move(&from, &to, b.overwrite)
         .await
@@ -711,7 +730,7 @@ pub(super) async fn mkdir(
 ) -> Result<Response<Body>> {
     let b: MkdirBody = read_json(req, MAX_JSON_BODY).await?;
     let path = not_root(&b.path, "created")?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     let e = door
         .file_mkdir(&path, b.parents)
         .await
@@ -726,10 +745,10 @@ pub(super) async fn archive_get(
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
     let q = parse_query(req.uri().query())?;
-    let door = api.mgr.enter(user).await?;
+    let (door, held) = enter(api, user).await?;
     let stream = door.file_tar(&q.path).await.map_err(agent_error)?;
     api.mgr.touch(user);
-    let mut resp = Response::new(streamed(stream, None));
+    let mut resp = Response::new(streamed(stream, None, held));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
     let disp = format!("attachment; filename=\"{}\"", archive_name(&q.path));
@@ -750,7 +769,7 @@ pub(super) async fn archive_put(
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
     let q = parse_query(req.uri().query())?;
-    let door = api.mgr.enter(user).await?;
+    let (door, _held) = enter(api, user).await?;
     let path = q.path.clone();
     let n = upload(api, req, |max, body| door.file_untar(&path, max, body)).await?;
     api.mgr.touch(user);

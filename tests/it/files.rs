@@ -517,3 +517,62 @@ async fn files_calls_wake_paused_and_stopped_sandboxes() {
     let (s, v) = json_call(&app, "GET", u, "/sandbox/files", None).await;
     assert_eq!(s, 200, "{v}");
 }
+
+/// A files call is a run in flight for the idle policy: an upload whose body trickles in for
+/// longer than `idle_pause_after` is not frozen under it (the agent would never answer, and
+/// restarting it in a paused container fails with 409), and a sandbox the idle policy paused
+/// afterwards is woken by the next upload.
+#[tokio::test]
+async fn a_slow_upload_is_not_paused_by_the_idle_policy() {
+    let app = spawn_app_with(|t| {
+        t.insert("idle_pause_after".into(), "1s".into());
+        t.insert("idle_stop_after".into(), "30s".into());
+        t.insert("idle_check_every".into(), "100ms".into());
+    })
+    .await;
+    let u = "fslow";
+    app.init(u).await;
+    let user = sandboxd::user::UserId::parse(u).unwrap();
+
+    // The second part comes 2.5 s after the first: well past the idle timeout.
+    let parts = futures_util::stream::iter(0..2).then(|i| async move {
+        if i == 1 {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        Ok::<_, std::io::Error>(format!("part {i}\n"))
+    });
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        call(
+            &app,
+            "PUT",
+            u,
+            "/sandbox/files?path=slow.txt",
+            Some(reqwest::Body::wrap_stream(parts)),
+            &[],
+        ),
+    )
+    .await
+    .expect("the upload is answered");
+    let s = r.status().as_u16();
+    assert_eq!(s, 200, "{}", r.text().await.unwrap_or_default());
+    assert_eq!(read(&app, u, "slow.txt").await.1, b"part 0\npart 1\n");
+
+    // Left alone, it is paused by the idle policy; the next upload wakes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = app.mgr().status(&user).await.unwrap();
+        if st.state.as_str() == "paused" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never paused: {}",
+            st.state.as_str()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = put(&app, u, "after-pause.txt", b"woken".to_vec()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(read(&app, u, "after-pause.txt").await.1, b"woken");
+}

@@ -23,14 +23,20 @@ fn client_for(app: &TestApp, users: &[&str], ca: Option<&std::path::Path>) -> re
         .unwrap()
 }
 
-/// A tiny app that answers with the user id and the Host it saw.
+/// A tiny app that answers with the user id and the Host it saw. Its WebSockets echo and,
+/// as Node allows, keep their side open after the client ended its own.
 const APP: &str = r#"
             require('http').createServer((q, s) => {
               if (q.url === '/slow') return setTimeout(() => s.end('slow done'), 800);
               if (q.url === '/headers') return s.end(JSON.stringify(q.headers));
               s.setHeader('content-type', 'text/plain');
               s.end('hello from ' + process.env.SANDBOXD_USER + ' host=' + q.headers.host + ' xfp=' + q.headers['x-forwarded-proto']);
-            }).listen(5173, '0.0.0.0');
+            }).listen(5173, '0.0.0.0').on('upgrade', (q, sock) => {
+              sock.write(['HTTP/1.1 101 Switching Protocols', 'Upgrade: websocket', 'Connection: Upgrade', '', ''].join(String.fromCharCode(13, 10)));
+              sock.on('data', (d) => sock.write(d));
+              sock.on('end', () => {});
+              sock.on('error', () => {});
+            });
         "#;
 
 async fn get_text(c: &reqwest::Client, url: &str) -> (u16, String) {
@@ -90,6 +96,19 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     assert_eq!(s, 200, "{body}");
     assert!(body.ends_with("xfp=https"), "{body}");
 
+    // A WebSocket the client ends while the app keeps its side open is closed after the
+    // tunnel's 5 s grace, over HTTP and HTTPS.
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    half_open_tunnel_is_closed(tcp, app.addr.port()).await;
+    let tls = tokio_rustls::TlsConnector::from(tls_client(&ca))
+        .connect(
+            preview_host("1").try_into().unwrap(),
+            tokio::net::TcpStream::connect(https).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    half_open_tunnel_is_closed(tls, https.port()).await;
+
     // Stopped: the request is held and answered by the autostarted app.
     app.mgr()
         .stop(&UserId::parse("1").unwrap(), "test")
@@ -139,6 +158,83 @@ async fn preview_over_http_and_https_with_wake_from_stopped_and_paused() {
     // The sandbox survives the server's shutdown.
     let id = app.containers()[0].clone();
     assert_eq!(docker_inspect(&id)["State"]["Running"], true);
+}
+
+/// A TLS client trusting the development CA only.
+fn tls_client(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(cfg)
+}
+
+/// Opens a WebSocket to user 1's app (see [`APP`]) on `s`, checks the echo, ends the client's
+/// side and expects the edge to close the tunnel within its grace (5 s) plus a margin, but not
+/// at once: the app keeps its side open, so only the grace can end it.
+async fn half_open_tunnel_is_closed<S>(mut s: S, port: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        preview_host("1")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut byte))
+            .await
+            .expect("the head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+
+    s.shutdown().await.unwrap();
+    let t = Instant::now();
+    let mut rest = [0u8; 64];
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match s.read(&mut rest).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the half-open tunnel is still open after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(9),
+        "closed after {took:?}, expected the tunnel's 5 s grace"
+    );
 }
 
 #[tokio::test]
