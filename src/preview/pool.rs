@@ -261,7 +261,20 @@ impl Pool {
         });
     }
 
+    /// A function that closes the idle connections to any port of an address (its sandbox is
+    /// about to stop, see `Manager::on_stopping`), so that they end while the app can still
+    /// answer. It does not keep the pool alive.
+    pub(super) fn closer(&self) -> impl Fn(std::net::IpAddr) + Send + Sync + 'static {
+        let pool = Arc::downgrade(&self.0);
+        move |ip| {
+            if let Some(inner) = pool.upgrade() {
+                drop(inner.take_to(ip));
+            }
+        }
+    }
+
     /// Idle connections held now (tests and metrics).
+
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,6 +295,18 @@ impl Inner {
                 since: Instant::now(),
             });
         }
+    }
+
+    /// Takes the idle connections to any port of `ip` out of the pool (closed by the caller,
+    /// outside the lock).
+    fn take_to(&self, ip: std::net::IpAddr) -> Vec<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let addrs: Vec<SocketAddr> = idle.keys().filter(|a| a.ip() == ip).copied().collect();
+        addrs
+            .iter()
+            .filter_map(|a| idle.remove(a))
+            .flatten()
+            .collect()
     }
 
     fn sweep(&self, now: Instant) -> Vec<Idle> {
