@@ -10,7 +10,8 @@
 //! app closed while it sat idle is found out at the next checkout (its driver ends) and dropped.
 //! Idle connections expire after `idle_timeout` (under Node's 5 s keep-alive, so the pool never
 //! reuses a socket the app is closing), at most `max_idle_per_host` are kept per address, and a
-//! sweeper task drops expired ones while no request comes.
+//! sweeper task drops expired ones while no request comes. Those to a sandbox that is about to
+//! stop are closed at once ([`Pool::closer`]), while the app can still answer their FIN.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
