@@ -275,7 +275,6 @@ impl Pool {
     }
 
     /// Idle connections held now (tests and metrics).
-
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -456,6 +455,27 @@ mod tests {
             assert_eq!(pool.idle_count(), 1);
         }
         assert_eq!(*accepted.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_closer_drops_the_idle_connections_to_one_address_only() {
+        let (addr, accepted) = app("hello", usize::MAX).await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(pool.idle_count(), 1);
+        let close = pool.closer();
+        close("127.0.0.2".parse().unwrap());
+        assert_eq!(pool.idle_count(), 1, "another address is left alone");
+        close(addr.ip());
+        assert_eq!(pool.idle_count(), 0);
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(
+            *accepted.lock().unwrap(),
+            2,
+            "a new connection after the close"
+        );
     }
 
     #[tokio::test]
