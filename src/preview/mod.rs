@@ -70,11 +70,14 @@ impl From<SandboxError> for PreviewError {
 
 impl Proxy {
     pub fn new(cfg: Arc<Config>, mgr: Arc<Manager>, auth: Auth) -> Proxy {
+        let pool = pool::Pool::new(Duration::from_secs(4), 64, Duration::from_secs(3));
+        // Idle connections to a sandbox end before it stops (see `Manager::on_stopping`).
+        mgr.on_stopping(pool.closer());
         Proxy {
             cfg,
             mgr,
             auth,
-            pool: pool::Pool::new(Duration::from_secs(4), 64, Duration::from_secs(3)),
+            pool,
         }
     }
 

@@ -10,7 +10,8 @@
 //! app closed while it sat idle is found out at the next checkout (its driver ends) and dropped.
 //! Idle connections expire after `idle_timeout` (under Node's 5 s keep-alive, so the pool never
 //! reuses a socket the app is closing), at most `max_idle_per_host` are kept per address, and a
-//! sweeper task drops expired ones while no request comes.
+//! sweeper task drops expired ones while no request comes. Those to a sandbox that is about to
+//! stop are closed at once ([`Pool::closer`]), while the app can still answer their FIN.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -287,6 +288,18 @@ impl Pool {
         });
     }
 
+    /// A function that closes the idle connections to any port of an address (its sandbox is
+    /// about to stop, see `Manager::on_stopping`), so that they end while the app can still
+    /// answer. It does not keep the pool alive.
+    pub(super) fn closer(&self) -> impl Fn(std::net::IpAddr) + Send + Sync + 'static {
+        let pool = Arc::downgrade(&self.0);
+        move |ip| {
+            if let Some(inner) = pool.upgrade() {
+                drop(inner.take_to(ip));
+            }
+        }
+    }
+
     /// Idle connections held now (tests and metrics).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
@@ -308,6 +321,18 @@ impl Inner {
                 since: Instant::now(),
             });
         }
+    }
+
+    /// Takes the idle connections to any port of `ip` out of the pool (closed by the caller,
+    /// outside the lock).
+    fn take_to(&self, ip: std::net::IpAddr) -> Vec<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let addrs: Vec<SocketAddr> = idle.keys().filter(|a| a.ip() == ip).copied().collect();
+        addrs
+            .iter()
+            .filter_map(|a| idle.remove(a))
+            .flatten()
+            .collect()
     }
 
     fn sweep(&self, now: Instant) -> Vec<Idle> {
@@ -456,6 +481,27 @@ mod tests {
             assert_eq!(pool.idle_count(), 1);
         }
         assert_eq!(*accepted.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_closer_drops_the_idle_connections_to_one_address_only() {
+        let (addr, accepted) = app("hello", usize::MAX).await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(pool.idle_count(), 1);
+        let close = pool.closer();
+        close("127.0.0.2".parse().unwrap());
+        assert_eq!(pool.idle_count(), 1, "another address is left alone");
+        close(addr.ip());
+        assert_eq!(pool.idle_count(), 0);
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(
+            *accepted.lock().unwrap(),
+            2,
+            "a new connection after the close"
+        );
     }
 
     #[tokio::test]

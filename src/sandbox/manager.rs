@@ -68,6 +68,7 @@ impl Manager {
             slots: StdMutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
             swarm,
+            stopping_hooks: StdMutex::new(Vec::new()),
         });
         mgr.recover().await?;
         mgr.follow_health();
@@ -795,6 +796,7 @@ impl Manager {
             return Ok(false);
         };
         slot.publish(&guard);
+        self.stopping(&c);
         let t = Instant::now();
         // Stop first so the init gets its short grace period, then force-remove.
         if let Err(e) = self
@@ -817,6 +819,32 @@ impl Manager {
             .await;
         self.save(user, &guard, None).await?;
         Ok(true)
+    }
+
+    /// Registers `hook`, called with a sandbox's address just before its container is stopped
+    /// or removed, while its network still answers. The preview closes its idle connections to
+    /// the app then: closed after the container is gone, their FINs are retransmitted to an
+    /// address nobody holds, the host's neighbour entry for it goes INCOMPLETE, and when the
+    /// same container starts again (same address) every SYN to it waits for the next ARP
+    /// solicitation, up to a second later.
+    pub fn on_stopping(&self, hook: impl Fn(IpAddr) + Send + Sync + 'static) {
+        let mut hooks = self
+            .stopping_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        hooks.push(Box::new(hook));
+    }
+
+    /// Runs the [`on_stopping`](Self::on_stopping) hooks for `c`'s address.
+    fn stopping(&self, c: &Container) {
+        let Some(ip) = c.ip else { return };
+        let hooks = self
+            .stopping_hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for hook in hooks.iter() {
+            hook(ip);
+        }
     }
 
     /// Pauses the user's sandbox if it is running.
@@ -900,6 +928,7 @@ impl Manager {
                     }
                 }
                 slot.hide();
+                self.stopping(c);
                 let t = Instant::now();
                 let stopped = self
                     .engine

@@ -154,4 +154,10 @@ pub struct Manager {
     pub(super) replicas: replicas::Replicas,
     /// Swarm mode's inventory (`None` on one host).
     pub(super) swarm: Option<Arc<swarm::Swarm>>,
+    /// Called with a sandbox's address just before its container is stopped or removed
+    /// ([`Manager::on_stopping`]).
+    pub(super) stopping_hooks: StdMutex<Vec<StoppingHook>>,
 }
+
+/// See [`Manager::on_stopping`].
+pub(super) type StoppingHook = Box<dyn Fn(std::net::IpAddr) + Send + Sync>;

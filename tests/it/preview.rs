@@ -571,3 +571,64 @@ where
         }
     }
 }
+
+/// The host's TCP sockets to `ip:port` with their state (`/proc/net/tcp`, the test runs in the
+/// server's network namespace): hex state codes, e.g. `01` ESTABLISHED, `08` CLOSE_WAIT.
+fn sockets_to(ip: std::net::IpAddr, port: u16) -> Vec<String> {
+    let std::net::IpAddr::V4(v4) = ip else {
+        panic!("sandbox address {ip} is not IPv4")
+    };
+    let rem = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.octets()), port);
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&rem.as_str())).then(|| f[3].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
+    // An idle upstream connection closed only after the container is gone leaves a socket
+    // retransmitting its FIN to the sandbox's address; the host's neighbour entry for it goes
+    // INCOMPLETE and the next wake's SYNs wait up to a second for ARP (Manager::on_stopping).
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    app.init("30").await;
+    start_app(&app, "30", APP).await;
+    let user = UserId::parse("30").unwrap();
+    let c = client_for(&app, &["30"], None);
+    let (s, body) = get_text(&c, &preview_url(&app, "30", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    let ip = app
+        .mgr()
+        .running_ip(&user)
+        .expect("running sandbox has an address");
+    let open = sockets_to(ip, 5173);
+    assert!(
+        open.iter().any(|st| st == "01"),
+        "the preview keeps an idle connection to the app: {open:?}"
+    );
+    app.mgr().stop(&user, "test").await.unwrap();
+    // Closed while the app could answer: our side finished its close (TIME_WAIT, or FIN_WAIT2
+    // until the app's FIN); nothing is left open, half-closed or retransmitting a FIN.
+    let left = sockets_to(ip, 5173);
+    assert!(
+        left.iter().all(|st| st == "06" || st == "05"),
+        "sockets to the stopped sandbox's app (hex TCP states): {left:?}"
+    );
+    // The same for the next stop, after a wake through the preview.
+    let (s, body) = get_text(&c, &preview_url(&app, "30", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    app.mgr().exit(&user).await.unwrap();
+    let left = sockets_to(ip, 5173);
+    assert!(
+        left.iter().all(|st| st == "06" || st == "05"),
+        "sockets to the removed sandbox's app (hex TCP states): {left:?}"
+    );
+}
