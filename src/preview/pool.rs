@@ -138,6 +138,9 @@ struct Inner {
     connect_timeout: Duration,
     /// A sweeper task runs (started with the first connection, inside a runtime).
     sweeping: std::sync::atomic::AtomicBool,
+    /// The edge threads' own pools made from this one ([`Pool::here`]), which its
+    /// [`closer`](Pool::closer) reaches too.
+    threads: Mutex<Vec<std::sync::Weak<Inner>>>,
 }
 
 /// The pool (cheap to clone: one shared set of idle connections).
@@ -156,6 +159,7 @@ impl Pool {
             max_idle_per_host,
             connect_timeout,
             sweeping: std::sync::atomic::AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
         }))
     }
 
@@ -166,17 +170,20 @@ impl Pool {
         if !crate::edge::percore::on_edge_thread() {
             return self.clone();
         }
-        LOCAL.with(|local| {
-            local
-                .get_or_init(|| {
-                    Pool::new(
-                        self.0.idle_timeout,
-                        self.0.max_idle_per_host,
-                        self.0.connect_timeout,
-                    )
-                })
-                .clone()
-        })
+        LOCAL.with(|local| local.get_or_init(|| self.for_thread()).clone())
+    }
+
+    /// A new pool with this one's settings, which this one's [`closer`](Pool::closer) reaches.
+    fn for_thread(&self) -> Pool {
+        let own = Pool::new(
+            self.0.idle_timeout,
+            self.0.max_idle_per_host,
+            self.0.connect_timeout,
+        );
+        let mut threads = self.0.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| t.strong_count() > 0);
+        threads.push(Arc::downgrade(&own.0));
+        own
     }
 
     /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
@@ -290,12 +297,22 @@ impl Pool {
 
     /// A function that closes the idle connections to any port of an address (its sandbox is
     /// about to stop, see `Manager::on_stopping`), so that they end while the app can still
-    /// answer. It does not keep the pool alive.
+    /// answer: in this pool and in every edge thread's pool made from it. It does not keep the
+    /// pools alive.
     pub(super) fn closer(&self) -> impl Fn(std::net::IpAddr) + Send + Sync + 'static {
         let pool = Arc::downgrade(&self.0);
         move |ip| {
-            if let Some(inner) = pool.upgrade() {
-                drop(inner.take_to(ip));
+            let Some(inner) = pool.upgrade() else { return };
+            drop(inner.take_to(ip));
+            let threads: Vec<Arc<Inner>> = {
+                let threads = inner.threads.lock().unwrap_or_else(|e| e.into_inner());
+                threads
+                    .iter()
+                    .filter_map(std::sync::Weak::upgrade)
+                    .collect()
+            };
+            for t in threads {
+                drop(t.take_to(ip));
             }
         }
     }
@@ -502,6 +519,21 @@ mod tests {
             2,
             "a new connection after the close"
         );
+    }
+
+    #[tokio::test]
+    async fn the_closer_reaches_the_edge_threads_pools() {
+        let (addr, accepted) = app("hello", usize::MAX).await;
+        let pool = pool();
+        let thread_pool = pool.for_thread();
+        let resp = thread_pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(thread_pool.idle_count(), 1);
+        pool.closer()(addr.ip());
+        assert_eq!(thread_pool.idle_count(), 0, "closed in the thread's pool");
+        let resp = thread_pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(*accepted.lock().unwrap(), 2);
     }
 
     #[tokio::test]
