@@ -110,7 +110,11 @@ async fn run(opts: Opts, nofile: u64) -> Result<()> {
         ctx.report.errors.push(format!("run aborted: {e:#}"));
     }
     ctx.report.duration_s = t.elapsed().as_secs_f64();
-    let text = ctx.report.render();
+    // The report this run replaces: its targets stay beside the new figures.
+    let previous = std::fs::read_to_string(&opts.out)
+        .ok()
+        .and_then(|t| report::Previous::parse(&t));
+    let text = ctx.report.render(previous.as_ref());
     if let Some(dir) = opts.out.parent() {
         std::fs::create_dir_all(dir)?;
     }

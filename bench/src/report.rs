@@ -334,7 +334,9 @@ impl Report {
         t
     }
 
-    pub fn render(&self) -> String {
+    /// The report as markdown. `previous` is the report this one replaces (its targets are
+    /// shown beside the new figures, so a change is visible).
+    pub fn render(&self, previous: Option<&Previous>) -> String {
         let mut o = String::new();
         let w = &mut o;
         let _ = writeln!(w, "# Benchmarks\n");
@@ -360,12 +362,23 @@ impl Report {
         }
 
         let _ = writeln!(w, "## Targets\n");
-        let _ = writeln!(
-            w,
-            "| target | goal | measured | result |\n|---|---|---|---|"
-        );
+        match previous {
+            None => {
+                let _ = writeln!(
+                    w,
+                    "| target | goal | measured | result |\n|---|---|---|---|"
+                );
+            }
+            Some(p) => {
+                let _ = writeln!(
+                    w,
+                    "| target | goal | measured | result | previous run ({}) |\n|---|---|---|---|---|",
+                    p.label
+                );
+            }
+        }
         for t in self.targets() {
-            let _ = writeln!(
+            let _ = write!(
                 w,
                 "| {} | {} | {} | {} |",
                 t.what,
@@ -373,6 +386,14 @@ impl Report {
                 t.measured,
                 mark(t.pass)
             );
+            if let Some(p) = previous {
+                let before = match p.rows.get(&t.what) {
+                    Some((measured, result)) => format!(" {measured} ({result}) |"),
+                    None => " – |".to_owned(),
+                };
+                w.push_str(&before);
+            }
+            w.push('\n');
         }
         let _ = writeln!(w);
 
@@ -692,5 +713,80 @@ impl Report {
             }
             let _ = writeln!(w);
         }
+    }
+}
+
+/// The targets of the report a run replaces, parsed from its markdown.
+#[derive(Debug, Default)]
+pub struct Previous {
+    /// "date, commit" of that run.
+    pub label: String,
+    /// target → (measured, result), as that report printed them.
+    pub rows: std::collections::HashMap<String, (String, String)>,
+}
+
+impl Previous {
+    /// `None` when `text` has no targets table (not a report of `bench/run`).
+    pub fn parse(text: &str) -> Option<Previous> {
+        let date = text
+            .lines()
+            .find(|l| l.starts_with("Produced by `"))
+            .and_then(|l| l.split("` on ").nth(1))
+            .and_then(|rest| rest.split(": ").next())
+            .map(str::trim)
+            .unwrap_or("date unknown");
+        let commit = text
+            .lines()
+            .find_map(|l| l.strip_prefix("| sandboxd (git) | "))
+            .map(|rest| rest.trim_end_matches('|').trim())
+            .unwrap_or("commit unknown");
+        let mut rows = std::collections::HashMap::new();
+        let mut in_targets = false;
+        for line in text.lines() {
+            if line.starts_with("## ") {
+                in_targets = line == "## Targets";
+                continue;
+            }
+            let Some(inner) = line.strip_prefix("| ").and_then(|l| l.strip_suffix(" |")) else {
+                continue;
+            };
+            if !in_targets || inner.starts_with("target |") {
+                continue;
+            }
+            let cells: Vec<&str> = inner.split(" | ").collect();
+            if cells.len() >= 4 {
+                let result = cells[3].trim_matches('*').to_owned();
+                rows.insert(cells[0].to_owned(), (cells[2].to_owned(), result));
+            }
+        }
+        if rows.is_empty() {
+            return None;
+        }
+        Some(Previous {
+            label: format!("{date}, {commit}"),
+            rows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_targets_are_read_back_from_a_report() {
+        let text = "# Benchmarks\n\nProduced by `bench/run` on 2026-12-01 12:27 UTC: the benchmarks took 743 s.\n\n\
+            ## Targets\n\n| target | goal | measured | result | previous run (x, y) |\n|---|---|---|---|---|\n\
+            | cold first hit p50 | ≤ 1000 ms | 702 ms | **pass** | 900 ms (pass) |\n\
+            | wake from stopped p50 | ≤ 600 ms | 648 ms | **miss** | – |\n\n\
+            ## Machine and versions\n\n| | |\n|---|---|\n| sandboxd (git) | 1b95346 |\n";
+        let p = Previous::parse(text).expect("a report");
+        assert_eq!(p.label, "2026-12-01 12:27 UTC, 1b95346");
+        assert_eq!(p.rows.len(), 2);
+        assert_eq!(
+            p.rows["wake from stopped p50"],
+            ("648 ms".to_owned(), "miss".to_owned())
+        );
+        assert!(Previous::parse("no report here").is_none());
     }
 }
