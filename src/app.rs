@@ -196,21 +196,14 @@ impl Handler for AppHandler {
             Route::Preview { user, .. } => app.preview.is_hot(&req, user),
             _ => false,
         };
-        let main = match in_place {
-            true => None,
-            false => crate::edge::percore::main_runtime(),
-        };
-        let Some(main) = main else {
+        if in_place {
             return Box::pin(app.handle(req, conn, route));
-        };
-        // Aborted when the connection drops the request, as the in-place future would be.
-        let task = AbortOnDrop(main.spawn(app.handle(req, conn, route)));
+        }
+        // Dropped with the connection's request, as the in-place future would be.
         Box::pin(async move {
-            match task.await {
-                Ok(resp) => resp,
-                // The listener turns a panic into a 500, as for a request served in place.
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => ApiError::new(
+            match crate::edge::percore::on_main(app.handle(req, conn, route)).await {
+                Some(resp) => resp,
+                None => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "shutting_down",
                     "the server is shutting down",
@@ -218,25 +211,5 @@ impl Handler for AppHandler {
                 .into_response(),
             }
         })
-    }
-}
-
-/// A task handle that aborts its task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }

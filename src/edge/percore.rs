@@ -48,6 +48,46 @@ pub fn on_edge_thread() -> bool {
     MAIN.with(|m| m.borrow().is_some())
 }
 
+/// Runs `fut` on the main runtime when called on an edge thread (in place elsewhere) and
+/// returns its output: whatever talks to the engine or the store, or spawns tasks that outlive
+/// a request, must not be owned by an edge thread's runtime, which ends before the main one.
+/// Dropping the returned future aborts the task. `None`: the task was cancelled (the main
+/// runtime is shutting down). A panic in `fut` is raised again here.
+pub async fn on_main<F>(fut: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let Some(main) = main_runtime() else {
+        return Some(fut.await);
+    };
+    match AbortOnDrop(main.spawn(fut)).await {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
+}
+
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// The number of edge threads for a configured `edge_threads` (0 = one per core).
 pub fn thread_count(configured: usize) -> usize {
     if configured > 0 {

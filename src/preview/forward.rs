@@ -305,13 +305,20 @@ impl Proxy {
             let result = match tokio::time::timeout(self.cfg.upstream_head_timeout, &mut sent).await
             {
                 Ok(r) => r,
-                Err(_) => match Box::pin(self.late_answer(user)).await {
+                Err(_) => match self
+                    .off_edge(user, |p, u| async move { Ok(p.late_answer(&u).await) })
+                    .await
+                    .unwrap_or_else(Late::Failed)
+                {
                     Late::KeepWaiting => sent.await,
                     Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
                         addr = SocketAddr::new(ip, port);
-                        match Box::pin(self.connect_app(user, addr)).await {
-                            Some(_) => continue,
-                            None => return Err(PreviewError::NotListening { port }),
+                        let up = self.off_edge(user, move |p, u| async move {
+                            Ok(p.connect_app(&u, addr).await.is_some())
+                        });
+                        match up.await? {
+                            true => continue,
+                            false => return Err(PreviewError::NotListening { port }),
                         }
                     }
                     Late::Restarted(_) => return Err(PreviewError::Restarted),
@@ -329,7 +336,11 @@ impl Proxy {
                     // Nothing listening: the app may be starting, or the container died or was
                     // restarted behind our back. Ask the manager again and hold the request
                     // while the app comes up. A body that was already streamed is not replayed.
-                    addr = Box::pin(self.ready_addr(user, port, Via::Manager)).await?;
+                    addr = self
+                        .off_edge(user, move |p, u| async move {
+                            p.ready_addr(&u, port, Via::Manager).await
+                        })
+                        .await?;
                     if is_bodyless(&parts) {
                         continue;
                     }

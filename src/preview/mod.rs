@@ -34,6 +34,7 @@ use crate::user::UserId;
 
 /// The preview feature and what it needs: the configuration, the manager (addresses, wakes,
 /// activity), the token verifier (owner mode) and the upstream connection pool.
+#[derive(Clone)]
 pub struct Proxy {
     cfg: Arc<Config>,
     mgr: Arc<Manager>,
@@ -101,7 +102,12 @@ impl Proxy {
             // future stays small (it is moved whole into its box and its span).
             let addr = match self.mgr.running_ip(&user) {
                 Some(ip) => std::net::SocketAddr::new(ip, port),
-                None => Box::pin(self.ready_addr(&user, port, upstream::Via::Published)).await?,
+                None => {
+                    let ready = self.off_edge(&user, move |p, u| async move {
+                        p.ready_addr(&u, port, upstream::Via::Published).await
+                    });
+                    Box::pin(ready).await?
+                }
             };
             if forward::is_upgrade(req.headers()) {
                 return Box::pin(self.tunnel(req, &conn, user.clone(), addr)).await;
@@ -121,6 +127,26 @@ impl Proxy {
     /// and fall back to the manager on that thread, which is rare.
     pub fn is_hot(&self, req: &Request<Incoming>, user: &UserId) -> bool {
         self.mgr.running_ip(user).is_some() && !forward::is_upgrade(req.headers())
+    }
+
+    /// Runs a fallback of the hot path (`f`, given a clone of the proxy and the user) on the
+    /// main runtime: it asks the manager, which may talk to the engine and the store and start
+    /// tasks, none of which may belong to an edge thread (see `edge::percore::on_main`).
+    async fn off_edge<T, F, Fut>(&self, user: &UserId, f: F) -> Result<T, PreviewError>
+    where
+        F: FnOnce(Proxy, UserId) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PreviewError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        crate::edge::percore::on_main(f(self.clone(), user.clone()))
+            .await
+            .unwrap_or_else(|| {
+                Err(PreviewError::Api(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the server is shutting down",
+                )))
+            })
     }
 }
 
