@@ -203,12 +203,7 @@ impl Handler for AppHandler {
         Box::pin(async move {
             match crate::edge::percore::on_main(app.handle(req, conn, route)).await {
                 Some(resp) => resp,
-                None => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the server is shutting down",
-                )
-                .into_response(),
+                None => ApiError::shutting_down().into_response(),
             }
         })
     }

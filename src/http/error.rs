@@ -72,6 +72,15 @@ impl ApiError {
     pub fn agent_unavailable(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "agent_unavailable", msg).retry_after(2)
     }
+    /// 503 for a request an edge thread handed to the main runtime after that runtime began
+    /// to shut down (edge/percore.rs).
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
+    }
     pub fn internal(err: &anyhow::Error) -> Self {
         tracing::error!(error = format!("{err:#}"), "request failed");
         Self::new(

@@ -123,8 +123,8 @@ impl Proxy {
 impl Proxy {
     /// Whether the request is the hot path, served start to end on the connection's edge
     /// thread: a plain (not upgrade) request to a sandbox that runs. Waking a sandbox and
-    /// tunnels go to the main runtime (`app.rs`). The hot path may still find the app gone
-    /// and fall back to the manager on that thread, which is rare.
+    /// tunnels go to the main runtime (`app.rs`); when the hot path finds the app gone, its
+    /// fallbacks go there too ([`Proxy::off_edge`]).
     pub fn is_hot(&self, req: &Request<Incoming>, user: &UserId) -> bool {
         self.mgr.running_ip(user).is_some() && !forward::is_upgrade(req.headers())
     }
@@ -140,13 +140,7 @@ impl Proxy {
     {
         crate::edge::percore::on_main(f(self.clone(), user.clone()))
             .await
-            .unwrap_or_else(|| {
-                Err(PreviewError::Api(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the server is shutting down",
-                )))
-            })
+            .unwrap_or_else(|| Err(PreviewError::Api(ApiError::shutting_down())))
     }
 }
 
