@@ -128,6 +128,15 @@ pub fn us(v: f64) -> String {
     }
 }
 
+/// Microseconds with one decimal (CPU time per request).
+pub fn us1(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1} µs")
+    } else {
+        "–".into()
+    }
+}
+
 pub fn ratio(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.2}×")
@@ -215,6 +224,51 @@ impl Report {
             target: "≤ 100 µs".into(),
             measured: us(added),
             pass: check(added, &|v| v <= 100.0),
+        });
+        // Issue 15's proxy targets against nginx in the same run: the latency sandboxd adds over
+        // the direct path is no more than nginx's, and so is its CPU time per small request.
+        let nginx_added = self.added_p50("small", "c_http");
+        t.push(Target {
+            what: "p50 latency added over direct vs nginx's (small, 1 connection, HTTP)".into(),
+            target: "≤ 1.0×".into(),
+            measured: format!(
+                "{} vs {} = {}",
+                us(added),
+                us(nginx_added),
+                ratio(added / nginx_added)
+            ),
+            pass: check(added / nginx_added, &|r| r <= 1.0),
+        });
+        let cpu = |key: &str| {
+            self.proxy_row("small", key)
+                .and_then(|r| r.cpu_us)
+                .unwrap_or(f64::NAN)
+        };
+        let (http, https) = (
+            cpu("b_http") / cpu("c_http"),
+            cpu("b_https") / cpu("c_https"),
+        );
+        t.push(Target {
+            what: "proxy CPU per small request vs nginx's (HTTP · HTTPS)".into(),
+            target: "≤ 1.0× (both)".into(),
+            measured: format!(
+                "{} vs {} = {} · {} vs {} = {}",
+                us1(cpu("b_http")),
+                us1(cpu("c_http")),
+                ratio(http),
+                us1(cpu("b_https")),
+                us1(cpu("c_https")),
+                ratio(https)
+            ),
+            // NaN (a path not measured) stays NaN: `f64::max` would drop it.
+            pass: check(
+                if https.is_nan() {
+                    f64::NAN
+                } else {
+                    http.max(https)
+                },
+                &|r| r <= 1.0,
+            ),
         });
         for (prefix, what, goal) in [
             ("cold first hit", "cold first hit p50", 1000.0),
@@ -788,5 +842,58 @@ mod tests {
             ("648 ms".to_owned(), "miss".to_owned())
         );
         assert!(Previous::parse("no report here").is_none());
+    }
+
+    fn row(key: &'static str, single_p50: f64, cpu: Option<f64>) -> ProxyRow {
+        ProxyRow {
+            size: "small".into(),
+            key,
+            label: key.into(),
+            load: WrkResult {
+                rps: 1000.0,
+                ..Default::default()
+            },
+            single: WrkResult {
+                p50_us: single_p50,
+                ..Default::default()
+            },
+            cpu_us: cpu,
+        }
+    }
+
+    fn target<'a>(t: &'a [Target], what: &str) -> &'a Target {
+        t.iter().find(|t| t.what.starts_with(what)).expect(what)
+    }
+
+    #[test]
+    fn latency_and_cpu_targets_compare_with_nginx_in_the_same_run() {
+        let mut r = Report {
+            proxy: vec![
+                row("a", 200.0, None),
+                row("b_http", 300.0, Some(50.0)),
+                row("b_https", 350.0, Some(70.0)),
+                row("c_http", 320.0, Some(52.0)),
+                row("c_https", 500.0, Some(72.0)),
+            ],
+            ..Default::default()
+        };
+        let t = r.targets();
+        let latency = target(&t, "p50 latency added over direct vs nginx");
+        assert_eq!(latency.pass, Some(true), "{latency:?}");
+        assert!(latency.measured.ends_with("= 0.83×"), "{latency:?}");
+        let cpu = target(&t, "proxy CPU per small request");
+        assert_eq!(cpu.pass, Some(true), "{cpu:?}");
+        // HTTPS over nginx's: the target misses even though HTTP passes.
+        r.proxy[2].cpu_us = Some(80.0);
+        assert_eq!(
+            target(&r.targets(), "proxy CPU per small request").pass,
+            Some(false)
+        );
+        // A path not measured leaves the target unmeasured, not passed.
+        r.proxy[2].cpu_us = None;
+        let cpu = &r.targets();
+        let cpu = target(cpu, "proxy CPU per small request");
+        assert_eq!(cpu.pass, None, "{cpu:?}");
+        assert!(cpu.measured.contains("– vs 72.0 µs"), "{cpu:?}");
     }
 }
