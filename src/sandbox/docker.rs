@@ -276,6 +276,10 @@ fn classify(e: &BollardError) -> (ErrorKind, Option<u16>) {
 }
 
 /// Wraps bollard's error with what sandboxd was doing.
+/// Pauses tried when the freezer could not freeze every task, and the wait between them.
+const PAUSE_ATTEMPTS: u32 = 3;
+const PAUSE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn failed(doing: &'static str) -> impl FnOnce(BollardError) -> EngineError {
     move |e| EngineError::new(doing, e)
 }
@@ -1271,11 +1275,30 @@ impl Engine {
         let gate = self.gate(id);
         let _no_exec_starting = gate.write().await;
         let (docker, node) = self.client(id)?;
-        docker
-            .pause_container(id)
-            .await
-            .map_err(failed("pausing the container"))
-            .map_err(|e| self.on_node(&node, e))
+        // With cgroup v1's freezer a task caught mid-`vfork` cannot be frozen: runc gives up
+        // with "unable to freeze" and leaves the container thawed and running. A moment later
+        // the task has moved on, so the pause is tried again a few times.
+        let mut attempt = 1;
+        loop {
+            match docker.pause_container(id).await {
+                Err(e)
+                    if attempt < PAUSE_ATTEMPTS && e.to_string().contains("unable to freeze") =>
+                {
+                    tracing::debug!(
+                        container = id,
+                        attempt,
+                        "the freezer could not freeze every task; pausing again"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(PAUSE_RETRY_AFTER).await;
+                }
+                r => {
+                    return r
+                        .map_err(failed("pausing the container"))
+                        .map_err(|e| self.on_node(&node, e))
+                }
+            }
+        }
     }
 
     pub async fn unpause(&self, id: &str) -> Result<(), EngineError> {
