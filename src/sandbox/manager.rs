@@ -307,6 +307,19 @@ impl Manager {
         let user = &slot.user;
         // Swarm mode: a container on the user's node that the table does not hold is adopted.
         self.adopt_from_node(slot, guard).await?;
+        // The idle policy's pause is the common wake: unpause at once, one engine call. The
+        // engine refuses when the container is no longer paused (changed behind our back), and
+        // then its state is checked against Docker like any other wake's, below.
+        if let Some(c) = guard
+            .as_mut()
+            .filter(|c| c.state == State::Paused && c.ip.is_some())
+        {
+            let t = Instant::now();
+            if self.engine.unpause(&c.id).await.is_ok() {
+                self.resumed(user, guard, t, asked).await?;
+                return Ok(self.snapshot(slot, guard).expect("a container is present"));
+            }
+        }
         // Never trust the cached state: check it against Docker. A container may have been
         // paused, stopped, killed or removed behind our back (events.rs usually got there first).
         if let Err(e) = self.sync_locked(slot, guard, None).await {
@@ -319,11 +332,7 @@ impl Manager {
                 let t = Instant::now();
                 let r = self.engine.unpause(&c.id).await;
                 r.inspect_err(|e| self.engine_failed(e))?;
-                self.metrics.transition(Op::Unpause, t.elapsed());
-                self.metrics.wake(State::Paused, asked.elapsed());
-                c.state = State::Running;
-                self.event(user, Some(&c.id), "resumed", None).await;
-                self.save(user, guard, None).await?;
+                self.resumed(user, guard, t, asked).await?;
             }
             Some(c) => {
                 // Stopped (or running without an address): start it again.
@@ -436,6 +445,27 @@ impl Manager {
             }
         }
         Ok(self.snapshot(slot, guard).expect("a container is present"))
+    }
+
+    /// After an unpause: the metrics, the history and the table say so (the two writes side
+    /// by side).
+    async fn resumed(
+        &self,
+        user: &UserId,
+        guard: &mut Option<Container>,
+        unpause: Instant,
+        asked: Instant,
+    ) -> Result<(), SandboxError> {
+        self.metrics.transition(Op::Unpause, unpause.elapsed());
+        self.metrics.wake(State::Paused, asked.elapsed());
+        let c = guard.as_mut().expect("a container is present");
+        c.state = State::Running;
+        let id = c.id.clone();
+        let (saved, ()) = tokio::join!(
+            self.save(user, guard, None),
+            self.event(user, Some(&id), "resumed", None)
+        );
+        Ok(saved?)
     }
 
     pub(super) async fn start_container(&self, c: &mut Container) -> anyhow::Result<()> {
