@@ -40,6 +40,7 @@ pub struct Proxy {
     mgr: Arc<Manager>,
     auth: Auth,
     pool: pool::Pool,
+    tunnels: Arc<tunnel::Tunnels>,
 }
 
 /// Why a preview request got no answer from the app. [`PreviewError::into_response`]
@@ -74,11 +75,15 @@ impl Proxy {
         let pool = pool::Pool::new(Duration::from_secs(4), 64, Duration::from_secs(3));
         // Idle connections to a sandbox end before it stops (see `Manager::on_stopping`).
         mgr.on_stopping(pool.closer());
+        // And so do its WebSocket tunnels.
+        let tunnels = Arc::new(tunnel::Tunnels::default());
+        mgr.on_stopping(tunnels.closer());
         Proxy {
             cfg,
             mgr,
             auth,
             pool,
+            tunnels,
         }
     }
 

@@ -2,10 +2,11 @@
 //! handshake forwarded, then bytes both ways with `hyper::upgrade::on` on both sides. Client
 //! traffic on a tunnel counts as activity and wakes a paused sandbox.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::forward::{forwarded_headers, strip_hop_by_hop, upgrade_matches};
 use super::upstream::Via;
@@ -50,6 +52,46 @@ async fn connect(addr: SocketAddr) -> Option<TcpStream> {
         .ok()?;
     let _ = s.set_nodelay(true);
     Some(s)
+}
+
+/// The open tunnels by sandbox address. A sandbox about to stop has its tunnels closed while
+/// its app can still answer their FIN, like the pool's idle connections (see
+/// `Manager::on_stopping`): closed only once the app is gone, our FIN is retransmitted to an
+/// address nobody holds, and the next wake of that sandbox waits on ARP.
+#[derive(Default)]
+pub(super) struct Tunnels(Mutex<HashMap<IpAddr, Weak<Notify>>>);
+
+impl Tunnels {
+    /// The signal the tunnels to `ip` wait on: one per address while any of them is open.
+    fn watch(&self, ip: IpAddr) -> Arc<Notify> {
+        let mut by_ip = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_ip.get(&ip).and_then(Weak::upgrade) {
+            return n;
+        }
+        // A new address: forget those whose tunnels all ended (as many as sandboxes).
+        by_ip.retain(|_, n| n.strong_count() > 0);
+        let n = Arc::new(Notify::new());
+        by_ip.insert(ip, Arc::downgrade(&n));
+        n
+    }
+
+    /// A `Manager::on_stopping` hook: ends every tunnel to the address.
+    pub(super) fn closer(self: &Arc<Self>) -> impl Fn(IpAddr) + Send + Sync + 'static {
+        let tunnels = Arc::downgrade(self);
+        move |ip| {
+            let Some(tunnels) = tunnels.upgrade() else {
+                return;
+            };
+            let n = tunnels
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&ip);
+            if let Some(n) = n.and_then(|n| n.upgrade()) {
+                n.notify_waiters();
+            }
+        }
+    }
 }
 
 impl Proxy {
@@ -126,25 +168,34 @@ impl Proxy {
         let upstream_upgrade = hyper::upgrade::on(&mut up_resp);
         let mgr = self.mgr.clone();
         let open = self.mgr.metrics().tunnel_opened();
+        let stopping = self.tunnels.watch(addr.ip());
         tokio::spawn(async move {
             let _open = open;
-            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) else {
-                return;
-            };
-            // Our own upstream connection is plain TCP; the client's is too unless it came
-            // over TLS. Plain on both sides relays without buffers; otherwise copy with buffers.
-            // The buffered copies are boxed: a task is as large as its largest state, and every
-            // idle tunnel's task would otherwise carry their state too.
-            let upstream = match plain_upstream(upstream) {
-                Ok(p) => p,
-                Err(upstream) => {
-                    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    return Box::pin(pump(mgr, user, client, upstream)).await;
+            let tunnel = async move {
+                let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await)
+                else {
+                    return;
+                };
+                // Our own upstream connection is plain TCP; the client's is too unless it came
+                // over TLS. Plain on both sides relays without buffers; otherwise copy with buffers.
+                // The buffered copies are boxed: a task is as large as its largest state, and every
+                // idle tunnel's task would otherwise carry their state too.
+                let upstream = match plain_upstream(upstream) {
+                    Ok(p) => p,
+                    Err(upstream) => {
+                        let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                        return Box::pin(pump(mgr, user, client, upstream)).await;
+                    }
+                };
+                match plain_client(client) {
+                    Ok(client) => relay(mgr, user, client, upstream).await,
+                    Err(client) => Box::pin(tls_pump(mgr, user, client, upstream)).await,
                 }
             };
-            match plain_client(client) {
-                Ok(client) => relay(mgr, user, client, upstream).await,
-                Err(client) => Box::pin(tls_pump(mgr, user, client, upstream)).await,
+            // The sandbox is about to stop: both sockets close now (dropped with the tunnel).
+            tokio::select! {
+                () = tunnel => {}
+                () = stopping.notified() => {}
             }
         });
         let (rp, _) = up_resp.into_parts();
@@ -400,5 +451,43 @@ mod tests {
         assert_eq!(Arc::strong_count(&task), 2, "the socket holds its waker");
         forget_wakers(&client);
         assert_eq!(Arc::strong_count(&task), 1, "the socket let go of it");
+    }
+
+    #[tokio::test]
+    async fn the_closer_ends_the_tunnels_to_one_address_only() {
+        let tunnels = Arc::new(Tunnels::default());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let (to_a, to_a_too, to_b) = (tunnels.watch(a), tunnels.watch(a), tunnels.watch(b));
+        assert!(Arc::ptr_eq(&to_a, &to_a_too), "one signal per address");
+        {
+            let (ended_a, ended_b) = (to_a.notified(), to_b.notified());
+            tokio::pin!(ended_a, ended_b);
+            // Registered, as a tunnel's task is once it has been polled.
+            ended_a.as_mut().enable();
+            ended_b.as_mut().enable();
+            tunnels.closer()(a);
+            tokio::time::timeout(Duration::from_secs(1), ended_a)
+                .await
+                .expect("the tunnels to the stopping address end");
+            assert!(
+                futures_now(ended_b.as_mut()).is_none(),
+                "another address's tunnels stay"
+            );
+        }
+        // A later tunnel to the same address (a new start) gets a new signal.
+        assert!(!Arc::ptr_eq(&tunnels.watch(a), &to_a));
+        // Addresses whose tunnels all ended are forgotten when a new one comes.
+        drop((to_a, to_a_too));
+        let _c = tunnels.watch("10.0.0.4".parse().unwrap());
+        assert_eq!(tunnels.0.lock().unwrap().len(), 2, "b and the new address");
+    }
+
+    /// Polls `f` once.
+    fn futures_now<F: Future>(f: Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match f.poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }

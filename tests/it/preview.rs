@@ -179,14 +179,45 @@ fn tls_client(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
 /// Opens a WebSocket to user 1's app (see [`APP`]) on `s`, checks the echo, ends the client's
 /// side and expects the edge to close the tunnel within its grace (5 s) plus a margin, but not
 /// at once: the app keeps its side open, so only the grace can end it.
-async fn half_open_tunnel_is_closed<S>(mut s: S, port: u16)
+async fn half_open_tunnel_is_closed<S>(s: S, port: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = open_echo_tunnel(s, "1", port).await;
+    s.shutdown().await.unwrap();
+    let t = Instant::now();
+    let mut rest = [0u8; 64];
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match s.read(&mut rest).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the half-open tunnel is still open after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(9),
+        "closed after {took:?}, expected the tunnel's 5 s grace"
+    );
+}
+
+/// Opens a WebSocket to `user`'s app (see [`APP`]: it echoes, and keeps its side open after the
+/// client's end) through the edge on `s`, and checks the echo.
+async fn open_echo_tunnel<S>(mut s: S, user: &str, port: u16) -> S
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: {}:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        preview_host("1")
+        preview_host(user)
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -213,28 +244,7 @@ where
         .expect("the echo in time")
         .unwrap();
     assert_eq!(&back, b"ping");
-
-    s.shutdown().await.unwrap();
-    let t = Instant::now();
-    let mut rest = [0u8; 64];
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match s.read(&mut rest).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    let took = t.elapsed();
-    assert!(
-        ended.is_ok(),
-        "the half-open tunnel is still open after {took:?}"
-    );
-    assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(9),
-        "closed after {took:?}, expected the tunnel's 5 s grace"
-    );
+    s
 }
 
 #[tokio::test]
@@ -622,10 +632,20 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
         left.iter().all(|st| st == "06" || st == "05"),
         "sockets to the stopped sandbox's app (hex TCP states): {left:?}"
     );
-    // The same for the next stop, after a wake through the preview.
+    // The same for the next stop, after a wake through the preview, with a WebSocket tunnel
+    // open to the app (an HMR socket): closed at the stop too, not when the client leaves.
     let (s, body) = get_text(&c, &preview_url(&app, "30", "/")).await;
     assert_eq!(s, 200, "{body}");
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut ws = open_echo_tunnel(tcp, "30", app.addr.port()).await;
     app.mgr().exit(&user).await.unwrap();
+    let mut rest = [0u8; 64];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        while let Ok(1..) = ws.read(&mut rest).await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel outlived its sandbox");
     let left = sockets_to(ip, 5173);
     assert!(
         left.iter().all(|st| st == "06" || st == "05"),
