@@ -10,8 +10,11 @@
 //! sandboxd-agent (of the same workspace), binds, then runs on as a daemon (own session,
 //! output to /tmp/sandboxd-agent.log); the command exits 0 once the daemon is ready to accept.
 //! Env: SANDBOXD_AGENT_KEY (required; removed from the environment of everything the agent
-//! starts), SANDBOXD_AGENT_ROOT (default /workspace), SANDBOXD_AGENT_DEBUG (log run timings).
+//! starts), SANDBOXD_AGENT_ROOT (default /workspace), SANDBOXD_AGENT_DEBUG (log run timings),
+//! SANDBOXD_INIT_DONE_FILE and SANDBOXD_DEV_PID_FILE (the init's files the `app` op reads;
+//! defaults /tmp/sandboxd-init.done and /tmp/sandboxd-dev.pid, overridden by the tests).
 
+mod app;
 mod files;
 mod paths;
 mod proto;
@@ -235,6 +238,7 @@ fn serve(sh: &Shared, mut c: Conn) {
             let _ = c.head(json!({"agent": "sandboxd-agent", "version": 1, "pid": pid}));
             Ok(())
         }
+        "app" => app::app(&mut c),
         "run" => sh.runner.run(&head, &mut c),
         "stat" => files::stat(&sh.root, &head, &mut c),
         "list" => files::list(&sh.root, &head, &mut c),

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{PreviewError, Proxy};
 use crate::http::error::ApiError;
+use crate::sandbox::agent::Endpoint;
 use crate::user::UserId;
 
 /// How often a refused port is tried again while the app boots: often at first (the time
@@ -31,9 +32,9 @@ const PROBE_CONNECT_FAST: Duration = Duration::from_millis(50);
 const PROBE_CONNECT_LATER: Duration = Duration::from_secs(2);
 /// How long a refused port is retried before asking whether a dev server is starting at all.
 const NO_APP_GRACE: Duration = Duration::from_millis(1500);
-/// The gaps between the next such questions: each is an exec in the sandbox (engine and
-/// runtime work that a busy host, many sandboxes booting at once, can least afford), so they
-/// grow from the first to the last.
+/// The gaps between the next such questions: each is a request to the sandbox's agent (or, for
+/// an older image, an exec: engine and runtime work that a busy host, many sandboxes booting at
+/// once, can least afford), so they grow from the first to the last.
 const NO_APP_CHECK_FIRST: Duration = Duration::from_secs(1);
 const NO_APP_CHECK_LAST: Duration = Duration::from_secs(4);
 
@@ -79,7 +80,10 @@ impl Proxy {
             })??;
         let ip = sandbox.ip.ok_or_else(no_address)?;
         let addr = SocketAddr::new(ip, port);
-        match self.connect_app(user, addr).await {
+        match self
+            .connect_app_asking(user, addr, sandbox.agent.as_ref())
+            .await
+        {
             Some(_) => Ok(addr),
             None => Err(PreviewError::NotListening { port }),
         }
@@ -91,6 +95,18 @@ impl Proxy {
     /// start under load) or a dev server process is alive. If not, it gives up early so the
     /// client gets the "nothing listens" answer instead of a hang.
     pub(super) async fn connect_app(&self, user: &UserId, addr: SocketAddr) -> Option<TcpStream> {
+        self.connect_app_asking(user, addr, None).await
+    }
+
+    /// [`Proxy::connect_app`], asking `agent` (the sandbox's agent, as the wake returned it)
+    /// whether an app may still come; without it, or from an agent without the op, the question
+    /// is an exec (see `Manager::app_may_come`).
+    async fn connect_app_asking(
+        &self,
+        user: &UserId,
+        addr: SocketAddr,
+        agent: Option<&Endpoint>,
+    ) -> Option<TcpStream> {
         let start = tokio::time::Instant::now();
         let deadline = start + self.cfg.wake_timeout;
         let mut next_check = start + NO_APP_GRACE;
@@ -114,22 +130,14 @@ impl Proxy {
             if now >= next_check {
                 next_check = now + check_gap;
                 check_gap = (check_gap * 2).min(NO_APP_CHECK_LAST);
-                if !self.app_may_come(user).await {
+                let (may, by) = self.mgr.app_may_come(user, agent, start.elapsed()).await;
+                tracing::debug!(user = %user, may, ?by, waited_ms = start.elapsed().as_millis() as u64, "may an app still come");
+                if !may {
                     return None;
                 }
             }
             tokio::time::sleep(every).await;
         }
-    }
-
-    /// Whether an app may still start listening: the init has not finished discovery yet, or the
-    /// dev server it started (its pid file) is alive.
-    async fn app_may_come(&self, user: &UserId) -> bool {
-        let asked = self
-            .mgr
-            .run_script(user, crate::sandbox::shell::Script::PreviewAppMayCome, &[])
-            .await;
-        matches!(asked, Ok((0, _)))
     }
 }
 

@@ -386,6 +386,102 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
     openapi::check_error(&v);
 }
 
+/// The commands of the engine's `exec_create` events for this instance's containers between
+/// `since` and now (unix seconds).
+fn execs_since(app: &TestApp, since: f64) -> Vec<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let out = std::process::Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &format!("{since:.3}"),
+            "--until",
+            &format!("{:.3}", now + 0.5),
+            "--filter",
+            &format!("label=sandboxd.instance={}", app.instance),
+            "--filter",
+            "event=exec_create",
+            "--format",
+            "{{.Action}}",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker events: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("exec_create"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test]
+async fn held_first_hits_ask_the_agent_not_an_exec_whether_an_app_may_come() {
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+    })
+    .await;
+    let c = client_for(&app, &["ac"], None);
+    // The first question is asked 1.5 s into the wait, well before `wake_timeout` (30 s) ends
+    // it; an agent that did not answer would count as "may come" for 5 s and then be replaced
+    // by the exec, which the engine's events show. The bound leaves room for a loaded host (and
+    // the second case's container start).
+    let not_listening = |took: Duration, r: serde_json::Value| {
+        assert_eq!(r["error"]["code"], "preview_not_listening", "{r}");
+        assert!(took < Duration::from_secs(15), "answered after {took:?}");
+    };
+
+    // The init's discovery is over and found no app: "nothing listens" comes early.
+    app.init("ac").await;
+    let since = unix_now();
+    let t = Instant::now();
+    let r = c.get(preview_url(&app, "ac", "/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    not_listening(t.elapsed(), r.json().await.unwrap());
+    let execs = execs_since(&app, since);
+    assert!(execs.is_empty(), "{execs:?}");
+
+    // A dev server that dies at once, on a fresh start from a first hit: the same. (Files and
+    // the exit go around the API client's pooled connection, which may sit idle past the
+    // server's keep-alive bound by now.)
+    let ws = app.workspaces.join("user-ac");
+    std::fs::write(
+        ws.join("package.json"),
+        r#"{"name": "p", "scripts": {"dev": "exit 3"}}"#,
+    )
+    .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/sandbox/exit", app.base))
+        .bearer_auth(app.token("ac"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(app.containers().is_empty());
+    let since = unix_now();
+    let t = Instant::now();
+    let r = c.get(preview_url(&app, "ac", "/")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    not_listening(t.elapsed(), r.json().await.unwrap());
+    let execs = execs_since(&app, since);
+    assert!(execs.is_empty(), "{execs:?}");
+    let log = std::fs::read_to_string(ws.join(".sandboxd/dev.log")).unwrap();
+    assert!(
+        log.contains("starting dev server") && log.contains("exit 3"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn cap_evicts_the_least_recently_active_paused_sandbox() {
     let app = spawn_app_with(|t| {

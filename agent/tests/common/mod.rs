@@ -59,6 +59,8 @@ pub fn start() -> Agent {
         .args(["--listen", "127.0.0.1:0"])
         .env("SANDBOXD_AGENT_KEY", &key)
         .env("SANDBOXD_AGENT_ROOT", &root)
+        .env("SANDBOXD_INIT_DONE_FILE", dir.path().join("init.done"))
+        .env("SANDBOXD_DEV_PID_FILE", dir.path().join("dev.pid"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub mod app;
 mod door;
 pub mod files;
 pub use door::{head_timeout, HELLO_TIMEOUT};
