@@ -225,7 +225,7 @@ impl Report {
             measured: us(added),
             pass: check(added, &|v| v <= 100.0),
         });
-        // Issue 15's proxy targets against nginx in the same run: the latency sandboxd adds over
+        // The proxy targets against nginx in the same run: the latency sandboxd adds over
         // the direct path is no more than nginx's, and so is its CPU time per small request.
         let nginx_added = self.added_p50("small", "c_http");
         t.push(Target {
