@@ -57,6 +57,7 @@ impl App {
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         route: Route,
+        hot: Option<std::net::IpAddr>,
     ) -> Response<Body> {
         use crate::access::{Access, HostKind, X_REQUEST_ID};
         let host = match route {
@@ -77,7 +78,7 @@ impl App {
                 if let Route::Preview { user, .. } = &route {
                     crate::access::note_user(user.as_str());
                 }
-                self.route(req, conn, route).await
+                self.route(req, conn, route, hot).await
             })
             .await;
         resp.headers_mut()
@@ -86,12 +87,14 @@ impl App {
         resp
     }
 
-    /// `route` is the request's route (its host does not change below).
+    /// `route` is the request's route (its host does not change below); `hot`, the preview's
+    /// address when the request is the preview's hot path (`Proxy::hot_ip`).
     async fn route(
         self: Arc<Self>,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         route: Route,
+        hot: Option<std::net::IpAddr>,
     ) -> Response<Body> {
         // Header smuggling guards: one Host only, and an absolute-form URI must name the same
         // host as the Host header. (hyper already refuses CR/LF inside header values.)
@@ -132,7 +135,7 @@ impl App {
             Route::Main => Box::pin(self.api.handle(req, conn)).await,
             Route::Preview { user, port } => {
                 let t = std::time::Instant::now();
-                let resp = Box::pin(self.preview.handle(req, conn, user, port)).await;
+                let resp = Box::pin(self.preview.handle(req, conn, user, port, hot)).await;
                 self.mgr
                     .metrics()
                     .preview_request(resp.status(), t.elapsed());
@@ -192,16 +195,16 @@ impl Handler for AppHandler {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
         let app = self.0.clone();
         let route = app.routes.route(request_host(&req));
-        let in_place = match &route {
-            Route::Preview { user, .. } => app.preview.is_hot(&req, user),
-            _ => false,
+        let hot = match &route {
+            Route::Preview { user, .. } => app.preview.hot_ip(&req, user),
+            _ => None,
         };
-        if in_place {
-            return Box::pin(app.handle(req, conn, route));
+        if hot.is_some() {
+            return Box::pin(app.handle(req, conn, route, hot));
         }
         // Dropped with the connection's request, as the in-place future would be.
         Box::pin(async move {
-            match crate::edge::percore::on_main(app.handle(req, conn, route)).await {
+            match crate::edge::percore::on_main(app.handle(req, conn, route, None)).await {
                 Some(resp) => resp,
                 None => ApiError::shutting_down().into_response(),
             }

@@ -21,6 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Header that replaces the framing headers of a refused request.
 pub const MARKER: &str = "x-sandboxd-bad-framing";
+/// [`MARKER`] as a header name, made once (a lookup by `&str` parses the name every time).
+pub static MARKER_NAME: hyper::header::HeaderName = hyper::header::HeaderName::from_static(MARKER);
 /// Longest chunk-size or trailer line followed before giving up (hyper refuses such input).
 const MAX_LINE: usize = 4096;
 const READ_CHUNK: usize = 8192;

@@ -402,7 +402,7 @@ fn guarded(
 /// (both `Content-Length` and `Transfer-Encoding`, or several lengths), on every host and
 /// before any handler; the connection closes after it, so nothing sent behind it is read.
 fn bad_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
-    if !req.headers().contains_key(framing::MARKER) {
+    if !req.headers().contains_key(&framing::MARKER_NAME) {
         return None;
     }
     let mut resp = ApiError::new(

@@ -77,11 +77,28 @@ fn remove_hop_headers(h: &mut HeaderMap) {
 fn hop_headers_present(h: &HeaderMap) -> [bool; HOP_HEADERS.len()] {
     let mut present = [false; HOP_HEADERS.len()];
     for k in h.keys() {
-        if let Some(i) = HOP_HEADERS.iter().position(|n| n == k) {
+        if let Some(i) = hop_index(k) {
             present[i] = true;
         }
     }
     present
+}
+
+/// The index of `k` in [`HOP_HEADERS`]: one `match` on the name (a jump on its length, then
+/// one comparison) instead of nine comparisons of header names.
+fn hop_index(k: &HeaderName) -> Option<usize> {
+    match k.as_str() {
+        "connection" => Some(0),
+        "te" => Some(1),
+        "trailer" => Some(2),
+        "transfer-encoding" => Some(3),
+        "upgrade" => Some(4),
+        "proxy-authorization" => Some(5),
+        "proxy-authenticate" => Some(6),
+        "keep-alive" => Some(7),
+        "proxy-connection" => Some(8),
+        _ => None,
+    }
 }
 
 /// Both of the above, in the order that still sees the `Connection` list.
@@ -451,6 +468,23 @@ mod tests {
         remove_connection_listed(&mut h);
         assert!(!h.contains_key("x-ok"));
         assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn hop_index_names_the_hop_headers_in_order() {
+        for (i, n) in HOP_HEADERS.iter().enumerate() {
+            assert_eq!(hop_index(n), Some(i), "{n}");
+        }
+        for n in [
+            "host",
+            "accept",
+            "cookie",
+            "x-forwarded-for",
+            "connectionx",
+            "t",
+        ] {
+            assert_eq!(hop_index(&HeaderName::from_static(n)), None, "{n}");
+        }
     }
 
     #[test]

@@ -32,6 +32,10 @@ use crate::http::Body;
 use crate::sandbox::{Manager, SandboxError};
 use crate::user::UserId;
 
+/// A fallback of the hot path, boxed (see [`Proxy::off_edge`]).
+type OffEdge<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, PreviewError>> + Send>>;
+
 /// The preview feature and what it needs: the configuration, the manager (addresses, wakes,
 /// activity), the token verifier (owner mode) and the upstream connection pool.
 #[derive(Clone)]
@@ -88,12 +92,15 @@ impl Proxy {
     }
 
     /// One request for `user`'s preview on `port`; every failure is rendered here, once.
+    /// `hot`: the sandbox's address as [`Proxy::hot_ip`] just found it (the caller looked it
+    /// up to choose the thread), so the hot path does not look it up again.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         user: UserId,
         port: u16,
+        hot: Option<std::net::IpAddr>,
     ) -> Response<Body> {
         let wants_html = pages::wants_html(&req);
         let answer = async {
@@ -105,13 +112,13 @@ impl Proxy {
             }
             // The hot path inline; the cold ones (wake, tunnel) boxed, so that the request's
             // future stays small (it is moved whole into its box and its span).
-            let addr = match self.mgr.running_ip(&user) {
+            let addr = match hot.or_else(|| self.mgr.running_ip(&user)) {
                 Some(ip) => std::net::SocketAddr::new(ip, port),
                 None => {
                     let ready = self.off_edge(&user, move |p, u| async move {
                         p.ready_addr(&u, port, upstream::Via::Published).await
                     });
-                    Box::pin(ready).await?
+                    ready.await?
                 }
             };
             if forward::is_upgrade(req.headers()) {
@@ -130,22 +137,33 @@ impl Proxy {
     /// thread: a plain (not upgrade) request to a sandbox that runs. Waking a sandbox and
     /// tunnels go to the main runtime (`app.rs`); when the hot path finds the app gone, its
     /// fallbacks go there too ([`Proxy::off_edge`]).
-    pub fn is_hot(&self, req: &Request<Incoming>, user: &UserId) -> bool {
-        self.mgr.running_ip(user).is_some() && !forward::is_upgrade(req.headers())
+    /// `Some(address)` of the running sandbox when it is.
+    pub fn hot_ip(&self, req: &Request<Incoming>, user: &UserId) -> Option<std::net::IpAddr> {
+        if forward::is_upgrade(req.headers()) {
+            return None;
+        }
+        self.mgr.running_ip(user)
     }
 
     /// Runs a fallback of the hot path (`f`, given a clone of the proxy and the user) on the
     /// main runtime: it asks the manager, which may talk to the engine and the store and start
     /// tasks, none of which may belong to an edge thread (see `edge::percore::on_main`).
-    async fn off_edge<T, F, Fut>(&self, user: &UserId, f: F) -> Result<T, PreviewError>
+    ///
+    /// Boxed: a caller's future then holds a pointer at these (rare) await points instead of
+    /// the fallback's whole future (the wake path is kilobytes), so the hot path's futures stay
+    /// small and every move of them (into a box, a span, a task) copies less.
+    fn off_edge<T, F, Fut>(&self, user: &UserId, f: F) -> OffEdge<T>
     where
         F: FnOnce(Proxy, UserId) -> Fut,
         Fut: std::future::Future<Output = Result<T, PreviewError>> + Send + 'static,
         T: Send + 'static,
     {
-        crate::edge::percore::on_main(f(self.clone(), user.clone()))
-            .await
-            .unwrap_or_else(|| Err(PreviewError::Api(ApiError::shutting_down())))
+        let fut = f(self.clone(), user.clone());
+        Box::pin(async move {
+            crate::edge::percore::on_main(fut)
+                .await
+                .unwrap_or_else(|| Err(PreviewError::Api(ApiError::shutting_down())))
+        })
     }
 }
 

@@ -10,8 +10,9 @@ use crate::http::{full, Body};
 
 /// A browser navigation or a client that takes HTML gets a page; API clients get JSON.
 pub(super) fn wants_html<B>(req: &Request<B>) -> bool {
+    static SEC_FETCH_MODE: header::HeaderName = header::HeaderName::from_static("sec-fetch-mode");
     let h = req.headers();
-    h.get("sec-fetch-mode").and_then(|v| v.to_str().ok()) == Some("navigate")
+    h.get(&SEC_FETCH_MODE).and_then(|v| v.to_str().ok()) == Some("navigate")
         || h.get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/html"))

@@ -197,7 +197,9 @@ impl Pool {
         loop {
             let mut conn = match self.checkout(addr).await {
                 Some(c) => c,
-                None => self.connect(addr).await?,
+                // Boxed: a new connection is the rare case, and its future (connect, handshake)
+                // would otherwise make every request's future larger.
+                None => Box::pin(self.connect(addr)).await?,
             };
             match conn.send(req).await {
                 Ok(resp) => {
