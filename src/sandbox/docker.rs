@@ -1327,6 +1327,40 @@ impl Engine {
             .map_err(|e| self.on_node(&node, e))
     }
 
+    /// Takes a created or stopped container off `network`, so its next start makes no endpoint
+    /// (it starts with loopback only, and [`Self::attach`] attaches it while it boots).
+    pub async fn detach(&self, id: &str, network: &str) -> Result<(), EngineError> {
+        let (docker, node) = self.client(id)?;
+        docker
+            .disconnect_network(
+                network,
+                bollard::network::DisconnectNetworkOptions {
+                    container: id,
+                    force: false,
+                },
+            )
+            .await
+            .map_err(failed("taking the container off its network"))
+            .map_err(|e| self.on_node(&node, e))
+    }
+
+    /// Attaches a running container to `network` (the engine makes its endpoint, address and
+    /// DNS resolver now).
+    pub async fn attach(&self, id: &str, network: &str) -> Result<(), EngineError> {
+        let (docker, node) = self.client(id)?;
+        docker
+            .connect_network(
+                network,
+                bollard::network::ConnectNetworkOptions {
+                    container: id,
+                    endpoint_config: Default::default(),
+                },
+            )
+            .await
+            .map_err(failed("attaching the container to its network"))
+            .map_err(|e| self.on_node(&node, e))
+    }
+
     pub async fn inspect(&self, id: &str, network: &str) -> Result<Inspected, EngineError> {
         let (docker, node) = self.client(id)?;
         let c = docker

@@ -410,6 +410,7 @@ impl Manager {
                 if let Some(node) = &node {
                     self.record_node(user, node).await?;
                 }
+                self.detach_for_start(user, &id).await;
                 self.metrics.transition(Op::Create, t.elapsed());
                 let mut c = Container {
                     id: id.clone(),
@@ -473,9 +474,15 @@ impl Manager {
             self.engine.start(&c.id).await?;
             // Swarm mode: the network guard goes in before the init starts anything.
             self.guard_network(&c.id).await?;
-            let i = self.engine.inspect(&c.id, &self.network).await?;
+            let mut i = self.engine.inspect(&c.id, &self.network).await?;
             if i.state != DockerState::Running {
                 bail!("container is {:?} right after start", i.state);
+            }
+            if i.ip.is_none() && self.swarm.is_none() {
+                // Started off its network (see `detach_for_start`): attached now, while the
+                // init and the app boot.
+                self.engine.attach(&c.id, &self.network).await?;
+                i = self.engine.inspect(&c.id, &self.network).await?;
             }
             c.ip =
                 Some(i.ip.ok_or_else(|| anyhow!("container has no address on {}", self.network))?);
@@ -484,6 +491,21 @@ impl Manager {
         })
         .await
         .map_err(|_| anyhow!("starting the container took longer than start_timeout"))?
+    }
+
+    /// One host: takes a created or stopped container off the sandbox network, so its next
+    /// start does not wait for the engine's network setup (endpoint, address, DNS resolver:
+    /// about a third of the engine's start); [`Self::start_container`] attaches it right after
+    /// the start, while the init and the app boot (the app listens on every address, so it
+    /// answers on the new one). Until then the sandbox has loopback only. A failure here only
+    /// loses that overlap: the start then attaches it as usual.
+    pub(super) async fn detach_for_start(&self, user: &UserId, id: &str) {
+        if self.swarm.is_some() {
+            return;
+        }
+        if let Err(e) = self.engine.detach(id, &self.network).await {
+            tracing::warn!(user = %user, error = format!("{e:#}"), "taking a sandbox off its network before its start");
+        }
     }
 
     pub(super) fn boost_enabled(&self) -> bool {
@@ -705,6 +727,10 @@ impl Manager {
         let now = State::of_engine(i.state);
         if i.ip.is_some() {
             c.ip = i.ip;
+        } else if now == State::Running {
+            // Running off its network (started outside sandboxd while detached, see
+            // `detach_for_start`): no address to send to until a wake attaches it.
+            c.ip = None;
         }
         if now == c.state {
             return Ok(());
@@ -972,7 +998,8 @@ impl Manager {
                 self.metrics.transition(Op::Stop, t.elapsed());
                 c.state = State::Stopped;
                 c.permit = None;
-                self.unboost(user, c).await;
+                let id = c.id.clone();
+                tokio::join!(self.unboost(user, c), self.detach_for_start(user, &id));
                 self.event(user, Some(&c.id), "stopped", Some(reason)).await;
                 self.save(user, guard, None).await?;
             }

@@ -390,6 +390,26 @@ async fn outside_pause_and_stop_wake_on_the_next_request_and_own_transitions_sta
         "own transitions recorded as external: {fresh:?}"
     );
 
+    // sandboxd's own stop takes the container off its network (its next start overlaps the
+    // network setup with the boot). Started outside sandboxd, it runs with loopback only: it
+    // is not sent to by an old address, and the next request attaches it and is answered.
+    app.mgr().stop(&u, "test stop").await.unwrap();
+    let id = container_id(&app, user).await;
+    let before = events(&app, user).await.len();
+    docker(&["start", &id]);
+    wait_external(&app, user, before, "started", "start").await;
+    let t = Instant::now();
+    assert_eq!(
+        get_preview(&c, &url).await,
+        (200, format!("hello from {user}"))
+    );
+    eprintln!(
+        "preview after an outside start of a detached sandbox: {:?}",
+        t.elapsed()
+    );
+    let st: Value = app.get(user, "/sandbox/status").await.json().await.unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+
     framing_is_refused_on_both_hosts(&app, user).await;
 }
 
