@@ -176,10 +176,10 @@ impl Proxy {
                 else {
                     return;
                 };
-                // Our own upstream connection is plain TCP; the client's is too unless it came
-                // over TLS. Plain on both sides relays without buffers; otherwise copy with buffers.
-                // The buffered copies are boxed: a task is as large as its largest state, and every
-                // idle tunnel's task would otherwise carry their state too.
+                // Our own upstream connection is plain TCP; the client's is too unless it
+                // came over TLS. Plain on both sides relays without buffers; otherwise copy
+                // with buffers. The buffered copies are boxed: a task is as large as its
+                // largest state, and every idle tunnel's task would otherwise carry theirs too.
                 let upstream = match plain_upstream(upstream) {
                     Ok(p) => p,
                     Err(upstream) => {

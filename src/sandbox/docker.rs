@@ -275,11 +275,11 @@ fn classify(e: &BollardError) -> (ErrorKind, Option<u16>) {
     }
 }
 
-/// Wraps bollard's error with what sandboxd was doing.
 /// Pauses tried when the freezer could not freeze every task, and the wait between them.
 const PAUSE_ATTEMPTS: u32 = 3;
 const PAUSE_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Wraps bollard's error with what sandboxd was doing.
 fn failed(doing: &'static str) -> impl FnOnce(BollardError) -> EngineError {
     move |e| EngineError::new(doing, e)
 }

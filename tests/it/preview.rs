@@ -389,10 +389,7 @@ async fn nothing_listening_gives_a_retrying_page_or_503() {
 /// The commands of the engine's `exec_create` events for this instance's containers between
 /// `since` and now (unix seconds).
 fn execs_since(app: &TestApp, since: f64) -> Vec<String> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let now = unix_now();
     let out = std::process::Command::new("docker")
         .args([
             "events",
