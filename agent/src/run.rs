@@ -222,17 +222,17 @@ impl Runner {
         })
     }
 
-    /// The warm process of `rt` when it is usable, else a fresh one.
-    fn take(&self, rt: Rt) -> io::Result<Proc> {
+    /// The warm process of `rt` when it is usable (`true`), else a fresh one (`false`).
+    fn take(&self, rt: Rt) -> io::Result<(Proc, bool)> {
         let warm = self.warm.lock().unwrap().remove(&rt);
         if let Some(mut p) = warm {
             let alive = matches!(p.child.try_wait(), Ok(None));
             if alive && (rt != Rt::Python || p.interp == self.python()) {
-                return Ok(p);
+                return Ok((p, true));
             }
             discard(p);
         }
-        self.spawn_runtime(rt)
+        Ok((self.spawn_runtime(rt)?, false))
     }
 
     /// Gives an unused runtime back (a failed TypeScript compile), or drops it.
@@ -287,7 +287,7 @@ impl Runner {
         let dir = self.root.join(".sandboxd/exec");
         fs::create_dir_all(&dir).map_err(|e| Fail::io(&e, "creating .sandboxd/exec"))?;
 
-        let (rt, mut proc) = match lang {
+        let (rt, (mut proc, warm)) = match lang {
             "javascript" | "typescript" => (
                 Some(Rt::Node),
                 self.take(Rt::Node)
@@ -321,11 +321,11 @@ impl Runner {
                     mark,
                     interp: PathBuf::from("bash"),
                 };
-                (None, p)
+                (None, (p, false))
             }
         };
         let mark = proc.mark.clone();
-        if c.head(json!({ "mark": mark })).is_err() {
+        if c.head(json!({ "mark": mark, "warm": warm })).is_err() {
             // The client is gone: nothing to run for.
             match rt {
                 Some(rt) if proc.stdin.is_some() => self.give_back(rt, proc),

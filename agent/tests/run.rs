@@ -250,6 +250,8 @@ fn output_is_capped_per_stream() {
     assert_eq!(exit["truncated"], true);
 }
 
+const TREE_TIMEOUT_MS: u64 = 12_000;
+
 #[test]
 fn timeout_kills_the_whole_tree() {
     let a = start();
@@ -269,7 +271,7 @@ wait
 "#;
     let t = Instant::now();
     let (head, mut r) = a.open(
-        json!({"op": "run", "language": "bash", "timeoutMs": 4000, "maxOutput": 1000}),
+        json!({"op": "run", "language": "bash", "timeoutMs": TREE_TIMEOUT_MS, "maxOutput": 1000}),
         Some(code.as_bytes()),
     );
     let mark = head["mark"].as_str().unwrap().to_string();
@@ -277,14 +279,14 @@ wait
     assert_eq!((k, body.as_slice()), (STDOUT, &b"started\n"[..]));
     // bash, the subshell (bash execs its sleep), the setsid bash (likewise), the sleep that
     // forked away, node, python and its child.
-    while marked(&mark).len() < 7 && t.elapsed() < Duration::from_millis(3500) {
+    // The timeout must fire after the whole tree runs: node and python boot slowly on a busy
+    // machine, so the tree gets all but the last second of the run's time to start.
+    let mut seen = marked(&mark);
+    while seen.len() < 7 && t.elapsed() < Duration::from_millis(TREE_TIMEOUT_MS - 1000) {
         std::thread::sleep(Duration::from_millis(50));
+        seen = marked(&mark);
     }
-    assert!(
-        marked(&mark).len() >= 7,
-        "the tree did not start: {:?}",
-        marked(&mark)
-    );
+    assert!(seen.len() >= 7, "the tree did not start: {seen:?}");
     let mut exit = None;
     while let Some((k, body)) = read_frame(&mut r) {
         if k == EXIT {
@@ -297,7 +299,13 @@ wait
     let exit = exit.unwrap();
     assert_eq!(exit["timedOut"], true, "{exit}");
     assert_eq!(exit["exitCode"], serde_json::Value::Null);
-    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
+    // Killed at the timeout, not left to run (a bound, not a speed target: the kill's own grace
+    // is a few seconds).
+    assert!(
+        t.elapsed() < Duration::from_millis(TREE_TIMEOUT_MS + 10_000),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(marked(&mark).is_empty(), "left alive: {:?}", marked(&mark));
     // The agent is fine afterwards.
     assert_eq!(
@@ -314,7 +322,10 @@ fn client_gone_kills_the_run() {
         Some(b"sleep 1000"),
     );
     let mark = head["mark"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    while marked(&mark).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(!marked(&mark).is_empty());
     drop(r);
     let t = Instant::now();
@@ -325,24 +336,33 @@ fn client_gone_kills_the_run() {
 }
 
 #[test]
-fn warm_runs_are_fast() {
+fn runs_after_the_first_take_a_warm_runtime() {
     let a = start();
     for (lang, code) in [("javascript", "console.log(1)"), ("python", "print(1)")] {
-        a.run(lang, code, 10_000); // cold; starts the warm one
+        let first = a.run(lang, code, 30_000); // may be cold; starts the warm one
+        assert_eq!(first.text(STDOUT), "1\n");
+        let mut warm = 0;
         let mut times = Vec::new();
         for _ in 0..7 {
-            std::thread::sleep(Duration::from_millis(500));
+            // Time for the next runtime to boot (it starts after the previous run ended).
+            std::thread::sleep(Duration::from_millis(1000));
             let t = Instant::now();
-            let r = a.run(lang, code, 10_000);
+            let r = a.run(lang, code, 30_000);
             times.push(t.elapsed().as_millis());
             assert_eq!(r.text(STDOUT), "1\n");
+            assert!(r.head["warm"].is_boolean(), "{}", r.head);
+            warm += usize::from(r.head["warm"] == true);
         }
-        times.sort();
-        let p50 = times[times.len() / 2];
-        eprintln!("{lang}: warm run end to end on the host, ms: {times:?}, p50 {p50}");
-        // Loose bound (debug build, a shared host); the image check measures properly.
-        assert!(p50 < 250, "{lang} p50 {p50} ms");
+        // Timing is the image check's and the benchmark's business; printed for a reader.
+        eprintln!("{lang}: warm runs {warm}/7, end to end on the host, ms: {times:?}");
+        assert!(
+            warm >= 4,
+            "{lang}: only {warm} of 7 runs took a warm runtime"
+        );
     }
+    // bash has no runtime to keep warm.
+    let r = a.run("bash", "echo 1", 30_000);
+    assert_eq!(r.head["warm"], false);
 }
 
 #[test]
