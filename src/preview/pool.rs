@@ -173,6 +173,8 @@ impl Conn {
         let mut body_touched = false;
         let mut wrote = false;
         let mut write_failed: Option<io::Error> = None;
+        // Bytes came in that the head parser has not seen.
+        let mut unparsed = !self.rbuf.is_empty();
         let reused = self.reused;
         poll_fn(|cx| loop {
             // The request: write what is queued, then take the next body frame.
@@ -234,9 +236,9 @@ impl Conn {
                 }
             }
             // The answer.
-            loop {
+            while unparsed && !self.rbuf.is_empty() {
                 match h1::parse_head(&mut self.rbuf, head_req).map_err(fail)? {
-                    h1::Parsed::Partial => break,
+                    h1::Parsed::Partial => unparsed = false,
                     h1::Parsed::Interim(n) => {
                         let _ = self.rbuf.split_to(n);
                     }
@@ -256,7 +258,7 @@ impl Conn {
                     });
                     return Poll::Ready(Err(fail(err)));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => unparsed = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e))),
                 Poll::Pending => return Poll::Pending,
             }

@@ -118,9 +118,16 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
     // Offsets of each header's name and value in `buf`, taken while httparse borrows it.
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, status, version, reason, count) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let len = match resp.parse(buf) {
+        // Left uninitialized: httparse writes those it parses (filling 100 cost more than the
+        // parse of a small head).
+        let mut headers = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut headers,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
             Ok(httparse::Status::Complete(_)) => return Err(invalid("response head too large")),
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
