@@ -3,7 +3,8 @@
 //! framing (Content-Length, chunked, or up to the close). The app is untrusted code: every
 //! length is bounded and anything ambiguous (two framings, differing lengths, a transfer coding
 //! other than chunked, obs-fold, a bad chunk size) is an error, after which the connection is
-//! never reused.
+//! never reused. The answer's hop-by-hop headers (and those its `Connection` names) are read
+//! for the framing and dropped here, before any `HeaderName` is made for them.
 
 use std::io;
 
@@ -176,9 +177,46 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
     let mut chunked = false;
     let mut close = false;
     let mut keep_alive = false;
+    // Other headers the app's `Connection` names: hop-by-hop too (rare).
+    let mut listed: Vec<HeaderName> = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[n as usize..(n + nl) as usize])
-            .map_err(|_| invalid("invalid header name"))?;
+        let raw = &head[n as usize..(n + nl) as usize];
+        let raw_value = &head[v as usize..(v + vl) as usize];
+        // Hop-by-hop headers are read here and never reach the response (forward.rs would
+        // strip them): no name or value is made for them.
+        match hop(raw) {
+            Some(Hop::TransferEncoding) => {
+                te = true;
+                for coding in raw_value.split(|&b| b == b',').map(trim) {
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    // Only `chunked`, once: another coding (before or after it) is not decoded.
+                    if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                        return Err(invalid("unsupported transfer-encoding"));
+                    }
+                    chunked = true;
+                }
+                continue;
+            }
+            Some(Hop::Connection) => {
+                for token in raw_value.split(|&b| b == b',').map(trim) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    } else if hop(token).is_none() {
+                        if let Ok(name) = HeaderName::from_bytes(token) {
+                            listed.push(name);
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(Hop::Other) => continue,
+            None => {}
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| invalid("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(at(v, vl))
             .map_err(|_| invalid("invalid header value"))?;
         if name == CONTENT_LENGTH {
@@ -189,28 +227,14 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
                 }
                 length = Some(l);
             }
-        } else if name == hyper::header::TRANSFER_ENCODING {
-            te = true;
-            for coding in value.as_bytes().split(|&b| b == b',').map(trim) {
-                if coding.is_empty() {
-                    continue;
-                }
-                // Only `chunked`, once: another coding (before or after it) is not decoded.
-                if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
-                    return Err(invalid("unsupported transfer-encoding"));
-                }
-                chunked = true;
-            }
-        } else if name == hyper::header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',').map(trim) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                }
-            }
         }
         headers.append(name, value);
+    }
+    for name in listed {
+        // Content-Length framed the body: it stays.
+        if name != CONTENT_LENGTH {
+            headers.remove(name);
+        }
     }
     if te && (!chunked || length.is_some() || version == Version::HTTP_10) {
         return Err(invalid("ambiguous response framing"));
@@ -240,6 +264,29 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
         framing,
         keep_alive,
     }))
+}
+
+enum Hop {
+    Connection,
+    TransferEncoding,
+    Other,
+}
+
+/// Whether a header name is hop-by-hop (RFC 9110 §7.6.1, plus the unofficial `Keep-Alive` and
+/// `Proxy-Connection`: forward.rs's list), and which.
+fn hop(name: &[u8]) -> Option<Hop> {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        10 if is(b"connection") => Some(Hop::Connection),
+        17 if is(b"transfer-encoding") => Some(Hop::TransferEncoding),
+        2 if is(b"te") => Some(Hop::Other),
+        7 if is(b"trailer") || is(b"upgrade") => Some(Hop::Other),
+        10 if is(b"keep-alive") => Some(Hop::Other),
+        16 if is(b"proxy-connection") => Some(Hop::Other),
+        18 if is(b"proxy-authenticate") => Some(Hop::Other),
+        19 if is(b"proxy-authorization") => Some(Hop::Other),
+        _ => None,
+    }
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
@@ -489,6 +536,19 @@ mod tests {
             Ok(Parsed::Done(h)) => assert_eq!(h.framing, Decoder::Done),
             _ => panic!("a HEAD answer"),
         }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Gone, Upgrade\r\nKeep-Alive: timeout=5\r\n\
+             X-Gone: 1\r\nX-Kept: 2\r\nTransfer-Encoding: chunked\r\nProxy-Authenticate: b\r\n\
+             Trailer: t\r\nUpgrade: h2c\r\nTE: x\r\nProxy-Connection: y\r\n\r\n",
+        );
+        let names: Vec<&str> = h.response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(h.framing, Decoder::Chunked(Chunk::Size));
+        assert!(h.keep_alive);
     }
 
     #[test]
