@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as _, Frame, SizeHint};
-use hyper::{Method, Request, Response};
+use hyper::http::request::Parts;
+use hyper::{Method, Response};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
@@ -152,13 +153,13 @@ impl Conn {
     /// Sends `req` (its head, then its body as it comes) and reads the response head meanwhile.
     /// An answer that comes before the request body has all gone stops the sending (the
     /// connection is then not reused).
-    async fn exchange(&mut self, req: &mut Request<Body>) -> Result<Answer, SendError> {
+    async fn exchange(&mut self, req: &Parts, body: &mut Body) -> Result<Answer, SendError> {
         let fail = |err| SendError { err, retry: false };
-        let body_empty = req.body().is_end_stream();
-        let hint = req.body().size_hint();
+        let body_empty = body.is_end_stream();
+        let hint = body.size_hint();
         let mut head = Vec::with_capacity(256);
         let framing = h1::encode_head(req, body_empty, hint.exact(), &mut head).map_err(fail)?;
-        let head_req = req.method() == Method::HEAD;
+        let head_req = req.method == Method::HEAD;
         let mut out = Out::default();
         out.push(Bytes::from(head));
         // Request body bytes still owed (Length), or whether the body is still to be read.
@@ -191,7 +192,7 @@ impl Conn {
                     Poll::Pending => {}
                 }
                 if out.is_empty() && body_open && write_failed.is_none() {
-                    match Pin::new(req.body_mut()).poll_frame(cx) {
+                    match Pin::new(&mut *body).poll_frame(cx) {
                         Poll::Ready(Some(Ok(frame))) => {
                             body_touched = true;
                             if let Ok(data) = frame.into_data() {
@@ -376,22 +377,35 @@ impl Pool {
         own
     }
 
-    /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
-    /// connection did not take (the app had closed it) is sent again on another one; any
-    /// other failure is returned. The response's body keeps the connection until it ends.
+    /// Sends `req` to `addr` (see [`send_head`](Pool::send_head)).
+    #[cfg(test)]
     pub(super) async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<Body>,
+        req: hyper::Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (head, body) = req.into_parts();
+        self.send_head(addr, &head, body).await
+    }
+
+    /// Sends the request `head` with `body` to `addr` on an idle connection, or a new one (the
+    /// head is only read: a caller that may send it again keeps it, no copy). A request that a
+    /// reused connection did not take (the app had closed it) is sent again on another one;
+    /// any other failure is returned. The response's body keeps the connection until it ends.
+    pub(super) async fn send_head(
+        &self,
+        addr: SocketAddr,
+        head: &Parts,
+        mut body: Body,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let mut conn = match self.checkout(addr).await {
                 Some(c) => c,
-                // Boxed: a new connection is the rare case, and its future (connect, handshake)
+                // Boxed: a new connection is the rare case, and its future (connect)
                 // would otherwise make every request's future larger.
                 None => Box::pin(self.connect(addr)).await?,
             };
-            match conn.exchange(&mut req).await {
+            match conn.exchange(head, &mut body).await {
                 Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
                 // Not sent: the idle connection had been closed by the app meanwhile.
                 Err(e) if e.retry => continue,
@@ -656,6 +670,7 @@ impl hyper::body::Body for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper::Request;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

@@ -10,7 +10,8 @@ use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode, Version};
 
 /// The largest response head (status line and headers, interim 1xx heads included). hyper's
 /// client allowed up to its read buffer's limit (~400 KiB); 64 KiB is far above what apps send.
@@ -36,25 +37,25 @@ pub(super) enum ReqFraming {
     Chunked,
 }
 
-/// Writes the head of `req` (origin-form target, its headers as they are, plus the framing
+/// Writes the request head `req` (origin-form target, its headers as they are, plus the framing
 /// header the body needs) into `out`. `body_empty`: the body is known to have no data.
-pub(super) fn encode_head<B>(
-    req: &Request<B>,
+pub(super) fn encode_head(
+    req: &Parts,
     body_empty: bool,
     exact_len: Option<u64>,
     out: &mut Vec<u8>,
 ) -> io::Result<ReqFraming> {
     let target = req
-        .uri()
+        .uri
         .path_and_query()
         .map(|pq| pq.as_str())
         .unwrap_or("/");
-    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = None;
-    for (name, value) in req.headers() {
+    for (name, value) in &req.headers {
         if *name == CONTENT_LENGTH {
             let len = value
                 .to_str()
@@ -75,7 +76,7 @@ pub(super) fn encode_head<B>(
         Some(n) => ReqFraming::Length(n),
         None if body_empty => {
             // A request that usually has a body says it has none.
-            if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+            if matches!(req.method, Method::POST | Method::PUT | Method::PATCH) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
             ReqFraming::Empty
@@ -477,6 +478,7 @@ fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Request;
 
     fn parse(raw: &str, head_req: bool) -> io::Result<Parsed> {
         parse_head(&mut BytesMut::from(raw.as_bytes()), head_req)
@@ -665,14 +667,16 @@ mod tests {
         let req = Request::get("/a?b=1")
             .header("host", "app")
             .body(())
-            .unwrap();
+            .unwrap()
+            .into_parts()
+            .0;
         let mut out = Vec::new();
         assert_eq!(
             encode_head(&req, true, Some(0), &mut out).unwrap(),
             ReqFraming::Empty
         );
         assert_eq!(out, b"GET /a?b=1 HTTP/1.1\r\nhost: app\r\n\r\n");
-        let req = Request::post("/").body(()).unwrap();
+        let req = Request::post("/").body(()).unwrap().into_parts().0;
         let mut out = Vec::new();
         assert_eq!(
             encode_head(&req, false, None, &mut out).unwrap(),
@@ -691,7 +695,9 @@ mod tests {
         let req = Request::post("/")
             .header("content-length", "3")
             .body(())
-            .unwrap();
+            .unwrap()
+            .into_parts()
+            .0;
         let mut out = Vec::new();
         assert_eq!(
             encode_head(&req, false, None, &mut out).unwrap(),
