@@ -1178,6 +1178,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_idle_connection_the_app_wrote_to_unasked_is_not_reused() {
+        let (addr, accepted, _) = scripted(Arc::new(|_, _| {
+            answer(
+                &["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "junk"],
+                false,
+            )
+        }))
+        .await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        // The junk arrives while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "ok");
+        assert_eq!(*accepted.lock().unwrap(), 2, "a new connection");
+    }
+
+    #[tokio::test]
     async fn an_answer_before_the_request_body_has_gone_is_not_reused() {
         let (addr, _, _) = scripted(Arc::new(|_, _| {
             answer(
