@@ -263,19 +263,6 @@ fn is_bodyless(p: &Parts) -> bool {
     len0 && !p.headers.contains_key(header::TRANSFER_ENCODING)
 }
 
-fn clone_parts(p: &Parts) -> Parts {
-    let mut b = Request::builder()
-        .method(p.method.clone())
-        .uri(p.uri.clone())
-        .version(p.version);
-    if let Some(h) = b.headers_mut() {
-        *h = p.headers.clone();
-    }
-    b.body(())
-        .map(|r| r.into_parts().0)
-        .unwrap_or_else(|_| Request::new(()).into_parts().0)
-}
-
 enum Late {
     /// The sandbox runs (or was just resumed, which lets the request go on): keep waiting.
     KeepWaiting,
@@ -313,8 +300,7 @@ impl Proxy {
                 Some(b) => b.map_err(Into::into).boxed(),
                 None => crate::http::empty(),
             };
-            let up = Request::from_parts(clone_parts(&parts), b);
-            let sent = pool.send(addr, up);
+            let sent = pool.send_head(addr, &parts, b);
             tokio::pin!(sent);
             // Backstop: an answer whose head is late may be a request sent to a container that
             // was paused or stopped behind our back. Re-check the sandbox instead of waiting

@@ -1,43 +1,52 @@
 //! The upstream HTTP/1.1 connection pool of plain preview requests, driven inside the request.
 //!
-//! hyper-util's legacy client runs every upstream connection as a task of its own: each request
-//! crossed to that task (the pool's hand-off, a channel), and its answer and every body chunk
-//! crossed back, each crossing a wake-up of another task, often on the other worker thread.
-//! Here an upstream connection (hyper's `client::conn::http1`) has no task: whoever holds it
-//! polls its driver, the request's future while the head is awaited and then the response
-//! body ([`PooledBody`]) while the client's connection streams it, so one task does the whole
-//! exchange. Once the body has ended the connection goes back to the pool; a connection the
-//! app closed while it sat idle is found out at the next checkout (its driver ends) and dropped.
-//! Idle connections expire after `idle_timeout` (under Node's 5 s keep-alive, so the pool never
-//! reuses a socket the app is closing), at most `max_idle_per_host` are kept per address, and a
-//! sweeper task drops expired ones while no request comes. Those to a sandbox that is about to
-//! stop are closed at once ([`Pool::closer`]), while the app can still answer their FIN.
+//! The client is our own and small (`pool/h1.rs` has the wire format): an upstream connection
+//! is a socket and a read buffer, with no task, no channel and no driver. The request's future
+//! writes the request head (and a small body) in one write and reads the answer's head; the
+//! response body ([`PooledBody`]) then reads and decodes the rest as the client's connection
+//! takes it, so one task does the whole exchange. hyper's client did the same work through a
+//! dispatch channel, a state machine and a oneshot per request. Once the body has ended cleanly
+//! (its framing complete, the app keeping the connection, the whole request sent, no byte
+//! past the answer) the connection goes back to the pool; anything else closes it. A
+//! connection the app closed while it sat idle is found out at the next checkout (it is
+//! readable: end of file) and dropped. Idle connections expire after `idle_timeout` (under
+//! Node's 5 s keep-alive, so the pool never reuses a socket the app is closing), at most
+//! `max_idle_per_host` are kept per address, and a sweeper task drops expired ones while no
+//! request comes. Those to a sandbox that is about to stop are closed at once
+//! ([`Pool::closer`]), while the app can still answer their FIN.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::http::request::Parts;
+use hyper::{Method, Response};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use crate::http::Body;
 
-type Driver = Pin<Box<http1::Connection<TokioIo<TcpStream>, Body>>>;
+mod h1;
+
+/// The first read buffer of an exchange; it doubles while reads fill it, up to [`READ_MAX`].
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 64 * 1024;
 
 /// Why no answer came from the upstream.
 #[derive(Debug)]
 pub(super) enum UpstreamError {
     /// No connection could be made (refused, unreachable, timed out): nothing was sent.
     Connect(std::io::Error),
-    /// The exchange failed after the request was handed to a connection.
-    Http(hyper::Error),
+    /// The exchange failed after the request was handed to a connection (an I/O error, or an
+    /// answer that is not valid HTTP/1.x: `InvalidData`).
+    Http(std::io::Error),
 }
 
 impl UpstreamError {
@@ -55,67 +64,249 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
-/// One upstream connection: the handle requests are sent on and the driver that does its I/O.
+/// One upstream connection: its socket and the bytes read from it and not used yet (none while
+/// it is idle: a connection is pooled only when its last answer ended exactly).
 pub(super) struct Conn {
-    sender: http1::SendRequest<Body>,
-    /// `None` once it has returned: the connection is closed (or failed). It is dropped then,
-    /// which is what hands a request it had not taken back to its sender, and fails the one
-    /// in flight, instead of leaving them waiting.
-    driver: Option<Driver>,
+    io: TcpStream,
+    rbuf: BytesMut,
+    /// The next read's buffer size (see [`READ_MIN`]).
+    read_size: usize,
     addr: SocketAddr,
     /// Taken from the pool rather than made for this request.
     reused: bool,
 }
 
+/// A failed exchange; `retry` when nothing was sent (the app had closed the reused
+/// connection), so the request can go on another one.
+struct SendError {
+    err: io::Error,
+    retry: bool,
+}
+
+/// What an exchange gives the response body.
+struct Answer {
+    head: h1::Head,
+    /// The request went out whole (its body too): else the connection cannot be reused.
+    sent_all: bool,
+}
+
 impl Conn {
-    /// Polls the driver unless it has ended; its result only matters through the sender and
-    /// the response, which report the failure themselves.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        poll_driver(&mut self.driver, cx);
+    fn new(io: TcpStream, addr: SocketAddr) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            read_size: READ_MIN,
+            addr,
+            reused: false,
+        }
     }
 
-    fn ended(&self) -> bool {
-        self.driver.is_none()
+    /// Whether an idle connection is still open: the app has neither closed it nor sent
+    /// anything unasked. Costs no system call while the socket is known not to be readable.
+    fn alive(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.io.poll_read_ready(cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
     }
 
-    /// Waits until the connection can take a request; `false` when it closed.
-    async fn ready(&mut self) -> bool {
-        poll_fn(|cx| {
-            self.drive(cx);
-            match self.sender.poll_ready(cx) {
-                Poll::Ready(r) => Poll::Ready(r.is_ok()),
-                Poll::Pending if self.ended() => Poll::Ready(false),
-                Poll::Pending => Poll::Pending,
+    /// Reads what the socket has into `rbuf`; `Ok(0)` at the app's close.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            let room = self.rbuf.capacity() - self.rbuf.len();
+            match self.io.try_read_buf(&mut self.rbuf) {
+                Ok(n) => {
+                    if n == room && self.read_size < READ_MAX {
+                        self.read_size *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes what `out` holds.
+    fn poll_flush_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<io::Result<()>> {
+        while !out.is_empty() {
+            let n = {
+                let slices = out.slices();
+                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices.0[..slices.1]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends `req` (its head, then its body as it comes) and reads the response head meanwhile.
+    /// An answer that comes before the request body has all gone stops the sending (the
+    /// connection is then not reused).
+    async fn exchange(&mut self, req: &Parts, body: &mut Body) -> Result<Answer, SendError> {
+        let fail = |err| SendError { err, retry: false };
+        let body_empty = body.is_end_stream();
+        let hint = body.size_hint();
+        let mut head = Vec::with_capacity(256);
+        let framing = h1::encode_head(req, body_empty, hint.exact(), &mut head).map_err(fail)?;
+        let head_req = req.method == Method::HEAD;
+        let mut out = Out::default();
+        out.push(Bytes::from(head));
+        // Request body bytes still owed (Length), or whether the body is still to be read.
+        let mut body_open = !body_empty;
+        let mut owed = match framing {
+            h1::ReqFraming::Length(n) => n,
+            _ => 0,
+        };
+        if !body_open && owed != 0 {
+            return Err(fail(h1::invalid("request body shorter than its length")));
+        }
+        let mut body_touched = false;
+        let mut wrote = false;
+        let mut write_failed: Option<io::Error> = None;
+        // Bytes came in that the head parser has not seen.
+        let mut unparsed = !self.rbuf.is_empty();
+        let reused = self.reused;
+        poll_fn(|cx| loop {
+            // The request: write what is queued, then take the next body frame.
+            if write_failed.is_none() {
+                match self.poll_flush_out(cx, &mut out) {
+                    Poll::Ready(Ok(())) => wrote = true,
+                    Poll::Ready(Err(e)) if reused && !wrote && !body_touched => {
+                        return Poll::Ready(Err(SendError {
+                            err: e,
+                            retry: true,
+                        }));
+                    }
+                    Poll::Ready(Err(e)) => write_failed = Some(e),
+                    Poll::Pending => {}
+                }
+                if out.is_empty() && body_open && write_failed.is_none() {
+                    match Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            body_touched = true;
+                            if let Ok(data) = frame.into_data() {
+                                if !data.is_empty() {
+                                    match framing {
+                                        h1::ReqFraming::Chunked => {
+                                            out.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                                            out.push(data);
+                                            out.push(Bytes::from_static(b"\r\n"));
+                                        }
+                                        _ => {
+                                            if data.len() as u64 > owed {
+                                                return Poll::Ready(Err(fail(h1::invalid(
+                                                    "request body longer than its length",
+                                                ))));
+                                            }
+                                            owed -= data.len() as u64;
+                                            out.push(data);
+                                        }
+                                    }
+                                }
+                            }
+                            // Trailers are not forwarded.
+                            continue;
+                        }
+                        Poll::Ready(None) => {
+                            body_open = false;
+                            if framing == h1::ReqFraming::Chunked {
+                                out.push(Bytes::from_static(b"0\r\n\r\n"));
+                            } else if owed != 0 {
+                                return Poll::Ready(Err(fail(h1::invalid(
+                                    "request body shorter than its length",
+                                ))));
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(fail(io::Error::other(e))));
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            // The answer.
+            while unparsed && !self.rbuf.is_empty() {
+                match h1::parse_head(&mut self.rbuf, head_req).map_err(fail)? {
+                    h1::Parsed::Partial => unparsed = false,
+                    h1::Parsed::Interim(n) => {
+                        let _ = self.rbuf.split_to(n);
+                    }
+                    h1::Parsed::Done(head) => {
+                        let sent_all = write_failed.is_none() && !body_open && out.is_empty();
+                        return Poll::Ready(Ok(Answer { head, sent_all }));
+                    }
+                }
+            }
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(0)) => {
+                    let err = write_failed.take().unwrap_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the app closed the connection before answering",
+                        )
+                    });
+                    return Poll::Ready(Err(fail(err)));
+                }
+                Poll::Ready(Ok(_)) => unparsed = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e))),
+                Poll::Pending => return Poll::Pending,
             }
         })
         .await
     }
-
-    /// Sends `req` and waits for the response head, driving the connection meanwhile. On
-    /// failure, the request comes back when it was not sent at all.
-    async fn send(
-        &mut self,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
-        let mut answer = std::pin::pin!(self.sender.try_send_request(req));
-        let driver = &mut self.driver;
-        poll_fn(|cx| {
-            poll_driver(driver, cx);
-            answer.as_mut().poll(cx)
-        })
-        .await
-        .map_err(|mut e| {
-            let req = e.take_message();
-            (e.into_error(), req)
-        })
-    }
 }
 
-/// Polls `driver` and drops it once it has returned (see [`Conn::driver`]).
-fn poll_driver(driver: &mut Option<Driver>, cx: &mut Context<'_>) {
-    if let Some(d) = driver {
-        if d.as_mut().poll(cx).is_ready() {
-            *driver = None;
+/// The request bytes queued for the socket, written with one vectored write.
+#[derive(Default)]
+struct Out {
+    parts: std::collections::VecDeque<Bytes>,
+}
+
+impl Out {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.parts.push_back(b);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn slices(&self) -> ([io::IoSlice<'_>; 4], usize) {
+        let mut s = [io::IoSlice::new(&[]); 4];
+        let mut n = 0;
+        for (slot, b) in s.iter_mut().zip(self.parts.iter()) {
+            *slot = io::IoSlice::new(b);
+            n += 1;
+        }
+        (s, n)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                return;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.parts.pop_front();
+            } else {
+                bytes::Buf::advance(front, n);
+                n = 0;
+            }
         }
     }
 }
@@ -186,39 +377,39 @@ impl Pool {
         own
     }
 
-    /// Sends `req` to `addr` on an idle connection, or a new one. A request that a reused
-    /// connection did not take (the app had closed it) is sent again on another one; any
-    /// other failure is returned. The response's body keeps the connection until it ends.
+    /// Sends `req` to `addr` (see [`send_head`](Pool::send_head)).
+    #[cfg(test)]
     pub(super) async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<Body>,
+        req: hyper::Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (head, body) = req.into_parts();
+        self.send_head(addr, &head, body).await
+    }
+
+    /// Sends the request `head` with `body` to `addr` on an idle connection, or a new one (the
+    /// head is only read: a caller that may send it again keeps it, no copy). A request that a
+    /// reused connection did not take (the app had closed it) is sent again on another one;
+    /// any other failure is returned. The response's body keeps the connection until it ends.
+    pub(super) async fn send_head(
+        &self,
+        addr: SocketAddr,
+        head: &Parts,
+        mut body: Body,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let mut conn = match self.checkout(addr).await {
                 Some(c) => c,
-                // Boxed: a new connection is the rare case, and its future (connect, handshake)
+                // Boxed: a new connection is the rare case, and its future (connect)
                 // would otherwise make every request's future larger.
                 None => Box::pin(self.connect(addr)).await?,
             };
-            match conn.send(req).await {
-                Ok(resp) => {
-                    let (parts, body) = resp.into_parts();
-                    let mut body = PooledBody {
-                        inner: body,
-                        conn: Some(conn),
-                        pool: Arc::downgrade(&self.0),
-                    };
-                    // No body to stream (HEAD, 204, 304, `Content-Length: 0`): the connection
-                    // is free already.
-                    if body.inner.is_end_stream() {
-                        body.release();
-                    }
-                    return Ok(Response::from_parts(parts, body));
-                }
+            match conn.exchange(head, &mut body).await {
+                Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
                 // Not sent: the idle connection had been closed by the app meanwhile.
-                Err((_, Some(back))) if conn.reused => req = back,
-                Err((e, _)) => return Err(UpstreamError::Http(e)),
+                Err(e) if e.retry => continue,
+                Err(e) => return Err(UpstreamError::Http(e.err)),
             }
         }
     }
@@ -244,7 +435,7 @@ impl Pool {
                 }
                 found?
             };
-            if conn.ready().await {
+            if poll_fn(|cx| Poll::Ready(conn.alive(cx))).await {
                 conn.reused = true;
                 return Some(conn);
             }
@@ -262,16 +453,8 @@ impl Pool {
             })?
             .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, driver) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Http)?;
         self.start_sweeper();
-        Ok(Conn {
-            sender,
-            driver: Some(Box::pin(driver)),
-            addr,
-            reused: false,
-        })
+        Ok(Conn::new(stream, addr))
     }
 
     fn start_sweeper(&self) {
@@ -329,9 +512,6 @@ impl Pool {
 
 impl Inner {
     fn checkin(&self, conn: Conn) {
-        if conn.ended() {
-            return;
-        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(conn.addr).or_default();
         if list.len() < self.max_idle_per_host {
@@ -369,62 +549,119 @@ impl Inner {
     }
 }
 
-/// A response body from the pool: it drives its connection while it streams and gives it
-/// back once it has ended (a body dropped before its end closes the connection).
+/// A response body from the pool: it reads and decodes its connection's bytes as the client's
+/// connection takes them, and gives the connection back once the body has ended cleanly (a
+/// body dropped before its end, or that failed, closes it).
 pub(super) struct PooledBody {
-    inner: Incoming,
+    decoder: h1::Decoder,
+    /// Body bytes that came with the head (often the whole body), or the error they made.
+    first: Option<io::Result<Bytes>>,
+    /// `None` once given back (or closed).
     conn: Option<Conn>,
+    /// The connection may go back to the pool once the body has ended: the app keeps it open
+    /// and the whole request went out.
+    reusable: bool,
     pool: Weak<Inner>,
 }
 
 impl PooledBody {
+    /// The response to an exchange on `conn`.
+    fn start(mut conn: Conn, answer: Answer, pool: &Arc<Inner>) -> Response<PooledBody> {
+        let (parts, ()) = answer.head.response.into_parts();
+        let mut body = PooledBody {
+            decoder: answer.head.framing,
+            first: None,
+            conn: None,
+            reusable: answer.head.keep_alive && answer.sent_all,
+            pool: Arc::downgrade(pool),
+        };
+        match body.decoder.decode(&mut conn.rbuf) {
+            Ok(first) => {
+                body.first = first.map(Ok);
+                body.conn = Some(conn);
+                // No body, or all of it came with the head: the connection is free already.
+                if body.decoder.is_done() {
+                    body.release();
+                }
+            }
+            // Dropped with `conn`.
+            Err(e) => body.first = Some(Err(e)),
+        }
+        Response::from_parts(parts, body)
+    }
+
     fn release(&mut self) {
-        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-            pool.checkin(conn);
+        let conn = self.conn.take();
+        if let (Some(conn), true, Some(pool)) = (conn, self.reusable, self.pool.upgrade()) {
+            // Bytes past the answer's end: the app is not speaking HTTP/1.1; never reused.
+            if conn.rbuf.is_empty() {
+                pool.checkin(conn);
+            }
         }
     }
 }
 
 impl hyper::body::Body for PooledBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Data = Bytes;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            if let Some(conn) = this.conn.as_mut() {
-                // The driver moves the next bytes into the body's channel.
-                conn.drive(cx);
-                polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(first.map(Frame::data)));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.rbuf) {
+                Ok(Some(data)) => {
+                    if this.decoder.is_done() {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if this.decoder.is_done() => {
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match conn.poll_read(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    // The end of a close-delimited body, else a truncated one.
+                    this.conn = None;
+                    return Poll::Ready(this.decoder.eof().err().map(Err));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         }
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // Read to its end (hyper may not poll a body it knows is empty): reusable.
-        if self.inner.is_end_stream() {
-            self.release();
+        let first = match &self.first {
+            Some(Ok(b)) => b.len() as u64,
+            _ => 0,
+        };
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n + first),
+            None => SizeHint::default(),
         }
     }
 }
@@ -433,6 +670,7 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper::Request;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -540,14 +778,31 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_early_closes_its_connection() {
-        let (addr, accepted) = app("hello", usize::MAX).await;
+        // Larger than what comes with the head.
+        let big: &'static str = Box::leak("x".repeat(300_000).into_boxed_str());
+        let (addr, accepted) = app(big, usize::MAX).await;
         let pool = pool();
         let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(pool.idle_count(), 0, "held by the body");
         drop(resp);
         assert_eq!(pool.idle_count(), 0);
         let resp = pool.send(addr, get()).await.unwrap();
-        assert_eq!(text(resp).await, "hello");
+        assert_eq!(text(resp).await.len(), big.len());
         assert_eq!(*accepted.lock().unwrap(), 2);
+        assert_eq!(pool.idle_count(), 1, "reused once read to its end");
+    }
+
+    #[tokio::test]
+    async fn a_small_body_that_came_with_the_head_frees_its_connection_at_once() {
+        let (addr, accepted) = app("hello", usize::MAX).await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(resp.body().size_hint().exact(), Some(5));
+        drop(resp);
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "hello");
+        assert_eq!(*accepted.lock().unwrap(), 1);
     }
 
     #[tokio::test]
@@ -606,5 +861,372 @@ mod tests {
         let resp = pool.send(addr, get()).await.unwrap();
         assert_eq!(text(resp).await, "hello");
         assert_eq!(*accepted.lock().unwrap(), 2);
+    }
+
+    /// What a scripted app answers to one request (its head and body): the pieces it writes, a
+    /// pause between them so that they arrive in separate reads, and whether it then closes.
+    type Script = Arc<dyn Fn(&str, &[u8]) -> (Vec<Vec<u8>>, bool) + Send + Sync>;
+
+    type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+    /// An app that reads each request (head, and a Content-Length or chunked body), records it
+    /// and answers as `script` says; it counts the connections it accepted.
+    async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<usize>>, Seen) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(0));
+        let seen: Seen = Arc::default();
+        let (count, log) = (accepted.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                *count.lock().unwrap() += 1;
+                let (script, log) = (script.clone(), log.clone());
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    while let Some((head, body)) = read_request(&mut s, &mut buf).await {
+                        let (pieces, close) = script(&head, &body);
+                        log.lock().unwrap().push((head, body));
+                        for (i, p) in pieces.iter().enumerate() {
+                            if i > 0 {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if s.write_all(p).await.is_err() {
+                                return;
+                            }
+                        }
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, seen)
+    }
+
+    async fn fill(s: &mut TcpStream, buf: &mut BytesMut) -> Option<()> {
+        buf.reserve(4096);
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(()),
+        }
+    }
+
+    async fn read_request(s: &mut TcpStream, buf: &mut BytesMut) -> Option<(String, Vec<u8>)> {
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            fill(s, buf).await?;
+        };
+        let head = String::from_utf8(buf.split_to(end).to_vec()).unwrap();
+        let lower = head.to_ascii_lowercase();
+        let mut body = Vec::new();
+        if lower.contains("x-answer-early") {
+            // Answers before reading the body.
+        } else if let Some(l) = lower.split("content-length: ").nth(1) {
+            let n: usize = l.split("\r\n").next().unwrap().parse().unwrap();
+            while buf.len() < n {
+                fill(s, buf).await?;
+            }
+            body = buf.split_to(n).to_vec();
+        } else if lower.contains("transfer-encoding: chunked") {
+            let mut d = h1::Decoder::Chunked(h1::Chunk::Size);
+            while !d.is_done() {
+                match d.decode(buf).unwrap() {
+                    Some(b) => body.extend_from_slice(&b),
+                    None if d.is_done() => {}
+                    None => fill(s, buf).await?,
+                }
+            }
+        }
+        Some((head, body))
+    }
+
+    fn answer(pieces: &[&str], close: bool) -> (Vec<Vec<u8>>, bool) {
+        (
+            pieces.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            close,
+        )
+    }
+
+    fn request(method: &str, uri: &str, body: Body) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "app")
+            .body(body)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_split_across_reads_are_decoded_and_the_connection_reused() {
+        let (addr, accepted, _) = scripted(Arc::new(|_, _| {
+            answer(
+                &[
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+                    "lo\r\n6;x=y\r\n world\r\n0\r\nX-T: 1\r\n",
+                    "\r\n",
+                ],
+                false,
+            )
+        }))
+        .await;
+        let pool = pool();
+        for _ in 0..2 {
+            let resp = pool.send(addr, get()).await.unwrap();
+            assert!(
+                resp.headers().get("transfer-encoding").is_none(),
+                "hop-by-hop"
+            );
+            assert_eq!(text(resp).await, "hello world");
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(*accepted.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_answer_ends_at_the_close_and_is_not_reused() {
+        let (addr, accepted, _) = scripted(Arc::new(|_, _| {
+            answer(&["HTTP/1.1 200 OK\r\n\r\nuntil", " the end"], true)
+        }))
+        .await;
+        let pool = pool();
+        for _ in 0..2 {
+            let resp = pool.send(addr, get()).await.unwrap();
+            assert_eq!(text(resp).await, "until the end");
+            assert_eq!(pool.idle_count(), 0);
+        }
+        assert_eq!(*accepted.lock().unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn answers_without_a_body_keep_the_connection() {
+        let (addr, accepted, _) = scripted(Arc::new(|head, _| {
+            let r = match head.split(' ').take(2).collect::<Vec<_>>()[..] {
+                ["HEAD", _] => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                [_, "/204"] => "HTTP/1.1 204 No Content\r\n\r\n",
+                [_, "/304"] => "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                [_, "/100"] => {
+                    "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                }
+                _ => "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            };
+            answer(&[r], false)
+        }))
+        .await;
+        let pool = pool();
+        for (method, uri, status) in [
+            ("HEAD", "/", 200),
+            ("GET", "/204", 204),
+            ("GET", "/304", 304),
+            ("GET", "/", 200),
+            ("GET", "/100", 200),
+        ] {
+            let resp = pool
+                .send(addr, request(method, uri, crate::http::empty()))
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), status, "{method} {uri}");
+            assert!(resp.body().is_end_stream(), "{method} {uri}");
+            assert_eq!(text(resp).await, "");
+            assert_eq!(pool.idle_count(), 1, "{method} {uri}");
+        }
+        assert_eq!(*accepted.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped() {
+        let (addr, _, _) = scripted(Arc::new(|_, _| {
+            answer(
+                &[
+                    "HTTP/1.1 100 Continue\r\n\r\n",
+                    "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n",
+                    "Content-Length: 2\r\n\r\nok",
+                ],
+                false,
+            )
+        }))
+        .await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("link").is_none());
+        assert_eq!(text(resp).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn request_bodies_reach_the_app_with_their_framing() {
+        let (addr, accepted, seen) = scripted(Arc::new(|_, body| {
+            let mut r =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            r.extend_from_slice(body);
+            (vec![r], false)
+        }))
+        .await;
+        let pool = pool();
+        let full = || crate::http::full(bytes::Bytes::from_static(b"abc"));
+        let streamed = || {
+            let frames = ["ab", "", "cdef"].map(|s| {
+                Ok::<_, crate::http::BoxError>(Frame::data(Bytes::from_static(s.as_bytes())))
+            });
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+        };
+        let mut with_length = request("PUT", "/p", full());
+        with_length
+            .headers_mut()
+            .insert("content-length", "3".parse().unwrap());
+        for (req, want) in [
+            (request("POST", "/p?q", full()), "abc"),
+            (request("POST", "/p", streamed()), "abcdef"),
+            (with_length, "abc"),
+            (request("POST", "/p", crate::http::empty()), ""),
+        ] {
+            let resp = pool.send(addr, req).await.unwrap();
+            assert_eq!(text(resp).await, want);
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(*accepted.lock().unwrap(), 1);
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen[0].0.starts_with("POST /p?q HTTP/1.1\r\n"),
+            "{}",
+            seen[0].0
+        );
+        assert!(seen[0].0.contains("content-length: 3\r\n"), "{}", seen[0].0);
+        assert!(
+            seen[1].0.contains("transfer-encoding: chunked\r\n"),
+            "{}",
+            seen[1].0
+        );
+        assert!(seen[2].0.contains("content-length: 3\r\n"), "{}", seen[2].0);
+        assert!(seen[3].0.contains("content-length: 0\r\n"), "{}", seen[3].0);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_fails_drops_the_connection() {
+        let (addr, _, _) = scripted(Arc::new(|_, _| {
+            answer(&["HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], false)
+        }))
+        .await;
+        let pool = pool();
+        let frames: [Result<Frame<Bytes>, crate::http::BoxError>; 2] = [
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err("client went away".into()),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let err = pool.send(addr, request("POST", "/", body)).await;
+        assert!(matches!(err, Err(UpstreamError::Http(_))));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_answers_are_errors_and_never_reused() {
+        let big: &'static str = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000)).into_boxed_str(),
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/2 200\r\n\r\n",
+            "garbage\r\n\r\n",
+            big,
+        ] {
+            let (addr, _, _) = scripted(Arc::new(move |_, _| answer(&[bad], false))).await;
+            let pool = pool();
+            let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, get())).await;
+            let Err(err) = sent.expect("no hang") else {
+                panic!("an answer to {:?}", &bad[..40.min(bad.len())]);
+            };
+            assert!(!err.is_connect());
+            assert_eq!(pool.idle_count(), 0);
+        }
+        // Bad framing in the body, a short body, bytes past the answer's end.
+        for (bad, fails) in [
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXY",
+                true,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", false),
+        ] {
+            let (addr, _, _) = scripted(Arc::new(move |_, _| answer(&[bad], false))).await;
+            let pool = pool();
+            let resp = pool.send(addr, get()).await.unwrap();
+            let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+                .await
+                .expect("no hang");
+            assert_eq!(body.is_err(), fails, "{bad:?}");
+            assert_eq!(pool.idle_count(), 0, "{bad:?}");
+        }
+        // The app closes in the middle of the body.
+        let (addr, _, _) = scripted(Arc::new(|_, _| {
+            answer(&["HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"], true)
+        }))
+        .await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert!(resp.into_body().collect().await.is_err());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_app_wrote_to_unasked_is_not_reused() {
+        let (addr, accepted, _) = scripted(Arc::new(|_, _| {
+            answer(
+                &["HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "junk"],
+                false,
+            )
+        }))
+        .await;
+        let pool = pool();
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        // The junk arrives while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = pool.send(addr, get()).await.unwrap();
+        assert_eq!(text(resp).await, "ok");
+        assert_eq!(*accepted.lock().unwrap(), 2, "a new connection");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_request_body_has_gone_is_not_reused() {
+        let (addr, _, _) = scripted(Arc::new(|_, _| {
+            answer(
+                &["HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"],
+                false,
+            )
+        }))
+        .await;
+        let pool = pool();
+        // A body that has not ended when the app answers after the head.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::http::BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        let body = http_body_util::StreamBody::new(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+        ))
+        .boxed();
+        let mut req = request("POST", "/", body);
+        req.headers_mut()
+            .insert("x-answer-early", "1".parse().unwrap());
+        let resp = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, req))
+            .await
+            .expect("the early answer is taken")
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(text(resp).await, "");
+        assert_eq!(pool.idle_count(), 0);
+        drop(tx);
     }
 }
