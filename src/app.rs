@@ -65,14 +65,13 @@ impl App {
             Route::Preview { .. } => HostKind::Preview,
             Route::NotFound => HostKind::Unknown,
         };
-        let access = Access::start(
-            crate::access::request_id(req.headers()),
-            req.method().clone(),
-            req.uri().path(),
-            host,
-        );
-        req.headers_mut()
-            .insert(X_REQUEST_ID, access.header_value());
+        let access =
+            Access::for_request(req.headers(), req.method().clone(), req.uri().path(), host);
+        // A kept client id is already the request's only `X-Request-Id`.
+        if !access.kept_client_id() {
+            req.headers_mut()
+                .insert(X_REQUEST_ID, access.header_value());
+        }
         let mut resp = access
             .run(async move {
                 if let Route::Preview { user, .. } = &route {
