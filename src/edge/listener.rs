@@ -24,6 +24,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -354,18 +355,30 @@ impl Conn {
         tokio::pin!(conn);
 
         // hyper's header timer starts only once HTTP/1 has been chosen; this deadline covers the
-        // protocol sniffing before it and HTTP/2 connections that never send a request.
-        let first = tokio::select! {
-            res = &mut conn => Some(res),
-            () = tokio::time::sleep(self.first_request_timeout) => None,
+        // protocol sniffing before it and HTTP/2 connections that never send a request. Once a
+        // request has arrived the deadline has nothing left to cut, so it is dropped then rather
+        // than polled (and its timer kept) beside every later request of the connection.
+        let first = {
+            let deadline = tokio::time::sleep(self.first_request_timeout);
+            tokio::pin!(deadline);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(First::Ended(res));
+                }
+                if got_request.load(Ordering::Relaxed) {
+                    return Poll::Ready(First::Requested);
+                }
+                deadline.as_mut().poll(cx).map(|()| First::TimedOut)
+            })
+            .await
         };
         let res = match first {
-            Some(res) => res,
-            None if !got_request.load(Ordering::Relaxed) => {
+            First::Ended(res) => res,
+            First::TimedOut => {
                 tracing::debug!(%peer, "no request before the header timeout; closing");
                 return;
             }
-            None => conn.await,
+            First::Requested => conn.await,
         };
         if let Err(e) = res {
             // Client-side disconnects and timeouts are routine at an edge; not worth a warning.
@@ -375,6 +388,16 @@ impl Conn {
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// How a connection's wait for its first request ended (`Conn::serve_http`).
+enum First<R> {
+    /// The connection ended (with this result) before or while serving it.
+    Ended(R),
+    /// A request arrived; the connection goes on without the first-request deadline.
+    Requested,
+    /// No request before the deadline.
+    TimedOut,
+}
 
 /// A panicking handler costs its request a 500, not the whole connection (on HTTP/1 the handler
 /// runs inside the connection's task).
