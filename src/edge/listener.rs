@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::framing::{self, FramingCheck};
-use super::router::{request_host, sni_matches_host};
+use super::router::{sni_matches, RequestHost};
 use crate::http::error::ApiError;
 use crate::http::Body;
 
@@ -59,10 +59,14 @@ pub struct ConnInfo {
 
 /// The application behind the edge. Answers every request; errors are responses too.
 pub trait Handler: Send + Sync + 'static {
+    /// `host`: the request's host as the listener normalized it for its own check (the 421 of
+    /// TLS connections with an SNI), so the handler need not do it again; `None` when the
+    /// listener did not look.
     fn handle(
         &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 }
 
@@ -77,6 +81,7 @@ where
         &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        _host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
         Box::pin(self(req, conn))
     }
@@ -340,10 +345,12 @@ impl Conn {
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 got_request.store(true, Ordering::Relaxed);
                 let info = info.clone();
-                let refused = bad_framing(&req).or_else(|| misdirected(&req, &info));
+                // Looked at once, here, for the 421 check, and handed on for the routing.
+                let host = info.sni.is_some().then(|| RequestHost::of(&req));
+                let refused = bad_framing(&req).or_else(|| misdirected(host.as_ref(), &info));
                 let response: ResponseFuture = match refused {
                     Some(resp) => Box::pin(std::future::ready(resp)),
-                    None => handler.handle(req, info),
+                    None => handler.handle(req, info, host),
                 };
                 guarded(response, peer)
             })
@@ -541,11 +548,15 @@ fn bad_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 /// browser that coalesced two hosts under one wildcard certificate onto one HTTP/2 connection
 /// would have its request for host B answered on the connection set up for host A; 421 tells it
 /// to open a proper connection. Requests without SNI (IP literals) or without a Host are left
-/// to the router.
-fn misdirected(req: &Request<Incoming>, info: &ConnInfo) -> Option<Response<Body>> {
+/// to the router. `host` is the request's, [`RequestHost::of`] (there whenever there is an SNI).
+fn misdirected(host: Option<&RequestHost>, info: &ConnInfo) -> Option<Response<Body>> {
     let sni = info.sni.as_deref()?;
-    let host = request_host(req)?;
-    if sni_matches_host(sni, host) {
+    let matches = match host? {
+        RequestHost::Missing => return None,
+        RequestHost::Invalid => false,
+        RequestHost::Name(name) => sni_matches(sni, name),
+    };
+    if matches {
         return None;
     }
     Some(

@@ -265,10 +265,23 @@ impl Router {
 
     /// Maps a Host header to a route, as [`route`].
     pub fn route(&self, host: Option<&str>) -> Route {
-        let Some(host) = host.and_then(normalized) else {
-            return Route::NotFound;
-        };
-        if self.main_hosts.iter().any(|m| *m == host) {
+        match host.and_then(normalized) {
+            Some(host) => self.route_normal(&host),
+            None => Route::NotFound,
+        }
+    }
+
+    /// [`Router::route`] of a host already looked at ([`RequestHost::of`]).
+    pub fn route_host(&self, host: &RequestHost) -> Route {
+        match host.name() {
+            Some(name) => self.route_normal(name),
+            None => Route::NotFound,
+        }
+    }
+
+    /// [`Router::route`] of a host in normal form.
+    fn route_normal(&self, host: &str) -> Route {
+        if self.main_hosts.iter().any(|m| m == host) {
             return Route::Main;
         }
         let Some(preview_domain) = self.preview_domain.as_deref() else {
@@ -326,15 +339,52 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// A request's host ([`request_host`]) after [`normalized`], for a request whose host is
+/// looked at more than once (the listener's 421 check, then the routing): it is normalized
+/// once and handed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestHost {
+    /// No URI authority and no (readable) Host header.
+    Missing,
+    /// One that does not normalize.
+    Invalid,
+    /// The normalized host.
+    Name(String),
+}
+
+impl RequestHost {
+    pub fn of<B>(req: &http::Request<B>) -> RequestHost {
+        match request_host(req) {
+            None => RequestHost::Missing,
+            Some(raw) => match normalized(raw) {
+                Some(name) => RequestHost::Name(name.into_owned()),
+                None => RequestHost::Invalid,
+            },
+        }
+    }
+
+    /// The normalized host, when there is a valid one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            RequestHost::Name(n) => Some(n),
+            RequestHost::Missing | RequestHost::Invalid => None,
+        }
+    }
+}
+
+/// [`sni_matches_host`] of a host already normalized.
+pub fn sni_matches(sni: &str, host: &str) -> bool {
+    // The SNI (as rustls reports it) is usually in normal form already, and normalizing is
+    // idempotent, so a host equal to it matches without normalizing the SNI again.
+    host == sni || normalized(sni).is_some_and(|s| s == host)
+}
+
 /// Whether a TLS SNI and an HTTP Host name the same host (both normalized first; a Host port is
 /// ignored). The listener answers 421 Misdirected Request when they differ, which also makes
 /// browsers retry on a fresh connection when they coalesced two hosts covered by one wildcard
 /// certificate. Either side failing to normalize counts as a mismatch.
 pub fn sni_matches_host(sni: &str, host: &str) -> bool {
-    // The SNI (as rustls reports it) is usually in normal form already, and normalizing is
-    // idempotent, so a host that normalizes to exactly the SNI matches without normalizing the
-    // SNI again.
-    normalized(host).is_some_and(|h| *h == *sni || normalized(sni).is_some_and(|s| s == h))
+    normalized(host).is_some_and(|h| sni_matches(sni, &h))
 }
 
 #[cfg(test)]
@@ -778,6 +828,55 @@ mod tests {
         assert!(!sni_matches_host("bad host", "localhost"));
         assert!(!sni_matches_host("localhost", ""));
         assert!(!sni_matches_host("127.0.0.1", "127.1"));
+    }
+
+    #[test]
+    fn a_request_host_looked_at_once_routes_and_matches_as_the_raw_one() {
+        let c = cfg();
+        let router = Router::new(&c);
+        for h in [
+            "user-7.preview.localhost",
+            "USER-7.Preview.Localhost.:8443",
+            "3000-user-7.preview.localhost",
+            "a.user-7.preview.localhost",
+            "localhost",
+            "[::1]:8443",
+            "bad host",
+            "127.1",
+        ] {
+            let req = http::Request::builder()
+                .uri("/x")
+                .header("host", h)
+                .body(())
+                .expect("valid request");
+            let once = RequestHost::of(&req);
+            assert_eq!(router.route_host(&once), route(&c, Some(h)), "{h}");
+            assert_eq!(once.name(), normalize_host(h).as_deref(), "{h}");
+            for sni in ["user-7.preview.localhost", "localhost", "LocalHost."] {
+                let matched = once.name().is_some_and(|n| sni_matches(sni, n));
+                assert_eq!(matched, sni_matches_host(sni, h), "{sni} {h}");
+            }
+        }
+        let none = http::Request::builder()
+            .uri("/x")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&none), RequestHost::Missing);
+        assert_eq!(router.route_host(&RequestHost::Missing), Route::NotFound);
+        let bad = http::Request::builder()
+            .uri("/x")
+            .header("host", "a..b")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&bad), RequestHost::Invalid);
+        assert_eq!(router.route_host(&RequestHost::Invalid), Route::NotFound);
+        // The authority wins over the Host header, as in `request_host`.
+        let abs = http::Request::builder()
+            .uri("https://localhost:8443/x")
+            .header("host", "user-1.preview.localhost")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&abs).name(), Some("localhost"));
     }
 
     #[test]
