@@ -154,6 +154,12 @@ impl Access {
         self.kept
     }
 
+    /// Whether neither the access line nor the request's span is on: [`Access::run`] and
+    /// [`note_user`] would then do nothing but run the handling.
+    pub fn is_off(&self) -> bool {
+        self.user.is_none() && self.span.is_disabled()
+    }
+
     /// Runs the request's handling with the user slot set and inside the request's span.
     pub async fn run<F: std::future::Future>(&self, fut: F) -> F::Output {
         use tracing::Instrument;
@@ -248,6 +254,7 @@ mod tests {
         let slot = |a: &Access| a.user.as_ref().and_then(|u| u.get().cloned());
         assert_eq!(slot(&a).as_deref(), Some("42"));
         assert_eq!(a.path, "/x");
+        assert!(!a.is_off());
         let b = Access::start("2".into(), Method::GET, "/x", HostKind::Main);
         b.run(async {}).await;
         assert_eq!(slot(&b), None);
@@ -264,6 +271,7 @@ mod tests {
         assert!(!a.kept_client_id());
         assert_eq!(a.header_value(), a.id());
         assert!(a.user.is_none() && a.path.is_empty());
+        assert!(a.is_off());
         // The handling runs (without a user slot) and `note_user` is harmless.
         assert_eq!(a.run(async { note_user("42") }).await, ());
         a.log(StatusCode::OK);
