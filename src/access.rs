@@ -21,25 +21,34 @@ tokio::task_local! {
 }
 
 /// The client's id when it is one value of 1..=128 visible ASCII characters; else a new one.
+#[cfg(test)]
 pub fn request_id(headers: &HeaderMap) -> String {
+    let (id, _) = request_id_value(headers);
+    // Only visible ASCII (see `request_id_value`): `to_str` cannot fail.
+    id.to_str().unwrap_or_default().to_owned()
+}
+
+/// [`request_id`] as a header value, and whether it is the client's own (then the value is a
+/// shared copy of the request's header, and the request already carries exactly it).
+fn request_id_value(headers: &HeaderMap) -> (HeaderValue, bool) {
     let mut values = headers.get_all(&X_REQUEST_ID).iter();
     if let (Some(v), None) = (values.next(), values.next()) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| (0x21..=0x7e).contains(c))
         {
-            // Only visible ASCII: valid UTF-8.
-            return String::from_utf8_lossy(b).into_owned();
+            return (v.clone(), true);
         }
     }
-    new_request_id()
+    (new_request_id(), false)
 }
 
 /// A new random (v4) id, 32 hex digits, from the thread's generator (no system call per
 /// request, unlike `Uuid::new_v4`).
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    id.simple().encode_lower(&mut buf).to_owned()
+    let hex = id.simple().encode_lower(&mut buf);
+    HeaderValue::from_str(hex).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Records the request's user (the authenticated user on the main host, the preview's owner on
@@ -67,54 +76,116 @@ impl HostKind {
 }
 
 /// What the access line needs from the request, taken before the request is handed on.
+///
+/// When the access line is off (a log level above `info` for `sandboxd::access`, as in
+/// production setups that log warnings only), the request still gets its id (kept or new, on
+/// the request and the response), but nothing is kept for a line that will not be written:
+/// no copy of the path, no user slot, and the request runs without the task-local scope (its
+/// span is disabled too at such a level).
 pub struct Access {
-    pub id: String,
+    /// The id as a header value, made (or shared from the request) once for the request and
+    /// the response.
+    header: HeaderValue,
+    /// Whether `header` is the client's own id, which the request already carries.
+    kept: bool,
     method: Method,
     path: String,
     host: HostKind,
     start: Instant,
-    user: Arc<OnceLock<String>>,
+    /// `None` when the access line was off at the start of the request.
+    user: Option<Arc<OnceLock<String>>>,
     span: tracing::Span,
-    /// `id` as a header value, made once for the request and the response.
-    header: HeaderValue,
 }
 
 impl Access {
     /// `path` must be the path alone (`uri.path()`), never the query.
+    #[cfg(test)]
     pub fn start(id: String, method: Method, path: &str, host: HostKind) -> Access {
-        let span = tracing::info_span!("request", request_id = %id, user = tracing::field::Empty);
         let header =
             HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+        Access::with_id(header, false, method, path, host)
+    }
+
+    /// [`Access::start`] with the id from the request's headers ([`request_id`]).
+    pub fn for_request(headers: &HeaderMap, method: Method, path: &str, host: HostKind) -> Access {
+        let (header, kept) = request_id_value(headers);
+        Access::with_id(header, kept, method, path, host)
+    }
+
+    fn with_id(
+        header: HeaderValue,
+        kept: bool,
+        method: Method,
+        path: &str,
+        host: HostKind,
+    ) -> Access {
+        let span = tracing::info_span!(
+            "request",
+            request_id = %header.to_str().unwrap_or("invalid"),
+            user = tracing::field::Empty
+        );
+        let line = tracing::enabled!(target: "sandboxd::access", tracing::Level::INFO);
         Access {
             header,
-            id,
+            kept,
             method,
             // Bounded: hyper already bounds the request line; this keeps a log line short.
-            path: path.chars().take(512).collect(),
+            path: if line {
+                path.chars().take(512).collect()
+            } else {
+                String::new()
+            },
             host,
             start: Instant::now(),
-            user: Arc::new(OnceLock::new()),
+            user: line.then(|| Arc::new(OnceLock::new())),
             span,
         }
+    }
+
+    /// The request id.
+    pub fn id(&self) -> &str {
+        // Visible ASCII only (`request_id_value`), or the "invalid" placeholder.
+        self.header.to_str().unwrap_or("invalid")
+    }
+
+    /// Whether the id is the client's own `X-Request-Id`, which the request already carries as
+    /// its only value (so it need not be set on the request again).
+    pub fn kept_client_id(&self) -> bool {
+        self.kept
+    }
+
+    /// Whether neither the access line nor the request's span is on: [`Access::run`] and
+    /// [`note_user`] would then do nothing but run the handling.
+    pub fn is_off(&self) -> bool {
+        self.user.is_none() && self.span.is_disabled()
     }
 
     /// Runs the request's handling with the user slot set and inside the request's span.
     pub async fn run<F: std::future::Future>(&self, fut: F) -> F::Output {
         use tracing::Instrument;
-        REQUEST_USER
-            .scope(self.user.clone(), fut.instrument(self.span.clone()))
-            .await
+        match &self.user {
+            Some(user) => {
+                REQUEST_USER
+                    .scope(user.clone(), fut.instrument(self.span.clone()))
+                    .await
+            }
+            None if self.span.is_disabled() => fut.await,
+            None => fut.instrument(self.span.clone()).await,
+        }
     }
 
-    /// Writes the access line (inside the request's span).
+    /// Writes the access line (inside the request's span), unless it was off at the start.
     pub fn log(&self, status: StatusCode) {
+        let Some(user) = &self.user else {
+            return;
+        };
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let duration_ms = (duration_ms * 1000.0).round() / 1000.0;
-        let user = self.user.get().map(tracing::field::display);
+        let user = user.get().map(tracing::field::display);
         self.span.in_scope(|| {
             tracing::info!(
                 target: "sandboxd::access",
-                request_id = %self.id,
+                request_id = %self.id(),
                 method = %self.method,
                 host = %self.host.as_str(),
                 path = %self.path,
@@ -165,15 +236,50 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// A subscriber at `level` for the current thread (the test's runtime is current-thread).
+    fn logging_at(level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_test_writer()
+                .finish(),
+        )
+    }
+
     #[tokio::test]
     async fn the_user_slot_is_per_request() {
+        let _log = logging_at(tracing::Level::INFO);
         let a = Access::start("1".into(), Method::GET, "/x", HostKind::Main);
         a.run(async { note_user("42") }).await;
-        assert_eq!(a.user.get().map(String::as_str), Some("42"));
+        let slot = |a: &Access| a.user.as_ref().and_then(|u| u.get().cloned());
+        assert_eq!(slot(&a).as_deref(), Some("42"));
+        assert_eq!(a.path, "/x");
+        assert!(!a.is_off());
         let b = Access::start("2".into(), Method::GET, "/x", HostKind::Main);
         b.run(async {}).await;
-        assert_eq!(b.user.get(), None);
+        assert_eq!(slot(&b), None);
         // Outside a request: no panic, nothing recorded.
         note_user("7");
+    }
+
+    #[tokio::test]
+    async fn with_the_access_line_off_the_id_is_still_made_and_nothing_else_kept() {
+        let _log = logging_at(tracing::Level::WARN);
+        let a = Access::for_request(&HeaderMap::new(), Method::GET, "/x", HostKind::Preview);
+        assert_eq!(a.id().len(), 32);
+        assert!(a.id().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!a.kept_client_id());
+        assert_eq!(a.header_value(), a.id());
+        assert!(a.user.is_none() && a.path.is_empty());
+        assert!(a.is_off());
+        // The handling runs (without a user slot) and `note_user` is harmless.
+        assert_eq!(a.run(async { note_user("42") }).await, ());
+        a.log(StatusCode::OK);
+        let kept = Access::for_request(&with(&[b"abc-1"]), Method::GET, "/x", HostKind::Main);
+        assert_eq!(kept.id(), "abc-1");
+        assert!(kept.kept_client_id());
+        let two = Access::for_request(&with(&[b"a", b"b"]), Method::GET, "/x", HostKind::Main);
+        assert!(!two.kept_client_id());
+        assert_eq!(two.id().len(), 32);
     }
 }

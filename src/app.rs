@@ -11,7 +11,7 @@ use crate::api::Api;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::edge::listener::{ConnInfo, Handler};
-use crate::edge::router::{normalized, request_host, Route, Router, RouterConfig};
+use crate::edge::router::{normalized, request_host, RequestHost, Route, Router, RouterConfig};
 use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::preview::Proxy;
@@ -65,22 +65,28 @@ impl App {
             Route::Preview { .. } => HostKind::Preview,
             Route::NotFound => HostKind::Unknown,
         };
-        let access = Access::start(
-            crate::access::request_id(req.headers()),
-            req.method().clone(),
-            req.uri().path(),
-            host,
-        );
-        req.headers_mut()
-            .insert(X_REQUEST_ID, access.header_value());
-        let mut resp = access
-            .run(async move {
-                if let Route::Preview { user, .. } = &route {
-                    crate::access::note_user(user.as_str());
-                }
-                self.route(req, conn, route, hot).await
-            })
-            .await;
+        let access =
+            Access::for_request(req.headers(), req.method().clone(), req.uri().path(), host);
+        // A kept client id is already the request's only `X-Request-Id`.
+        if !access.kept_client_id() {
+            req.headers_mut()
+                .insert(X_REQUEST_ID, access.header_value());
+        }
+        // Without an access line or a span (a level above `info`) there is nothing to note the
+        // user in and nothing to run the request inside: it runs as it is, with one future
+        // less to build and move.
+        let mut resp = if access.is_off() {
+            self.route(req, conn, route, hot).await
+        } else {
+            access
+                .run(async move {
+                    if let Route::Preview { user, .. } = &route {
+                        crate::access::note_user(user.as_str());
+                    }
+                    self.route(req, conn, route, hot).await
+                })
+                .await
+        };
         resp.headers_mut()
             .insert(X_REQUEST_ID, access.header_value());
         access.log(resp.status());
@@ -192,9 +198,13 @@ impl Handler for AppHandler {
         &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        host: Option<RequestHost>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
         let app = self.0.clone();
-        let route = app.routes.route(request_host(&req));
+        let route = match &host {
+            Some(host) => app.routes.route_host(host),
+            None => app.routes.route(request_host(&req)),
+        };
         let hot = match &route {
             Route::Preview { user, .. } => app.preview.hot_ip(&req, user),
             _ => None,

@@ -22,8 +22,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -31,7 +32,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -39,7 +40,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::framing::{self, FramingCheck};
-use super::router::{request_host, sni_matches_host};
+use super::router::{sni_matches, RequestHost};
 use crate::http::error::ApiError;
 use crate::http::Body;
 
@@ -58,10 +59,14 @@ pub struct ConnInfo {
 
 /// The application behind the edge. Answers every request; errors are responses too.
 pub trait Handler: Send + Sync + 'static {
+    /// `host`: the request's host as the listener normalized it for its own check (the 421 of
+    /// TLS connections with an SNI), so the handler need not do it again; `None` when the
+    /// listener did not look.
     fn handle(
         &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 }
 
@@ -76,6 +81,7 @@ where
         &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
+        _host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
         Box::pin(self(req, conn))
     }
@@ -155,7 +161,7 @@ pub async fn serve_shared(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let builder = Arc::new(http_builder(&cfg));
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(Drain::default());
     let mut tasks = JoinSet::new();
     let local_addr = listener.local_addr()?;
     tracing::info!(addr = %local_addr, tls = tls.is_some(), "listening");
@@ -193,7 +199,7 @@ pub async fn serve_shared(
                     max_header_bytes: cfg.max_header_bytes,
                     // Taken here, in the loop, so that a shutdown signalled while this
                     // connection is still in its TLS handshake is seen by it too.
-                    watcher: graceful.watcher(),
+                    drain: DrainWatch::new(drain.clone()),
                     _permit: permit,
                 };
                 tasks.spawn(conn.run(stream));
@@ -207,7 +213,7 @@ pub async fn serve_shared(
     let live = tasks.len();
     tracing::info!(live, ?grace, "shutting down listener");
     let drained = tokio::time::timeout(grace, async {
-        graceful.shutdown().await;
+        drain.start();
         while let Some(done) = tasks.join_next().await {
             log_join(done);
         }
@@ -272,7 +278,7 @@ struct Conn {
     handshake_timeout: Duration,
     first_request_timeout: Duration,
     max_header_bytes: usize,
-    watcher: Watcher,
+    drain: DrainWatch,
     /// Held for the connection's lifetime: dropping it frees the slot.
     _permit: OwnedSemaphorePermit,
 }
@@ -339,10 +345,12 @@ impl Conn {
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 got_request.store(true, Ordering::Relaxed);
                 let info = info.clone();
-                let refused = bad_framing(&req).or_else(|| misdirected(&req, &info));
+                // Looked at once, here, for the 421 check, and handed on for the routing.
+                let host = info.sni.is_some().then(|| RequestHost::of(&req));
+                let refused = bad_framing(&req).or_else(|| misdirected(host.as_ref(), &info));
                 let response: ResponseFuture = match refused {
                     Some(resp) => Box::pin(std::future::ready(resp)),
-                    None => handler.handle(req, info),
+                    None => handler.handle(req, info, host),
                 };
                 guarded(response, peer)
             })
@@ -350,22 +358,38 @@ impl Conn {
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = self.watcher.watch(conn);
         tokio::pin!(conn);
+        let mut conn = Drained {
+            conn,
+            watch: self.drain,
+            asked: false,
+        };
 
         // hyper's header timer starts only once HTTP/1 has been chosen; this deadline covers the
-        // protocol sniffing before it and HTTP/2 connections that never send a request.
-        let first = tokio::select! {
-            res = &mut conn => Some(res),
-            () = tokio::time::sleep(self.first_request_timeout) => None,
+        // protocol sniffing before it and HTTP/2 connections that never send a request. Once a
+        // request has arrived the deadline has nothing left to cut, so it is dropped then rather
+        // than polled (and its timer kept) beside every later request of the connection.
+        let first = {
+            let deadline = tokio::time::sleep(self.first_request_timeout);
+            tokio::pin!(deadline);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.poll(cx) {
+                    return Poll::Ready(First::Ended(res));
+                }
+                if got_request.load(Ordering::Relaxed) {
+                    return Poll::Ready(First::Requested);
+                }
+                deadline.as_mut().poll(cx).map(|()| First::TimedOut)
+            })
+            .await
         };
         let res = match first {
-            Some(res) => res,
-            None if !got_request.load(Ordering::Relaxed) => {
+            First::Ended(res) => res,
+            First::TimedOut => {
                 tracing::debug!(%peer, "no request before the header timeout; closing");
                 return;
             }
-            None => conn.await,
+            First::Requested => std::future::poll_fn(|cx| conn.poll(cx)).await,
         };
         if let Err(e) = res {
             // Client-side disconnects and timeouts are routine at an edge; not worth a warning.
@@ -375,6 +399,107 @@ impl Conn {
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// The listener's "finish up" signal to its connections (HTTP/1: after the response in flight;
+/// HTTP/2: GOAWAY). It does the job of hyper-util's `GracefulShutdown`, whose watch channel
+/// registers anew at every poll of every connection (several per request); here a poll costs
+/// an atomic load and a waker comparison, and a connection registers its waker only when it
+/// changes. The listener waits for the connections themselves (their tasks).
+#[derive(Default)]
+struct Drain {
+    draining: AtomicBool,
+    /// The wakers of the connections to wake when draining starts, by connection.
+    wakers: Mutex<std::collections::HashMap<u64, Waker>>,
+    next_id: AtomicU64,
+}
+
+impl Drain {
+    /// Asks every connection, live or yet to be polled, to finish.
+    fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in wakers.into_values() {
+            w.wake();
+        }
+    }
+}
+
+/// One connection's view of [`Drain`].
+struct DrainWatch {
+    drain: Arc<Drain>,
+    id: u64,
+    /// The waker registered last (`None`: not registered yet).
+    waker: Option<Waker>,
+}
+
+impl DrainWatch {
+    fn new(drain: Arc<Drain>) -> DrainWatch {
+        let id = drain.next_id.fetch_add(1, Ordering::Relaxed);
+        DrainWatch {
+            drain,
+            id,
+            waker: None,
+        }
+    }
+
+    /// Whether draining has started; if not, the task of `cx` is woken when it does.
+    fn poll_draining(&mut self, cx: &Context<'_>) -> bool {
+        if self.drain.draining.load(Ordering::SeqCst) {
+            return true;
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            self.drain
+                .wakers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(self.id, waker.clone());
+            self.waker = Some(waker);
+            // `start` may have taken the wakers just before this one went in.
+            return self.drain.draining.load(Ordering::SeqCst);
+        }
+        false
+    }
+}
+
+impl Drop for DrainWatch {
+    fn drop(&mut self) {
+        if self.waker.is_some() {
+            self.drain
+                .wakers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.id);
+        }
+    }
+}
+
+/// A connection that starts its graceful shutdown once its [`DrainWatch`] says so.
+struct Drained<'a, C> {
+    conn: Pin<&'a mut C>,
+    watch: DrainWatch,
+    asked: bool,
+}
+
+impl<C: GracefulConnection> Drained<'_, C> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<C::Output> {
+        if !self.asked && self.watch.poll_draining(cx) {
+            self.asked = true;
+            self.conn.as_mut().graceful_shutdown();
+        }
+        self.conn.as_mut().poll(cx)
+    }
+}
+
+/// How a connection's wait for its first request ended (`Conn::serve_http`).
+enum First<R> {
+    /// The connection ended (with this result) before or while serving it.
+    Ended(R),
+    /// A request arrived; the connection goes on without the first-request deadline.
+    Requested,
+    /// No request before the deadline.
+    TimedOut,
+}
 
 /// A panicking handler costs its request a 500, not the whole connection (on HTTP/1 the handler
 /// runs inside the connection's task).
@@ -423,11 +548,15 @@ fn bad_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
 /// browser that coalesced two hosts under one wildcard certificate onto one HTTP/2 connection
 /// would have its request for host B answered on the connection set up for host A; 421 tells it
 /// to open a proper connection. Requests without SNI (IP literals) or without a Host are left
-/// to the router.
-fn misdirected(req: &Request<Incoming>, info: &ConnInfo) -> Option<Response<Body>> {
+/// to the router. `host` is the request's, [`RequestHost::of`] (there whenever there is an SNI).
+fn misdirected(host: Option<&RequestHost>, info: &ConnInfo) -> Option<Response<Body>> {
     let sni = info.sni.as_deref()?;
-    let host = request_host(req)?;
-    if sni_matches_host(sni, host) {
+    let matches = match host? {
+        RequestHost::Missing => return None,
+        RequestHost::Invalid => false,
+        RequestHost::Name(name) => sni_matches(sni, name),
+    };
+    if matches {
         return None;
     }
     Some(
@@ -560,6 +689,42 @@ mod tests {
             .expect("serve returns after shutdown")
             .expect("serve task did not panic");
         res.expect("serve returns Ok");
+    }
+
+    /// A waker that counts its wakes.
+    struct CountWake(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for CountWake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn drain_wakes_registered_connections_once_and_is_seen_by_later_ones() {
+        let drain = Arc::new(Drain::default());
+        let count = Arc::new(CountWake(Default::default()));
+        let waker = Waker::from(count.clone());
+        let cx = Context::from_waker(&waker);
+        let mut a = DrainWatch::new(drain.clone());
+        let mut b = DrainWatch::new(drain.clone());
+        assert!(!a.poll_draining(&cx) && !b.poll_draining(&cx));
+        // Polled again with the same waker: nothing registered anew.
+        assert!(!a.poll_draining(&cx));
+        assert_eq!(drain.wakers.lock().unwrap().len(), 2);
+        drop(b);
+        assert_eq!(
+            drain.wakers.lock().unwrap().len(),
+            1,
+            "a dropped watch leaves"
+        );
+        drain.start();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the live one was woken");
+        assert!(a.poll_draining(&cx));
+        // A connection accepted during the drain sees it at its first poll.
+        let mut late = DrainWatch::new(drain.clone());
+        assert!(late.poll_draining(&cx));
+        drop((a, late));
+        assert!(drain.wakers.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -88,6 +88,14 @@ pub fn normalize_host(raw: &str) -> Option<String> {
 /// [`normalize_host`] without an allocation when the host is already in normal form (a
 /// lowercase name, with or without a port): the per-request form.
 pub fn normalized(raw: &str) -> Option<Cow<'_, str>> {
+    if let Some(name) = plain_name(raw) {
+        return Some(Cow::Borrowed(name));
+    }
+    checked(raw)
+}
+
+/// [`normalized`] without the [`plain_name`] shortcut: every shape, every rejection.
+fn checked(raw: &str) -> Option<Cow<'_, str>> {
     // Checked up front so no later branch has to think about CR/LF/space/NUL/UTF-8.
     if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_graphic()) {
         return None;
@@ -97,6 +105,69 @@ pub fn normalized(raw: &str) -> Option<Cow<'_, str>> {
         return normalize_lower(&lower).map(|n| Cow::Owned(n.into_owned()));
     }
     normalize_lower(raw)
+}
+
+/// The common shape of a Host, accepted in one pass over its bytes: a lowercase DNS name
+/// (`a-z 0-9 - .`, labels of 1–63 bytes that neither start nor end with `-`, a last label that
+/// is not all digits, at most 253 bytes), optionally one trailing dot and a `:port`. Returns
+/// the name (a prefix of `raw`, so no allocation) only when `raw` is certainly such a host:
+/// `None` means "not this shape", and [`normalized`] then runs the full check, which decides
+/// every rejection. So this can only ever accept what the full check accepts, with the same
+/// result (a unit test compares the two).
+fn plain_name(raw: &str) -> Option<&str> {
+    let b = raw.as_bytes();
+    // The current label starts at `start`; `numeric`: it is all digits so far. `closed_numeric`:
+    // whether the last label closed by a dot was all digits (for a trailing dot).
+    let mut start = 0;
+    let mut numeric = true;
+    let mut closed_numeric = true;
+    let mut i = 0;
+    let name_end = loop {
+        let Some(&c) = b.get(i) else {
+            break i;
+        };
+        match c {
+            b'a'..=b'z' | b'-' => numeric = false,
+            b'0'..=b'9' => {}
+            b'.' => {
+                if !plain_label(&b[start..i]) {
+                    return None;
+                }
+                start = i + 1;
+                closed_numeric = numeric;
+                numeric = true;
+            }
+            b':' => break i,
+            _ => return None,
+        }
+        i += 1;
+    };
+    let name_len = if start == name_end {
+        // An empty last label: one trailing dot after a label checked above, or no name at all
+        // (a second trailing dot already failed, as an empty label).
+        if name_end == 0 || closed_numeric {
+            return None;
+        }
+        name_end - 1
+    } else {
+        if numeric || !plain_label(&b[start..name_end]) {
+            return None;
+        }
+        name_end
+    };
+    if name_len > MAX_NAME_LEN {
+        return None;
+    }
+    if name_end < b.len() {
+        valid_port(raw.get(name_end + 1..)?)?;
+    }
+    raw.get(..name_len)
+}
+
+/// A label of [`plain_name`] (its bytes already checked): 1–63 bytes, no `-` at either end.
+fn plain_label(l: &[u8]) -> bool {
+    matches!((l.first(), l.last()), (Some(&f), Some(&e)) if f != b'-' && e != b'-')
+        && l.len() <= MAX_LABEL_LEN
 }
 
 /// [`normalized`] of a host already in lowercase.
@@ -194,10 +265,23 @@ impl Router {
 
     /// Maps a Host header to a route, as [`route`].
     pub fn route(&self, host: Option<&str>) -> Route {
-        let Some(host) = host.and_then(normalized) else {
-            return Route::NotFound;
-        };
-        if self.main_hosts.iter().any(|m| *m == host) {
+        match host.and_then(normalized) {
+            Some(host) => self.route_normal(&host),
+            None => Route::NotFound,
+        }
+    }
+
+    /// [`Router::route`] of a host already looked at ([`RequestHost::of`]).
+    pub fn route_host(&self, host: &RequestHost) -> Route {
+        match host.name() {
+            Some(name) => self.route_normal(name),
+            None => Route::NotFound,
+        }
+    }
+
+    /// [`Router::route`] of a host in normal form.
+    fn route_normal(&self, host: &str) -> Route {
+        if self.main_hosts.iter().any(|m| m == host) {
             return Route::Main;
         }
         let Some(preview_domain) = self.preview_domain.as_deref() else {
@@ -255,15 +339,52 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// A request's host ([`request_host`]) after [`normalized`], for a request whose host is
+/// looked at more than once (the listener's 421 check, then the routing): it is normalized
+/// once and handed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestHost {
+    /// No URI authority and no (readable) Host header.
+    Missing,
+    /// One that does not normalize.
+    Invalid,
+    /// The normalized host.
+    Name(String),
+}
+
+impl RequestHost {
+    pub fn of<B>(req: &http::Request<B>) -> RequestHost {
+        match request_host(req) {
+            None => RequestHost::Missing,
+            Some(raw) => match normalized(raw) {
+                Some(name) => RequestHost::Name(name.into_owned()),
+                None => RequestHost::Invalid,
+            },
+        }
+    }
+
+    /// The normalized host, when there is a valid one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            RequestHost::Name(n) => Some(n),
+            RequestHost::Missing | RequestHost::Invalid => None,
+        }
+    }
+}
+
+/// [`sni_matches_host`] of a host already normalized.
+pub fn sni_matches(sni: &str, host: &str) -> bool {
+    // The SNI (as rustls reports it) is usually in normal form already, and normalizing is
+    // idempotent, so a host equal to it matches without normalizing the SNI again.
+    host == sni || normalized(sni).is_some_and(|s| s == host)
+}
+
 /// Whether a TLS SNI and an HTTP Host name the same host (both normalized first; a Host port is
 /// ignored). The listener answers 421 Misdirected Request when they differ, which also makes
 /// browsers retry on a fresh connection when they coalesced two hosts covered by one wildcard
 /// certificate. Either side failing to normalize counts as a mismatch.
 pub fn sni_matches_host(sni: &str, host: &str) -> bool {
-    match (normalized(sni), normalized(host)) {
-        (Some(a), Some(b)) => a == b,
-        _ => false,
-    }
+    normalized(host).is_some_and(|h| sni_matches(sni, &h))
 }
 
 #[cfg(test)]
@@ -348,6 +469,109 @@ mod tests {
             normalized("localhost."),
             Some(Cow::Borrowed("localhost"))
         ));
+    }
+
+    /// Hosts around the edges of every rule, for the shortcut-vs-full-check comparisons.
+    fn corpus() -> Vec<String> {
+        let label63 = "a".repeat(63);
+        let mut hosts: Vec<String> = [
+            "localhost",
+            "localhost.",
+            "localhost..",
+            "localhost.:80",
+            "localhost:8443",
+            "localhost:0",
+            "localhost:65536",
+            "localhost:",
+            "localhost:80:80",
+            "localhost:+80",
+            "LocalHost",
+            "user-1.preview.localhost",
+            "user-1.preview.localhost.:8443",
+            "3000-user-1.preview.localhost",
+            "a-b.c",
+            "-a.b",
+            "a-.b",
+            "a.-b",
+            "a.b-",
+            "a..b",
+            ".a",
+            ".",
+            ":80",
+            "",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "127.0.0.1.",
+            "127.1",
+            "1.2.3.256",
+            "a.123",
+            "a.123.",
+            "123.a",
+            "0x7f.0.0.1",
+            "1a.2b",
+            "[::1]:8443",
+            "::1",
+            "a_b.c",
+            "a b",
+            "a@b",
+            "é.b",
+        ]
+        .iter()
+        .map(|h| (*h).to_owned())
+        .collect();
+        hosts.push(format!("{label63}.b"));
+        hosts.push(format!("{label63}a.b"));
+        hosts.push(format!("b.{label63}a"));
+        let name253 = format!("{label63}.{label63}.{label63}.{}", "a".repeat(61));
+        hosts.push(name253.clone());
+        hosts.push(format!("{name253}."));
+        hosts.push(format!("{name253}.:443"));
+        hosts.push(format!("{name253}a"));
+        hosts.push(format!("{name253}a."));
+        // Every string of up to 4 bytes over an alphabet that hits each branch.
+        let alphabet = ['a', 'z', '0', '9', '-', '.', ':', 'A', '_'];
+        let mut layer = vec![String::new()];
+        for _ in 0..4 {
+            layer = layer
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            hosts.extend(layer.iter().cloned());
+        }
+        hosts
+    }
+
+    #[test]
+    fn the_plain_shortcut_accepts_only_what_the_full_check_accepts() {
+        let mut accepted = 0;
+        for h in corpus() {
+            if let Some(name) = plain_name(&h) {
+                accepted += 1;
+                assert_eq!(checked(&h).as_deref(), Some(name), "{h:?}");
+            }
+            assert_eq!(normalized(&h), checked(&h), "{h:?}");
+        }
+        // And it does take the common shapes (the point of having it).
+        assert!(accepted > 500, "{accepted}");
+        for h in [
+            "user-1.preview.localhost",
+            "user-1.preview.localhost:8443",
+            "localhost.",
+            "3000-user-7.preview.example.com.:443",
+        ] {
+            assert!(plain_name(h).is_some(), "{h}");
+        }
+    }
+
+    #[test]
+    fn normalizing_is_idempotent() {
+        // `sni_matches_host` relies on it: a host that normalizes to exactly the SNI matches.
+        for h in corpus() {
+            if let Some(n) = normalized(&h) {
+                assert_eq!(normalized(&n).as_deref(), Some(&*n), "{h:?}");
+                assert!(sni_matches_host(&n, &h), "{h:?}");
+            }
+        }
     }
 
     #[test]
@@ -600,6 +824,59 @@ mod tests {
         ));
         assert!(!sni_matches_host("localhost", "bad host"));
         assert!(!sni_matches_host("", "localhost"));
+        assert!(sni_matches_host("LocalHost.", "localhost"));
+        assert!(!sni_matches_host("bad host", "localhost"));
+        assert!(!sni_matches_host("localhost", ""));
+        assert!(!sni_matches_host("127.0.0.1", "127.1"));
+    }
+
+    #[test]
+    fn a_request_host_looked_at_once_routes_and_matches_as_the_raw_one() {
+        let c = cfg();
+        let router = Router::new(&c);
+        for h in [
+            "user-7.preview.localhost",
+            "USER-7.Preview.Localhost.:8443",
+            "3000-user-7.preview.localhost",
+            "a.user-7.preview.localhost",
+            "localhost",
+            "[::1]:8443",
+            "bad host",
+            "127.1",
+        ] {
+            let req = http::Request::builder()
+                .uri("/x")
+                .header("host", h)
+                .body(())
+                .expect("valid request");
+            let once = RequestHost::of(&req);
+            assert_eq!(router.route_host(&once), route(&c, Some(h)), "{h}");
+            assert_eq!(once.name(), normalize_host(h).as_deref(), "{h}");
+            for sni in ["user-7.preview.localhost", "localhost", "LocalHost."] {
+                let matched = once.name().is_some_and(|n| sni_matches(sni, n));
+                assert_eq!(matched, sni_matches_host(sni, h), "{sni} {h}");
+            }
+        }
+        let none = http::Request::builder()
+            .uri("/x")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&none), RequestHost::Missing);
+        assert_eq!(router.route_host(&RequestHost::Missing), Route::NotFound);
+        let bad = http::Request::builder()
+            .uri("/x")
+            .header("host", "a..b")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&bad), RequestHost::Invalid);
+        assert_eq!(router.route_host(&RequestHost::Invalid), Route::NotFound);
+        // The authority wins over the Host header, as in `request_host`.
+        let abs = http::Request::builder()
+            .uri("https://localhost:8443/x")
+            .header("host", "user-1.preview.localhost")
+            .body(())
+            .expect("valid request");
+        assert_eq!(RequestHost::of(&abs).name(), Some("localhost"));
     }
 
     #[test]

@@ -101,11 +101,27 @@ fn hop_index(k: &HeaderName) -> Option<usize> {
     }
 }
 
+/// Whether some `Connection` token names a header other than the fixed hop-by-hop ones (which
+/// are removed anyway): the usual `Connection: keep-alive` (or `close`, `upgrade`) lists none
+/// worth a lookup. `close` is not a hop header, so it still counts (as before, a header named
+/// `close` is removed).
+fn lists_other_headers(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            let t = t.trim_ascii();
+            !t.is_empty()
+                && !HOP_HEADERS
+                    .iter()
+                    .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(t))
+        })
+    })
+}
+
 /// Both of the above, in the order that still sees the `Connection` list.
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let present = hop_headers_present(h);
     // HOP_HEADERS[0] is `Connection`: without it, nothing is listed.
-    if present[0] {
+    if present[0] && lists_other_headers(h) {
         remove_listed(h, true);
     }
     for (n, there) in HOP_HEADERS.iter().zip(present) {
@@ -285,7 +301,9 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         forwarded_headers_value(&mut parts.headers, conn, host.clone());
         // HTTP/2 clients send :authority, not Host; the app sees the preview host either way.
-        if let Some(h) = host {
+        // Without an authority, `host` is the request's own (single: `App::route` refuses
+        // several) Host header, already in place.
+        if let Some(h) = host.filter(|_| parts.uri.authority().is_some()) {
             parts.headers.insert(header::HOST, h);
         }
         parts.uri = upstream_uri(&parts.uri);
@@ -421,6 +439,42 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn a_connection_list_of_hop_headers_only_needs_no_lookup() {
+        let only_hop = |v: &str| !lists_other_headers(&headers(&[("connection", v)]));
+        assert!(only_hop("keep-alive"));
+        assert!(only_hop(" Keep-Alive , UPGRADE,,te"));
+        assert!(!only_hop("close"), "`close` could name a header");
+        assert!(!only_hop("keep-alive, x-secret"));
+        assert!(!lists_other_headers(&HeaderMap::new()));
+        assert!(lists_other_headers(&headers(&[
+            ("connection", "keep-alive"),
+            ("connection", "x-two"),
+        ])));
+        // Whichever way it goes, the result is the one of the full removal.
+        for v in [
+            "keep-alive",
+            "close",
+            "Keep-Alive, X-Secret",
+            "upgrade, te",
+            " , ",
+        ] {
+            let pairs = [
+                ("connection", v),
+                ("keep-alive", "timeout=5"),
+                ("x-secret", "1"),
+                ("close", "1"),
+                ("accept", "*/*"),
+            ];
+            let mut fast = headers(&pairs);
+            strip_hop_by_hop(&mut fast);
+            let mut full = headers(&pairs);
+            remove_connection_listed(&mut full);
+            remove_hop_headers(&mut full);
+            assert_eq!(fast, full, "{v:?}");
+        }
     }
 
     #[test]

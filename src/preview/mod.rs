@@ -121,7 +121,8 @@ impl Proxy {
                     ready.await?
                 }
             };
-            if forward::is_upgrade(req.headers()) {
+            // `hot` is only ever found for a request that is not an upgrade (`hot_ip`).
+            if hot.is_none() && forward::is_upgrade(req.headers()) {
                 return Box::pin(self.tunnel(req, &conn, user.clone(), addr)).await;
             }
             self.forward(req, &conn, &user, addr).await
