@@ -28,6 +28,10 @@ const MAX_LINE: usize = 4096;
 const READ_CHUNK: usize = 8192;
 /// Largest head buffer kept between requests.
 const KEEP_BUF: usize = 4096;
+/// Lingering close (see [`FramingCheck`]'s `poll_shutdown`): the most bytes read and dropped
+/// after our side of the connection is shut, and for how long at most.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Mode {
@@ -330,12 +334,15 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
-/// The connection's stream with the framing check on its read side.
+/// The connection's stream with the framing check on its read side, and a lingering close.
 pub struct FramingCheck<S> {
     inner: S,
     tracker: Tracker,
     out: Vec<u8>,
     pos: usize,
+    /// Our side is shut; what the client still sends is being read and dropped until this
+    /// deadline (with the bytes dropped so far).
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl<S> FramingCheck<S> {
@@ -345,6 +352,7 @@ impl<S> FramingCheck<S> {
             tracker: Tracker::new(max_head),
             out: Vec::new(),
             pos: 0,
+            linger: None,
         }
     }
 
@@ -404,7 +412,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingCheck<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for FramingCheck<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingCheck<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -425,8 +433,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramingCheck<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
+    /// Shuts our side, then lingers: what the client still sends (the rest of an upload the
+    /// answer refused unread, e.g. a 413) is read and dropped until it closes too, for at most
+    /// [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing with unread bytes would make the kernel
+    /// reset the connection, and a client still sending would then lose the answer it has not
+    /// read yet (nginx's `lingering_close`, for the same reason).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER_TIME)), 0));
+        }
+        let Some((deadline, dropped)) = this.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        loop {
+            if *dropped >= LINGER_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::uninit(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                // The client closed (or the connection failed): nothing left to protect.
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *dropped += rb.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return std::future::Future::poll(deadline.as_mut(), cx).map(|()| Ok(()));
+                }
+            }
+        }
     }
 }
 

@@ -1049,4 +1049,52 @@ mod tests {
         let res = tokio::time::timeout(Duration::from_secs(2), server.task).await;
         assert!(matches!(res, Ok(Ok(Ok(())))));
     }
+
+    /// A request whose body the answer refuses unread (a 413 before the upload is in): the
+    /// connection is closed after the answer, but the client, still sending, must be able to
+    /// read that answer. Closing with its unread bytes in our buffer would reset the connection
+    /// and could destroy the answer before the client read it; the close lingers instead.
+    #[tokio::test]
+    async fn an_answer_to_a_refused_upload_reaches_the_client_still_sending() {
+        let handler: Arc<dyn Handler> =
+            Arc::new(|_req: Request<Incoming>, _c: Arc<ConnInfo>| async {
+                let mut resp = Response::new(crate::http::full("too large"));
+                *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                resp
+            });
+        let server = start(handler, cfg(), Duration::from_secs(5)).await;
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 50000000\r\n\r\n")
+            .await
+            .unwrap();
+        // More than the server reads before it gives up on the body, sent while it answers.
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..8 {
+            s.write_all(&chunk).await.expect("the upload is reset");
+        }
+        // The answer and the close have happened by now; the client sends a bit more still, as
+        // a client that only reads once its upload is out does. Without lingering, the first of
+        // these writes draws a reset and the next fails (and such clients lose the answer).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..2 {
+            s.write_all(&chunk).await.expect("the upload is reset");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => panic!(
+                    "reading the answer: {e} (after {:?})",
+                    String::from_utf8_lossy(&got)
+                ),
+                Err(_) => panic!("no end of the answer within 5 s"),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        let _ = server.stop.send(true);
+    }
 }
