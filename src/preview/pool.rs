@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
@@ -121,16 +122,39 @@ impl Conn {
         }
         loop {
             ready!(self.io.poll_read_ready(cx))?;
-            let room = self.rbuf.capacity() - self.rbuf.len();
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Ok(n) => {
-                    if n == room && self.read_size < READ_MAX {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
+            // A short read emptied the socket's receive queue: `try_io` is then told
+            // `WouldBlock`, so it forgets the readiness it saw before the read, as after a read
+            // that found nothing. An idle connection is so known clean without a system call
+            // ([`Conn::alive`]). Bytes (or the app's close) that arrive after the read raise a
+            // newer readiness, which this does not clear; a close seen with the bytes is kept
+            // (tokio never clears a closed state).
+            let fd = self.io.as_raw_fd();
+            let spare = self.rbuf.spare_capacity_mut();
+            let room = spare.len();
+            let mut got = None;
+            let res = self.io.try_io(tokio::io::Interest::READABLE, || {
+                // SAFETY: `spare` is `room` writable bytes of `rbuf`'s allocation, borrowed
+                // for the call; `recv` writes at most `room` bytes there.
+                let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, 0) };
+                let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+                got = Some(n);
+                if n > 0 && n < room {
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
+                Ok(n)
+            });
+            if let Some(n) = got {
+                // SAFETY: `recv` initialized these `n` bytes just past the length.
+                unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
+                if n == room && self.read_size < READ_MAX {
+                    self.read_size *= 2;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
+                Ok(n) => return Poll::Ready(Ok(n)),
             }
         }
     }
@@ -802,6 +826,23 @@ mod tests {
         drop(resp);
         let resp = pool.send(addr, get()).await.unwrap();
         assert_eq!(text(resp).await, "hello");
+        assert_eq!(*accepted.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_left_clean_is_reused_without_a_read() {
+        let (addr, accepted) = app("hello", usize::MAX).await;
+        let pool = pool();
+        for _ in 0..3 {
+            let resp = pool.send(addr, get()).await.unwrap();
+            assert_eq!(text(resp).await, "hello");
+            // The answer's last read was short: the socket is known empty, so the checkout's
+            // liveness check needs no read of its own.
+            let mut idle = pool.0.idle.lock().unwrap();
+            let conn = &mut idle.get_mut(&addr).unwrap().last_mut().unwrap().conn;
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(conn.io.poll_read_ready(&mut cx).is_pending());
+        }
         assert_eq!(*accepted.lock().unwrap(), 1);
     }
 
