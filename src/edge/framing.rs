@@ -184,7 +184,7 @@ impl Tracker {
     }
 
     fn on_head(&mut self, head: &[u8], out: &mut Vec<u8>) {
-        let mut lines = head.split(|&b| b == b'\n').map(trim_eol);
+        let mut lines = lines(head).map(trim_eol);
         let request_line = lines.next().unwrap_or_default();
         let method = request_line
             .split(|&b| b == b' ')
@@ -197,7 +197,10 @@ impl Tracker {
         let mut conn_upgrade = false;
         let mut upgrade = false;
         for line in lines {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
+            if !may_frame(line) {
+                continue;
+            }
+            let Some(colon) = memchr::memchr(b':', line) else {
                 continue;
             };
             let name = trim(&line[..colon]);
@@ -283,19 +286,42 @@ fn rewrite(head: &[u8]) -> Vec<u8> {
 
 /// End (exclusive) of the head: the first empty line at or after `from`.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            if buf.get(i + 1) == Some(&b'\n') {
-                return Some(i + 2);
+    memchr::memchr_iter(b'\n', &buf[from.min(buf.len())..])
+        .map(|i| from + i)
+        .find_map(|i| match &buf[i + 1..] {
+            [b'\n', ..] => Some(i + 2),
+            [b'\r', b'\n', ..] => Some(i + 3),
+            _ => None,
+        })
+}
+
+/// The pieces of `head` between `\n`s, as `head.split(|&b| b == b'\n')` gives them.
+fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(head);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'\n', r) {
+            Some(i) => {
+                rest = Some(&r[i + 1..]);
+                Some(&r[..i])
             }
-            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
+            None => {
+                rest = None;
+                Some(r)
             }
         }
-        i += 1;
-    }
-    None
+    })
+}
+
+/// Whether a head line can name a header [`Tracker::on_head`] looks at (`Content-Length`,
+/// `Transfer-Encoding`, `Connection`, `Upgrade`), by its first byte: a line that starts with
+/// anything else is skipped without looking for its colon. Whitespace is kept too (`trim`
+/// drops it before the name is compared).
+fn may_frame(line: &[u8]) -> bool {
+    matches!(
+        line.first(),
+        Some(b'c' | b'C' | b't' | b'T' | b'u' | b'U' | b' ' | b'\t' | b'\r' | b'\n' | 0x0c)
+    )
 }
 
 fn trim_eol(line: &[u8]) -> &[u8] {
@@ -469,6 +495,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingCheck<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_ends_and_lines_match_a_byte_by_byte_scan() {
+        fn head_end_ref(buf: &[u8], from: usize) -> Option<usize> {
+            (from..buf.len()).find_map(|i| {
+                (buf[i] == b'\n')
+                    .then(|| match &buf[i + 1..] {
+                        [b'\n', ..] => Some(i + 2),
+                        [b'\r', b'\n', ..] => Some(i + 3),
+                        _ => None,
+                    })
+                    .flatten()
+            })
+        }
+        // Bytes drawn from the ones that matter, by a fixed generator: bounded and repeatable.
+        let alphabet = b"\r\n:aC ";
+        let mut x: u32 = 12345;
+        for len in 0..40 {
+            for _ in 0..200 {
+                let buf: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        alphabet[(x >> 16) as usize % alphabet.len()]
+                    })
+                    .collect();
+                for from in 0..=len {
+                    assert_eq!(
+                        head_end(&buf, from),
+                        head_end_ref(&buf, from),
+                        "{buf:?} {from}"
+                    );
+                }
+                let split: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
+                assert_eq!(lines(&buf).collect::<Vec<_>>(), split);
+            }
+        }
+    }
 
     /// Feeds `input` in pieces of `step` bytes; returns what the parser would see.
     fn run(input: &[u8], step: usize) -> (Vec<u8>, Tracker) {

@@ -20,7 +20,7 @@ use crate::user::UserId;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the unofficial `Keep-Alive` and
 /// `Proxy-Connection`): they describe one connection and never cross the proxy.
-static HOP_HEADERS: [HeaderName; 9] = [
+pub(super) static HOP_HEADERS: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -349,8 +349,8 @@ impl Proxy {
             match result {
                 Ok(resp) => {
                     self.mgr.touch(user);
-                    let (mut rp, rb) = resp.into_parts();
-                    strip_hop_by_hop(&mut rp.headers);
+                    // The pool's parser (pool/h1.rs) already left out the hop-by-hop headers.
+                    let (rp, rb) = resp.into_parts();
                     return Ok(Response::from_parts(rp, rb.map_err(Into::into).boxed()));
                 }
                 Err(e) if e.is_connect() && attempt == 1 => {

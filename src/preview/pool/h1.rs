@@ -204,6 +204,8 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
                 for token in raw_value.split(|&b| b == b',').map(trim) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
+                        // A header of that name is listed too (RFC 9110 §7.6.1).
+                        listed.push(HeaderName::from_static("close"));
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         keep_alive = true;
                     } else if hop(token).is_none() {
@@ -551,6 +553,51 @@ mod tests {
         assert_eq!(names, ["x-kept"]);
         assert_eq!(h.framing, Decoder::Chunked(Chunk::Size));
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn the_hop_by_hop_list_is_the_forwarders() {
+        // The request side (forward.rs) and this parser drop the same fixed names.
+        for name in &crate::preview::forward::HOP_HEADERS {
+            assert!(hop(name.as_str().as_bytes()).is_some(), "{name}");
+            assert!(
+                hop(name.as_str().to_ascii_uppercase().as_bytes()).is_some(),
+                "{name}"
+            );
+        }
+        let fixed = crate::preview::forward::HOP_HEADERS.len();
+        let known = [
+            "connection",
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ];
+        assert_eq!(known.len(), fixed);
+        // Every name `hop` knows is one of the forwarder's.
+        for k in known {
+            assert!(hop(k.as_bytes()).is_some(), "{k}");
+            assert!(
+                crate::preview::forward::HOP_HEADERS.iter().any(|n| n == k),
+                "{k}"
+            );
+        }
+        for other in ["close", "content-length", "x-kept", "connectio", "host", ""] {
+            assert!(hop(other.as_bytes()).is_none(), "{other}");
+        }
+        // And a header named by a `close` token goes, as any other listed one; a listed
+        // Content-Length stays, it framed the body.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nClose: x\r\nContent-Length: 2\r\n\
+             Connection: close, content-length\r\n\r\n",
+        );
+        let names: Vec<&str> = h.response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+        assert!(!h.keep_alive);
     }
 
     #[test]
