@@ -299,13 +299,18 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let host = host_value(&parts);
         strip_hop_by_hop(&mut parts.headers);
-        forwarded_headers_value(&mut parts.headers, conn, host.clone());
+        let mut ip = IpText::new();
         // HTTP/2 clients send :authority, not Host; the app sees the preview host either way.
         // Without an authority, `host` is the request's own (single: `App::route` refuses
         // several) Host header, already in place.
-        if let Some(h) = host.filter(|_| parts.uri.authority().is_some()) {
+        if let Some(h) = host.clone().filter(|_| parts.uri.authority().is_some()) {
             parts.headers.insert(header::HOST, h);
         }
+        let fwd = super::pool::Forwarded {
+            peer: ip.of(conn.peer.ip()),
+            https: conn.tls,
+            host: host.as_ref(),
+        };
         parts.uri = upstream_uri(&parts.uri);
         parts.version = hyper::Version::HTTP_11;
         let port = addr.port();
@@ -318,7 +323,7 @@ impl Proxy {
                 Some(b) => b.map_err(Into::into).boxed(),
                 None => crate::http::empty(),
             };
-            let sent = pool.send_head(addr, &parts, b);
+            let sent = pool.send_head(addr, &parts, Some(&fwd), b);
             tokio::pin!(sent);
             // Backstop: an answer whose head is late may be a request sent to a container that
             // was paused or stopped behind our back. Re-check the sandbox instead of waiting

@@ -36,6 +36,8 @@ use crate::http::Body;
 
 mod h1;
 
+pub(super) use h1::Forwarded;
+
 /// The first read buffer of an exchange; it doubles while reads fill it, up to [`READ_MAX`].
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 64 * 1024;
@@ -177,12 +179,18 @@ impl Conn {
     /// Sends `req` (its head, then its body as it comes) and reads the response head meanwhile.
     /// An answer that comes before the request body has all gone stops the sending (the
     /// connection is then not reused).
-    async fn exchange(&mut self, req: &Parts, body: &mut Body) -> Result<Answer, SendError> {
+    async fn exchange(
+        &mut self,
+        req: &Parts,
+        fwd: Option<&h1::Forwarded<'_>>,
+        body: &mut Body,
+    ) -> Result<Answer, SendError> {
         let fail = |err| SendError { err, retry: false };
         let body_empty = body.is_end_stream();
         let hint = body.size_hint();
         let mut head = Vec::with_capacity(256);
-        let framing = h1::encode_head(req, body_empty, hint.exact(), &mut head).map_err(fail)?;
+        let framing =
+            h1::encode_head(req, fwd, body_empty, hint.exact(), &mut head).map_err(fail)?;
         let head_req = req.method == Method::HEAD;
         let mut out = Out::default();
         out.push(Bytes::from(head));
@@ -409,7 +417,7 @@ impl Pool {
         req: hyper::Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (head, body) = req.into_parts();
-        self.send_head(addr, &head, body).await
+        self.send_head(addr, &head, None, body).await
     }
 
     /// Sends the request `head` with `body` to `addr` on an idle connection, or a new one (the
@@ -420,6 +428,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         head: &Parts,
+        fwd: Option<&Forwarded<'_>>,
         mut body: Body,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
@@ -429,7 +438,7 @@ impl Pool {
                 // would otherwise make every request's future larger.
                 None => Box::pin(self.connect(addr)).await?,
             };
-            match conn.exchange(head, &mut body).await {
+            match conn.exchange(head, fwd, &mut body).await {
                 Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
                 // Not sent: the idle connection had been closed by the app meanwhile.
                 Err(e) if e.retry => continue,

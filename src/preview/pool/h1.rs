@@ -37,10 +37,37 @@ pub(super) enum ReqFraming {
     Chunked,
 }
 
-/// Writes the request head `req` (origin-form target, its headers as they are, plus the framing
-/// header the body needs) into `out`. `body_empty`: the body is known to have no data.
+/// The `X-Forwarded-*` headers of a proxied request, written with its head instead of being
+/// inserted into its header map (three hashed inserts, and the map's growth, cost more than
+/// encoding the rest of a small head). The request's own `X-Forwarded-Proto` and `-Host` are
+/// replaced; its first `X-Forwarded-For` is kept as the start of the chain when it is short.
+pub(in crate::preview) struct Forwarded<'a> {
+    /// The client's address as text.
+    pub peer: &'a [u8],
+    pub https: bool,
+    /// The host the client asked for.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// A client chain longer than this is not kept (the peer alone is sent).
+const MAX_CHAIN: usize = 1024;
+
+/// Which `X-Forwarded-*` header `name` is: 0 `-For`, 1 `-Proto`, 2 `-Host`.
+fn forwarded_index(name: &HeaderName) -> Option<u8> {
+    match name.as_str().strip_prefix("x-forwarded-")? {
+        "for" => Some(0),
+        "proto" => Some(1),
+        "host" => Some(2),
+        _ => None,
+    }
+}
+
+/// Writes the request head `req` (origin-form target, its headers as they are, `fwd`'s
+/// headers, plus the framing header the body needs) into `out`. `body_empty`: the body is
+/// known to have no data.
 pub(super) fn encode_head(
     req: &Parts,
+    fwd: Option<&Forwarded<'_>>,
     body_empty: bool,
     exact_len: Option<u64>,
     out: &mut Vec<u8>,
@@ -55,7 +82,18 @@ pub(super) fn encode_head(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = None;
+    let mut chain: Option<&HeaderValue> = None;
     for (name, value) in &req.headers {
+        if fwd.is_some() {
+            match forwarded_index(name) {
+                Some(0) => {
+                    chain.get_or_insert(value);
+                    continue;
+                }
+                Some(_) => continue,
+                None => {}
+            }
+        }
         if *name == CONTENT_LENGTH {
             let len = value
                 .to_str()
@@ -71,6 +109,24 @@ pub(super) fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(f) = fwd {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = chain.filter(|v| v.len() < MAX_CHAIN) {
+            out.extend_from_slice(prev.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(f.peer);
+        out.extend_from_slice(if f.https {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        if let Some(h) = f.host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     let framing = match has_length {
         Some(n) => ReqFraming::Length(n),
@@ -710,6 +766,47 @@ mod tests {
     }
 
     #[test]
+    fn request_heads_carry_the_forwarded_headers() {
+        let host = HeaderValue::from_static("user-1.preview.localhost");
+        let fwd = Forwarded {
+            peer: b"10.0.0.9",
+            https: true,
+            host: Some(&host),
+        };
+        let encode = |headers: &[(&str, &str)]| {
+            let mut b = Request::get("/");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let req = b.body(()).unwrap().into_parts().0;
+            let mut out = Vec::new();
+            encode_head(&req, Some(&fwd), true, Some(0), &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            encode(&[("host", "h")]),
+            "GET / HTTP/1.1\r\nhost: h\r\nx-forwarded-for: 10.0.0.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: user-1.preview.localhost\r\n\r\n"
+        );
+        // The client's chain (its first header) is kept; its proto and host are replaced;
+        // other x-forwarded- names pass.
+        assert_eq!(
+            encode(&[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-for", "5.6.7.8"),
+                ("x-forwarded-proto", "gopher"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-port", "1"),
+            ]),
+            "GET / HTTP/1.1\r\nx-forwarded-port: 1\r\nx-forwarded-for: 1.2.3.4, 10.0.0.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: user-1.preview.localhost\r\n\r\n"
+        );
+        // A chain too long to keep: the peer alone.
+        let long = "1.1.1.1, ".repeat(120);
+        assert!(encode(&[("x-forwarded-for", &long)]).contains("\r\nx-forwarded-for: 10.0.0.9\r\n"));
+    }
+
+    #[test]
     fn request_heads_carry_the_framing() {
         let req = Request::get("/a?b=1")
             .header("host", "app")
@@ -719,14 +816,14 @@ mod tests {
             .0;
         let mut out = Vec::new();
         assert_eq!(
-            encode_head(&req, true, Some(0), &mut out).unwrap(),
+            encode_head(&req, None, true, Some(0), &mut out).unwrap(),
             ReqFraming::Empty
         );
         assert_eq!(out, b"GET /a?b=1 HTTP/1.1\r\nhost: app\r\n\r\n");
         let req = Request::post("/").body(()).unwrap().into_parts().0;
         let mut out = Vec::new();
         assert_eq!(
-            encode_head(&req, false, None, &mut out).unwrap(),
+            encode_head(&req, None, false, None, &mut out).unwrap(),
             ReqFraming::Chunked
         );
         assert_eq!(
@@ -735,7 +832,7 @@ mod tests {
         );
         let mut out = Vec::new();
         assert_eq!(
-            encode_head(&req, false, Some(7), &mut out).unwrap(),
+            encode_head(&req, None, false, Some(7), &mut out).unwrap(),
             ReqFraming::Length(7)
         );
         assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 7\r\n\r\n");
@@ -747,7 +844,7 @@ mod tests {
             .0;
         let mut out = Vec::new();
         assert_eq!(
-            encode_head(&req, false, None, &mut out).unwrap(),
+            encode_head(&req, None, false, None, &mut out).unwrap(),
             ReqFraming::Length(3)
         );
     }
