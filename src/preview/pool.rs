@@ -123,7 +123,8 @@ impl Conn {
             self.rbuf.reserve(self.read_size);
         }
         loop {
-            ready!(self.io.poll_read_ready(cx))?;
+            // The read is tried first: `try_io` runs it only while the socket is known readable,
+            // and the readiness (and the task's waker) is polled only once it is not.
             // A short read emptied the socket's receive queue: `try_io` is then told
             // `WouldBlock`, so it forgets the readiness it saw before the read, as after a read
             // that found nothing. An idle connection is so known clean without a system call
@@ -154,7 +155,9 @@ impl Conn {
                 return Poll::Ready(Ok(n));
             }
             match res {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.poll_read_ready(cx))?;
+                }
                 Err(e) => return Poll::Ready(Err(e)),
                 Ok(n) => return Poll::Ready(Ok(n)),
             }
