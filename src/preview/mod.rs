@@ -10,6 +10,7 @@
 //! - `access.rs`: `preview_access = "owner"`; `pages.rs`: the proxy's own answers.
 
 mod access;
+mod deadline;
 mod forward;
 mod pages;
 mod pool;
