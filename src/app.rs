@@ -75,17 +75,25 @@ impl App {
         // Without an access line or a span (a level above `info`) there is nothing to note the
         // user in and nothing to run the request inside: it runs as it is, with one future
         // less to build and move.
+        // The request's own checks run here, once; what is left is a pointer to the boxed
+        // future of the side that answers. The span's branch is boxed too: inline, it would
+        // make this future (moved whole into its box) twice the size it needs without it.
+        let user = match &route {
+            Route::Preview { user, .. } if !access.is_off() => Some(user.clone()),
+            _ => None,
+        };
+        let routed = self.route(req, conn, route, hot);
+        let mgr = &self.mgr;
         let mut resp = if access.is_off() {
-            self.route(req, conn, route, hot).await
+            routed.answer(mgr).await
         } else {
-            access
-                .run(async move {
-                    if let Route::Preview { user, .. } = &route {
-                        crate::access::note_user(user.as_str());
-                    }
-                    self.route(req, conn, route, hot).await
-                })
-                .await
+            let on = access.run(async move {
+                if let Some(user) = &user {
+                    crate::access::note_user(user.as_str());
+                }
+                routed.answer(mgr).await
+            });
+            Box::pin(on).await
         };
         resp.headers_mut()
             .insert(X_REQUEST_ID, access.header_value());
@@ -94,25 +102,28 @@ impl App {
     }
 
     /// `route` is the request's route (its host does not change below); `hot`, the preview's
-    /// address when the request is the preview's hot path (`Proxy::hot_ip`).
-    async fn route(
-        self: Arc<Self>,
+    /// address when the request is the preview's hot path (`Proxy::hot_ip`). Not async: the
+    /// answer is its own or the (boxed, not yet started) future of the side that gives it.
+    fn route(
+        &self,
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         route: Route,
         hot: Option<std::net::IpAddr>,
-    ) -> Response<Body> {
+    ) -> Routed<'_> {
         // Header smuggling guards: one Host only, and an absolute-form URI must name the same
         // host as the Host header. (hyper already refuses CR/LF inside header values.)
         let mut hosts = req.headers().get_all(HOST).iter();
         let first_host = hosts.next();
         if hosts.next().is_some() {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_host",
-                "more than one Host header",
-            )
-            .into_response();
+            return Routed::Answer(
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_host",
+                    "more than one Host header",
+                )
+                .into_response(),
+            );
         }
         if let (Some(authority), Some(h)) = (req.uri().authority(), first_host) {
             let same = h
@@ -122,33 +133,59 @@ impl App {
                 .zip(normalized(authority.as_str()))
                 .is_some_and(|(a, b)| a == b);
             if !same {
-                return ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_host",
-                    "URI authority and Host differ",
-                )
-                .into_response();
+                return Routed::Answer(
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_host",
+                        "URI authority and Host differ",
+                    )
+                    .into_response(),
+                );
             }
         }
         if self.cfg.http_redirect && !conn.tls {
             if let Some(resp) = self.https_redirect(&req) {
-                return resp;
+                return Routed::Answer(resp);
             }
         }
         // Each side's future is boxed: the API's is large, and a request future that held both
         // inline would be copied whole at every move (into its box, its span, its task).
         match route {
-            Route::Main => Box::pin(self.api.handle(req, conn)).await,
+            Route::Main => Routed::Api(Box::pin(self.api.handle(req, conn))),
             Route::Preview { user, port } => {
-                let t = std::time::Instant::now();
-                let resp = Box::pin(self.preview.handle(req, conn, user, port, hot)).await;
-                self.mgr
-                    .metrics()
-                    .preview_request(resp.status(), t.elapsed());
-                resp
+                Routed::Preview(Box::pin(self.preview.handle(req, conn, user, port, hot)))
             }
-            Route::NotFound => {
-                ApiError::new(StatusCode::NOT_FOUND, "unknown_host", "no such host").into_response()
+            Route::NotFound => Routed::Answer(
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_host", "no such host")
+                    .into_response(),
+            ),
+        }
+    }
+}
+
+/// What [`App::route`] found for a request.
+enum Routed<'a> {
+    /// Its own answer (a refused Host, the HTTPS redirect, an unknown host).
+    Answer(Response<Body>),
+    /// The API's handling.
+    Api(BoxedAnswer<'a>),
+    /// The preview's handling (counted in the metrics).
+    Preview(BoxedAnswer<'a>),
+}
+
+type BoxedAnswer<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send + 'a>>;
+
+impl Routed<'_> {
+    async fn answer(self, mgr: &Manager) -> Response<Body> {
+        match self {
+            Routed::Answer(resp) => resp,
+            Routed::Api(answer) => answer.await,
+            Routed::Preview(answer) => {
+                let t = std::time::Instant::now();
+                let resp = answer.await;
+                mgr.metrics().preview_request(resp.status(), t.elapsed());
+                resp
             }
         }
     }
@@ -219,5 +256,24 @@ impl Handler for AppHandler {
                 None => ApiError::shutting_down().into_response(),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, E, R>(_: impl FnOnce(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every request's `App::handle` future is built and moved whole into its box: it holds
+    /// pointers to the large, boxed parts (the API's and the preview's handling, the access
+    /// span's branch), not the parts themselves (2,944 bytes with the span's branch and the
+    /// checks inline, 1,136 without).
+    #[test]
+    fn the_request_future_stays_small() {
+        let size = future_size(App::handle);
+        assert!(size <= 2048, "App::handle's future is {size} bytes");
     }
 }

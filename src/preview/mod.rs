@@ -104,33 +104,36 @@ impl Proxy {
         hot: Option<std::net::IpAddr>,
     ) -> Response<Body> {
         let wants_html = pages::wants_html(&req);
-        let answer = async {
-            if self.cfg.preview_access == PreviewAccess::Owner {
-                if let Some(redirect) = self.check_owner(&req, &user, &conn)? {
-                    return Ok(redirect);
-                }
-                access::strip_preview_cookie(req.headers_mut());
+        // No inner `async` block for `?`: it would be one more level whose whole future (the
+        // forward's, kilobytes) is built and then moved into this one.
+        if self.cfg.preview_access == PreviewAccess::Owner {
+            match self.check_owner(&req, &user, &conn) {
+                Ok(Some(redirect)) => return redirect,
+                Ok(None) => access::strip_preview_cookie(req.headers_mut()),
+                Err(e) => return e.into_response(wants_html),
             }
-            // The hot path inline; the cold ones (wake, tunnel) boxed, so that the request's
-            // future stays small (it is moved whole into its box and its span).
-            let addr = match hot.or_else(|| self.mgr.running_ip(&user)) {
-                Some(ip) => std::net::SocketAddr::new(ip, port),
-                None => {
-                    let ready = self.off_edge(&user, move |p, u| async move {
-                        p.ready_addr(&u, port, upstream::Via::Published).await
-                    });
-                    ready.await?
+        }
+        // The hot path inline; the cold ones (wake, tunnel) boxed, so that the request's
+        // future stays small (it is moved whole into its box and its span).
+        let addr = match hot.or_else(|| self.mgr.running_ip(&user)) {
+            Some(ip) => std::net::SocketAddr::new(ip, port),
+            None => {
+                let ready = self.off_edge(&user, move |p, u| async move {
+                    p.ready_addr(&u, port, upstream::Via::Published).await
+                });
+                match ready.await {
+                    Ok(addr) => addr,
+                    Err(e) => return e.into_response(wants_html),
                 }
-            };
-            // `hot` is only ever found for a request that is not an upgrade (`hot_ip`).
-            if hot.is_none() && forward::is_upgrade(req.headers()) {
-                return Box::pin(self.tunnel(req, &conn, user.clone(), addr)).await;
             }
+        };
+        // `hot` is only ever found for a request that is not an upgrade (`hot_ip`).
+        let answer = if hot.is_none() && forward::is_upgrade(req.headers()) {
+            Box::pin(self.tunnel(req, &conn, user, addr)).await
+        } else {
             self.forward(req, &conn, &user, addr).await
         };
-        answer
-            .await
-            .unwrap_or_else(|e: PreviewError| e.into_response(wants_html))
+        answer.unwrap_or_else(|e| e.into_response(wants_html))
     }
 }
 
