@@ -65,7 +65,7 @@ impl Manager {
             store,
             network,
             workspaces,
-            slots: StdMutex::new(HashMap::new()),
+            slots: StdMutex::new(HashMap::default()),
             metrics: Arc::new(Metrics::new()),
             swarm,
             stopping_hooks: StdMutex::new(Vec::new()),
