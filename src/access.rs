@@ -278,7 +278,8 @@ mod tests {
         for id in &ids {
             assert_eq!(id.len(), 32, "{id}");
             assert!(
-                id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
                 "{id}"
             );
         }

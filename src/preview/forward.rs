@@ -295,6 +295,7 @@ impl Proxy {
         conn: &ConnInfo,
         user: &UserId,
         mut addr: SocketAddr,
+        hot: Option<&crate::sandbox::Running>,
     ) -> Result<Response<Body>, PreviewError> {
         let (mut parts, body) = req.into_parts();
         let host = host_value(&parts);
@@ -348,7 +349,7 @@ impl Proxy {
             };
             match result {
                 Ok(resp) => {
-                    self.mgr.touch(user);
+                    hot.map_or_else(|| self.mgr.touch(user), |r| r.touch());
                     let (mut rp, rb) = resp.into_parts();
                     strip_hop_by_hop(&mut rp.headers);
                     return Ok(Response::from_parts(rp, rb.map_err(Into::into).boxed()));

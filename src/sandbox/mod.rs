@@ -42,7 +42,7 @@ use crate::store::Store;
 use crate::user::UserId;
 use docker::{Engine, EngineError};
 
-pub use slot::{RunGuard, Slot, TerminalGuard};
+pub use slot::{RunGuard, Running, Slot, TerminalGuard};
 pub use workspace::ensure_workspace_dir;
 
 /// A sandbox's state as clients see it.

@@ -329,7 +329,10 @@ mod now_ms_tests {
         let before = chrono::Utc::now().timestamp_millis();
         let mut last = super::now_ms();
         let after = chrono::Utc::now().timestamp_millis();
-        assert!(before <= last && last <= after, "{before} <= {last} <= {after}");
+        assert!(
+            before <= last && last <= after,
+            "{before} <= {last} <= {after}"
+        );
         for _ in 0..10_000 {
             let now = super::now_ms();
             assert!(now >= last, "{now} < {last}");
