@@ -57,7 +57,7 @@ impl App {
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         route: Route,
-        hot: Option<std::net::IpAddr>,
+        hot: Option<crate::sandbox::Running>,
     ) -> Response<Body> {
         use crate::access::{Access, HostKind, X_REQUEST_ID};
         let host = match route {
@@ -109,7 +109,7 @@ impl App {
         req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         route: Route,
-        hot: Option<std::net::IpAddr>,
+        hot: Option<crate::sandbox::Running>,
     ) -> Routed<'_> {
         // Header smuggling guards: one Host only, and an absolute-form URI must name the same
         // host as the Host header. (hyper already refuses CR/LF inside header values.)

@@ -295,6 +295,7 @@ impl Proxy {
         conn: &ConnInfo,
         user: &UserId,
         mut addr: SocketAddr,
+        hot: Option<&crate::sandbox::Running>,
     ) -> Result<Response<Body>, PreviewError> {
         let (mut parts, body) = req.into_parts();
         let host = host_value(&parts);
@@ -353,7 +354,7 @@ impl Proxy {
                 };
             match result {
                 Ok(resp) => {
-                    self.mgr.touch(user);
+                    hot.map_or_else(|| self.mgr.touch(user), |r| r.touch());
                     // The pool's parser (pool/h1.rs) already left out the hop-by-hop headers.
                     let (rp, rb) = resp.into_parts();
                     return Ok(Response::from_parts(rp, rb.map_err(Into::into).boxed()));

@@ -30,7 +30,7 @@ use crate::config::{Config, PreviewAccess};
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::Body;
-use crate::sandbox::{Manager, SandboxError};
+use crate::sandbox::{Manager, Running, SandboxError};
 use crate::user::UserId;
 
 /// A fallback of the hot path, boxed (see [`Proxy::off_edge`]).
@@ -93,15 +93,15 @@ impl Proxy {
     }
 
     /// One request for `user`'s preview on `port`; every failure is rendered here, once.
-    /// `hot`: the sandbox's address as [`Proxy::hot_ip`] just found it (the caller looked it
-    /// up to choose the thread), so the hot path does not look it up again.
+    /// `hot`: the running sandbox (address and slot) as [`Proxy::hot_ip`] just found it (the
+    /// caller looked it up to choose the thread), so the hot path does not look it up again.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
         user: UserId,
         port: u16,
-        hot: Option<std::net::IpAddr>,
+        hot: Option<Running>,
     ) -> Response<Body> {
         let wants_html = pages::wants_html(&req);
         // No inner `async` block for `?`: it would be one more level whose whole future (the
@@ -115,7 +115,11 @@ impl Proxy {
         }
         // The hot path inline; the cold ones (wake, tunnel) boxed, so that the request's
         // future stays small (it is moved whole into its box and its span).
-        let addr = match hot.or_else(|| self.mgr.running_ip(&user)) {
+        let addr = match hot
+            .as_ref()
+            .map(Running::ip)
+            .or_else(|| self.mgr.running_ip(&user))
+        {
             Some(ip) => std::net::SocketAddr::new(ip, port),
             None => {
                 let ready = self.off_edge(&user, move |p, u| async move {
@@ -131,7 +135,7 @@ impl Proxy {
         let answer = if hot.is_none() && forward::is_upgrade(req.headers()) {
             Box::pin(self.tunnel(req, &conn, user, addr)).await
         } else {
-            self.forward(req, &conn, &user, addr).await
+            self.forward(req, &conn, &user, addr, hot.as_ref()).await
         };
         answer.unwrap_or_else(|e| e.into_response(wants_html))
     }
@@ -142,12 +146,12 @@ impl Proxy {
     /// thread: a plain (not upgrade) request to a sandbox that runs. Waking a sandbox and
     /// tunnels go to the main runtime (`app.rs`); when the hot path finds the app gone, its
     /// fallbacks go there too ([`Proxy::off_edge`]).
-    /// `Some(address)` of the running sandbox when it is.
-    pub fn hot_ip(&self, req: &Request<Incoming>, user: &UserId) -> Option<std::net::IpAddr> {
+    /// `Some` running sandbox (its address, and its slot for the activity) when it is.
+    pub fn hot_ip(&self, req: &Request<Incoming>, user: &UserId) -> Option<Running> {
         if forward::is_upgrade(req.headers()) {
             return None;
         }
-        self.mgr.running_ip(user)
+        self.mgr.running(user)
     }
 
     /// Runs a fallback of the hot path (`f`, given a clone of the proxy and the user) on the

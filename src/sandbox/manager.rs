@@ -18,7 +18,7 @@ use crate::store::{now_ms, Store};
 use crate::user::UserId;
 use docker::{DockerState, Engine, EngineFailure, ErrorKind};
 
-use super::slot::{Container, RunGuard};
+use super::slot::{Container, RunGuard, Running};
 use super::{
     agent, docker, exec, firewall, health, spec, swarm, Manager, Sandbox, SandboxError, Slot,
     State, TerminalGuard,
@@ -65,7 +65,7 @@ impl Manager {
             store,
             network,
             workspaces,
-            slots: StdMutex::new(HashMap::new()),
+            slots: StdMutex::new(HashMap::default()),
             metrics: Arc::new(Metrics::new()),
             swarm,
             stopping_hooks: StdMutex::new(Vec::new()),
@@ -250,6 +250,12 @@ impl Manager {
 
     /// The running container's IP without touching Docker (the preview's hot path).
     pub fn running_ip(&self, user: &UserId) -> Option<IpAddr> {
+        self.running(user).map(|r| r.ip())
+    }
+
+    /// [`Manager::running_ip`] with a handle to record the request's later activity on
+    /// ([`Running::touch`]) without a second lookup. Records activity now, too.
+    pub fn running(&self, user: &UserId) -> Option<Running> {
         if !self.health.is_up() {
             return None;
         }
@@ -261,7 +267,7 @@ impl Manager {
         match fast {
             Some((State::Running, Some(ip))) => {
                 slot.touch();
-                Some(ip)
+                Some(Running::new(ip, slot))
             }
             _ => None,
         }

@@ -42,7 +42,7 @@ use crate::store::Store;
 use crate::user::UserId;
 use docker::{Engine, EngineError};
 
-pub use slot::{RunGuard, Slot, TerminalGuard};
+pub use slot::{RunGuard, Running, Slot, TerminalGuard};
 pub use workspace::ensure_workspace_dir;
 
 /// A sandbox's state as clients see it.
@@ -146,7 +146,10 @@ pub struct Manager {
     pub(super) store: Store,
     pub(super) network: String,
     pub(super) workspaces: PathBuf,
-    pub(super) slots: StdMutex<HashMap<UserId, Arc<Slot>>>,
+    /// Keyed by validated user ids that the platform issued (a slot is made only for an
+    /// authenticated or stored user), so a cheap keyed hasher serves: clients cannot fill the
+    /// map with keys of their choosing.
+    pub(super) slots: StdMutex<HashMap<UserId, Arc<Slot>, foldhash::fast::RandomState>>,
     pub(super) capacity: Arc<Semaphore>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<health::Health>,

@@ -107,6 +107,28 @@ impl Slot {
     }
 }
 
+/// A running sandbox as the preview's hot path found it ([`super::Manager::running`]): its
+/// address, and its slot, so that the activity after the answer is recorded without looking
+/// the user up again (slots are never taken out of the manager's map: this is the same slot a
+/// lookup would find).
+pub struct Running {
+    ip: IpAddr,
+    slot: Arc<Slot>,
+}
+
+impl Running {
+    pub(super) fn new(ip: IpAddr, slot: Arc<Slot>) -> Self {
+        Running { ip, slot }
+    }
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+    /// Records activity for the idle policy, as [`super::Manager::touch`] does.
+    pub fn touch(&self) {
+        self.slot.touch();
+    }
+}
+
 /// Counts a run in flight for the idle policy until dropped: an execution, or a preview request
 /// held while the app boots (the idle policy must not pause or stop a sandbox whose first
 /// request waits for its app; the wait's own checks are execs that can outlast

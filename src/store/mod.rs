@@ -54,8 +54,19 @@ pub struct EventRow {
 }
 
 /// Milliseconds since the Unix epoch, UTC.
+///
+/// Read straight from the system clock (no calendar maths: the preview's hot path calls this
+/// for every request it records as activity). A clock set before 1970 reads as negative, as
+/// chrono's `timestamp_millis` would.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    use std::time::{SystemTime, UNIX_EPOCH};
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64 * 1000 + i64::from(d.subsec_millis()),
+        Err(e) => {
+            let d = e.duration();
+            -(d.as_secs() as i64 * 1000 + i64::from(d.subsec_millis()))
+        }
+    }
 }
 
 const SESSION_COLUMNS: &str =
@@ -307,4 +318,25 @@ fn session_from_row(r: &sqlx::any::AnyRow) -> anyhow::Result<SessionRow> {
         started_at: r.try_get("started_at")?,
         last_activity: r.try_get("last_activity")?,
     })
+}
+
+#[cfg(test)]
+mod now_ms_tests {
+    /// The cheap clock reads what chrono's UTC clock reads (milliseconds since the epoch), and
+    /// successive reads do not go backwards (the idle policy compares them with activity).
+    #[test]
+    fn now_ms_is_the_epoch_clock_in_milliseconds() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let mut last = super::now_ms();
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(
+            before <= last && last <= after,
+            "{before} <= {last} <= {after}"
+        );
+        for _ in 0..10_000 {
+            let now = super::now_ms();
+            assert!(now >= last, "{now} < {last}");
+            last = now;
+        }
+    }
 }
