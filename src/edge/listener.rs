@@ -233,7 +233,8 @@ fn http_builder(cfg: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        // The header-read timer of every request head: coarse, in the edge thread's watch.
+        .timer(super::coarse::EdgeTimer)
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes.max(MIN_HTTP1_BUF))
         .keep_alive(true);

@@ -5,10 +5,13 @@
 //! - `tls` owns the certificates: loading, SNI resolution, development certs and reload;
 //! - `percore` runs the listeners on edge threads, one current-thread runtime and
 //!   `SO_REUSEPORT` socket per core;
+//! - `coarse` keeps the per-request timers of an edge thread (hyper's header timer, the
+//!   preview's late-answer backstop) in one watch with one ticker;
 //! - `router` maps a Host header to a [`router::Route`], as a pure function.
 //!
 //! Nothing here knows about Docker, the store or the API: those sit behind the `Handler`.
 
+pub mod coarse;
 pub mod framing;
 pub mod listener;
 pub mod percore;

@@ -329,29 +329,33 @@ impl Proxy {
             // Backstop: an answer whose head is late may be a request sent to a container that
             // was paused or stopped behind our back. Re-check the sandbox instead of waiting
             // forever; a sandbox that runs normally just has a slow app, and we keep waiting.
-            let result =
-                match super::deadline::within(self.cfg.upstream_head_timeout, &mut sent).await {
-                    Ok(r) => r,
-                    Err(_) => match self
-                        .off_edge(user, |p, u| async move { Ok(p.late_answer(&u).await) })
-                        .await
-                        .unwrap_or_else(Late::Failed)
-                    {
-                        Late::KeepWaiting => sent.await,
-                        Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
-                            addr = SocketAddr::new(ip, port);
-                            let up = self.off_edge(user, move |p, u| async move {
-                                Ok(p.connect_app(&u, addr).await.is_some())
-                            });
-                            match up.await? {
-                                true => continue,
-                                false => return Err(PreviewError::NotListening { port }),
-                            }
+            let result = match crate::edge::coarse::within(
+                self.cfg.upstream_head_timeout,
+                &mut sent,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => match self
+                    .off_edge(user, |p, u| async move { Ok(p.late_answer(&u).await) })
+                    .await
+                    .unwrap_or_else(Late::Failed)
+                {
+                    Late::KeepWaiting => sent.await,
+                    Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
+                        addr = SocketAddr::new(ip, port);
+                        let up = self.off_edge(user, move |p, u| async move {
+                            Ok(p.connect_app(&u, addr).await.is_some())
+                        });
+                        match up.await? {
+                            true => continue,
+                            false => return Err(PreviewError::NotListening { port }),
                         }
-                        Late::Restarted(_) => return Err(PreviewError::Restarted),
-                        Late::Failed(e) => return Err(e),
-                    },
-                };
+                    }
+                    Late::Restarted(_) => return Err(PreviewError::Restarted),
+                    Late::Failed(e) => return Err(e),
+                },
+            };
             match result {
                 Ok(resp) => {
                     hot.map_or_else(|| self.mgr.touch(user), |r| r.touch());

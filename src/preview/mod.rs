@@ -10,7 +10,6 @@
 //! - `access.rs`: `preview_access = "owner"`; `pages.rs`: the proxy's own answers.
 
 mod access;
-mod deadline;
 mod forward;
 mod pages;
 mod pool;

@@ -1,19 +1,26 @@
-//! A coarse deadline for the upstream answer's head, cheaper than a timer per request.
+//! Coarse timers of an edge thread, cheaper than a tokio timer each.
 //!
-//! Every proxied request waits for its answer's head under `upstream_head_timeout`
-//! (forward.rs), a backstop that almost never fires. A tokio timer per request costs a clock
-//! read, a wheel insertion and removal, and a place in every park of the thread. On an edge
-//! thread (one current-thread runtime, so a request's task never leaves it) the requests in
-//! flight are instead entered in the thread's watch: a ticker task counts ticks of [`TICK`]
-//! while requests are in flight (and [`IDLE_TICKS`] more), and wakes those whose limit has
-//! passed. A deadline is so met at most about one tick late (5 s fires between 5.0 and 5.1 s);
-//! entering and leaving the watch reads no clock. Elsewhere (the main runtime, which moves tasks
-//! between threads) a tokio timer is used.
+//! Two waits happen on every request and almost never end by their timer: hyper's HTTP/1
+//! header-read timeout (armed while each request head is awaited, dropped when it came) and the
+//! preview's late-answer backstop (`upstream_head_timeout`, preview/forward.rs). A tokio timer
+//! costs a wheel insertion and removal each, and a place in every park of the thread. On an edge
+//! thread (one current-thread runtime, so a connection's task never leaves it) they are instead
+//! entered in the thread's watch: one ticker task counts ticks of [`TICK`] while anything is
+//! watched (and [`IDLE_TICKS`] more) and wakes what is due. A wait so ends at most about one
+//! tick late, never early. Elsewhere (the main runtime, which moves tasks between threads)
+//! tokio's timers are used.
+//!
+//! - [`within`]: a future under a limit, with no clock read to enter or leave the watch;
+//! - [`EdgeTimer`]: hyper's `Timer` for HTTP/1 connections.
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// tokio's clock: std's `Instant`, except that tests can pause it.
+type Clock = tokio::time::Instant;
 
 /// The watch's resolution.
 const TICK: Duration = Duration::from_millis(100);
@@ -22,7 +29,7 @@ const IDLE_TICKS: u32 = 50;
 
 /// The limit passed before the future ended.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Elapsed;
+pub struct Elapsed;
 
 struct Entry {
     /// The tick at which the limit has passed.
@@ -36,6 +43,8 @@ struct Entry {
 struct Watch {
     /// Ticks counted so far.
     now: u64,
+    /// When the last tick was counted (or the ticker started).
+    last_tick: Option<Clock>,
     entries: Vec<Option<Entry>>,
     /// Free places in `entries`.
     free: Vec<usize>,
@@ -48,12 +57,33 @@ thread_local! {
 }
 
 impl Watch {
+    /// Enters a wait of `limit` from now.
     fn enter(&mut self, limit: Duration, waker: &Waker) -> usize {
         // Whole ticks, rounded up, plus one for the part of the current tick already gone: the
         // limit is never cut short.
-        let ticks = limit.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
+        self.enter_due(self.now + ticks(limit) + 1, waker)
+    }
+
+    /// Enters a wait until `deadline`; `None` when it has passed.
+    fn enter_until(&mut self, deadline: Clock, waker: &Waker) -> Option<usize> {
+        // Counted from the last tick (ticks fire a whole number of ticks after it, or later):
+        // no clock read while the ticker runs.
+        let from = match self.last_tick {
+            Some(t) if self.ticking => t,
+            _ => Clock::now(),
+        };
+        if deadline <= from && deadline <= Clock::now() {
+            return None;
+        }
+        Some(self.enter_due(
+            self.now + ticks(deadline.saturating_duration_since(from)),
+            waker,
+        ))
+    }
+
+    fn enter_due(&mut self, due: u64, waker: &Waker) -> usize {
         let entry = Entry {
-            due: self.now + ticks,
+            due,
             waker: Some(waker.clone()),
             fired: false,
         };
@@ -93,9 +123,19 @@ impl Watch {
         }
     }
 
+    /// Starts the thread's ticker unless it runs.
+    fn start_ticker(&mut self) {
+        if !self.ticking {
+            self.ticking = true;
+            self.last_tick = Some(Clock::now());
+            tokio::spawn(ticker());
+        }
+    }
+
     /// One tick: the wakers of the entries now due (woken by the caller, outside the borrow).
     fn advance(&mut self) -> Vec<Waker> {
         self.now += 1;
+        self.last_tick = Some(Clock::now());
         let now = self.now;
         let mut due = Vec::new();
         for e in self.entries.iter_mut().flatten() {
@@ -108,8 +148,13 @@ impl Watch {
     }
 }
 
+/// Whole ticks in `d`, rounded up.
+fn ticks(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u64::MAX / 2)
+}
+
 /// Runs `fut` for at most `limit` (see the module's doc).
-pub(super) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
+pub async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
     if crate::edge::percore::on_edge_thread() {
         watched(limit, fut).await
     } else {
@@ -148,17 +193,79 @@ async fn watched<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapse
                     }
                 }
                 None => {
+                    w.start_ticker();
                     place.0 = Some(w.enter(limit, cx.waker()));
-                    if !w.ticking {
-                        w.ticking = true;
-                        tokio::spawn(ticker());
-                    }
                 }
             }
             Poll::Pending
         })
     })
     .await
+}
+
+/// hyper's `Timer` for HTTP/1 connections: a sleep on an edge thread is a place in its watch,
+/// elsewhere a tokio timer.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeTimer;
+
+impl hyper::rt::Timer for EdgeTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        if crate::edge::percore::on_edge_thread() {
+            Box::pin(CoarseSleep {
+                deadline: Clock::from_std(deadline),
+                place: Place(None),
+                done: false,
+            })
+        } else {
+            hyper_util::rt::TokioTimer::new().sleep_until(deadline)
+        }
+    }
+}
+
+/// A sleep in the thread's watch, entered when first polled.
+struct CoarseSleep {
+    deadline: Clock,
+    place: Place,
+    done: bool,
+}
+
+impl hyper::rt::Sleep for CoarseSleep {}
+
+impl Future for CoarseSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.done {
+            return Poll::Ready(());
+        }
+        let this = &mut *self;
+        let due = WATCH.with(|w| {
+            let mut w = w.borrow_mut();
+            match this.place.0 {
+                Some(i) => w.check(i, cx.waker()),
+                None => {
+                    w.start_ticker();
+                    match w.enter_until(this.deadline, cx.waker()) {
+                        Some(i) => {
+                            this.place.0 = Some(i);
+                            false
+                        }
+                        None => true,
+                    }
+                }
+            }
+        });
+        if due {
+            this.done = true;
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// Counts the thread's ticks while anything is watched, and [`IDLE_TICKS`] more.
@@ -262,6 +369,36 @@ mod tests {
         assert_eq!(live().0, 0);
         // The places were given back and are reused.
         assert!(WATCH.with(|w| w.borrow().entries.len()) <= 40);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_coarse_sleep_ends_at_its_deadline_not_before() {
+        for ms in [0u64, 1, 99, 100, 250, 3000] {
+            let deadline = Instant::now() + Duration::from_millis(ms);
+            let t = Instant::now();
+            CoarseSleep {
+                deadline,
+                place: Place(None),
+                done: false,
+            }
+            .await;
+            let took = t.elapsed();
+            assert!(Instant::now() >= deadline, "{ms}: {took:?}");
+            assert!(
+                took <= Duration::from_millis(ms) + TICK * 2,
+                "{ms}: {took:?}"
+            );
+            assert_eq!(live().0, 0);
+        }
+        // A deadline in the past ends at once.
+        let t = Instant::now();
+        CoarseSleep {
+            deadline: Instant::now() - Duration::from_secs(1),
+            place: Place(None),
+            done: false,
+        }
+        .await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
