@@ -175,7 +175,7 @@ fn forwarded_headers_value(h: &mut HeaderMap, conn: &ConnInfo, host: Option<Head
     let peer = ip.of(conn.peer.ip());
     let xff = match h.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         // Clients can send anything: keep their chain, append what we saw.
-        Some(prev) if prev.len() < 1024 => {
+        Some(prev) if prev.len() < super::pool::MAX_CHAIN => {
             let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
             v.extend_from_slice(prev);
             v.extend_from_slice(b", ");

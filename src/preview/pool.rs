@@ -36,7 +36,7 @@ use crate::http::Body;
 
 mod h1;
 
-pub(super) use h1::Forwarded;
+pub(super) use h1::{Forwarded, MAX_CHAIN};
 
 /// The first read buffer of an exchange; it doubles while reads fill it, up to [`READ_MAX`].
 const READ_MIN: usize = 8 * 1024;

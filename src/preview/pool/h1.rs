@@ -49,8 +49,9 @@ pub(in crate::preview) struct Forwarded<'a> {
     pub host: Option<&'a HeaderValue>,
 }
 
-/// A client chain longer than this is not kept (the peer alone is sent).
-const MAX_CHAIN: usize = 1024;
+/// A client `X-Forwarded-For` chain this long or longer is not kept (the peer alone is sent):
+/// the pooled path here and the tunnel's (forward.rs) alike.
+pub(in crate::preview) const MAX_CHAIN: usize = 1024;
 
 /// Which `X-Forwarded-*` header `name` is: 0 `-For`, 1 `-Proto`, 2 `-Host`.
 fn forwarded_index(name: &HeaderName) -> Option<u8> {
