@@ -675,9 +675,10 @@ where
     }
 }
 
-/// The host's TCP sockets to `ip:port` with their state (`/proc/net/tcp`, the test runs in the
-/// server's network namespace): hex state codes, e.g. `01` ESTABLISHED, `08` CLOSE_WAIT.
-fn sockets_to(ip: std::net::IpAddr, port: u16) -> Vec<String> {
+/// The host's TCP sockets to `ip:port` (`/proc/net/tcp`, the test runs in the server's network
+/// namespace): each one's local address and hex state code, e.g. `01` ESTABLISHED, `08`
+/// CLOSE_WAIT.
+fn sockets_to(ip: std::net::IpAddr, port: u16) -> Vec<(String, String)> {
     let std::net::IpAddr::V4(v4) = ip else {
         panic!("sandbox address {ip} is not IPv4")
     };
@@ -688,8 +689,20 @@ fn sockets_to(ip: std::net::IpAddr, port: u16) -> Vec<String> {
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&rem.as_str())).then(|| f[3].to_owned())
+            (f.get(2) == Some(&rem.as_str())).then(|| (f[1].to_owned(), f[3].to_owned()))
         })
+        .collect()
+}
+
+/// The states of the sockets to `ip:port` now, leaving out those that were already closing in
+/// `before` (taken while the sandbox still ran). Docker gives a removed container's address to
+/// a later one: an earlier test's sandbox with this address can have left a socket
+/// retransmitting its FIN there (LAST_ACK), which is not this stop's doing.
+fn states_since(ip: std::net::IpAddr, port: u16, before: &[(String, String)]) -> Vec<String> {
+    sockets_to(ip, port)
+        .into_iter()
+        .filter(|(local, _)| !before.iter().any(|(l, st)| l == local && st != "01"))
+        .map(|(_, st)| st)
         .collect()
 }
 
@@ -714,13 +727,13 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
         .expect("running sandbox has an address");
     let open = sockets_to(ip, 5173);
     assert!(
-        open.iter().any(|st| st == "01"),
+        open.iter().any(|(_, st)| st == "01"),
         "the preview keeps an idle connection to the app: {open:?}"
     );
     app.mgr().stop(&user, "test").await.unwrap();
     // Closed while the app could answer: our side finished its close (TIME_WAIT, or FIN_WAIT2
     // until the app's FIN); nothing is left open, half-closed or retransmitting a FIN.
-    let left = sockets_to(ip, 5173);
+    let left = states_since(ip, 5173, &open);
     assert!(
         left.iter().all(|st| st == "06" || st == "05"),
         "sockets to the stopped sandbox's app (hex TCP states): {left:?}"
@@ -731,6 +744,7 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
     assert_eq!(s, 200, "{body}");
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let mut ws = open_echo_tunnel(tcp, "30", app.addr.port()).await;
+    let open = sockets_to(ip, 5173);
     app.mgr().exit(&user).await.unwrap();
     let mut rest = [0u8; 64];
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -739,7 +753,7 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
     })
     .await;
     assert!(ended.is_ok(), "the tunnel outlived its sandbox");
-    let left = sockets_to(ip, 5173);
+    let left = states_since(ip, 5173, &open);
     assert!(
         left.iter().all(|st| st == "06" || st == "05"),
         "sockets to the removed sandbox's app (hex TCP states): {left:?}"
