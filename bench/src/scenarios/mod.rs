@@ -79,6 +79,8 @@ struct Sizes {
     rounds: usize,
     load_secs: f64,
     single_secs: f64,
+    /// Passes of 1-connection runs over all the paths per round (see `bench_proxy`).
+    single_passes: usize,
     warm_secs: f64,
     wake_runs: usize,
     npm_runs: usize,
@@ -156,6 +158,7 @@ impl Ctx {
                 rounds: 1,
                 load_secs: 2.0,
                 single_secs: 1.0,
+                single_passes: 1,
                 warm_secs: 1.0,
                 wake_runs: 5,
                 npm_runs: 3,
@@ -169,7 +172,8 @@ impl Ctx {
             Sizes {
                 rounds: 3,
                 load_secs: 4.0,
-                single_secs: 2.0,
+                single_secs: 1.0,
+                single_passes: 3,
                 warm_secs: 1.0,
                 wake_runs: 20,
                 npm_runs: 10,
