@@ -21,7 +21,6 @@ use hyper::header::{
     CONTENT_TYPE, LAST_MODIFIED, RANGE,
 };
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -32,6 +31,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::sandbox::rfc3339;
 use super::Api;
 use crate::edge::listener::ConnInfo;
+use crate::edge::upgraded::ClientIo;
 use crate::http::body::read_json;
 use crate::http::error::ApiError;
 use crate::http::upgrade::{self, accept_key, authenticate, check_origin, percent_decode};
@@ -827,12 +827,10 @@ async fn watch_open(
             Ok(Ok(u)) => u,
             _ => return,
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(watch_ws_config()),
-        )
-        .await;
+        let Ok(io) = ClientIo::new(upgraded) else {
+            return;
+        };
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(watch_ws_config())).await;
         // The agent's frames are read by their own task (a frame read is not cancel-safe),
         // WATCH_QUEUE ahead at most: a slow client holds back the agent, which then reports
         // `overflow` instead of growing anything.
@@ -853,7 +851,7 @@ async fn watch_open(
     Ok(upgrade::switching_protocols(&accept, protocol.as_deref()))
 }
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Ws = WebSocketStream<ClientIo>;
 type EventRx = mpsc::Receiver<std::result::Result<Option<serde_json::Value>, AgentError>>;
 
 /// Forwards events as text messages until either side ends; pings the client and drops it

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod percore;
 pub mod router;
 pub mod tls;
+pub mod upgraded;
 
 use std::path::PathBuf;
 use std::sync::Arc;

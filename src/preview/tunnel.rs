@@ -23,7 +23,6 @@ use tokio::sync::Notify;
 use super::forward::{forwarded_headers, strip_hop_by_hop, upgrade_matches};
 use super::upstream::Via;
 use super::{PreviewError, Proxy};
-use crate::edge::framing::FramingCheck;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::Body;
@@ -188,7 +187,8 @@ impl Proxy {
                     }
                 };
                 match plain_client(client) {
-                    Ok(client) => relay(mgr, user, client, upstream).await,
+                    Ok(Ok(client)) => relay(mgr, user, client, upstream).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "preview tunnel: client socket"),
                     Err(client) => Box::pin(tls_pump(mgr, user, client, upstream)).await,
                 }
             };
@@ -210,15 +210,15 @@ struct Plain {
     early: Vec<u8>,
 }
 
-/// The client side over plain HTTP (TLS stays an `Upgraded`).
-fn plain_client(up: hyper::upgrade::Upgraded) -> Result<Plain, hyper::upgrade::Upgraded> {
-    type Io = TokioIo<FramingCheck<TcpStream>>;
-    let parts = hyper_util::server::conn::auto::upgrade::downcast::<Io>(up)?;
-    let (stream, rest) = parts.io.into_inner().into_parts();
-    forget_wakers(&stream);
-    let mut early = parts.read_buf.to_vec();
-    early.extend_from_slice(&rest);
-    Ok(Plain { stream, early })
+/// The client side over plain HTTP (TLS stays an `Upgraded`), moved to this runtime's reactor
+/// (`edge/upgraded.rs`): the relay then waits on both sockets without a cross-thread wake-up.
+fn plain_client(
+    up: hyper::upgrade::Upgraded,
+) -> Result<std::io::Result<Plain>, hyper::upgrade::Upgraded> {
+    Ok(crate::edge::upgraded::plain(up)?.map(|p| Plain {
+        stream: p.stream,
+        early: p.early,
+    }))
 }
 
 /// The upstream side (always plain TCP on the private network).

@@ -43,13 +43,13 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::edge::listener::ConnInfo;
+use crate::edge::upgraded::ClientIo;
 use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::sandbox::shell::{ExecOptions, Script};
@@ -184,12 +184,16 @@ impl Terminals {
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(ws_config(max_frame)),
-            )
-            .await;
+            let io = match ClientIo::new(upgraded) {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(terminal = %id, error = %e, "terminal socket");
+                    reaper.kill().await;
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(max_frame)))
+                .await;
             let outcome = session(ws, output, input, &pty).await;
             reaper.kill().await;
             tracing::info!(user = %user, terminal = %id, outcome = ?outcome, "terminal closed");
