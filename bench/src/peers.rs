@@ -67,6 +67,10 @@ http {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Forwarded-Host $http_host;
+            # sandboxd tags each request with an id, to the app and back to the client: the
+            # same work for both, and the same headers for the app to parse.
+            proxy_set_header X-Request-Id $request_id;
+            add_header X-Request-Id $request_id always;
             proxy_buffering on;
             proxy_buffer_size 16k;
             proxy_buffers 32 16k;

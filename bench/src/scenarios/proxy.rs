@@ -198,7 +198,7 @@ impl Ctx {
         self.report.settings.push((
             "proxy".into(),
             format!(
-                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory; configurable-http-proxy: defaults (keep-alive agent), one Node process",
+                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory, the same headers to the app as sandboxd (Host, X-Forwarded-For/-Proto/-Host, X-Request-Id, the id also in the response); configurable-http-proxy: defaults (keep-alive agent), one Node process",
                 self.n.load_secs,
                 self.n.single_secs,
                 self.n.single_passes,
