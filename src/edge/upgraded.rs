@@ -22,8 +22,8 @@ use super::framing::FramingCheck;
 /// What an edge connection's IO is, as hyper was given it (`listener.rs`), for plain HTTP.
 type PlainIo = TokioIo<FramingCheck<TcpStream>>;
 
-/// A plain client connection taken out of an upgrade: its socket and the bytes already read
-/// from it that belong to the new protocol.
+/// A plain TCP side of an upgraded connection (the client's here, or a preview tunnel's
+/// upstream): its socket and the bytes already read from it that belong to the new protocol.
 pub struct Plain {
     pub stream: TcpStream,
     pub early: Vec<u8>,
@@ -41,7 +41,7 @@ pub fn plain(up: Upgraded) -> Result<io::Result<Plain>, Upgraded> {
 
 /// `stream` registered with the calling runtime's reactor rather than the one it was made on
 /// (the wakers it held go with the old registration).
-pub fn rehome(stream: TcpStream) -> io::Result<TcpStream> {
+fn rehome(stream: TcpStream) -> io::Result<TcpStream> {
     let std = stream.into_std()?;
     TcpStream::from_std(std)
 }
@@ -147,6 +147,39 @@ impl AsyncWrite for ClientIo {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A socket made on another runtime (an edge thread's) keeps working once that runtime is
+    /// gone: it is driven by this one's reactor.
+    #[tokio::test]
+    async fn a_rehomed_socket_outlives_the_runtime_it_was_made_on() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let edge = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let made = std::thread::spawn(move || {
+            let s = edge.block_on(TcpStream::connect(addr)).unwrap();
+            // Registered with `edge`'s reactor, which ends with this thread.
+            (s, edge)
+        });
+        let (ours, edge) = made.join().unwrap();
+        let ours = rehome(ours).unwrap();
+        std::thread::spawn(move || drop(edge)).join().unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let mut io = ClientIo::Plain {
+            stream: ours,
+            early: Vec::new(),
+            pos: 0,
+        };
+        std::io::Write::write_all(&mut peer, b"ping").unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut got))
+            .await
+            .expect("read within 5 s")
+            .unwrap();
+        assert_eq!(&got, b"ping");
+    }
 
     #[tokio::test]
     async fn a_plain_client_reads_the_bytes_read_ahead_first_then_its_socket() {

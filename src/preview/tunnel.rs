@@ -24,6 +24,7 @@ use super::forward::{forwarded_headers, strip_hop_by_hop, upgrade_matches};
 use super::upstream::Via;
 use super::{PreviewError, Proxy};
 use crate::edge::listener::ConnInfo;
+use crate::edge::upgraded::Plain;
 use crate::http::error::ApiError;
 use crate::http::Body;
 use crate::sandbox::Manager;
@@ -186,7 +187,9 @@ impl Proxy {
                         return Box::pin(pump(mgr, user, client, upstream)).await;
                     }
                 };
-                match plain_client(client) {
+                // Moved to this runtime's reactor (`edge/upgraded.rs`): the relay then waits on
+                // both sockets without a cross-thread wake-up.
+                match crate::edge::upgraded::plain(client) {
                     Ok(Ok(client)) => relay(mgr, user, client, upstream).await,
                     Ok(Err(e)) => tracing::debug!(error = %e, "preview tunnel: client socket"),
                     Err(client) => Box::pin(tls_pump(mgr, user, client, upstream)).await,
@@ -201,24 +204,6 @@ impl Proxy {
         let (rp, _) = up_resp.into_parts();
         Ok(Response::from_parts(rp, crate::http::empty()))
     }
-}
-
-/// A plain TCP side of a tunnel: the socket and the bytes already read from it that belong to
-/// the tunnel (read ahead by the HTTP parsers).
-struct Plain {
-    stream: TcpStream,
-    early: Vec<u8>,
-}
-
-/// The client side over plain HTTP (TLS stays an `Upgraded`), moved to this runtime's reactor
-/// (`edge/upgraded.rs`): the relay then waits on both sockets without a cross-thread wake-up.
-fn plain_client(
-    up: hyper::upgrade::Upgraded,
-) -> Result<std::io::Result<Plain>, hyper::upgrade::Upgraded> {
-    Ok(crate::edge::upgraded::plain(up)?.map(|p| Plain {
-        stream: p.stream,
-        early: p.early,
-    }))
 }
 
 /// The upstream side (always plain TCP on the private network).
