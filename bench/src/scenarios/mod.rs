@@ -170,10 +170,11 @@ impl Ctx {
             }
         } else {
             Sizes {
-                rounds: 3,
-                load_secs: 4.0,
+                // As many rounds as the proxy has paths: each path opens one round (proxy.rs).
+                rounds: 6,
+                load_secs: 3.0,
                 single_secs: 1.0,
-                single_passes: 3,
+                single_passes: 2,
                 warm_secs: 1.0,
                 wake_runs: 20,
                 npm_runs: 10,

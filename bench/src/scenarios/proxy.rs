@@ -131,7 +131,11 @@ impl Ctx {
         for round in 0..self.n.rounds {
             self.step(&format!("proxy: round {} of {}", round + 1, self.n.rounds));
             for (si, (_, path, _)) in sizes.iter().enumerate() {
-                for (ti, (_, _, base)) in targets.iter().enumerate() {
+                // Each round starts the load runs one path later: a path's run is not always
+                // the one after the same other path (a run inherits the app's garbage and the
+                // machine's state from the one before it).
+                for ti in rotated(targets.len(), round) {
+                    let (_, _, base) = &targets[ti];
                     let url = format!("{base}{path}");
                     let pid = proxy_pid[ti];
                     let cpu0 = pid.map(sys::tree_cpu_ms);
@@ -147,8 +151,9 @@ impl Ctx {
                 // wrk's) changes from run to run and moves a run's p50 by hundreds of µs on a
                 // small VM, so each path gets several runs, spread over the round, and their
                 // median.
-                for _ in 0..self.n.single_passes {
-                    for (ti, (_, _, base)) in targets.iter().enumerate() {
+                for pass in 0..self.n.single_passes {
+                    for ti in rotated(targets.len(), round * self.n.single_passes + pass) {
+                        let (_, _, base) = &targets[ti];
                         let s = wrk
                             .run(&format!("{base}{path}"), 1, self.n.single_secs)
                             .await?;
@@ -198,7 +203,7 @@ impl Ctx {
         self.report.settings.push((
             "proxy".into(),
             format!(
-                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory, the same headers to the app as sandboxd (Host, X-Forwarded-For/-Proto/-Host, X-Request-Id, the id also in the response); configurable-http-proxy: defaults (keep-alive agent), one Node process",
+                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, each starting one path later, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory, the same headers to the app as sandboxd (Host, X-Forwarded-For/-Proto/-Host, X-Request-Id, the id also in the response); configurable-http-proxy: defaults (keep-alive agent), one Node process",
                 self.n.load_secs,
                 self.n.single_secs,
                 self.n.single_passes,
@@ -221,5 +226,23 @@ fn med(v: &[WrkResult]) -> WrkResult {
         p99_us: pick(|r| r.p99_us),
         requests: v.iter().map(|r| r.requests).sum(),
         errors: v.iter().map(|r| r.errors).sum(),
+    }
+}
+
+/// The indices `0..n`, starting at `k % n` and wrapping around.
+fn rotated(n: usize, k: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (i + k) % n.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotated;
+
+    #[test]
+    fn every_round_visits_every_path_once_starting_one_later() {
+        assert_eq!(rotated(6, 0).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(rotated(6, 1).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 0]);
+        assert_eq!(rotated(6, 8).collect::<Vec<_>>(), [2, 3, 4, 5, 0, 1]);
+        assert_eq!(rotated(0, 3).count(), 0);
     }
 }
