@@ -229,9 +229,9 @@ fn med(v: &[WrkResult]) -> WrkResult {
     }
 }
 
-/// The indices `0..n`, starting at `k % n` and wrapping around.
+/// The indices `0..n`, starting at `k % n` and wrapping around (none when `n` is 0).
 fn rotated(n: usize, k: usize) -> impl Iterator<Item = usize> {
-    (0..n).map(move |i| (i + k) % n.max(1))
+    (0..n).map(move |i| (i + k) % n)
 }
 
 #[cfg(test)]
