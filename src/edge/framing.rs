@@ -21,6 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Header that replaces the framing headers of a refused request.
 pub const MARKER: &str = "x-sandboxd-bad-framing";
+/// [`MARKER`]'s value on the stand-in for a head longer than the limit (answered with 431).
+pub const HEAD_TOO_LARGE: &str = "head-too-large";
 /// [`MARKER`] as a header name, made once (a lookup by `&str` parses the name every time).
 pub static MARKER_NAME: hyper::header::HeaderName = hyper::header::HeaderName::from_static(MARKER);
 /// Longest chunk-size or trailer line followed before giving up (hyper refuses such input).
@@ -164,9 +166,7 @@ impl Tracker {
                         }
                         None => {
                             if self.buf.len() > self.max_head {
-                                // hyper answers 431; nothing to follow after that.
-                                out.append(&mut self.buf);
-                                self.mode = Mode::Passthrough;
+                                self.refuse_head(out);
                             }
                             return;
                         }
@@ -183,7 +183,24 @@ impl Tracker {
         }
     }
 
+    /// The head is longer than `max_head`: the parser gets a stand-in head carrying
+    /// [`MARKER`]` = `[`HEAD_TOO_LARGE`] (answered with 431 and `Connection: close`) and nothing
+    /// after it. Done here rather than by hyper's buffer limit, which also bounds how much of
+    /// an answer hyper queues for a slow client and is kept larger for that.
+    fn refuse_head(&mut self, out: &mut Vec<u8>) {
+        self.buf = Vec::new();
+        out.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        out.extend_from_slice(MARKER.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(HEAD_TOO_LARGE.as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        self.mode = Mode::Blocked;
+    }
+
     fn on_head(&mut self, head: &[u8], out: &mut Vec<u8>) {
+        if head.len() > self.max_head {
+            return self.refuse_head(out);
+        }
         let mut lines = lines(head).map(trim_eol);
         let request_line = lines.next().unwrap_or_default();
         let method = request_line
@@ -636,13 +653,38 @@ mod tests {
     }
 
     #[test]
-    fn oversized_heads_are_left_to_hyper() {
+    fn oversized_heads_become_a_marked_stand_in_and_nothing_follows() {
+        let stand_in = format!("GET / HTTP/1.1\r\n{MARKER}: {HEAD_TOO_LARGE}\r\n\r\n");
+        // Unfinished and past the limit, in pieces.
         let mut t = Tracker::new(100);
         let mut out = vec![];
-        let big = vec![b'a'; 300];
         t.feed(b"GET / HTTP/1.1\r\nX: ", &mut out);
-        t.feed(&big, &mut out);
-        assert!(t.passthrough());
-        assert_eq!(out.len(), 19 + 300);
+        t.feed(&[b'a'; 300], &mut out);
+        t.feed(b"\r\n\r\nGET /next HTTP/1.1\r\n\r\n", &mut out);
+        assert!(t.blocked());
+        assert_eq!(String::from_utf8_lossy(&out), stand_in);
+        // Whole, in one read, past the limit; a good request before it passes unchanged.
+        let good = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut input = good.to_vec();
+        input.extend_from_slice(
+            format!("GET /b HTTP/1.1\r\nX: {}\r\n\r\n", "b".repeat(120)).as_bytes(),
+        );
+        let mut t = Tracker::new(100);
+        let mut out = vec![];
+        t.feed(&input, &mut out);
+        assert!(t.blocked());
+        assert_eq!(out, [good.as_slice(), stand_in.as_bytes()].concat());
+        // At the limit exactly: passed on.
+        let head = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "c".repeat(100 - 23));
+        assert_eq!(head.len(), 100);
+        for step in [1, 7, 100] {
+            let mut t = Tracker::new(100);
+            let mut out = vec![];
+            for piece in head.as_bytes().chunks(step) {
+                t.feed(piece, &mut out);
+            }
+            assert_eq!(out, head.as_bytes(), "{step}");
+            assert_eq!(t.mode, Mode::Head);
+        }
     }
 }

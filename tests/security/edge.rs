@@ -396,13 +396,31 @@ async fn client_supplied_limits_are_rejected_or_clamped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    // Heads: 431 past the head limit.
+    // Heads: 431 past the head limit (64 KiB), and nothing sent after such a head is served;
+    // a head just under the limit is served.
     let big = format!(
-        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n\
+         GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
         "a".repeat(100 * 1024)
     );
-    let resp = raw(app.addr, big.as_bytes()).await;
+    let resp = {
+        // Read to the close (the answer says `Connection: close`), so a second answer would show.
+        let mut s = TcpStream::connect(app.addr).await.unwrap();
+        let _ = s.write_all(big.as_bytes()).await;
+        let mut out = vec![];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the connection stayed open after the 431");
+        String::from_utf8_lossy(&out).into_owned()
+    };
     assert!(status_line(&resp).starts_with("HTTP/1.1 431"), "{resp:?}");
+    assert!(resp.contains("\"code\":\"head_too_large\""), "{resp:?}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp:?}");
+    let near = format!(
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(60 * 1024)
+    );
+    let resp = raw(app.addr, near.as_bytes()).await;
+    assert!(status_line(&resp).starts_with("HTTP/1.1 200"), "{resp:?}");
     assert!(app.containers().is_empty());
 
     // Slow loris: heads trickled a byte at a time are cut at header_read_timeout (1 s) while
