@@ -13,7 +13,7 @@
 // Python. A screenshot per step goes to
 // SANDBOXD_E2E_ARTIFACTS (default tests/artifacts/console). Every wait is bounded; the whole
 // run is bounded by SANDBOXD_E2E_DEADLINE_S (default 480). Exit 0 = passed.
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync, appendFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -464,6 +464,14 @@ try {
   try {
     await screenshot('failure');
     writeFileSync(join(artifacts, 'failure-page.txt'), await page.locator('body').innerText());
+    // CI keeps only the output: what the preview frame showed and the browser's last words.
+    const frame = page.frames().find((f) => f !== page.mainFrame());
+    if (frame) {
+      const shown = await frame.locator('body').innerText({ timeout: 2_000 }).catch((e3) => `(unreadable: ${e3.message})`);
+      console.error(`console.mjs: the preview frame is at ${frame.url()} and shows: ${shown.slice(0, 600)}`);
+    }
+    const browserLog = readFileSync(logFile, 'utf8').trimEnd().split('\n');
+    console.error(`console.mjs: the browser log's last lines:\n${browserLog.slice(-25).join('\n')}`);
   } catch (e2) {
     console.error(`(no failure screenshot: ${e2.message})`);
   }
