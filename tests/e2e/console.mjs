@@ -406,6 +406,7 @@ async function projectStep(kind) {
   let lastReload = 0;
   const mayReload = () => reloads < 10 && Date.now() - lastReload > 3000;
   let changesSeen = networkChanges;
+  let blankSince = 0;
   const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
     // The waiting page refreshes itself, but a refresh that Docker's interface changes abort
     // (ERR_NETWORK_CHANGED) leaves Chromium's error page in the frame: Reload, as a person would.
@@ -431,6 +432,24 @@ async function projectStep(kind) {
         await page.waitForTimeout(1000);
         await page.getByRole('button', { name: 'Reload' }).click();
         return null;
+      }
+      // Vite's page is there but React rendered nothing for 20 s: a module request that
+      // failed or a dependency re-optimisation whose reload message came before the HMR
+      // socket was up (Vite answers the stale module 504 and waits for that socket). A person
+      // reloads; the browser log says which requests failed.
+      if (client && !rendered) {
+        blankSince = blankSince || Date.now();
+        if (Date.now() - blankSince > 20_000 && mayReload()) {
+          reloads += 1;
+          lastReload = Date.now();
+          blankSince = 0;
+          const tail = readFileSync(logFile, 'utf8').trimEnd().split('\n').slice(-8).join('\n  ');
+          log(`the app's page stayed blank for 20 s: Reload; the browser log's last lines:\n  ${tail}`);
+          await page.getByRole('button', { name: 'Reload' }).click();
+          return null;
+        }
+      } else {
+        blankSince = 0;
       }
       if (!client || !rendered) return null;
       return (await frame.locator('#root h1').first().textContent({ timeout: 2_000 })) || '(no h1)';
