@@ -106,6 +106,15 @@ page.on('pageerror', (e) => {
   problems.push(`page error: ${e.message}`);
 });
 
+/** The last `n` lines of the browser log (console messages, failed requests, page errors). */
+function browserLogTail(n) {
+  try {
+    return readFileSync(logFile, 'utf8').trimEnd().split('\n').slice(-n);
+  } catch (e) {
+    return [`(no browser log: ${e.message})`];
+  }
+}
+
 let shot = 0;
 async function screenshot(name) {
   shot += 1;
@@ -400,24 +409,29 @@ async function projectStep(kind) {
   log('project job succeeded');
   const frame = page.frameLocator('#preview');
   const previewFrame = () => page.frames().find((f) => f !== page.mainFrame());
-  // Reloads after network changes: at most 10, at least 3 s apart (while Docker keeps adding
-  // interfaces, reloading every second only gets aborted again).
+  // Reloads (after network changes, or of a page left blank): at most 10, at least 3 s apart
+  // (while Docker keeps adding interfaces, reloading every second only gets aborted again).
   let reloads = 0;
   let lastReload = 0;
   const mayReload = () => reloads < 10 && Date.now() - lastReload > 3000;
   let changesSeen = networkChanges;
   let blankSince = 0;
+  const reload = async (why, pause = 0) => {
+    reloads += 1;
+    lastReload = Date.now();
+    changesSeen = networkChanges;
+    blankSince = 0;
+    log(`${why}: Reload`);
+    if (pause) await page.waitForTimeout(pause);
+    await page.getByRole('button', { name: 'Reload' }).click();
+    return null;
+  };
   const heading = await until(`the ${kind} page in the preview iframe`, 120_000, async () => {
     // The waiting page refreshes itself, but a refresh that Docker's interface changes abort
     // (ERR_NETWORK_CHANGED) leaves Chromium's error page in the frame: Reload, as a person would.
     const shown = previewFrame() && previewFrame().url();
     if (shown && shown.startsWith('chrome-error:') && mayReload()) {
-      reloads += 1;
-      lastReload = Date.now();
-      changesSeen = networkChanges;
-      log(`the preview frame shows ${shown} (a network change aborted it): Reload`);
-      await page.getByRole('button', { name: 'Reload' }).click();
-      return null;
+      return reload(`the preview frame shows ${shown} (a network change aborted it)`);
     }
     if (vite) {
       // Served by Vite's dev server (its client script) and rendered by React (#root filled).
@@ -425,13 +439,7 @@ async function projectStep(kind) {
       const rendered = await frame.locator('#root *').count();
       // A module import that a network change aborted leaves #root empty: Reload.
       if (client && !rendered && networkChanges > changesSeen && mayReload()) {
-        changesSeen = networkChanges;
-        reloads += 1;
-        lastReload = Date.now();
-        log('the app\'s modules were aborted by a network change: Reload');
-        await page.waitForTimeout(1000);
-        await page.getByRole('button', { name: 'Reload' }).click();
-        return null;
+        return reload('the app\'s modules were aborted by a network change', 1000);
       }
       // Vite's page is there but React rendered nothing for 20 s: a module request that
       // failed or a dependency re-optimisation whose reload message came before the HMR
@@ -440,13 +448,8 @@ async function projectStep(kind) {
       if (client && !rendered) {
         blankSince = blankSince || Date.now();
         if (Date.now() - blankSince > 20_000 && mayReload()) {
-          reloads += 1;
-          lastReload = Date.now();
-          blankSince = 0;
-          const tail = readFileSync(logFile, 'utf8').trimEnd().split('\n').slice(-8).join('\n  ');
-          log(`the app's page stayed blank for 20 s: Reload; the browser log's last lines:\n  ${tail}`);
-          await page.getByRole('button', { name: 'Reload' }).click();
-          return null;
+          log(`the browser log's last lines:\n  ${browserLogTail(8).join('\n  ')}`);
+          return reload('the app\'s page stayed blank for 20 s');
         }
       } else {
         blankSince = 0;
@@ -489,8 +492,7 @@ try {
       const shown = await frame.locator('body').innerText({ timeout: 2_000 }).catch((e3) => `(unreadable: ${e3.message})`);
       console.error(`console.mjs: the preview frame is at ${frame.url()} and shows: ${shown.slice(0, 600)}`);
     }
-    const browserLog = readFileSync(logFile, 'utf8').trimEnd().split('\n');
-    console.error(`console.mjs: the browser log's last lines:\n${browserLog.slice(-25).join('\n')}`);
+    console.error(`console.mjs: the browser log's last lines:\n${browserLogTail(25).join('\n')}`);
   } catch (e2) {
     console.error(`(no failure screenshot: ${e2.message})`);
   }
