@@ -33,13 +33,16 @@ pub fn request_id(headers: &HeaderMap) -> String {
 fn request_id_value(headers: &HeaderMap) -> (HeaderValue, bool) {
     let mut values = headers.get_all(&X_REQUEST_ID).iter();
     if let (Some(v), None) = (values.next(), values.next()) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| (0x21..=0x7e).contains(c))
-        {
+        if sane_id(v.as_bytes()) {
             return (v.clone(), true);
         }
     }
     (new_request_id(), false)
+}
+
+/// A client id worth keeping: 1..=128 visible ASCII characters.
+fn sane_id(b: &[u8]) -> bool {
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| (0x21..=0x7e).contains(c))
 }
 
 /// A new id, 32 hex digits: the thread's 64-bit prefix, drawn at random once per thread, then
@@ -130,6 +133,25 @@ impl Access {
     pub fn for_request(headers: &HeaderMap, method: Method, path: &str, host: HostKind) -> Access {
         let (header, kept) = request_id_value(headers);
         Access::with_id(header, kept, method, path, host)
+    }
+
+    /// [`Access::for_request`] of a head the edge parsed itself (`edge/fast.rs`): `ids` are
+    /// the values of its `X-Request-Id` headers. A kept id is the client's only one; else the
+    /// new id replaces all of them.
+    pub fn for_raw<'a>(
+        mut ids: impl Iterator<Item = &'a [u8]>,
+        method: Method,
+        path: &str,
+        host: HostKind,
+    ) -> Access {
+        let kept = match (ids.next(), ids.next()) {
+            (Some(v), None) if sane_id(v) => HeaderValue::from_bytes(v).ok(),
+            _ => None,
+        };
+        match kept {
+            Some(v) => Access::with_id(v, true, method, path, host),
+            None => Access::with_id(new_request_id(), false, method, path, host),
+        }
     }
 
     fn with_id(

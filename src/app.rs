@@ -10,6 +10,7 @@ use hyper::{Request, Response, StatusCode};
 use crate::api::Api;
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::edge::fast::{FastAnswer, FastFuture, FastHead};
 use crate::edge::listener::{ConnInfo, Handler};
 use crate::edge::router::{normalized, request_host, RequestHost, Route, Router, RouterConfig};
 use crate::http::error::ApiError;
@@ -256,6 +257,72 @@ impl Handler for AppHandler {
                 None => ApiError::shutting_down().into_response(),
             }
         })
+    }
+
+    /// Only the preview's hot path, and only where hyper's path would do nothing more than
+    /// forward: not with owner-only previews (a token and a cookie to check), nor with
+    /// `http_redirect` (plain requests are redirected).
+    fn has_fast_path(&self) -> bool {
+        let cfg = &self.0.cfg;
+        cfg.preview_fast_path
+            && cfg.preview_access != crate::config::PreviewAccess::Owner
+            && !(cfg.http_redirect && cfg.https_addr.is_some())
+    }
+
+    /// A request for a preview whose sandbox runs, with the same request id, access line,
+    /// activity and metrics as [`App::handle`] gives it on hyper's path.
+    fn fast(&self, head: &FastHead<'_>, conn: &Arc<ConnInfo>) -> Option<FastFuture> {
+        use crate::access::{Access, HostKind, X_REQUEST_ID};
+        let app = &self.0;
+        let host = std::str::from_utf8(head.host).ok()?;
+        let Route::Preview { user, port } = app.routes.route(Some(host)) else {
+            return None;
+        };
+        let hot = app.mgr.running(&user)?;
+        let method = if head.is_head() {
+            hyper::Method::HEAD
+        } else {
+            hyper::Method::GET
+        };
+        let access = Access::for_raw(
+            head.values("x-request-id"),
+            method,
+            head.path(),
+            HostKind::Preview,
+        );
+        let (wire, wants_html) = app
+            .preview
+            .fast_request(head, conn, &access.header_value())?;
+        let head_only = head.is_head();
+        let addr = std::net::SocketAddr::new(hot.ip(), port);
+        let app = app.clone();
+        Some(Box::pin(async move {
+            let t = std::time::Instant::now();
+            let forward = app
+                .preview
+                .forward_fast(wire, head_only, &user, addr, &hot, wants_html);
+            let answer = if access.is_off() {
+                forward.await
+            } else {
+                access
+                    .run(async {
+                        crate::access::note_user(user.as_str());
+                        forward.await
+                    })
+                    .await
+            };
+            let FastAnswer::Answer(mut resp) = answer else {
+                // hyper's path serves it, and logs and counts it.
+                return FastAnswer::Fallback;
+            };
+            let metrics = app.mgr.metrics();
+            metrics.preview_request(resp.status(), t.elapsed());
+            metrics.preview_fast_request();
+            resp.headers_mut()
+                .insert(X_REQUEST_ID, access.header_value());
+            access.log(resp.status());
+            FastAnswer::Answer(resp)
+        }))
     }
 }
 

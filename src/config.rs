@@ -94,6 +94,7 @@ const KEYS: &[(&str, Kind, &str)] = &[
     ("preview_access", Kind::Str, "\"public\""),
     ("wake_timeout", Kind::Duration, "\"30s\""),
     ("upstream_head_timeout", Kind::Duration, "\"5s\""),
+    ("preview_fast_path", Kind::Bool, "true"),
     ("dev_command", Kind::Str, "\"\""),
     ("sandbox_internet", Kind::Bool, "true"),
     (
@@ -170,6 +171,9 @@ pub struct Config {
     pub wake_timeout: Duration,
     /// How long the preview waits for the app's response head before re-checking the sandbox.
     pub upstream_head_timeout: Duration,
+    /// Plain-HTTP preview `GET`/`HEAD` requests to a running sandbox are served by the edge's
+    /// HTTP/1.1 fast path (edge/fast.rs) instead of hyper's server.
+    pub preview_fast_path: bool,
     pub dev_command: String,
     pub sandbox_internet: bool,
     /// IPv4 networks sandboxes may not reach even with internet access (metadata, LANs).
@@ -453,6 +457,7 @@ impl Config {
             preview_access,
             wake_timeout: t.duration_in("wake_timeout", 100, 600_000)?,
             upstream_head_timeout: t.duration_in("upstream_head_timeout", 100, 3_600_000)?,
+            preview_fast_path: t.bool("preview_fast_path")?,
             dev_command: t.str("dev_command")?,
             sandbox_internet: t.bool("sandbox_internet")?,
             sandbox_blocked_networks: t

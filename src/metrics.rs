@@ -146,6 +146,8 @@ pub struct Metrics {
     preview_seconds: Histograms<ClassLabel>,
     /// Per status class (1xx..5xx), the members of the two families above, once used.
     preview_by_class: [OnceLock<(Counter, Histogram)>; 5],
+    /// Of those, the ones the edge's fast path answered (edge/fast.rs).
+    preview_fast: Counter,
     terminals_open: Gauge,
     tunnels_open: Gauge,
     executions: Family<OutcomeLabel, Counter>,
@@ -180,6 +182,7 @@ impl Metrics {
             preview_requests: Family::default(),
             preview_seconds: Family::new_with_constructor(preview_buckets),
             preview_by_class: Default::default(),
+            preview_fast: Counter::default(),
             terminals_open: Gauge::default(),
             tunnels_open: Gauge::default(),
             executions: Family::default(),
@@ -229,6 +232,11 @@ impl Metrics {
             "preview_requests",
             "Preview requests by status class of the response",
             m.preview_requests.clone(),
+        );
+        r.register(
+            "preview_fast_path_requests",
+            "Preview requests answered by the edge's HTTP/1.1 fast path (also in preview_requests)",
+            m.preview_fast.clone(),
         );
         r.register_with_unit(
             "preview_request_duration",
@@ -347,6 +355,12 @@ impl Metrics {
     }
 
     /// One preview request answered with `status` after `took`.
+    /// A preview request the edge's fast path answered (counted by [`Metrics::preview_request`]
+    /// too).
+    pub fn preview_fast_request(&self) {
+        self.preview_fast.inc();
+    }
+
     pub fn preview_request(&self, status: StatusCode, took: Duration) {
         // The hot path: the class's counter and histogram are looked up in their families once
         // (created on first use, as before), then used without the families' locks and hashing.

@@ -399,6 +399,14 @@ impl<S> FramingCheck<S> {
         }
     }
 
+    /// [`FramingCheck::new`] for a connection whose first bytes, `read`, were already read from
+    /// it (by the fast path, `edge/fast.rs`): they are checked and handed out first.
+    pub fn with_prefix(inner: S, read: &[u8], max_head: usize) -> Self {
+        let mut check = FramingCheck::new(inner, max_head);
+        check.tracker.feed(read, &mut check.out);
+        check
+    }
+
     /// The connection and the bytes read from it that the parser has not taken yet (after an
     /// upgrade, they belong to the new protocol).
     pub fn into_parts(self) -> (S, Vec<u8>) {

@@ -38,6 +38,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::fast::{self, FastFuture, FastHead};
 use super::framing::{self, FramingCheck};
 use super::router::{sni_matches, RequestHost};
 use crate::http::error::ApiError;
@@ -67,6 +68,18 @@ pub trait Handler: Send + Sync + 'static {
         conn: Arc<ConnInfo>,
         host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+    /// Whether plain connections start on the fast path (`edge/fast.rs`), which asks
+    /// [`Handler::fast`] for each request it could serve; without it they go to hyper at once.
+    fn has_fast_path(&self) -> bool {
+        false
+    }
+
+    /// The fast path's request `head` on `conn`: `Some` answer when the handler serves it
+    /// there, `None` to send it (and the connection) to hyper's path and [`Handler::handle`].
+    fn fast(&self, _head: &FastHead<'_>, _conn: &Arc<ConnInfo>) -> Option<FastFuture> {
+        None
+    }
 }
 
 /// Any `Fn(Request, Arc<ConnInfo>) -> impl Future<Output = Response>` is a handler, which keeps
@@ -291,7 +304,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(self, stream: TcpStream) {
+    async fn run(mut self, mut stream: TcpStream) {
         // Interactive traffic (terminal keystrokes, HMR updates) is latency-bound; Nagle would
         // hold small writes back.
         if let Err(e) = stream.set_nodelay(true) {
@@ -313,7 +326,27 @@ impl Conn {
                 alpn_h2: false,
             };
             let max = self.max_header_bytes;
-            return self.serve_http(FramingCheck::new(stream, max), info).await;
+            let info = Arc::new(info);
+            if !self.handler.has_fast_path() {
+                return self.serve_http(FramingCheck::new(stream, max), info).await;
+            }
+            let drain = &mut self.drain;
+            let outcome = fast::serve(
+                &mut stream,
+                &info,
+                &*self.handler,
+                self.first_request_timeout,
+                max,
+                |cx| drain.poll_draining(cx),
+            )
+            .await;
+            return match outcome {
+                fast::Outcome::Closed => {}
+                fast::Outcome::Fallback(read) => {
+                    let io = FramingCheck::with_prefix(stream, &read, max);
+                    self.serve_http(io, info).await
+                }
+            };
         };
         let stream =
             match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
@@ -336,15 +369,15 @@ impl Conn {
             alpn_h2: tls_conn.alpn_protocol() == Some(b"h2".as_slice()),
         };
         let max = self.max_header_bytes;
-        self.serve_http(FramingCheck::new(stream, max), info).await
+        self.serve_http(FramingCheck::new(stream, max), Arc::new(info))
+            .await
     }
 
-    async fn serve_http<S>(self, stream: S, info: ConnInfo)
+    async fn serve_http<S>(self, stream: S, info: Arc<ConnInfo>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = info.peer;
-        let info = Arc::new(info);
         let got_request = Arc::new(AtomicBool::new(false));
         let service = {
             let handler = self.handler.clone();

@@ -2,6 +2,8 @@
 //!
 //! - `listener` accepts connections (plain or TLS), applies the transport limits and serves
 //!   HTTP/1.1 and HTTP/2 (with upgrades) to a [`listener::Handler`];
+//! - `fast` serves the plain HTTP/1.1 requests a handler takes without hyper (bodyless `GET`
+//!   and `HEAD`, the preview's hot path), and hands every other connection to `listener`'s;
 //! - `tls` owns the certificates: loading, SNI resolution, development certs and reload;
 //! - `percore` runs the listeners on edge threads, one current-thread runtime and
 //!   `SO_REUSEPORT` socket per core;
@@ -12,6 +14,7 @@
 //! Nothing here knows about Docker, the store or the API: those sit behind the `Handler`.
 
 pub mod coarse;
+pub mod fast;
 pub mod framing;
 pub mod listener;
 pub mod percore;

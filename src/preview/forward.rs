@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 
 use super::upstream::{no_address, Via};
 use super::{PreviewError, Proxy};
+use crate::edge::fast::{FastAnswer, FastHead};
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::Body;
@@ -310,7 +311,7 @@ impl Proxy {
         let fwd = super::pool::Forwarded {
             peer: ip.of(conn.peer.ip()),
             https: conn.tls,
-            host: host.as_ref(),
+            host: host.as_ref().map(HeaderValue::as_bytes),
         };
         parts.uri = upstream_uri(&parts.uri);
         parts.version = hyper::Version::HTTP_11;
@@ -336,11 +337,7 @@ impl Proxy {
             .await
             {
                 Ok(r) => r,
-                Err(_) => match self
-                    .off_edge(user, |p, u| async move { Ok(p.late_answer(&u).await) })
-                    .await
-                    .unwrap_or_else(Late::Failed)
-                {
+                Err(_) => match self.late(user).await {
                     Late::KeepWaiting => sent.await,
                     Late::Restarted(ip) if attempt == 1 && is_idempotent(&parts) => {
                         addr = SocketAddr::new(ip, port);
@@ -384,19 +381,57 @@ impl Proxy {
                         .retry_after(1),
                     ));
                 }
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "preview upstream error");
-                    if e.is_connect() {
-                        return Err(PreviewError::NotListening { port });
-                    }
-                    return Err(PreviewError::Api(ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        "the app in the sandbox failed to answer",
-                    )));
-                }
+                Err(e) => return Err(upstream_failed(user, port, &e)),
             }
         }
+    }
+
+    /// The edge's fast path (`edge/fast.rs`) of a request to `user`'s running sandbox (`hot`,
+    /// at `addr`): `wire` is its head as the app gets it ([`fast_wire`]). What the fast path
+    /// cannot finish as [`Proxy::forward`] would (nothing listening yet, a sandbox restarted
+    /// under the request) goes back to hyper's path, which sends the request again: it is a
+    /// bodyless `GET` or `HEAD`.
+    pub(crate) async fn forward_fast(
+        &self,
+        wire: bytes::Bytes,
+        head_only: bool,
+        user: &UserId,
+        addr: SocketAddr,
+        hot: &crate::sandbox::Running,
+        wants_html: bool,
+    ) -> FastAnswer {
+        let pool = self.pool.here();
+        let sent = pool.send_bodyless(addr, wire, head_only);
+        tokio::pin!(sent);
+        // The late-answer backstop, as in `forward`.
+        let result =
+            match crate::edge::coarse::within(self.cfg.upstream_head_timeout, &mut sent).await {
+                Ok(r) => r,
+                Err(_) => match self.late(user).await {
+                    Late::KeepWaiting => sent.await,
+                    Late::Restarted(_) => return FastAnswer::Fallback,
+                    Late::Failed(e) => return FastAnswer::Answer(e.into_response(wants_html)),
+                },
+            };
+        match result {
+            Ok(resp) => {
+                hot.touch();
+                let (rp, rb) = resp.into_parts();
+                FastAnswer::Answer(Response::from_parts(rp, rb.map_err(Into::into).boxed()))
+            }
+            // Nothing listening: hyper's path waits for the app (or says why not).
+            Err(e) if e.is_connect() => FastAnswer::Fallback,
+            Err(e) => {
+                FastAnswer::Answer(upstream_failed(user, addr.port(), &e).into_response(wants_html))
+            }
+        }
+    }
+
+    /// [`Proxy::late_answer`], on the main runtime.
+    async fn late(&self, user: &UserId) -> Late {
+        self.off_edge(user, |p, u| async move { Ok(p.late_answer(&u).await) })
+            .await
+            .unwrap_or_else(Late::Failed)
     }
 
     /// The upstream head is late: look at the sandbox as the engine sees it, and wake it if it
@@ -420,6 +455,40 @@ impl Proxy {
             Err(e) => Late::Failed(PreviewError::Api(ApiError::from(e))),
         }
     }
+}
+
+/// The head of a fast-path request (`edge/fast.rs`) as the app gets it: the client's headers
+/// with `X-Forwarded-*` and `request_id` (see `h1::encode_fast_head`).
+pub(crate) fn fast_wire(head: &FastHead<'_>, conn: &ConnInfo, request_id: &[u8]) -> bytes::Bytes {
+    let mut ip = IpText::new();
+    let fwd = super::pool::Forwarded {
+        peer: ip.of(conn.peer.ip()),
+        https: conn.tls,
+        host: Some(head.host),
+    };
+    let mut wire = Vec::with_capacity(512);
+    super::pool::encode_fast_head(
+        head.method,
+        head.target,
+        head.headers,
+        &fwd,
+        request_id,
+        &mut wire,
+    );
+    bytes::Bytes::from(wire)
+}
+
+/// The error of a failed exchange with the app.
+fn upstream_failed(user: &UserId, port: u16, e: &super::pool::UpstreamError) -> PreviewError {
+    tracing::warn!(user = %user, error = %e, "preview upstream error");
+    if e.is_connect() {
+        return PreviewError::NotListening { port };
+    }
+    PreviewError::Api(ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        "the app in the sandbox failed to answer",
+    ))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub use access::LINK_PARAM;
 
 use crate::auth::Auth;
 use crate::config::{Config, PreviewAccess};
+use crate::edge::fast::FastHead;
 use crate::edge::listener::ConnInfo;
 use crate::http::error::ApiError;
 use crate::http::Body;
@@ -141,6 +142,27 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The edge's fast path (`edge/fast.rs`) of a request to a running sandbox: its head as
+    /// the app gets it (with `request_id`), made now, and whether its client wants a page for
+    /// an error; [`Proxy::forward_fast`] sends it. `None` when the preview needs more than the
+    /// fast path does (owner-only previews check a token and a cookie).
+    pub fn fast_request(
+        &self,
+        head: &FastHead<'_>,
+        conn: &ConnInfo,
+        request_id: &hyper::header::HeaderValue,
+    ) -> Option<(bytes::Bytes, bool)> {
+        if self.cfg.preview_access == PreviewAccess::Owner {
+            return None;
+        }
+        let wants_html =
+            pages::wants_html_raw(head.header("sec-fetch-mode"), head.header("accept"));
+        Some((
+            forward::fast_wire(head, conn, request_id.as_bytes()),
+            wants_html,
+        ))
+    }
+
     /// Whether the request is the hot path, served start to end on the connection's edge
     /// thread: a plain (not upgrade) request to a sandbox that runs. Waking a sandbox and
     /// tunnels go to the main runtime (`app.rs`); when the hot path finds the app gone, its

@@ -12,10 +12,16 @@ use crate::http::{full, Body};
 pub(super) fn wants_html<B>(req: &Request<B>) -> bool {
     static SEC_FETCH_MODE: header::HeaderName = header::HeaderName::from_static("sec-fetch-mode");
     let h = req.headers();
-    h.get(&SEC_FETCH_MODE).and_then(|v| v.to_str().ok()) == Some("navigate")
-        || h.get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/html"))
+    wants_html_raw(
+        h.get(&SEC_FETCH_MODE).map(|v| v.as_bytes()),
+        h.get(header::ACCEPT).map(|v| v.as_bytes()),
+    )
+}
+
+/// [`wants_html`] of the first `Sec-Fetch-Mode` and `Accept` values.
+pub(super) fn wants_html_raw(sec_fetch_mode: Option<&[u8]>, accept: Option<&[u8]>) -> bool {
+    sec_fetch_mode == Some(b"navigate".as_slice())
+        || accept.is_some_and(|a| a.windows(9).any(|w| w == b"text/html"))
 }
 
 impl PreviewError {

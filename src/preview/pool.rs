@@ -36,7 +36,7 @@ use crate::http::Body;
 
 mod h1;
 
-pub(super) use h1::{Forwarded, MAX_CHAIN};
+pub(super) use h1::{encode_fast_head, Forwarded, MAX_CHAIN};
 
 /// The first read buffer of an exchange; it doubles while reads fill it, up to [`READ_MAX`].
 const READ_MIN: usize = 8 * 1024;
@@ -179,24 +179,21 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends `req` (its head, then its body as it comes) and reads the response head meanwhile.
-    /// An answer that comes before the request body has all gone stops the sending (the
-    /// connection is then not reused).
+    /// Sends the request (its encoded `head`, then `body` as it comes, framed as `framing`
+    /// says) and reads the response head meanwhile (`head_req`: the request is a HEAD, whose
+    /// answer has no body). An answer that comes before the request body has all gone stops
+    /// the sending (the connection is then not reused).
     async fn exchange(
         &mut self,
-        req: &Parts,
-        fwd: Option<&h1::Forwarded<'_>>,
+        head: Bytes,
+        framing: h1::ReqFraming,
+        head_req: bool,
         body: &mut Body,
     ) -> Result<Answer, SendError> {
         let fail = |err| SendError { err, retry: false };
         let body_empty = body.is_end_stream();
-        let hint = body.size_hint();
-        let mut head = Vec::with_capacity(256);
-        let framing =
-            h1::encode_head(req, fwd, body_empty, hint.exact(), &mut head).map_err(fail)?;
-        let head_req = req.method == Method::HEAD;
         let mut out = Out::default();
-        out.push(Bytes::from(head));
+        out.push(head);
         // Request body bytes still owed (Length), or whether the body is still to be read.
         let mut body_open = !body_empty;
         let mut owed = match framing {
@@ -433,6 +430,41 @@ impl Pool {
         addr: SocketAddr,
         head: &Parts,
         fwd: Option<&Forwarded<'_>>,
+        body: Body,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let mut wire = Vec::with_capacity(256);
+        let framing = h1::encode_head(
+            head,
+            fwd,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+            &mut wire,
+        )
+        .map_err(UpstreamError::Http)?;
+        let head_req = head.method == Method::HEAD;
+        self.send_encoded(addr, Bytes::from(wire), framing, head_req, body)
+            .await
+    }
+
+    /// [`send_head`](Pool::send_head) of a bodyless request whose head is already encoded
+    /// (`h1::encode_fast_head`, the edge's fast path).
+    pub(super) async fn send_bodyless(
+        &self,
+        addr: SocketAddr,
+        wire: Bytes,
+        head_req: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let body = crate::http::empty();
+        self.send_encoded(addr, wire, h1::ReqFraming::Empty, head_req, body)
+            .await
+    }
+
+    async fn send_encoded(
+        &self,
+        addr: SocketAddr,
+        wire: Bytes,
+        framing: h1::ReqFraming,
+        head_req: bool,
         mut body: Body,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
@@ -442,7 +474,10 @@ impl Pool {
                 // would otherwise make every request's future larger.
                 None => Box::pin(self.connect(addr)).await?,
             };
-            match conn.exchange(head, fwd, &mut body).await {
+            match conn
+                .exchange(wire.clone(), framing, head_req, &mut body)
+                .await
+            {
                 Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
                 // Not sent: the idle connection had been closed by the app meanwhile.
                 Err(e) if e.retry => continue,

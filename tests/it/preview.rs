@@ -759,3 +759,200 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
         "sockets to the removed sandbox's app (hex TCP states): {left:?}"
     );
 }
+
+/// One answer read off a raw connection: its head (lowercased) and its body (by its length;
+/// none for a HEAD).
+async fn raw_answer(
+    s: &mut tokio::net::TcpStream,
+    rest: &mut Vec<u8>,
+    head_req: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    async fn fill(s: &mut tokio::net::TcpStream, rest: &mut Vec<u8>) {
+        let mut b = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the whole answer: {:?}",
+            String::from_utf8_lossy(rest)
+        );
+        rest.extend_from_slice(&b[..n]);
+    }
+    let end = loop {
+        if let Some(p) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        fill(s, rest).await;
+    };
+    let head = String::from_utf8_lossy(&rest[..end]).to_lowercase();
+    rest.drain(..end);
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|n| n.trim().parse::<usize>().unwrap())
+        .filter(|_| !head_req)
+        .unwrap_or(0);
+    assert!(
+        head_req || !head.contains("transfer-encoding"),
+        "the app's answers carry a length: {head}"
+    );
+    while rest.len() < len {
+        fill(s, rest).await;
+    }
+    (head, rest.drain(..len).collect())
+}
+
+/// The edge's fast path (plain HTTP/1.1 `GET`/`HEAD` to a running sandbox, edge/fast.rs)
+/// forwards what hyper's path forwards, keeps the connection across requests and pipelines, and
+/// hands the connection to hyper at the first request it does not take.
+#[tokio::test]
+async fn the_fast_path_forwards_what_hyper_s_path_does_and_hands_over_at_a_body() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    app.init("21").await;
+    start_app(&app, "21", APP).await;
+    let ca = app.certs.join("dev-ca.crt");
+    let c = client_for(&app, &["21"], Some(&ca));
+    let (s, body) = get_text(&c, &preview_url(&app, "21", "/")).await;
+    assert_eq!(s, 200, "{body}");
+    let host = preview_host("21");
+    let sent = [
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-request-id", "fast-rid-1"),
+        ("x-custom", "a b\tc"),
+        ("accept", "application/json"),
+    ];
+
+    // Over HTTPS: hyper's path.
+    let mut req = c.get(format!(
+        "https://{host}:{}/headers",
+        app.https_addr.unwrap().port()
+    ));
+    for (k, v) in sent {
+        req = req.header(k, v);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let by_hyper: serde_json::Value = r.json().await.unwrap();
+
+    // Over plain HTTP: the fast path, on one kept connection.
+    let counted_before = preview_counts(&app).await;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut rest = Vec::new();
+    // The Host the HTTPS request carried (the app echoes it, and the router ignores the port).
+    let https_host = format!("{host}:{}", app.https_addr.unwrap().port());
+    let mut head =
+        format!("GET /headers HTTP/1.1\r\nHost: {https_host}\r\nConnection: keep-alive\r\n");
+    for (k, v) in sent {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (answer, body) = raw_answer(&mut s, &mut rest, false).await;
+    assert!(answer.starts_with("http/1.1 200 ok\r\n"), "{answer}");
+    assert!(
+        answer.contains("\r\nx-request-id: fast-rid-1\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\ndate: "), "{answer}");
+    assert!(
+        !answer.contains("keep-alive"),
+        "hop-by-hop header kept: {answer}"
+    );
+    let fast: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The app saw the same request, but for the scheme.
+    let mut expected = by_hyper.as_object().unwrap().clone();
+    expected.insert("x-forwarded-proto".into(), json!("http"));
+    // reqwest adds these itself on its own connection.
+    for k in ["accept-encoding", "user-agent"] {
+        expected.remove(k);
+    }
+    let mut got = fast.as_object().unwrap().clone();
+    got.remove("user-agent");
+    assert_eq!(got, expected, "fast {fast}\nhyper {by_hyper}");
+    assert_eq!(fast["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(fast["x-forwarded-host"], https_host.as_str());
+    assert!(fast.get("connection").is_none(), "{fast}");
+
+    // HEAD and two pipelined GETs on the same connection.
+    let pipelined = format!(
+        "HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\nGET /a HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         GET /headers HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    );
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    let (answer, body) = raw_answer(&mut s, &mut rest, true).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("content-length: "), "{answer}");
+    assert!(body.is_empty());
+    let (_, body) = raw_answer(&mut s, &mut rest, false).await;
+    assert!(body.starts_with(b"hello from 21 host="), "{body:?}");
+    let (answer, body) = raw_answer(&mut s, &mut rest, false).await;
+    let made: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = made["x-request-id"].as_str().unwrap();
+    assert_eq!(id.len(), 32, "{made}");
+    assert!(
+        answer.contains(&format!("x-request-id: {id}\r\n")),
+        "{answer}"
+    );
+
+    // A body: hyper's path takes the request, and the connection, from here on.
+    s.write_all(
+        format!("POST /headers HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (answer, body) = raw_answer(&mut s, &mut rest, false).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["content-length"], "3", "{seen}");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (answer, body) = raw_answer(&mut s, &mut rest, false).await;
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(body.starts_with(b"hello from 21"), "{body:?}");
+
+    // Counted as hyper's path counts them: six answers, the first four by the fast path.
+    let counted = preview_counts(&app).await;
+    assert_eq!(counted.0, counted_before.0 + 6);
+    assert_eq!(counted.1, counted_before.1 + 4);
+}
+
+/// `sandboxd_preview_requests_total{class="2xx"}` and
+/// `sandboxd_preview_fast_path_requests_total` as the metrics listener serves them.
+async fn preview_counts(app: &TestApp) -> (u64, u64) {
+    let addr = app
+        .running
+        .as_ref()
+        .unwrap()
+        .metrics_addr
+        .expect("metrics listener");
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (
+        value("sandboxd_preview_requests_total{class=\"2xx\"} "),
+        value("sandboxd_preview_fast_path_requests_total "),
+    )
+}

@@ -45,13 +45,80 @@ pub(in crate::preview) struct Forwarded<'a> {
     /// The client's address as text.
     pub peer: &'a [u8],
     pub https: bool,
-    /// The host the client asked for.
-    pub host: Option<&'a HeaderValue>,
+    /// The host the client asked for (a header value: visible ASCII, spaces, obs-text).
+    pub host: Option<&'a [u8]>,
 }
 
 /// A client `X-Forwarded-For` chain this long or longer is not kept (the peer alone is sent):
 /// the pooled path here and the tunnel's (forward.rs) alike.
 pub(in crate::preview) const MAX_CHAIN: usize = 1024;
+
+impl Forwarded<'_> {
+    /// Writes the three headers: `X-Forwarded-For` continues `chain` (the client's first
+    /// `X-Forwarded-For`) when it is shorter than [`MAX_CHAIN`].
+    fn encode(&self, chain: Option<&[u8]>, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(prev) = chain.filter(|v| v.len() < MAX_CHAIN) {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(self.peer);
+        out.extend_from_slice(if self.https {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
+        if let Some(h) = self.host {
+            out.extend_from_slice(b"x-forwarded-host: ");
+            out.extend_from_slice(h);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// [`encode_head`] for a request of the edge's fast path (`edge/fast.rs`): a bodyless GET or
+/// HEAD whose head the edge parsed and checked (no framing or hop-by-hop header but
+/// `Connection: keep-alive`, which is dropped). The client's headers go out as they came, but
+/// its `X-Forwarded-*` (the first `-For` continues the chain, as above) and `X-Request-Id`,
+/// which `request_id` replaces.
+pub(in crate::preview) fn encode_fast_head(
+    method: &str,
+    target: &str,
+    headers: &[httparse::Header<'_>],
+    fwd: &Forwarded<'_>,
+    request_id: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut chain: Option<&[u8]> = None;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.len() > 12 && name[..12].eq_ignore_ascii_case(b"x-forwarded-") {
+            let rest = &name[12..];
+            if rest.eq_ignore_ascii_case(b"for") {
+                chain.get_or_insert(h.value);
+                continue;
+            }
+            if rest.eq_ignore_ascii_case(b"proto") || rest.eq_ignore_ascii_case(b"host") {
+                continue;
+            }
+        }
+        if name.eq_ignore_ascii_case(b"x-request-id") || name.eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    fwd.encode(chain, out);
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id);
+    out.extend_from_slice(b"\r\n\r\n");
+}
 
 /// Which `X-Forwarded-*` header `name` is: 0 `-For`, 1 `-Proto`, 2 `-Host`.
 fn forwarded_index(name: &HeaderName) -> Option<u8> {
@@ -112,22 +179,7 @@ pub(super) fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     if let Some(f) = fwd {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(prev) = chain.filter(|v| v.len() < MAX_CHAIN) {
-            out.extend_from_slice(prev.as_bytes());
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(f.peer);
-        out.extend_from_slice(if f.https {
-            b"\r\nx-forwarded-proto: https\r\n"
-        } else {
-            b"\r\nx-forwarded-proto: http\r\n"
-        });
-        if let Some(h) = f.host {
-            out.extend_from_slice(b"x-forwarded-host: ");
-            out.extend_from_slice(h.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        f.encode(chain.map(HeaderValue::as_bytes), out);
     }
     let framing = match has_length {
         Some(n) => ReqFraming::Length(n),
@@ -772,7 +824,7 @@ mod tests {
         let fwd = Forwarded {
             peer: b"10.0.0.9",
             https: true,
-            host: Some(&host),
+            host: Some(host.as_bytes()),
         };
         let encode = |headers: &[(&str, &str)]| {
             let mut b = Request::get("/");
