@@ -175,9 +175,13 @@ where
             Ok(true) => {}
             Ok(false) | Err(_) => return Outcome::Closed,
         }
-        // A large buffer (a long head went through) is not kept between requests.
-        if buf.capacity() > 2 * MAX_HEAD && buf.is_empty() {
+        // Buffers grown past the usual (a long head, a large answer gathered) are not kept by a
+        // connection waiting for its next request.
+        if buf.is_empty() && buf.capacity() > 2 * READ_ROOM {
             buf = BytesMut::with_capacity(READ_ROOM);
+        }
+        if out.capacity() > READ_ROOM {
+            out = Vec::new();
         }
     }
 }
@@ -199,22 +203,44 @@ enum Taken {
 
 /// Parses the head at the start of `buf` and, when it is for the fast path, asks the handler.
 fn take(buf: &[u8], max_head: usize, conn: &Arc<ConnInfo>, handler: &dyn Handler) -> Taken {
+    match check(buf, max_head, |head| {
+        handler
+            .fast(head, conn)
+            .map(|answer| (head.is_head(), answer))
+    }) {
+        Checked::Fast(len, Some((head_only, answer))) => Taken::Fast(len, head_only, answer),
+        Checked::Partial => Taken::Partial,
+        Checked::Fast(_, None) | Checked::NotFast => Taken::NotFast,
+    }
+}
+
+/// What [`check`] found at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Checked<R> {
+    /// A whole head of this length that the fast path takes, and what `f` made of it.
+    Fast(usize, R),
+    /// Not a whole head yet (and shorter than the limit).
+    Partial,
+    /// A head (or bytes) for hyper's path.
+    NotFast,
+}
+
+/// The fast path's reading of the bytes at the start of `buf` (see the module's doc for what
+/// it takes): a pure function, so that it can be checked against the framing check on any
+/// input (tests/security/fuzz.rs).
+pub fn check<R>(buf: &[u8], max_head: usize, f: impl FnOnce(&FastHead<'_>) -> R) -> Checked<R> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
-        Ok(httparse::Status::Partial) if buf.len() < max_head => return Taken::Partial,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Checked::Partial,
         // Too long, too many headers, or not HTTP/1.x as httparse reads it: hyper's path
         // answers (or speaks HTTP/2).
-        _ => return Taken::NotFast,
+        _ => return Checked::NotFast,
     };
-    let Some(head) = fast_head(&req) else {
-        return Taken::NotFast;
-    };
-    let head_only = head.is_head();
-    match handler.fast(&head, conn) {
-        Some(answer) => Taken::Fast(len, head_only, answer),
-        None => Taken::NotFast,
+    match fast_head(&req) {
+        Some(head) => Checked::Fast(len, f(&head)),
+        None => Checked::NotFast,
     }
 }
 

@@ -1,10 +1,13 @@
 //! Bounded fuzzing (proptest, a fixed number of cases, no files written) of the pure functions
-//! that see client bytes first: the Host/SNI router and the terminal's control-message and
-//! query parsers. They must never panic, and what they accept must be what they claim.
+//! that see client bytes first: the Host/SNI router, the edge's HTTP/1.1 fast path (checked
+//! against the framing check) and the terminal's control-message and query parsers. They must
+//! never panic, and what they accept must be what they claim.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 
+use sandboxd::edge::fast::{check as fast_check, Checked};
+use sandboxd::edge::framing::Tracker;
 use sandboxd::edge::router::{normalize_host, route, sni_matches_host, Route, RouterConfig};
 use sandboxd::terminal::{parse_control, parse_query, Control, MAX_DIM};
 
@@ -46,8 +49,156 @@ fn host_like() -> impl Strategy<Value = String> {
     prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
 }
 
+/// Request heads built from the pieces that matter to the fast path (methods, targets,
+/// versions, line ends, framing, hop-by-hop and duplicate headers, folded lines, the framing
+/// check's marker), then whatever follows them (a body, another request, junk).
+fn head_like() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop_oneof![
+        Just("GET"),
+        Just("HEAD"),
+        Just("POST"),
+        Just("get"),
+        Just("PRI"),
+        Just("CONNECT"),
+        Just("OPTIONS"),
+    ];
+    let target = prop_oneof![
+        Just("/".to_owned()),
+        Just("/a?b=1&c=%20".to_owned()),
+        Just("http://user-1.preview.example.test/".to_owned()),
+        Just("*".to_owned()),
+        Just("/a#b".to_owned()),
+        Just("//x".to_owned()),
+        "/[ -~]{0,12}",
+    ];
+    let version = prop_oneof![
+        Just("HTTP/1.1"),
+        Just("HTTP/1.0"),
+        Just("HTTP/2.0"),
+        Just("HTTP/1.1 ")
+    ];
+    let eol = prop_oneof![Just("\r\n"), Just("\n"), Just("\r")];
+    let field = prop_oneof![
+        Just("Host: user-1.preview.example.test".to_owned()),
+        Just("host: other".to_owned()),
+        Just("Host:".to_owned()),
+        Just("Content-Length: 0".to_owned()),
+        Just("content-length:  5 ".to_owned()),
+        Just("Content-Length: 5, 5".to_owned()),
+        Just("Transfer-Encoding: chunked".to_owned()),
+        Just("transfer-encoding: gzip, chunked".to_owned()),
+        Just("Connection: keep-alive".to_owned()),
+        Just("Connection: close".to_owned()),
+        Just("Connection: Upgrade".to_owned()),
+        Just("Upgrade: websocket".to_owned()),
+        Just("Expect: 100-continue".to_owned()),
+        Just("TE: trailers".to_owned()),
+        Just("X-Sandboxd-Bad-Framing: 1".to_owned()),
+        Just(" X-Folded: 2".to_owned()),
+        Just("Content-Length : 3".to_owned()),
+        "[a-zA-Z-]{1,10}: [ -~]{0,16}",
+    ];
+    let tail = prop_oneof![
+        Just(String::new()),
+        Just("abc".to_owned()),
+        Just("GET / HTTP/1.1\r\nHost: user-1.preview.example.test\r\n\r\n".to_owned()),
+        Just("0\r\n\r\n".to_owned()),
+        "[ -~]{0,20}",
+    ];
+    (
+        method,
+        target,
+        version,
+        eol,
+        prop::collection::vec(field, 0..8),
+        tail,
+    )
+        .prop_map(|(m, t, v, eol, fields, tail)| {
+            let mut head = format!("{m} {t} {v}{eol}");
+            for f in fields {
+                head.push_str(&f);
+                head.push_str(eol);
+            }
+            head.push_str(eol);
+            head.push_str(&tail);
+            head.into_bytes()
+        })
+}
+
+/// The header lines of a whole head (the request line and the empty line left out).
+fn header_lines(head: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(head)
+        .split('\n')
+        .skip(1)
+        .map(|l| l.trim_end_matches('\r').to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// What the fast path took from `raw`, checked against what it claims and against the framing
+/// check: the same bytes pass that check unchanged (no marker, nothing held back).
+fn check_fast(raw: &[u8]) -> Result<(), TestCaseError> {
+    let taken = fast_check(raw, 16 * 1024, |h| {
+        (h.method, h.host.to_vec(), h.target.to_owned())
+    });
+    let Checked::Fast(len, (method, host, target)) = taken else {
+        return Ok(());
+    };
+    prop_assert!(len <= raw.len());
+    prop_assert!(method == "GET" || method == "HEAD");
+    let line = format!("{method} {target} HTTP/1.1");
+    prop_assert!(raw.starts_with(line.as_bytes()));
+    prop_assert!(target.starts_with('/') && !target.contains(['#', ' ', '"', '\\']));
+    let lines = header_lines(&raw[..len]);
+    let named = |name: &str| {
+        lines
+            .iter()
+            .filter(|l| {
+                l.split_once(':')
+                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
+            .count()
+    };
+    prop_assert_eq!(named("host"), 1, "{:?}", lines);
+    prop_assert!(!host.is_empty());
+    for refused in [
+        "content-length",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "te",
+        "x-sandboxd-bad-framing",
+    ] {
+        prop_assert_eq!(named(refused), 0, "{} in {:?}", refused, lines);
+    }
+    let mut tracker = Tracker::new(16 * 1024);
+    let mut out = Vec::new();
+    tracker.feed(&raw[..len], &mut out);
+    prop_assert!(!tracker.blocked());
+    prop_assert_eq!(
+        &out[..],
+        &raw[..len],
+        "the framing check changed a fast head"
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config(10_000))]
+
+    #[test]
+    fn the_fast_path_takes_only_heads_the_framing_check_passes_unchanged(raw in head_like()) {
+        check_fast(&raw)?;
+        // Every prefix is a partial head, a refused one, or the same whole head.
+        for cut in [raw.len() / 3, raw.len() / 2, raw.len().saturating_sub(1)] {
+            check_fast(&raw[..cut])?;
+        }
+    }
+
+    #[test]
+    fn any_bytes_are_a_fast_head_a_partial_one_or_hyper_s(raw in prop::collection::vec(any::<u8>(), 0..200)) {
+        check_fast(&raw)?;
+    }
 
     #[test]
     fn normalize_host_is_total_and_idempotent(raw in host_like()) {
@@ -137,4 +288,23 @@ fn check_control(text: &str) -> Result<(), TestCaseError> {
         Err(msg) => prop_assert!(msg.len() < 512, "error messages stay short: {}", msg.len()),
     }
     Ok(())
+}
+
+/// The fuzzed property above is not empty: the fast path does take plain heads, whole, and
+/// leaves a framed one to hyper's path.
+#[test]
+fn the_fast_path_takes_a_plain_head_and_leaves_a_framed_one() {
+    let plain = b"GET /a HTTP/1.1\r\nHost: user-1.preview.example.test\r\n\r\nGET /b";
+    let head_len = plain.len() - b"GET /b".len();
+    assert_eq!(
+        fast_check(plain, 16 * 1024, |h| h.target.to_owned()),
+        Checked::Fast(head_len, "/a".to_owned())
+    );
+    check_fast(plain).unwrap();
+    assert_eq!(
+        fast_check(&plain[..20], 16 * 1024, |_| ()),
+        Checked::Partial
+    );
+    let framed = b"GET /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(fast_check(framed, 16 * 1024, |_| ()), Checked::NotFast);
 }
