@@ -336,6 +336,18 @@ impl Ctx {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        // `BENCH_SANDBOXD_ENV="SANDBOXD_X=1 SANDBOXD_Y=2"`: settings to compare (sandboxd's own
+        // environment is not passed on), before the scenario's own.
+        let asked = std::env::var("BENCH_SANDBOXD_ENV").unwrap_or_default();
+        for pair in asked.split_whitespace() {
+            if let Some((k, v)) = pair
+                .split_once('=')
+                .filter(|(k, _)| k.starts_with("SANDBOXD_"))
+            {
+                env.retain(|(x, _)| x != k);
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
         for (k, v) in extra {
             env.retain(|(x, _)| x != k);
             env.push(((*k).to_owned(), (*v).to_owned()));
