@@ -265,7 +265,7 @@ impl Handler for AppHandler {
     fn has_fast_path(&self) -> bool {
         let cfg = &self.0.cfg;
         cfg.preview_fast_path
-            && cfg.preview_access != crate::config::PreviewAccess::Owner
+            && self.0.preview.takes_fast_path()
             && !(cfg.http_redirect && cfg.https_addr.is_some())
     }
 
@@ -290,9 +290,7 @@ impl Handler for AppHandler {
             head.path(),
             HostKind::Preview,
         );
-        let (wire, wants_html) = app
-            .preview
-            .fast_request(head, conn, &access.header_value())?;
+        let (wire, wants_html) = app.preview.fast_request(head, conn, &access.header_value());
         let head_only = head.is_head();
         let addr = std::net::SocketAddr::new(hot.ip(), port);
         let app = app.clone();

@@ -354,13 +354,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// One preview request answered with `status` after `took`.
     /// A preview request the edge's fast path answered (counted by [`Metrics::preview_request`]
     /// too).
     pub fn preview_fast_request(&self) {
         self.preview_fast.inc();
     }
 
+    /// One preview request answered with `status` after `took`.
     pub fn preview_request(&self, status: StatusCode, took: Duration) {
         // The hot path: the class's counter and histogram are looked up in their families once
         // (created on first use, as before), then used without the families' locks and hashing.

@@ -38,6 +38,7 @@ use hyper::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::listener::{ConnInfo, Handler};
+use crate::http::wire::WriteQueue;
 use crate::http::Body;
 
 /// The most headers a fast-path head may carry (hyper's path allows 100).
@@ -465,13 +466,13 @@ where
     // The body is read ahead of a slower client, up to [`QUEUE_MAX`] (as hyper's write buffer on
     // the other path), and written with the head: one vectored write for a small answer whose
     // bytes came with its head, and the head alone at once when they did not.
-    let mut queue = Queue::default();
+    let mut queue = WriteQueue::default();
     queue.push(Bytes::copy_from_slice(out));
     let mut sent: u64 = 0;
     let mut body_done = false;
     let ended = poll_fn(|cx| loop {
         let mut progressed = false;
-        while !body_done && queue.len < QUEUE_MAX {
+        while !body_done && queue.len() < QUEUE_MAX {
             match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     progressed = true;
@@ -485,37 +486,27 @@ where
                     sent += data.len() as u64;
                     match framing {
                         Framing::Length(n) if sent > n => return Poll::Ready(Ok(false)),
-                        Framing::Chunked => {
-                            queue.push(Bytes::from(format!("{:x}\r\n", data.len())));
-                            queue.push(data);
-                            queue.push(Bytes::from_static(b"\r\n"));
-                        }
+                        Framing::Chunked => queue.push_chunk(data),
                         _ => queue.push(data),
                     }
                 }
                 Poll::Ready(None) => {
                     body_done = true;
                     if framing == Framing::Chunked {
-                        queue.push(Bytes::from_static(b"0\r\n\r\n"));
+                        queue.push_last_chunk();
                     }
                 }
                 Poll::Ready(Some(Err(_))) => return Poll::Ready(Ok(false)),
                 Poll::Pending => break,
             }
         }
-        while !queue.is_empty() {
-            let (slices, n) = queue.slices();
-            match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    queue.advance(n);
-                    progressed = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => break,
-            }
-        }
-        if body_done && queue.is_empty() {
+        let queued = queue.len();
+        let flushed = match queue.poll_flush(&mut *io, cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Err::<bool, io::Error>(e)),
+            other => other,
+        };
+        progressed |= queue.len() < queued;
+        if body_done && flushed.is_ready() {
             return Poll::Ready(Ok(true));
         }
         if !progressed {
@@ -529,53 +520,6 @@ where
     match framing {
         Framing::Length(n) if sent != n => Ok(false),
         _ => Ok(!close),
-    }
-}
-
-/// Answer bytes read ahead of the client, written with vectored writes.
-#[derive(Default)]
-struct Queue {
-    parts: std::collections::VecDeque<Bytes>,
-    /// Bytes queued.
-    len: usize,
-}
-
-impl Queue {
-    fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
-            self.parts.push_back(b);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    fn slices(&self) -> ([io::IoSlice<'_>; 8], usize) {
-        let mut s = [io::IoSlice::new(&[]); 8];
-        let mut n = 0;
-        for (slot, b) in s.iter_mut().zip(self.parts.iter()) {
-            *slot = io::IoSlice::new(b);
-            n += 1;
-        }
-        (s, n)
-    }
-
-    fn advance(&mut self, mut n: usize) {
-        self.len -= n.min(self.len);
-        while n > 0 {
-            let Some(front) = self.parts.front_mut() else {
-                return;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                self.parts.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
     }
 }
 

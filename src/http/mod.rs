@@ -1,10 +1,11 @@
 //! The HTTP vocabulary shared by the edge and every feature: the one body type, small response
-//! helpers, the one error envelope ([`error::ApiError`]) and bounded request bodies
-//! ([`body`]). Nothing here knows a route.
+//! helpers, the one error envelope ([`error::ApiError`]), bounded request bodies ([`body`]) and
+//! the write queue of HTTP/1 messages ([`wire`]). Nothing here knows a route.
 
 pub mod body;
 pub mod error;
 pub mod upgrade;
+pub mod wire;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};

@@ -142,25 +142,27 @@ impl Proxy {
 }
 
 impl Proxy {
-    /// The edge's fast path (`edge/fast.rs`) of a request to a running sandbox: its head as
-    /// the app gets it (with `request_id`), made now, and whether its client wants a page for
-    /// an error; [`Proxy::forward_fast`] sends it. `None` when the preview needs more than the
-    /// fast path does (owner-only previews check a token and a cookie).
+    /// Whether the edge's fast path (`edge/fast.rs`) may serve previews: not owner-only ones,
+    /// whose requests carry a token or a cookie to check.
+    pub fn takes_fast_path(&self) -> bool {
+        self.cfg.preview_access != PreviewAccess::Owner
+    }
+
+    /// The fast path's request to a running sandbox: its head as the app gets it (with
+    /// `request_id`), made now, and whether its client wants a page for an error;
+    /// [`Proxy::forward_fast`] sends it.
     pub fn fast_request(
         &self,
         head: &FastHead<'_>,
         conn: &ConnInfo,
         request_id: &hyper::header::HeaderValue,
-    ) -> Option<(bytes::Bytes, bool)> {
-        if self.cfg.preview_access == PreviewAccess::Owner {
-            return None;
-        }
+    ) -> (bytes::Bytes, bool) {
         let wants_html =
             pages::wants_html_raw(head.header("sec-fetch-mode"), head.header("accept"));
-        Some((
+        (
             forward::fast_wire(head, conn, request_id.as_bytes()),
             wants_html,
-        ))
+        )
     }
 
     /// Whether the request is the hot path, served start to end on the connection's edge

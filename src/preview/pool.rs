@@ -29,9 +29,9 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::http::request::Parts;
 use hyper::{Method, Response};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::http::wire::WriteQueue;
 use crate::http::Body;
 
 mod h1;
@@ -164,21 +164,6 @@ impl Conn {
         }
     }
 
-    /// Writes what `out` holds.
-    fn poll_flush_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<io::Result<()>> {
-        while !out.is_empty() {
-            let n = {
-                let slices = out.slices();
-                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices.0[..slices.1]))?
-            };
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            out.advance(n);
-        }
-        Poll::Ready(Ok(()))
-    }
-
     /// Sends the request (its encoded `head`, then `body` as it comes, framed as `framing`
     /// says) and reads the response head meanwhile (`head_req`: the request is a HEAD, whose
     /// answer has no body). An answer that comes before the request body has all gone stops
@@ -192,7 +177,7 @@ impl Conn {
     ) -> Result<Answer, SendError> {
         let fail = |err| SendError { err, retry: false };
         let body_empty = body.is_end_stream();
-        let mut out = Out::default();
+        let mut out = WriteQueue::default();
         out.push(head);
         // Request body bytes still owed (Length), or whether the body is still to be read.
         let mut body_open = !body_empty;
@@ -212,7 +197,7 @@ impl Conn {
         poll_fn(|cx| loop {
             // The request: write what is queued, then take the next body frame.
             if write_failed.is_none() {
-                match self.poll_flush_out(cx, &mut out) {
+                match out.poll_flush(&mut self.io, cx) {
                     Poll::Ready(Ok(())) => wrote = true,
                     Poll::Ready(Err(e)) if reused && !wrote && !body_touched => {
                         return Poll::Ready(Err(SendError {
@@ -230,11 +215,7 @@ impl Conn {
                             if let Ok(data) = frame.into_data() {
                                 if !data.is_empty() {
                                     match framing {
-                                        h1::ReqFraming::Chunked => {
-                                            out.push(Bytes::from(format!("{:x}\r\n", data.len())));
-                                            out.push(data);
-                                            out.push(Bytes::from_static(b"\r\n"));
-                                        }
+                                        h1::ReqFraming::Chunked => out.push_chunk(data),
                                         _ => {
                                             if data.len() as u64 > owed {
                                                 return Poll::Ready(Err(fail(h1::invalid(
@@ -253,7 +234,7 @@ impl Conn {
                         Poll::Ready(None) => {
                             body_open = false;
                             if framing == h1::ReqFraming::Chunked {
-                                out.push(Bytes::from_static(b"0\r\n\r\n"));
+                                out.push_last_chunk();
                             } else if owed != 0 {
                                 return Poll::Ready(Err(fail(h1::invalid(
                                     "request body shorter than its length",
@@ -297,49 +278,6 @@ impl Conn {
             }
         })
         .await
-    }
-}
-
-/// The request bytes queued for the socket, written with one vectored write.
-#[derive(Default)]
-struct Out {
-    parts: std::collections::VecDeque<Bytes>,
-}
-
-impl Out {
-    fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.parts.push_back(b);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    fn slices(&self) -> ([io::IoSlice<'_>; 4], usize) {
-        let mut s = [io::IoSlice::new(&[]); 4];
-        let mut n = 0;
-        for (slot, b) in s.iter_mut().zip(self.parts.iter()) {
-            *slot = io::IoSlice::new(b);
-            n += 1;
-        }
-        (s, n)
-    }
-
-    fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.parts.front_mut() else {
-                return;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                self.parts.pop_front();
-            } else {
-                bytes::Buf::advance(front, n);
-                n = 0;
-            }
-        }
     }
 }
 
