@@ -3,6 +3,7 @@
 //! operations are small functions, one per job, each with its own tests.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -318,6 +319,8 @@ impl Proxy {
         let port = addr.port();
         let mut body = Some(body);
         let mut attempt = 0;
+        // When the request began to be held for an app that is not up yet.
+        let mut held: Option<tokio::time::Instant> = None;
         let pool = self.pool.here();
         loop {
             attempt += 1;
@@ -360,18 +363,37 @@ impl Proxy {
                     let (rp, rb) = resp.into_parts();
                     return Ok(Response::from_parts(rp, rb.map_err(Into::into).boxed()));
                 }
-                Err(e) if e.is_connect() && attempt == 1 => {
-                    // Nothing listening: the app may be starting, or the container died or was
-                    // restarted behind our back. Ask the manager again and hold the request
-                    // while the app comes up. A body that was already streamed is not replayed.
+                // Nothing listening (or, for a request that may be sent twice, a new connection
+                // dropped unanswered): the app may be starting, or the container died or was
+                // restarted behind our back. Ask the manager again and hold the request while
+                // the app comes up, a bounded number of times within `wake_timeout`.
+                Err(e)
+                    if (e.is_connect() || (e.is_dropped() && is_idempotent(&parts)))
+                        && is_bodyless(&parts)
+                        && attempt < MAX_SENDS
+                        && held.get_or_insert_with(tokio::time::Instant::now).elapsed()
+                            < self.cfg.wake_timeout =>
+                {
+                    let pause = if e.is_dropped() {
+                        dropped_pause(attempt)
+                    } else {
+                        Duration::ZERO
+                    };
                     addr = self
                         .off_edge(user, move |p, u| async move {
+                            tokio::time::sleep(pause).await;
                             p.ready_addr(&u, port, Via::Manager).await
                         })
                         .await?;
-                    if is_bodyless(&parts) {
-                        continue;
-                    }
+                    continue;
+                }
+                Err(e) if e.is_connect() && attempt == 1 => {
+                    // A body that was already streamed is not replayed: hold the request while
+                    // the app comes up, then ask the client to send it again.
+                    self.off_edge(user, move |p, u| async move {
+                        p.ready_addr(&u, port, Via::Manager).await
+                    })
+                    .await?;
                     return Err(PreviewError::Api(
                         ApiError::new(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -419,8 +441,9 @@ impl Proxy {
                 let (rp, rb) = resp.into_parts();
                 FastAnswer::Answer(Response::from_parts(rp, rb.map_err(Into::into).boxed()))
             }
-            // Nothing listening: hyper's path waits for the app (or says why not).
-            Err(e) if e.is_connect() => FastAnswer::Fallback,
+            // Nothing listening, or a new connection dropped unanswered (an app starting):
+            // hyper's path waits for the app (or says why not).
+            Err(e) if e.is_connect() || e.is_dropped() => FastAnswer::Fallback,
             Err(e) => {
                 FastAnswer::Answer(upstream_failed(user, addr.port(), &e).into_response(wants_html))
             }
@@ -455,6 +478,16 @@ impl Proxy {
             Err(e) => Late::Failed(PreviewError::Api(ApiError::from(e))),
         }
     }
+}
+
+/// How many times at most a request goes to an app that is coming up (see [`Proxy::forward`]).
+const MAX_SENDS: u32 = 8;
+
+/// The pause before sending a request again after the `attempt`th went to an app that dropped
+/// a new connection unanswered: 25 ms doubling up to 400 ms (about 1.6 s over [`MAX_SENDS`]),
+/// since such an app accepts the probe of [`Proxy::ready_addr`] at once.
+fn dropped_pause(attempt: u32) -> Duration {
+    Duration::from_millis(25u64 << attempt.saturating_sub(1).min(4))
 }
 
 /// The head of a fast-path request (`edge/fast.rs`) as the app gets it: the client's headers

@@ -47,6 +47,10 @@ const READ_MAX: usize = 64 * 1024;
 pub(super) enum UpstreamError {
     /// No connection could be made (refused, unreachable, timed out): nothing was sent.
     Connect(std::io::Error),
+    /// The app closed or reset a connection made for this request before a byte of the answer
+    /// came. A server that is starting does this: Vite, for one, listens once and closes again
+    /// to check its port before it listens for good (a connection made in between is reset).
+    Dropped(std::io::Error),
     /// The exchange failed after the request was handed to a connection (an I/O error, or an
     /// answer that is not valid HTTP/1.x: `InvalidData`).
     Http(std::io::Error),
@@ -56,12 +60,20 @@ impl UpstreamError {
     pub(super) fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))
     }
+
+    /// [`UpstreamError::Dropped`].
+    pub(super) fn is_dropped(&self) -> bool {
+        matches!(self, UpstreamError::Dropped(_))
+    }
 }
 
 impl std::fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UpstreamError::Connect(e) => write!(f, "connecting to the app: {e}"),
+            UpstreamError::Dropped(e) => {
+                write!(f, "the app dropped a new connection unanswered: {e}")
+            }
             UpstreamError::Http(e) => write!(f, "upstream exchange: {e}"),
         }
     }
@@ -80,10 +92,12 @@ pub(super) struct Conn {
 }
 
 /// A failed exchange; `retry` when nothing was sent (the app had closed the reused
-/// connection), so the request can go on another one.
+/// connection), so the request can go on another one; `dropped` when the connection was made
+/// for it and the app closed or reset it before a byte of the answer ([`UpstreamError::Dropped`]).
 struct SendError {
     err: io::Error,
     retry: bool,
+    dropped: bool,
 }
 
 /// What an exchange gives the response body.
@@ -175,7 +189,11 @@ impl Conn {
         head_req: bool,
         body: &mut Body,
     ) -> Result<Answer, SendError> {
-        let fail = |err| SendError { err, retry: false };
+        let fail = |err| SendError {
+            err,
+            retry: false,
+            dropped: false,
+        };
         let body_empty = body.is_end_stream();
         let mut out = WriteQueue::default();
         out.push(head);
@@ -193,6 +211,7 @@ impl Conn {
         let mut write_failed: Option<io::Error> = None;
         // Bytes came in that the head parser has not seen.
         let mut unparsed = !self.rbuf.is_empty();
+        let mut answered = unparsed;
         let reused = self.reused;
         poll_fn(|cx| loop {
             // The request: write what is queued, then take the next body frame.
@@ -203,6 +222,7 @@ impl Conn {
                         return Poll::Ready(Err(SendError {
                             err: e,
                             retry: true,
+                            dropped: false,
                         }));
                     }
                     Poll::Ready(Err(e)) => write_failed = Some(e),
@@ -262,6 +282,8 @@ impl Conn {
                     }
                 }
             }
+            // Nothing of an answer came on a connection made for this request.
+            let dropped = !reused && !answered;
             match self.poll_read(cx) {
                 Poll::Ready(Ok(0)) => {
                     let err = write_failed.take().unwrap_or_else(|| {
@@ -270,10 +292,23 @@ impl Conn {
                             "the app closed the connection before answering",
                         )
                     });
-                    return Poll::Ready(Err(fail(err)));
+                    return Poll::Ready(Err(SendError {
+                        err,
+                        retry: false,
+                        dropped,
+                    }));
                 }
-                Poll::Ready(Ok(_)) => unparsed = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(fail(e))),
+                Poll::Ready(Ok(_)) => {
+                    unparsed = true;
+                    answered = true;
+                }
+                Poll::Ready(Err(err)) => {
+                    return Poll::Ready(Err(SendError {
+                        err,
+                        retry: false,
+                        dropped,
+                    }))
+                }
                 Poll::Pending => return Poll::Pending,
             }
         })
@@ -419,6 +454,7 @@ impl Pool {
                 Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
                 // Not sent: the idle connection had been closed by the app meanwhile.
                 Err(e) if e.retry => continue,
+                Err(e) if e.dropped => return Err(UpstreamError::Dropped(e.err)),
                 Err(e) => return Err(UpstreamError::Http(e.err)),
             }
         }
@@ -1169,6 +1205,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_connection_closed_or_reset_before_any_answer_is_dropped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // What the app does with each connection, after reading the request.
+        for (how, dropped) in [("close", true), ("reset", true), ("partial", false)] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                match how {
+                    "reset" => {
+                        let _ = s.set_zero_linger();
+                    }
+                    "partial" => {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Le").await;
+                    }
+                    _ => {}
+                }
+                drop(s);
+            });
+            let pool = pool();
+            let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(addr, get())).await;
+            let Err(err) = sent.expect("no hang") else {
+                panic!("an answer from {how}");
+            };
+            assert_eq!(err.is_dropped(), dropped, "{how}: {err}");
+            assert!(!err.is_connect(), "{how}: {err}");
+        }
+    }
+
+    #[tokio::test]
     async fn invalid_answers_are_errors_and_never_reused() {
         let big: &'static str = Box::leak(
             format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000)).into_boxed_str(),
@@ -1189,7 +1257,7 @@ mod tests {
             let Err(err) = sent.expect("no hang") else {
                 panic!("an answer to {:?}", &bad[..40.min(bad.len())]);
             };
-            assert!(!err.is_connect());
+            assert!(!err.is_connect() && !err.is_dropped(), "{err}");
             assert_eq!(pool.idle_count(), 0);
         }
         // Bad framing in the body, a short body, bytes past the answer's end.

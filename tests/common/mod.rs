@@ -180,8 +180,23 @@ pub async fn spawn_app_alone(
     start(None, tweak).await
 }
 
+/// With `SANDBOXD_TEST_LOG` set (a `tracing` filter, e.g. `sandboxd::preview=debug`), the
+/// servers this test binary runs log to the test's output (shown for a failing test).
+fn init_test_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("SANDBOXD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 async fn start(gate: Option<gate::Shared>, tweak: impl FnOnce(&mut toml::Table)) -> TestApp {
     require_docker();
+    init_test_log();
     let dir = tempfile::tempdir().unwrap();
     let instance = instance_name();
     let db = test_db().await;

@@ -614,7 +614,12 @@ async fn react_vite_template_serves_through_the_preview_with_hmr() {
 
     let c = client_for(&app, &["12"], None);
     let (s, body) = get_text(&c, &preview_url(&app, "12", "/")).await;
-    assert_eq!(s, 200, "{body}");
+    // On a failure, the dev server's own log says why.
+    let dev_log = || {
+        std::fs::read_to_string(app.workspaces.join("user-12/.sandboxd/dev.log"))
+            .unwrap_or_else(|e| format!("(no dev.log: {e})"))
+    };
+    assert_eq!(s, 200, "{body}\ndev.log:\n{}", dev_log());
     assert!(body.contains("/@vite/client"), "{body}");
 
     // HMR WebSocket through the preview.
@@ -955,4 +960,47 @@ async fn preview_counts(app: &TestApp) -> (u64, u64) {
         value("sandboxd_preview_requests_total{class=\"2xx\"} "),
         value("sandboxd_preview_fast_path_requests_total "),
     )
+}
+
+/// An app that starts as Vite does: it listens once (to check its port), closes, and listens for
+/// good a moment later, so a connection made in between is dropped unanswered and one after is
+/// refused. Requests held while it starts still get its answer, over the fast path (plain HTTP)
+/// and over hyper's path (HTTPS): a new connection dropped before any answer byte is the app
+/// coming up, and a GET is sent again (the react-vite test met this on CI).
+#[tokio::test]
+async fn held_requests_get_the_answer_of_an_app_that_drops_connections_while_it_starts() {
+    const FLAPPING: &str = r#"
+            const net = require('net');
+            let dropped = 0;
+            const check = net.createServer((s) => { dropped++; s.destroy(); });
+            check.listen(5173, '0.0.0.0', () => setTimeout(() => check.close(() => setTimeout(() => {
+              require('http').createServer((q, s) => s.end('up, dropped=' + dropped)).listen(5173, '0.0.0.0');
+            }, 150)), 300));
+        "#;
+    let app = spawn_app_with(|t| {
+        t.insert("preview_domain".into(), PREVIEW_DOMAIN.into());
+        t.insert("https_addr".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    app.init("22").await;
+    let ca = app.certs.join("dev-ca.crt");
+    let c = client_for(&app, &["22"], Some(&ca));
+    let host = preview_host("22");
+    let https = format!("https://{host}:{}/", app.https_addr.unwrap().port());
+    let plain = preview_url(&app, "22", "/");
+    for round in 0..2 {
+        // The app's start and the requests race: the requests are sent as soon as the dev server
+        // is spawned, before it listens at all.
+        start_app(&app, "22", FLAPPING).await;
+        let (a, b) = tokio::join!(get_text(&c, &plain), get_text(&c, &https));
+        for (via, (s, body)) in [("http", a), ("https", b)] {
+            assert_eq!(s, 200, "round {round} over {via}: {body}");
+            assert!(body.starts_with("up, dropped="), "{body}");
+            let dropped: u32 = body["up, dropped=".len()..].parse().unwrap();
+            assert!(
+                dropped >= 1,
+                "round {round}: the app dropped nothing: {body}"
+            );
+        }
+    }
 }
