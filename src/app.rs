@@ -309,17 +309,28 @@ impl Handler for AppHandler {
                     })
                     .await
             };
-            let FastAnswer::Answer(mut resp) = answer else {
+            let status = match &answer {
+                FastAnswer::Answer(resp) => resp.status(),
+                FastAnswer::Lines(a) => a.status,
                 // hyper's path serves it, and logs and counts it.
-                return FastAnswer::Fallback;
+                FastAnswer::Fallback => return FastAnswer::Fallback,
             };
             let metrics = app.mgr.metrics();
-            metrics.preview_request(resp.status(), t.elapsed());
+            metrics.preview_request(status, t.elapsed());
             metrics.preview_fast_request();
-            resp.headers_mut()
-                .insert(X_REQUEST_ID, access.header_value());
-            access.log(resp.status());
-            FastAnswer::Answer(resp)
+            access.log(status);
+            match answer {
+                FastAnswer::Answer(mut resp) => {
+                    resp.headers_mut()
+                        .insert(X_REQUEST_ID, access.header_value());
+                    FastAnswer::Answer(resp)
+                }
+                FastAnswer::Lines(mut a) => {
+                    a.request_id = Some(access.header_value());
+                    FastAnswer::Lines(a)
+                }
+                FastAnswer::Fallback => FastAnswer::Fallback,
+            }
         }))
     }
 }

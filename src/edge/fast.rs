@@ -20,7 +20,8 @@
 //! the listener's drain closes an idle connection at once and a busy one after its answer
 //! (`Connection: close`). Answers are written with their own framing: the handler's
 //! `Content-Length`, else the body's exact size, else chunked; none for `HEAD`, 1xx, 204 and
-//! 304. The body is read ahead of a slow client up to 512 KiB, as on hyper's path, and a small
+//! 304. A handler may give an answer's headers as the wire's lines ([`LinesAnswer`]): the
+//! preview passes the app's head through that way, without a `HeaderMap`. The body is read ahead of a slow client up to 512 KiB, as on hyper's path, and a small
 //! answer goes out with its head in one vectored write. An answer whose body fails or does not
 //! match its length ends the connection.
 
@@ -97,9 +98,27 @@ impl FastHead<'_> {
 pub enum FastAnswer {
     /// The answer to write.
     Answer(Response<Body>),
+    /// The answer to write, its headers as lines (a proxy's pass-through).
+    Lines(LinesAnswer),
     /// Not answered, and nothing done that sending the request again could not repeat: the
     /// request (and the connection) go to hyper's path.
     Fallback,
+}
+
+/// An answer whose headers are the wire's lines already, checked by whoever parsed them: what a
+/// proxy passes through without making a `HeaderMap` of the upstream's head.
+pub struct LinesAnswer {
+    pub status: StatusCode,
+    /// `name: value\r\n` lines: no hop-by-hop header (`Connection` included), no
+    /// `Content-Length` (that is `length`), no `X-Request-Id` (that is `request_id`).
+    pub lines: Bytes,
+    /// The `Content-Length` to say (a `HEAD`'s, 204's or 304's answer may say one too).
+    pub length: Option<u64>,
+    /// A `Date` is among the lines (else one is added, as for any answer).
+    pub has_date: bool,
+    /// Written as `X-Request-Id`.
+    pub request_id: Option<header::HeaderValue>,
+    pub body: Body,
 }
 
 /// The handler's fast answer: owned, so the head it came from can be dropped.
@@ -168,13 +187,20 @@ where
             Ok(Next::Fallback) => return Outcome::Fallback(buf),
             Ok(Next::Closed) | Err(_) => return Outcome::Closed,
         };
-        let resp = match guarded(answer, conn).await {
-            FastAnswer::Answer(resp) => resp,
+        let (status, headers, body) = match guarded(answer, conn).await {
+            FastAnswer::Answer(resp) => {
+                let (parts, body) = resp.into_parts();
+                (parts.status, Headers::Map(parts.headers), body)
+            }
+            FastAnswer::Lines(a) => {
+                let headers = Headers::Lines(a.lines, a.length, a.has_date, a.request_id);
+                (a.status, headers, a.body)
+            }
             FastAnswer::Fallback => return Outcome::Fallback(buf),
         };
         buf.advance(len);
         let close = poll_fn(|cx| Poll::Ready(draining(cx))).await;
-        match write_answer(io, resp, head_only, close, &mut out).await {
+        match write_answer(io, status, headers, body, head_only, close, &mut out).await {
             Ok(true) => {}
             Ok(false) | Err(_) => return Outcome::Closed,
         }
@@ -383,11 +409,20 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `resp` as the answer to a request (`head_only`: to a HEAD); with `close`, says
-/// `Connection: close`. `Ok(true)` when the connection can take another request.
+/// An answer's headers, as the handler gave them.
+enum Headers {
+    Map(header::HeaderMap),
+    /// [`LinesAnswer`]'s lines, length, whether a date is among them, and request id.
+    Lines(Bytes, Option<u64>, bool, Option<header::HeaderValue>),
+}
+
+/// Writes the answer (`status`, `headers`, `body`) to a request (`head_only`: to a HEAD); with
+/// `close`, says `Connection: close`. `Ok(true)` when the connection can take another request.
 async fn write_answer<S>(
     io: &mut S,
-    resp: Response<Body>,
+    status: StatusCode,
+    headers: Headers,
+    mut body: Body,
     head_only: bool,
     mut close: bool,
     out: &mut Vec<u8>,
@@ -395,8 +430,6 @@ async fn write_answer<S>(
 where
     S: AsyncWrite + Unpin,
 {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -404,35 +437,57 @@ where
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     // As hyper's server does: an answer without a date gets one (the app's carry theirs).
-    if !parts.headers.contains_key(header::DATE) {
+    let has_date = match &headers {
+        Headers::Map(h) => h.contains_key(header::DATE),
+        Headers::Lines(_, _, has_date, _) => *has_date,
+    };
+    if !has_date {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let mut length = None;
-    for (name, value) in &parts.headers {
-        if *name == header::CONTENT_LENGTH {
-            let n = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|n| length.is_none_or(|l| l == *n))
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad content-length"))?;
-            length = Some(n);
-        } else if *name == header::CONNECTION {
-            // The handler's own `Connection: close` is honoured; the header is ours to write.
-            close |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-            continue;
-        } else if is_hop(name) {
-            continue;
+    match headers {
+        Headers::Lines(lines, n, _, request_id) => {
+            out.extend_from_slice(&lines);
+            if let Some(id) = request_id {
+                out.extend_from_slice(b"x-request-id: ");
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            if let Some(n) = n {
+                write_length(out, n);
+                length = Some(n);
+            }
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        Headers::Map(headers) => {
+            for (name, value) in &headers {
+                if *name == header::CONTENT_LENGTH {
+                    let n = value
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .filter(|n| length.is_none_or(|l| l == *n))
+                        .ok_or_else(|| {
+                            io::Error::new(io::ErrorKind::InvalidData, "bad content-length")
+                        })?;
+                    length = Some(n);
+                } else if *name == header::CONNECTION {
+                    // The handler's own `Connection: close` is honoured; the header is ours.
+                    close |= value
+                        .as_bytes()
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                    continue;
+                } else if is_hop(name) {
+                    continue;
+                }
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
     }
     let no_body = status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -443,9 +498,7 @@ where
     } else if let Some(n) = length {
         Framing::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(n.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_length(out, n);
         Framing::Length(n)
     } else if head_only {
         Framing::None
@@ -521,6 +574,24 @@ where
         Framing::Length(n) if sent != n => Ok(false),
         _ => Ok(!close),
     }
+}
+
+/// Writes `content-length: n` (in decimal, without an allocation).
+fn write_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Hop-by-hop answer headers that never leave the edge (`Connection` is handled apart).
@@ -644,6 +715,32 @@ mod tests {
                         hyper::header::HeaderValue::from_static("1048576"),
                     );
                     FastAnswer::Answer(resp)
+                }),
+                "/lines" => Box::pin(async {
+                    FastAnswer::Lines(LinesAnswer {
+                        status: StatusCode::CREATED,
+                        lines: Bytes::from_static(
+                            b"X-App: a\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n",
+                        ),
+                        length: Some(5),
+                        has_date: true,
+                        request_id: Some(header::HeaderValue::from_static("rid-1")),
+                        body: crate::http::full("lines"),
+                    })
+                }),
+                "/lines-unsized" => Box::pin(async {
+                    let frames = futures_util::stream::iter([
+                        Ok::<_, crate::http::BoxError>(Frame::data(Bytes::from("un"))),
+                        Ok(Frame::data(Bytes::from("sized"))),
+                    ]);
+                    FastAnswer::Lines(LinesAnswer {
+                        status: StatusCode::OK,
+                        lines: Bytes::from_static(b"x-app: b\r\n"),
+                        length: None,
+                        has_date: false,
+                        request_id: None,
+                        body: http_body_util::StreamBody::new(frames).boxed(),
+                    })
                 }),
                 "/chunked" => Box::pin(async {
                     let frames = futures_util::stream::iter([
@@ -895,6 +992,60 @@ mod tests {
         let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
         assert_eq!(body, b"fast GET /still");
         let _ = server.stop.send(true);
+    }
+
+    #[tokio::test]
+    async fn answers_given_as_lines_are_written_as_they_are() {
+        let server = start().await;
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        let mut rest = Vec::new();
+        s.write_all(get("/lines", "fast.test").as_bytes())
+            .await
+            .expect("write");
+        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        assert_eq!(
+            head,
+            "http/1.1 201 created\r\nx-app: a\r\ndate: thu, 03 dec 2026 10:00:00 gmt\r\n\
+             x-request-id: rid-1\r\ncontent-length: 5\r\n\r\n"
+        );
+        assert_eq!(body, b"lines");
+        // A HEAD's answer says the length and carries no body.
+        s.write_all(
+            get("/lines", "fast.test")
+                .replacen("GET", "HEAD", 1)
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (head, body) = answer(&mut s, &mut rest, true).await.expect("answer");
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        assert!(body.is_empty());
+        // No length and no date: chunked, with a date added; the connection goes on.
+        s.write_all(get("/lines-unsized", "fast.test").as_bytes())
+            .await
+            .expect("write");
+        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        assert!(head.starts_with("http/1.1 200 ok\r\ndate: "), "{head}");
+        assert!(
+            head.contains("\r\nx-app: b\r\ntransfer-encoding: chunked\r\n"),
+            "{head}"
+        );
+        assert_eq!(body, b"unsized");
+        s.write_all(get("/still", "fast.test").as_bytes())
+            .await
+            .expect("write");
+        let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        assert_eq!(body, b"fast GET /still");
+        let _ = server.stop.send(true);
+    }
+
+    #[test]
+    fn lengths_are_written_in_decimal() {
+        for n in [0u64, 7, 10, 1_048_576, u64::MAX] {
+            let mut out = Vec::new();
+            write_length(&mut out, n);
+            assert_eq!(out, format!("content-length: {n}\r\n").as_bytes());
+        }
     }
 
     #[tokio::test]

@@ -438,8 +438,14 @@ impl Proxy {
         match result {
             Ok(resp) => {
                 hot.touch();
-                let (rp, rb) = resp.into_parts();
-                FastAnswer::Answer(Response::from_parts(rp, rb.map_err(Into::into).boxed()))
+                FastAnswer::Lines(crate::edge::fast::LinesAnswer {
+                    status: resp.status,
+                    lines: resp.lines.bytes,
+                    length: resp.lines.length,
+                    has_date: resp.lines.has_date,
+                    request_id: None,
+                    body: resp.body.map_err(Into::into).boxed(),
+                })
             }
             // Nothing listening, or a new connection dropped unanswered (an app starting):
             // hyper's path waits for the app (or says why not).

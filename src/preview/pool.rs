@@ -36,7 +36,7 @@ use crate::http::Body;
 
 mod h1;
 
-pub(super) use h1::{encode_fast_head, Forwarded, MAX_CHAIN};
+pub(super) use h1::{encode_fast_head, Forwarded, Lines, MAX_CHAIN};
 
 /// The first read buffer of an exchange; it doubles while reads fill it, up to [`READ_MAX`].
 const READ_MIN: usize = 8 * 1024;
@@ -89,6 +89,13 @@ pub(super) struct Conn {
     addr: SocketAddr,
     /// Taken from the pool rather than made for this request.
     reused: bool,
+}
+
+/// An answer to [`Pool::send_bodyless`]: its status, header lines and body.
+pub(super) struct RawResponse {
+    pub(super) status: hyper::StatusCode,
+    pub(super) lines: Lines,
+    pub(super) body: PooledBody,
 }
 
 /// A failed exchange; `retry` when nothing was sent (the app had closed the reused
@@ -187,6 +194,7 @@ impl Conn {
         head: Bytes,
         framing: h1::ReqFraming,
         head_req: bool,
+        out_as: h1::HeadAs,
         body: &mut Body,
     ) -> Result<Answer, SendError> {
         let fail = |err| SendError {
@@ -271,7 +279,7 @@ impl Conn {
             }
             // The answer.
             while unparsed && !self.rbuf.is_empty() {
-                match h1::parse_head(&mut self.rbuf, head_req).map_err(fail)? {
+                match h1::parse_head(&mut self.rbuf, head_req, out_as).map_err(fail)? {
                     h1::Parsed::Partial => unparsed = false,
                     h1::Parsed::Interim(n) => {
                         let _ = self.rbuf.split_to(n);
@@ -415,21 +423,32 @@ impl Pool {
         )
         .map_err(UpstreamError::Http)?;
         let head_req = head.method == Method::HEAD;
-        self.send_encoded(addr, Bytes::from(wire), framing, head_req, body)
+        let wire = Bytes::from(wire);
+        self.send_encoded(addr, wire, framing, head_req, h1::HeadAs::Map, body)
             .await
+            .map(|(resp, _)| resp)
     }
 
     /// [`send_head`](Pool::send_head) of a bodyless request whose head is already encoded
-    /// (`h1::encode_fast_head`, the edge's fast path).
+    /// (`h1::encode_fast_head`, the edge's fast path), answered with the app's header lines as
+    /// they are (no `HeaderMap` is made, see [`Lines`]).
     pub(super) async fn send_bodyless(
         &self,
         addr: SocketAddr,
         wire: Bytes,
         head_req: bool,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Result<RawResponse, UpstreamError> {
         let body = crate::http::empty();
-        self.send_encoded(addr, wire, h1::ReqFraming::Empty, head_req, body)
-            .await
+        let framing = h1::ReqFraming::Empty;
+        let (resp, lines) = self
+            .send_encoded(addr, wire, framing, head_req, h1::HeadAs::Lines, body)
+            .await?;
+        let lines = lines.ok_or_else(|| UpstreamError::Http(h1::invalid("no header lines")))?;
+        Ok(RawResponse {
+            status: resp.status(),
+            lines,
+            body: resp.into_body(),
+        })
     }
 
     async fn send_encoded(
@@ -438,8 +457,9 @@ impl Pool {
         wire: Bytes,
         framing: h1::ReqFraming,
         head_req: bool,
+        out_as: h1::HeadAs,
         mut body: Body,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    ) -> Result<(Response<PooledBody>, Option<Lines>), UpstreamError> {
         loop {
             let mut conn = match self.checkout(addr).await {
                 Some(c) => c,
@@ -448,10 +468,13 @@ impl Pool {
                 None => Box::pin(self.connect(addr)).await?,
             };
             match conn
-                .exchange(wire.clone(), framing, head_req, &mut body)
+                .exchange(wire.clone(), framing, head_req, out_as, &mut body)
                 .await
             {
-                Ok(answer) => return Ok(PooledBody::start(conn, answer, &self.0)),
+                Ok(mut answer) => {
+                    let lines = answer.head.lines.take();
+                    return Ok((PooledBody::start(conn, answer, &self.0), lines));
+                }
                 // Not sent: the idle connection had been closed by the app meanwhile.
                 Err(e) if e.retry => continue,
                 Err(e) if e.dropped => return Err(UpstreamError::Dropped(e.err)),

@@ -209,10 +209,33 @@ pub(super) fn encode_head(
 
 /// A response head read off the connection.
 pub(super) struct Head {
+    /// The status, version and (unless `lines`) headers.
     pub(super) response: Response<()>,
+    /// With [`HeadAs::Lines`]: the headers as lines (`response`'s map stays empty).
+    pub(super) lines: Option<Lines>,
     pub(super) framing: Decoder,
     /// The app lets the connection stay open after this response.
     pub(super) keep_alive: bool,
+}
+
+/// How [`parse_head`] gives the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HeadAs {
+    /// In the response's `HeaderMap` (hyper's path).
+    Map,
+    /// As the wire's lines, copied once (the edge's fast path writes them as they are).
+    Lines,
+}
+
+/// The headers of a response head as the client gets them from a proxy: the app's lines
+/// (`name: value\r\n`, its own spelling) without the hop-by-hop ones, those its `Connection`
+/// names, `Content-Length` (given as `length`) and `X-Request-Id` (the edge writes its own).
+pub(in crate::preview) struct Lines {
+    pub(in crate::preview) bytes: Bytes,
+    /// The app's `Content-Length` (on a HEAD's, 204's or 304's answer too).
+    pub(in crate::preview) length: Option<u64>,
+    /// A `Date` is among the lines.
+    pub(in crate::preview) has_date: bool,
 }
 
 pub(super) enum Parsed {
@@ -224,8 +247,10 @@ pub(super) enum Parsed {
 }
 
 /// Parses the response head at the start of `buf`; when complete, its bytes are taken out of
-/// `buf` (header values share them, no copy). `head_req`: the request was a HEAD.
-pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parsed> {
+/// `buf` (header values share them, no copy). `head_req`: the request was a HEAD. httparse has
+/// checked every name (a token) and value (no control byte but tab) as `HeaderName` and
+/// `HeaderValue` would, so [`HeadAs::Lines`] passes the same heads as [`HeadAs::Map`].
+pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io::Result<Parsed> {
     // Offsets of each header's name and value in `buf`, taken while httparse borrows it.
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, status, version, reason, count) = {
@@ -281,14 +306,17 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
     let head = buf.split_to(len).freeze();
     let at = |off: u32, len: u32| head.slice(off as usize..(off + len) as usize);
 
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = match out {
+        HeadAs::Map => HeaderMap::with_capacity(count),
+        HeadAs::Lines => HeaderMap::new(),
+    };
     let mut length: Option<u64> = None;
     let mut te = false;
     let mut chunked = false;
     let mut close = false;
     let mut keep_alive = false;
     // Other headers the app's `Connection` names: hop-by-hop too (rare).
-    let mut listed: Vec<HeaderName> = Vec::new();
+    let mut listed: Vec<&[u8]> = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
         let raw = &head[n as usize..(n + nl) as usize];
         let raw_value = &head[v as usize..(v + vl) as usize];
@@ -314,13 +342,11 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                         // A header of that name is listed too (RFC 9110 §7.6.1).
-                        listed.push(HeaderName::from_static("close"));
+                        listed.push(token);
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         keep_alive = true;
-                    } else if hop(token).is_none() {
-                        if let Ok(name) = HeaderName::from_bytes(token) {
-                            listed.push(name);
-                        }
+                    } else if hop(token).is_none() && !token.is_empty() {
+                        listed.push(token);
                     }
                 }
                 continue;
@@ -328,11 +354,8 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
             Some(Hop::Other) => continue,
             None => {}
         }
-        let name = HeaderName::from_bytes(raw).map_err(|_| invalid("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(at(v, vl))
-            .map_err(|_| invalid("invalid header value"))?;
-        if name == CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
+        if is_content_length(raw) {
+            for part in raw_value.split(|&b| b == b',') {
                 let l = parse_length(trim(part)).ok_or_else(|| invalid("bad content-length"))?;
                 if length.is_some_and(|x| x != l) {
                     return Err(invalid("differing content-lengths"));
@@ -340,14 +363,45 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
                 length = Some(l);
             }
         }
-        headers.append(name, value);
-    }
-    for name in listed {
-        // Content-Length framed the body: it stays.
-        if name != CONTENT_LENGTH {
-            headers.remove(name);
+        if out == HeadAs::Map {
+            let name = HeaderName::from_bytes(raw).map_err(|_| invalid("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(at(v, vl))
+                .map_err(|_| invalid("invalid header value"))?;
+            headers.append(name, value);
         }
     }
+    if out == HeadAs::Map {
+        for token in &listed {
+            // Content-Length framed the body: it stays.
+            match HeaderName::from_bytes(token) {
+                Ok(name) if name != CONTENT_LENGTH => drop(headers.remove(name)),
+                _ => {}
+            }
+        }
+    }
+    let lines = (out == HeadAs::Lines).then(|| {
+        let mut bytes = BytesMut::with_capacity(head.len());
+        let mut has_date = false;
+        for &(n, nl, v, vl) in &spans[..count] {
+            let name = &head[n as usize..(n + nl) as usize];
+            let keep = hop(name).is_none()
+                && !is_content_length(name)
+                && !name.eq_ignore_ascii_case(b"x-request-id")
+                && !listed.iter().any(|t| t.eq_ignore_ascii_case(name));
+            if keep {
+                has_date |= name.eq_ignore_ascii_case(b"date");
+                bytes.extend_from_slice(name);
+                bytes.extend_from_slice(b": ");
+                bytes.extend_from_slice(&head[v as usize..(v + vl) as usize]);
+                bytes.extend_from_slice(b"\r\n");
+            }
+        }
+        Lines {
+            bytes: bytes.freeze(),
+            length,
+            has_date,
+        }
+    });
     if te && (!chunked || length.is_some() || version == Version::HTTP_10) {
         return Err(invalid("ambiguous response framing"));
     }
@@ -366,16 +420,21 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool) -> io::Result<Parse
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    if let Some((off, len)) = reason {
+    if let Some((off, len)) = reason.filter(|_| out == HeadAs::Map) {
         if let Ok(r) = hyper::ext::ReasonPhrase::try_from(at(off, len)) {
             response.extensions_mut().insert(r);
         }
     }
     Ok(Parsed::Done(Head {
         response,
+        lines,
         framing,
         keep_alive,
     }))
+}
+
+fn is_content_length(name: &[u8]) -> bool {
+    name.len() == 14 && name.eq_ignore_ascii_case(b"content-length")
 }
 
 enum Hop {
@@ -592,7 +651,7 @@ mod tests {
     use hyper::Request;
 
     fn parse(raw: &str, head_req: bool) -> io::Result<Parsed> {
-        parse_head(&mut BytesMut::from(raw.as_bytes()), head_req)
+        parse_head(&mut BytesMut::from(raw.as_bytes()), head_req, HeadAs::Map)
     }
 
     fn head(raw: &str) -> Head {
@@ -707,6 +766,99 @@ mod tests {
         let names: Vec<&str> = h.response.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-length"]);
         assert!(!h.keep_alive);
+    }
+
+    /// The head parsed both ways: the map's headers but `Content-Length` and `X-Request-Id`
+    /// (name lowercased, value) and the lines' (the same), with the lines' length and date.
+    #[allow(clippy::type_complexity)]
+    fn both_ways(
+        raw: &str,
+    ) -> (
+        Vec<(String, Vec<u8>)>,
+        Vec<(String, Vec<u8>)>,
+        Option<u64>,
+        bool,
+    ) {
+        let map = head(raw);
+        let Ok(Parsed::Done(lined)) =
+            parse_head(&mut BytesMut::from(raw.as_bytes()), false, HeadAs::Lines)
+        else {
+            panic!("lines: {raw:?}");
+        };
+        assert_eq!(lined.framing, map.framing, "{raw:?}");
+        assert_eq!(lined.keep_alive, map.keep_alive, "{raw:?}");
+        assert_eq!(lined.response.status(), map.response.status());
+        assert!(lined.response.headers().is_empty());
+        let from_map = map
+            .response
+            .headers()
+            .iter()
+            .filter(|(n, _)| *n != CONTENT_LENGTH && n.as_str() != "x-request-id")
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let lines = lined.lines.expect("lines");
+        let text = lines.bytes.to_vec();
+        assert!(text.is_empty() || text.ends_with(b"\r\n"), "{raw:?}");
+        let from_lines = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let l = l.strip_suffix(b"\r").expect("CRLF");
+                let colon = l.iter().position(|&b| b == b':').expect("colon");
+                let name = String::from_utf8(l[..colon].to_ascii_lowercase()).unwrap();
+                let value = l[colon + 1..].strip_prefix(b" ").expect("space").to_vec();
+                (name, value)
+            })
+            .collect();
+        let map_length = map
+            .response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .map(|v| trim(v.as_bytes().split(|&b| b == b',').next().unwrap()).to_vec())
+            .map(|v| String::from_utf8(v).unwrap().parse().unwrap());
+        assert_eq!(lines.length, map_length, "{raw:?}");
+        (from_map, from_lines, lines.length, lines.has_date)
+    }
+
+    #[test]
+    fn lines_say_what_the_map_says() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nDate: Thu, 03 Dec 2026 10:00:00 GMT\r\n\
+             Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Gone, Upgrade\r\nKeep-Alive: timeout=5\r\n\
+             X-Gone: 1\r\nX-Kept: 2\r\nTransfer-Encoding: chunked\r\nProxy-Authenticate: b\r\n\
+             Trailer: t\r\nUpgrade: h2c\r\nTE: x\r\nProxy-Connection: y\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nClose: x\r\nContent-Length: 2\r\nConnection: close, content-length\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nX-Request-Id: app\r\n\
+             X-Odd:  spaced\t \r\nX-Obs: café\r\nX-Empty:\r\nContent-Length: 3, 3\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 9\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            let (from_map, from_lines, _, _) = both_ways(raw);
+            assert_eq!(from_map, from_lines, "{raw:?}");
+        }
+        let (_, _, length, has_date) = both_ways(
+            "HTTP/1.1 200 OK\r\nDATE: Thu, 03 Dec 2026 10:00:00 GMT\r\nContent-Length: 4\r\n\r\n",
+        );
+        assert_eq!((length, has_date), (Some(4), true));
+        let (_, _, length, has_date) = both_ways("HTTP/1.1 200 OK\r\nX-Date: no\r\n\r\n");
+        assert_eq!((length, has_date), (None, false));
+        // What one way refuses, the other does too.
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3, 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: b\x7f\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX A: b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: \x01\r\n\r\n",
+        ] {
+            assert!(rejected(raw), "{raw:?}");
+            assert!(
+                parse_head(&mut BytesMut::from(raw.as_bytes()), false, HeadAs::Lines).is_err(),
+                "{raw:?}"
+            );
+        }
     }
 
     #[test]
