@@ -317,7 +317,10 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io:
     let mut keep_alive = false;
     // Other headers the app's `Connection` names: hop-by-hop too (rare).
     let mut listed: Vec<&[u8]> = Vec::new();
-    for &(n, nl, v, vl) in &spans[..count] {
+    // With `HeadAs::Lines`, the headers that may pass (bit i: the i-th), as this loop finds them.
+    let mut pass: u128 = 0;
+    const _: () = assert!(MAX_HEADERS <= 128);
+    for (i, &(n, nl, v, vl)) in spans[..count].iter().enumerate() {
         let raw = &head[n as usize..(n + nl) as usize];
         let raw_value = &head[v as usize..(v + vl) as usize];
         // Hop-by-hop headers are read here and never reach the response (forward.rs would
@@ -362,6 +365,8 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io:
                 }
                 length = Some(l);
             }
+        } else if out == HeadAs::Lines && !raw.eq_ignore_ascii_case(b"x-request-id") {
+            pass |= 1 << i;
         }
         if out == HeadAs::Map {
             let name = HeaderName::from_bytes(raw).map_err(|_| invalid("invalid header name"))?;
@@ -382,12 +387,10 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io:
     let lines = (out == HeadAs::Lines).then(|| {
         let mut bytes = BytesMut::with_capacity(head.len());
         let mut has_date = false;
-        for &(n, nl, v, vl) in &spans[..count] {
+        for (i, &(n, nl, v, vl)) in spans[..count].iter().enumerate() {
             let name = &head[n as usize..(n + nl) as usize];
-            let keep = hop(name).is_none()
-                && !is_content_length(name)
-                && !name.eq_ignore_ascii_case(b"x-request-id")
-                && !listed.iter().any(|t| t.eq_ignore_ascii_case(name));
+            let keep = pass & (1 << i) != 0
+                && (listed.is_empty() || !listed.iter().any(|t| t.eq_ignore_ascii_case(name)));
             if keep {
                 has_date |= name.eq_ignore_ascii_case(b"date");
                 bytes.extend_from_slice(name);
