@@ -309,9 +309,17 @@ impl Handler for AppHandler {
                     })
                     .await
             };
-            let status = match &answer {
-                FastAnswer::Answer(resp) => resp.status(),
-                FastAnswer::Lines(a) => a.status,
+            let mut answer = answer;
+            let status = match &mut answer {
+                FastAnswer::Answer(resp) => {
+                    resp.headers_mut()
+                        .insert(X_REQUEST_ID, access.header_value());
+                    resp.status()
+                }
+                FastAnswer::Lines(a) => {
+                    a.request_id = Some(access.header_value());
+                    a.status
+                }
                 // hyper's path serves it, and logs and counts it.
                 FastAnswer::Fallback => return FastAnswer::Fallback,
             };
@@ -319,18 +327,7 @@ impl Handler for AppHandler {
             metrics.preview_request(status, t.elapsed());
             metrics.preview_fast_request();
             access.log(status);
-            match answer {
-                FastAnswer::Answer(mut resp) => {
-                    resp.headers_mut()
-                        .insert(X_REQUEST_ID, access.header_value());
-                    FastAnswer::Answer(resp)
-                }
-                FastAnswer::Lines(mut a) => {
-                    a.request_id = Some(access.header_value());
-                    FastAnswer::Lines(a)
-                }
-                FastAnswer::Fallback => FastAnswer::Fallback,
-            }
+            answer
         }))
     }
 }

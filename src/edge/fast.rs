@@ -21,9 +21,10 @@
 //! (`Connection: close`). Answers are written with their own framing: the handler's
 //! `Content-Length`, else the body's exact size, else chunked; none for `HEAD`, 1xx, 204 and
 //! 304. A handler may give an answer's headers as the wire's lines ([`LinesAnswer`]): the
-//! preview passes the app's head through that way, without a `HeaderMap`. The body is read ahead of a slow client up to 512 KiB, as on hyper's path, and a small
-//! answer goes out with its head in one vectored write. An answer whose body fails or does not
-//! match its length ends the connection.
+//! preview passes the app's head through that way, without a `HeaderMap`. The body is read
+//! ahead of a slow client up to 512 KiB, as on hyper's path, and a small answer goes out with
+//! its head in one vectored write. An answer whose body fails or does not match its length ends
+//! the connection.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -193,7 +194,12 @@ where
                 (parts.status, Headers::Map(parts.headers), body)
             }
             FastAnswer::Lines(a) => {
-                let headers = Headers::Lines(a.lines, a.length, a.has_date, a.request_id);
+                let headers = Headers::Lines {
+                    lines: a.lines,
+                    length: a.length,
+                    has_date: a.has_date,
+                    request_id: a.request_id,
+                };
                 (a.status, headers, a.body)
             }
             FastAnswer::Fallback => return Outcome::Fallback(buf),
@@ -412,8 +418,13 @@ enum Framing {
 /// An answer's headers, as the handler gave them.
 enum Headers {
     Map(header::HeaderMap),
-    /// [`LinesAnswer`]'s lines, length, whether a date is among them, and request id.
-    Lines(Bytes, Option<u64>, bool, Option<header::HeaderValue>),
+    /// [`LinesAnswer`]'s, but its body.
+    Lines {
+        lines: Bytes,
+        length: Option<u64>,
+        has_date: bool,
+        request_id: Option<header::HeaderValue>,
+    },
 }
 
 /// Writes the answer (`status`, `headers`, `body`) to a request (`head_only`: to a HEAD); with
@@ -439,7 +450,7 @@ where
     // As hyper's server does: an answer without a date gets one (the app's carry theirs).
     let has_date = match &headers {
         Headers::Map(h) => h.contains_key(header::DATE),
-        Headers::Lines(_, _, has_date, _) => *has_date,
+        Headers::Lines { has_date, .. } => *has_date,
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
@@ -448,7 +459,12 @@ where
     }
     let mut length = None;
     match headers {
-        Headers::Lines(lines, n, _, request_id) => {
+        Headers::Lines {
+            lines,
+            length: n,
+            request_id,
+            ..
+        } => {
             out.extend_from_slice(&lines);
             if let Some(id) = request_id {
                 out.extend_from_slice(b"x-request-id: ");
@@ -799,6 +815,17 @@ mod tests {
 
     /// One answer off `s`: its head (lowercased) and its body (de-chunked), reading whole
     /// answers only; `None` when the connection closed first.
+    /// Sends `req` on `s` and reads its answer.
+    async fn ask(
+        s: &mut TcpStream,
+        rest: &mut Vec<u8>,
+        req: &str,
+        head_req: bool,
+    ) -> (String, Vec<u8>) {
+        s.write_all(req.as_bytes()).await.expect("write");
+        answer(s, rest, head_req).await.expect("answer")
+    }
+
     async fn answer(
         s: &mut TcpStream,
         rest: &mut Vec<u8>,
@@ -881,10 +908,7 @@ mod tests {
         let mut s = TcpStream::connect(server.addr).await.expect("connect");
         let mut rest = Vec::new();
         for path in ["/a", "/b?c=1"] {
-            s.write_all(get(path, "fast.test").as_bytes())
-                .await
-                .expect("write");
-            let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+            let (head, body) = ask(&mut s, &mut rest, &get(path, "fast.test"), false).await;
             assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
             assert!(head.contains("x-test: 1\r\n"), "{head}");
             assert!(head.contains("\r\ndate: "), "{head}");
@@ -902,10 +926,7 @@ mod tests {
             .expect("write");
         let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
         assert_eq!(body, b"hyper POST /p body=3");
-        s.write_all(get("/after", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (_, body) = ask(&mut s, &mut rest, &get("/after", "fast.test"), false).await;
         assert_eq!(body, b"hyper GET /after body=0");
         let _ = server.stop.send(true);
     }
@@ -966,30 +987,18 @@ mod tests {
         let server = start().await;
         let mut s = TcpStream::connect(server.addr).await.expect("connect");
         let mut rest = Vec::new();
-        s.write_all(get("/fallback", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (_, body) = ask(&mut s, &mut rest, &get("/fallback", "fast.test"), false).await;
         assert_eq!(body, b"hyper GET /fallback body=0");
 
         let mut s = TcpStream::connect(server.addr).await.expect("connect");
         let mut rest = Vec::new();
-        s.write_all(get("/panic", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (head, body) = ask(&mut s, &mut rest, &get("/panic", "fast.test"), false).await;
         assert!(head.starts_with("http/1.1 500"), "{head}");
         assert!(String::from_utf8_lossy(&body).contains("\"internal\""));
-        s.write_all(get("/chunked", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (head, body) = ask(&mut s, &mut rest, &get("/chunked", "fast.test"), false).await;
         assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
         assert_eq!(body, b"hello world");
-        s.write_all(get("/still", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (_, body) = ask(&mut s, &mut rest, &get("/still", "fast.test"), false).await;
         assert_eq!(body, b"fast GET /still");
         let _ = server.stop.send(true);
     }
@@ -999,10 +1008,7 @@ mod tests {
         let server = start().await;
         let mut s = TcpStream::connect(server.addr).await.expect("connect");
         let mut rest = Vec::new();
-        s.write_all(get("/lines", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (head, body) = ask(&mut s, &mut rest, &get("/lines", "fast.test"), false).await;
         assert_eq!(
             head,
             "http/1.1 201 created\r\nx-app: a\r\ndate: thu, 03 dec 2026 10:00:00 gmt\r\n\
@@ -1021,20 +1027,20 @@ mod tests {
         assert!(head.contains("content-length: 5\r\n"), "{head}");
         assert!(body.is_empty());
         // No length and no date: chunked, with a date added; the connection goes on.
-        s.write_all(get("/lines-unsized", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (head, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (head, body) = ask(
+            &mut s,
+            &mut rest,
+            &get("/lines-unsized", "fast.test"),
+            false,
+        )
+        .await;
         assert!(head.starts_with("http/1.1 200 ok\r\ndate: "), "{head}");
         assert!(
             head.contains("\r\nx-app: b\r\ntransfer-encoding: chunked\r\n"),
             "{head}"
         );
         assert_eq!(body, b"unsized");
-        s.write_all(get("/still", "fast.test").as_bytes())
-            .await
-            .expect("write");
-        let (_, body) = answer(&mut s, &mut rest, false).await.expect("answer");
+        let (_, body) = ask(&mut s, &mut rest, &get("/still", "fast.test"), false).await;
         assert_eq!(body, b"fast GET /still");
         let _ = server.stop.send(true);
     }

@@ -290,35 +290,27 @@ impl Conn {
                     }
                 }
             }
-            // Nothing of an answer came on a connection made for this request.
-            let dropped = !reused && !answered;
-            match self.poll_read(cx) {
-                Poll::Ready(Ok(0)) => {
-                    let err = write_failed.take().unwrap_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the app closed the connection before answering",
-                        )
-                    });
-                    return Poll::Ready(Err(SendError {
-                        err,
-                        retry: false,
-                        dropped,
-                    }));
-                }
+            let err = match self.poll_read(cx) {
+                Poll::Ready(Ok(0)) => write_failed.take().unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the app closed the connection before answering",
+                    )
+                }),
                 Poll::Ready(Ok(_)) => {
                     unparsed = true;
                     answered = true;
+                    continue;
                 }
-                Poll::Ready(Err(err)) => {
-                    return Poll::Ready(Err(SendError {
-                        err,
-                        retry: false,
-                        dropped,
-                    }))
-                }
+                Poll::Ready(Err(err)) => err,
                 Poll::Pending => return Poll::Pending,
-            }
+            };
+            // Dropped: nothing of an answer came on a connection made for this request.
+            return Poll::Ready(Err(SendError {
+                err,
+                retry: false,
+                dropped: !reused && !answered,
+            }));
         })
         .await
     }

@@ -384,6 +384,9 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io:
             }
         }
     }
+    if te && (!chunked || length.is_some() || version == Version::HTTP_10) {
+        return Err(invalid("ambiguous response framing"));
+    }
     let lines = (out == HeadAs::Lines).then(|| {
         let mut bytes = BytesMut::with_capacity(head.len());
         let mut has_date = false;
@@ -405,9 +408,6 @@ pub(super) fn parse_head(buf: &mut BytesMut, head_req: bool, out: HeadAs) -> io:
             has_date,
         }
     });
-    if te && (!chunked || length.is_some() || version == Version::HTTP_10) {
-        return Err(invalid("ambiguous response framing"));
-    }
     let bodyless =
         head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let framing = match (bodyless, chunked, length) {
