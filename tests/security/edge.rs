@@ -384,6 +384,9 @@ async fn client_supplied_limits_are_rejected_or_clamped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    // Refused before its body was read: the answer closes the connection, so the client does
+    // not reuse it for the next request (which the server would then drop).
+    assert_eq!(r.headers()["connection"], "close");
     let chunks = futures_util::stream::iter(
         (0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 4096]))),
     );
@@ -396,6 +399,9 @@ async fn client_supplied_limits_are_rejected_or_clamped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    // Refused before its body was read: the answer closes the connection, so the client does
+    // not reuse it for the next request (which the server would then drop).
+    assert_eq!(r.headers()["connection"], "close");
     // Heads: 431 past the head limit (64 KiB), and nothing sent after such a head is served;
     // a head just under the limit is served.
     let big = format!(
