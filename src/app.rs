@@ -282,11 +282,11 @@ impl Handler for AppHandler {
     /// Only the preview's hot path, and only where hyper's path would do nothing more than
     /// forward: not with owner-only previews (a token and a cookie to check), nor with
     /// `http_redirect` (plain requests are redirected).
-    fn has_fast_path(&self) -> bool {
+    fn has_fast_path(&self, tls: bool) -> bool {
         let cfg = &self.0.cfg;
         cfg.preview_fast_path
             && self.0.preview.takes_fast_path()
-            && !(cfg.http_redirect && cfg.https_addr.is_some())
+            && (tls || !(cfg.http_redirect && cfg.https_addr.is_some()))
     }
 
     /// A request for a preview whose sandbox runs, with the same request id, access line,

@@ -171,8 +171,8 @@ pub struct Config {
     pub wake_timeout: Duration,
     /// How long the preview waits for the app's response head before re-checking the sandbox.
     pub upstream_head_timeout: Duration,
-    /// Plain-HTTP preview `GET`/`HEAD` requests to a running sandbox are served by the edge's
-    /// HTTP/1.1 fast path (edge/fast.rs) instead of hyper's server.
+    /// HTTP/1.1 preview `GET`/`HEAD` requests (plain or TLS) to a running sandbox are served
+    /// by the edge's HTTP/1.1 fast path (edge/fast.rs) instead of hyper's server.
     pub preview_fast_path: bool,
     pub dev_command: String,
     pub sandbox_internet: bool,

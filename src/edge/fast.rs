@@ -1,6 +1,6 @@
-//! The HTTP/1.1 fast path of plain connections: the requests that make up nearly all preview
-//! traffic (a bodyless `GET` or `HEAD` of an app that runs) are read, answered and written here,
-//! without hyper's server, whose connection state machine, header map and buffered writer cost
+//! The HTTP/1.1 fast path of plain and TLS connections (TLS when the client did not choose
+//! HTTP/2): the requests that make up nearly all preview traffic (a bodyless `GET` or `HEAD` of
+//! an app that runs) are read, answered and written here, without hyper's server, whose connection state machine, header map and buffered writer cost
 //! about as many instructions per request as everything else sandboxd does for it.
 //!
 //! A connection starts here. Each request head is parsed (`httparse`, as hyper does) and kept
@@ -10,7 +10,8 @@
 //! `Connection: keep-alive`), no header named like the framing check's marker, at most
 //! [`MAX_HEADERS`] headers and [`MAX_HEAD`] bytes; and when the handler takes it
 //! ([`Handler::fast`]). Anything else (a body, an upgrade, HTTP/2's preface, HTTP/1.0, a bad or
-//! long head, a host the handler does not serve this way) goes to hyper with the connection and
+//! long head, a host the handler does not serve this way, over TLS a host other than the
+//! server name) goes to hyper with the connection and
 //! every byte read so far ([`Outcome::Fallback`]), through the framing check as always, and the
 //! connection stays there. Nothing is answered here that hyper's path would refuse: a request
 //! either fits the rules above or is hyper's.
@@ -239,6 +240,10 @@ enum Taken {
 /// Parses the head at the start of `buf` and, when it is for the fast path, asks the handler.
 fn take(buf: &[u8], max_head: usize, conn: &Arc<ConnInfo>, handler: &dyn Handler) -> Taken {
     match check(buf, max_head, |head| {
+        // A Host other than the TLS server name is hyper's path's (its 421).
+        if misdirected(head.host, conn) {
+            return None;
+        }
         handler
             .fast(head, conn)
             .map(|answer| (head.is_head(), answer))
@@ -247,6 +252,13 @@ fn take(buf: &[u8], max_head: usize, conn: &Arc<ConnInfo>, handler: &dyn Handler
         Checked::Partial => Taken::Partial,
         Checked::Fast(_, None) | Checked::NotFast => Taken::NotFast,
     }
+}
+
+/// Whether `host` is not the host the TLS connection's server name (SNI) names.
+fn misdirected(host: &[u8], conn: &ConnInfo) -> bool {
+    conn.sni.as_deref().is_some_and(|sni| {
+        !std::str::from_utf8(host).is_ok_and(|h| super::router::sni_matches_host(sni, h))
+    })
 }
 
 /// What [`check`] found at the start of a buffer.
@@ -530,6 +542,7 @@ where
     if framing == Framing::None {
         drop(body);
         io.write_all(out).await?;
+        io.flush().await?;
         return Ok(!close);
     }
     // The body is read ahead of a slower client, up to [`QUEUE_MAX`] (as hyper's write buffer on
@@ -570,10 +583,15 @@ where
             }
         }
         let queued = queue.len();
+        // Once the queue is written, the stream's own buffer too (TLS records; nothing for
+        // TCP): an answer's last bytes, or a streamed body's latest, go out without waiting.
         let flushed = match queue.poll_flush(&mut *io, cx) {
-            Poll::Ready(Err(e)) => return Poll::Ready(Err::<bool, io::Error>(e)),
+            Poll::Ready(Ok(())) => Pin::new(&mut *io).poll_flush(cx),
             other => other,
         };
+        if let Poll::Ready(Err(e)) = flushed {
+            return Poll::Ready(Err::<bool, io::Error>(e));
+        }
         progressed |= queue.len() < queued;
         if body_done && flushed.is_ready() {
             return Poll::Ready(Ok(true));
@@ -708,7 +726,7 @@ mod tests {
             })
         }
 
-        fn has_fast_path(&self) -> bool {
+        fn has_fast_path(&self, _tls: bool) -> bool {
             true
         }
 
@@ -1126,5 +1144,23 @@ mod tests {
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(body, "hyper GET http://fast.test/x body=0");
         let _ = server.stop.send(true);
+    }
+
+    #[test]
+    fn a_host_other_than_the_server_name_is_misdirected() {
+        let conn = |sni: Option<&str>| ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+            tls: sni.is_some(),
+            sni: sni.map(str::to_owned),
+            alpn_h2: false,
+        };
+        let tls = conn(Some("user-1.preview.test"));
+        assert!(!misdirected(b"user-1.preview.test", &tls));
+        assert!(!misdirected(b"USER-1.preview.test:8443", &tls));
+        assert!(misdirected(b"user-2.preview.test", &tls));
+        assert!(misdirected(b"\xff", &tls));
+        // Without a server name (plain, or TLS without SNI) there is nothing to differ from.
+        assert!(!misdirected(b"anything", &conn(None)));
     }
 }

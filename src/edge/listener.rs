@@ -32,7 +32,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -69,9 +69,10 @@ pub trait Handler: Send + Sync + 'static {
         host: Option<RequestHost>,
     ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
-    /// Whether plain connections start on the fast path (`edge/fast.rs`), which asks
-    /// [`Handler::fast`] for each request it could serve; without it they go to hyper at once.
-    fn has_fast_path(&self) -> bool {
+    /// Whether HTTP/1 connections (plain, or TLS when `tls`) start on the fast path
+    /// (`edge/fast.rs`), which asks [`Handler::fast`] for each request it could serve; without
+    /// it they go to hyper at once. A TLS connection that chose HTTP/2 (ALPN) always does.
+    fn has_fast_path(&self, _tls: bool) -> bool {
         false
     }
 
@@ -141,6 +142,8 @@ const HTTP1_BUF: usize = 512 * 1024;
 /// would starve the connections that could free descriptors.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// HTTP/2 pings find peers that vanished without a FIN (laptops closing, NAT timeouts).
+/// How long a TLS connection the fast path ended may take to say so (close_notify).
+const TLS_CLOSE_WITHIN: Duration = Duration::from_secs(1);
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -304,7 +307,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(mut self, mut stream: TcpStream) {
+    async fn run(self, stream: TcpStream) {
         // Interactive traffic (terminal keystrokes, HMR updates) is latency-bound; Nagle would
         // hold small writes back.
         if let Err(e) = stream.set_nodelay(true) {
@@ -327,26 +330,10 @@ impl Conn {
             };
             let max = self.max_header_bytes;
             let info = Arc::new(info);
-            if !self.handler.has_fast_path() {
+            if !self.handler.has_fast_path(false) {
                 return self.serve_http(FramingCheck::new(stream, max), info).await;
             }
-            let drain = &mut self.drain;
-            let outcome = fast::serve(
-                &mut stream,
-                &info,
-                &*self.handler,
-                self.first_request_timeout,
-                max,
-                |cx| drain.poll_draining(cx),
-            )
-            .await;
-            return match outcome {
-                fast::Outcome::Closed => {}
-                fast::Outcome::Fallback(read) => {
-                    let io = FramingCheck::with_prefix(stream, &read, max);
-                    self.serve_http(io, info).await
-                }
-            };
+            return self.serve_fast_first(stream, info).await;
         };
         let stream =
             match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
@@ -369,8 +356,43 @@ impl Conn {
             alpn_h2: tls_conn.alpn_protocol() == Some(b"h2".as_slice()),
         };
         let max = self.max_header_bytes;
-        self.serve_http(FramingCheck::new(stream, max), Arc::new(info))
-            .await
+        if info.alpn_h2 || !self.handler.has_fast_path(true) {
+            return self
+                .serve_http(FramingCheck::new(stream, max), Arc::new(info))
+                .await;
+        }
+        self.serve_fast_first(stream, Arc::new(info)).await
+    }
+
+    /// An HTTP/1 connection (plain or TLS) on the fast path until a request is not for it;
+    /// then hyper's, with the bytes read so far.
+    async fn serve_fast_first<S>(mut self, mut stream: S, info: Arc<ConnInfo>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let max = self.max_header_bytes;
+        let drain = &mut self.drain;
+        let outcome = fast::serve(
+            &mut stream,
+            &info,
+            &*self.handler,
+            self.first_request_timeout,
+            max,
+            |cx| drain.poll_draining(cx),
+        )
+        .await;
+        match outcome {
+            // A TLS connection says it ends (close_notify), as hyper's path does; bounded, as a
+            // client that stopped reading would otherwise hold the task.
+            fast::Outcome::Closed if info.tls => {
+                let _ = tokio::time::timeout(TLS_CLOSE_WITHIN, stream.shutdown()).await;
+            }
+            fast::Outcome::Closed => {}
+            fast::Outcome::Fallback(read) => {
+                let io = FramingCheck::with_prefix(stream, &read, max);
+                self.serve_http(io, info).await
+            }
+        }
     }
 
     async fn serve_http<S>(self, stream: S, info: Arc<ConnInfo>)

@@ -768,12 +768,12 @@ async fn stopping_a_sandbox_first_closes_the_previews_idle_connections_to_it() {
 /// One answer read off a raw connection: its head (lowercased) and its body (by its length;
 /// none for a HEAD).
 async fn raw_answer(
-    s: &mut tokio::net::TcpStream,
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
     rest: &mut Vec<u8>,
     head_req: bool,
 ) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
-    async fn fill(s: &mut tokio::net::TcpStream, rest: &mut Vec<u8>) {
+    async fn fill(s: &mut (impl tokio::io::AsyncRead + Unpin), rest: &mut Vec<u8>) {
         let mut b = [0u8; 8192];
         let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b))
             .await
@@ -931,6 +931,42 @@ async fn the_fast_path_forwards_what_hyper_s_path_does_and_hands_over_at_a_body(
     let counted = preview_counts(&app).await;
     assert_eq!(counted.0, counted_before.0 + 6);
     assert_eq!(counted.1, counted_before.1 + 4);
+
+    // HTTPS over HTTP/1.1 (no ALPN): the fast path too, the same request as hyper's path saw
+    // over HTTP/2, on one kept connection; a Host other than the server name is hyper's 421.
+    let mut tls = tokio_rustls::TlsConnector::from(tls_client(&ca))
+        .connect(
+            host.clone().try_into().unwrap(),
+            tokio::net::TcpStream::connect(app.https_addr.unwrap())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let (answer, body) = raw_answer(&mut tls, &mut rest, false).await;
+        assert!(answer.starts_with("http/1.1 200 ok\r\n"), "{answer}");
+        assert!(
+            answer.contains("\r\nx-request-id: fast-rid-1\r\n"),
+            "{answer}"
+        );
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut got = seen.as_object().unwrap().clone();
+        got.remove("user-agent");
+        let mut expected = by_hyper.as_object().unwrap().clone();
+        for k in ["accept-encoding", "user-agent"] {
+            expected.remove(k);
+        }
+        assert_eq!(got, expected, "fast over TLS {seen}\nhyper {by_hyper}");
+    }
+    let other = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", preview_host("22"));
+    tls.write_all(other.as_bytes()).await.unwrap();
+    let (answer, _) = raw_answer(&mut tls, &mut rest, false).await;
+    assert!(answer.starts_with("http/1.1 421"), "{answer}");
+    let after_tls = preview_counts(&app).await;
+    assert_eq!(after_tls.1, counted.1 + 2, "two fast answers over TLS");
 }
 
 /// `sandboxd_preview_requests_total{class="2xx"}` and
