@@ -776,6 +776,17 @@ mod tests {
                         body: http_body_util::StreamBody::new(frames).boxed(),
                     })
                 }),
+                // One frame now, the rest never: what a streamed answer (events, a long
+                // poll) looks like between its frames.
+                "/stream" => Box::pin(async {
+                    use futures_util::StreamExt;
+                    let frames = futures_util::stream::iter([Ok::<_, crate::http::BoxError>(
+                        Frame::data(Bytes::from("first")),
+                    )])
+                    .chain(futures_util::stream::pending());
+                    let body = BodyExt::boxed(http_body_util::StreamBody::new(frames));
+                    FastAnswer::Answer(Response::new(body))
+                }),
                 "/chunked" => Box::pin(async {
                     let frames = futures_util::stream::iter([
                         Ok::<_, crate::http::BoxError>(Frame::data(Bytes::from("hello "))),
@@ -1162,5 +1173,104 @@ mod tests {
         assert!(misdirected(b"\xff", &tls));
         // Without a server name (plain, or TLS without SNI) there is nothing to differ from.
         assert!(!misdirected(b"anything", &conn(None)));
+    }
+
+    /// A stream that holds what is written until it is flushed, as a TLS stream holds records.
+    struct HoldsUntilFlushed {
+        inner: tokio::io::DuplexStream,
+        held: Vec<u8>,
+    }
+
+    impl AsyncRead for HoldsUntilFlushed {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            while !this.held.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            std::task::ready!(self.as_mut().poll_flush(cx))?;
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Over a stream that buffers (TLS), an answer's bytes go out when they are ready: the
+    /// first frame of a streamed body arrives while the rest is still to come, and a whole
+    /// answer arrives without the client sending anything more.
+    #[tokio::test]
+    async fn answers_are_flushed_through_a_buffering_stream() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let conn = Arc::new(ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+            tls: true,
+            sni: Some("fast.test".into()),
+            alpn_h2: false,
+        });
+        let serving = tokio::spawn(async move {
+            let mut io = HoldsUntilFlushed {
+                inner: server,
+                held: Vec::new(),
+            };
+            super::serve(
+                &mut io,
+                &conn,
+                &Both,
+                Duration::from_secs(5),
+                16 * 1024,
+                |_| false,
+            )
+            .await;
+        });
+        let mut client = client;
+        let mut seen = Vec::new();
+        let mut read_until = async |client: &mut tokio::io::DuplexStream, want: &str| {
+            let mut b = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains(want) {
+                let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut b))
+                    .await
+                    .unwrap_or_else(|_| panic!("{want:?} not out: {seen:?}"))
+                    .expect("read");
+                assert!(n > 0, "closed before {want:?}");
+                seen.extend_from_slice(&b[..n]);
+            }
+        };
+        client
+            .write_all(get("/a", "fast.test").as_bytes())
+            .await
+            .expect("write");
+        read_until(&mut client, "fast GET /a").await;
+        client
+            .write_all(get("/stream", "fast.test").as_bytes())
+            .await
+            .expect("write");
+        read_until(&mut client, "first").await;
+        serving.abort();
     }
 }
