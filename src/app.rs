@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use hyper::header::HOST;
 use hyper::{Request, Response, StatusCode};
 
 use crate::api::Api;
@@ -27,20 +27,6 @@ pub struct App {
     routes: Router,
     pub api: Api,
     pub preview: Proxy,
-}
-
-/// Whether a request says a body follows its head. An error answered to such a request closes
-/// the connection (`Connection: close`): the answer may come before the body was read (a 413,
-/// a 401, an app that answered early), and hyper decides whether to keep the connection only
-/// after it has written the head, by what is left unread at that moment. Without the header a
-/// client could be told "keep-alive", reuse the connection for its next request, and lose that
-/// request when the server then closes it. Said up front, the client never reuses it, and the
-/// edge lingers (edge/framing.rs) so the answer is read before the close.
-fn carries_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(TRANSFER_ENCODING)
-        || headers
-            .get(CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 impl App {
@@ -97,8 +83,6 @@ impl App {
             Route::Preview { user, .. } if !access.is_off() => Some(user.clone()),
             _ => None,
         };
-        // HTTP/2 has no `Connection` header (and ends a refused stream by itself).
-        let has_body = req.version() < hyper::Version::HTTP_2 && carries_body(req.headers());
         let routed = self.route(req, conn, route, hot);
         let mgr = &self.mgr;
         let mut resp = if access.is_off() {
@@ -112,12 +96,8 @@ impl App {
             });
             Box::pin(on).await
         };
-        let failed = resp.status().as_u16() >= 400;
-        let h = resp.headers_mut();
-        h.insert(X_REQUEST_ID, access.header_value());
-        if has_body && failed {
-            h.insert(CONNECTION, HeaderValue::from_static("close"));
-        }
+        resp.headers_mut()
+            .insert(X_REQUEST_ID, access.header_value());
         access.log(resp.status());
         resp
     }
@@ -319,7 +299,7 @@ impl Handler for AppHandler {
             let forward = app
                 .preview
                 .forward_fast(wire, head_only, &user, addr, &hot, wants_html);
-            let answer = if access.is_off() {
+            let mut answer = if access.is_off() {
                 forward.await
             } else {
                 access
@@ -329,7 +309,6 @@ impl Handler for AppHandler {
                     })
                     .await
             };
-            let mut answer = answer;
             let status = match &mut answer {
                 FastAnswer::Answer(resp) => {
                     resp.headers_mut()
@@ -368,24 +347,5 @@ mod tests {
     fn the_request_future_stays_small() {
         let size = future_size(App::handle);
         assert!(size <= 2048, "App::handle's future is {size} bytes");
-    }
-
-    #[test]
-    fn a_body_is_said_by_its_length_or_a_transfer_coding() {
-        let with = |pairs: &[(&'static str, &'static str)]| {
-            let mut h = HeaderMap::new();
-            for (k, v) in pairs {
-                h.append(*k, HeaderValue::from_static(v));
-            }
-            carries_body(&h)
-        };
-        assert!(!with(&[]));
-        assert!(!with(&[("content-length", "0")]));
-        assert!(with(&[("content-length", "70000")]));
-        assert!(with(&[("transfer-encoding", "chunked")]));
-        assert!(with(&[
-            ("content-length", "0"),
-            ("transfer-encoding", "chunked")
-        ]));
     }
 }

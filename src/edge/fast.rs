@@ -1,7 +1,8 @@
 //! The HTTP/1.1 fast path of plain and TLS connections (TLS when the client did not choose
 //! HTTP/2): the requests that make up nearly all preview traffic (a bodyless `GET` or `HEAD` of
-//! an app that runs) are read, answered and written here, without hyper's server, whose connection state machine, header map and buffered writer cost
-//! about as many instructions per request as everything else sandboxd does for it.
+//! an app that runs) are read, answered and written here, without hyper's server, whose
+//! connection state machine, header map and buffered writer cost about as many instructions per
+//! request as everything else sandboxd does for it.
 //!
 //! A connection starts here. Each request head is parsed (`httparse`, as hyper does) and kept
 //! here only when it is plainly safe to: `GET` or `HEAD`, HTTP/1.1, an origin-form target of
@@ -11,9 +12,9 @@
 //! [`MAX_HEADERS`] headers and [`MAX_HEAD`] bytes; and when the handler takes it
 //! ([`Handler::fast`]). Anything else (a body, an upgrade, HTTP/2's preface, HTTP/1.0, a bad or
 //! long head, a host the handler does not serve this way, over TLS a host other than the
-//! server name) goes to hyper with the connection and
-//! every byte read so far ([`Outcome::Fallback`]), through the framing check as always, and the
-//! connection stays there. Nothing is answered here that hyper's path would refuse: a request
+//! server name) goes to hyper with the connection and every byte read so far
+//! ([`Outcome::Fallback`]), through the framing check as always, and the connection stays
+//! there. Nothing is answered here that hyper's path would refuse: a request
 //! either fits the rules above or is hyper's.
 //!
 //! The same limits hold as on hyper's path: a head must come within the header-read timeout,
@@ -1157,15 +1158,20 @@ mod tests {
         let _ = server.stop.send(true);
     }
 
-    #[test]
-    fn a_host_other_than_the_server_name_is_misdirected() {
-        let conn = |sni: Option<&str>| ConnInfo {
+    /// A connection's facts: TLS with server name `sni`, or plain without one.
+    fn conn_with(sni: Option<&str>) -> ConnInfo {
+        ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             local: "127.0.0.1:2".parse().unwrap(),
             tls: sni.is_some(),
             sni: sni.map(str::to_owned),
             alpn_h2: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_host_other_than_the_server_name_is_misdirected() {
+        let conn = conn_with;
         let tls = conn(Some("user-1.preview.test"));
         assert!(!misdirected(b"user-1.preview.test", &tls));
         assert!(!misdirected(b"USER-1.preview.test:8443", &tls));
@@ -1226,13 +1232,7 @@ mod tests {
     #[tokio::test]
     async fn answers_are_flushed_through_a_buffering_stream() {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let conn = Arc::new(ConnInfo {
-            peer: "127.0.0.1:1".parse().unwrap(),
-            local: "127.0.0.1:2".parse().unwrap(),
-            tls: true,
-            sni: Some("fast.test".into()),
-            alpn_h2: false,
-        });
+        let conn = Arc::new(conn_with(Some("fast.test")));
         let serving = tokio::spawn(async move {
             let mut io = HoldsUntilFlushed {
                 inner: server,

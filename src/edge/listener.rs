@@ -141,9 +141,9 @@ const HTTP1_BUF: usize = 512 * 1024;
 /// Pause after a failed `accept`: errors like EMFILE repeat immediately, and spinning on them
 /// would starve the connections that could free descriptors.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-/// HTTP/2 pings find peers that vanished without a FIN (laptops closing, NAT timeouts).
 /// How long a TLS connection the fast path ended may take to say so (close_notify).
 const TLS_CLOSE_WITHIN: Duration = Duration::from_secs(1);
+/// HTTP/2 pings find peers that vanished without a FIN (laptops closing, NAT timeouts).
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -407,6 +407,9 @@ impl Conn {
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 got_request.store(true, Ordering::Relaxed);
                 let info = info.clone();
+                // HTTP/2 has no `Connection` header (and ends a refused stream by itself).
+                let close_on_error =
+                    req.version() < hyper::Version::HTTP_2 && carries_body(req.headers());
                 // Looked at once, here, for the 421 check, and handed on for the routing.
                 let host = info.sni.is_some().then(|| RequestHost::of(&req));
                 let refused = bad_framing(&req).or_else(|| misdirected(host.as_ref(), &info));
@@ -414,7 +417,7 @@ impl Conn {
                     Some(resp) => Box::pin(std::future::ready(resp)),
                     None => handler.handle(req, info, host),
                 };
-                guarded(response, peer)
+                guarded(response, peer, close_on_error)
             })
         };
         let conn = self
@@ -565,8 +568,27 @@ enum First<R> {
 
 /// A panicking handler costs its request a 500, not the whole connection (on HTTP/1 the handler
 /// runs inside the connection's task).
-fn guarded(response: ResponseFuture, peer: SocketAddr) -> Guarded {
-    Guarded { response, peer }
+fn guarded(response: ResponseFuture, peer: SocketAddr, close_on_error: bool) -> Guarded {
+    Guarded {
+        response,
+        peer,
+        close_on_error,
+    }
+}
+
+/// Whether a request says a body follows its head. An error answered to such a request closes
+/// the connection (`Connection: close`, see [`Guarded`]): the answer may come before the body
+/// was read (a 413, a 401, an app that answered early), and hyper decides whether to keep the
+/// connection only after it has written the head, by what is left unread at that moment.
+/// Without the header a client could be told "keep-alive", reuse the connection for its next
+/// request, and lose that request when the server then closes it. Said up front, the client
+/// never reuses it, and the connection lingers ([`FramingCheck`]) so the answer is read before
+/// the close.
+fn carries_body(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        || headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// The future [`guarded`] returns: a named type, so hyper holds it as it is, with no box of its
@@ -574,6 +596,8 @@ fn guarded(response: ResponseFuture, peer: SocketAddr) -> Guarded {
 struct Guarded {
     response: ResponseFuture,
     peer: SocketAddr,
+    /// An error answer closes the connection ([`carries_body`]).
+    close_on_error: bool,
 }
 
 impl Future for Guarded {
@@ -581,19 +605,27 @@ impl Future for Guarded {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| this.response.as_mut().poll(cx))) {
-            Ok(Poll::Ready(resp)) => Poll::Ready(Ok(resp)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => {
-                tracing::error!(peer = %this.peer, "handler panicked");
-                Poll::Ready(Ok(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
-                .into_response()))
-            }
+        let mut resp =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| this.response.as_mut().poll(cx))) {
+                Ok(Poll::Ready(resp)) => resp,
+                Ok(Poll::Pending) => return Poll::Pending,
+                Err(_) => {
+                    tracing::error!(peer = %this.peer, "handler panicked");
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error",
+                    )
+                    .into_response()
+                }
+            };
+        if this.close_on_error && resp.status().as_u16() >= 400 {
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
         }
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -1176,5 +1208,24 @@ mod tests {
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
         let _ = server.stop.send(true);
+    }
+
+    #[test]
+    fn a_body_is_said_by_its_length_or_a_transfer_coding() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, hyper::header::HeaderValue::from_static(v));
+            }
+            carries_body(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&[("content-length", "0")]));
+        assert!(with(&[("content-length", "70000")]));
+        assert!(with(&[("transfer-encoding", "chunked")]));
+        assert!(with(&[
+            ("content-length", "0"),
+            ("transfer-encoding", "chunked")
+        ]));
     }
 }
