@@ -588,7 +588,7 @@ impl Ctx {
                 .push(("Node.js (sandbox image)".into(), v.trim().to_owned()));
         }
         if self.opts.wants("proxy") {
-            let r = self.bench_proxy(ip).await;
+            let r = self.bench_proxy(ip, &id).await;
             self.note_err("proxy throughput", r);
         }
         if self.opts.wants("proxy-cost") {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
@@ -20,7 +20,9 @@ const BIG_BODY: usize = 1 << 20;
 const LOAD_CONNS: u32 = 32;
 
 impl Ctx {
-    pub(super) async fn bench_proxy(&mut self, ip: IpAddr) -> Result<()> {
+    /// `id`: the sandbox's container, whose CPU time (its cgroup's) is read around each load
+    /// run, to show whether the app, not the proxy, is what limits the requests/s.
+    pub(super) async fn bench_proxy(&mut self, ip: IpAddr, id: &str) -> Result<()> {
         self.step("proxy: starting nginx and configurable-http-proxy");
         let upstream = SocketAddr::new(ip, 5173);
         let (nh, ns, ch, ca) = (free_port()?, free_port()?, free_port()?, free_port()?);
@@ -85,6 +87,11 @@ impl Ctx {
                 format!("http://{name}:{}", ch.port()),
             ),
         ];
+        // `GROUPS` pairs these by index.
+        let keys: Vec<&str> = targets.iter().map(|t| t.0).collect();
+        if keys != ["a", "b_http", "b_https", "c_http", "c_https", "d"] {
+            bail!("the proxy paths changed order ({keys:?}): update GROUPS");
+        }
         let sizes = [("small", "/", SMALL_BODY), ("1 MiB", "/1m", BIG_BODY)];
         // Every plain-HTTP path answers with the right body before anything is timed.
         for (key, _, base) in &targets {
@@ -118,6 +125,7 @@ impl Ctx {
         let mut load: HashMap<(usize, usize), Vec<WrkResult>> = HashMap::new();
         let mut single: HashMap<(usize, usize), Vec<WrkResult>> = HashMap::new();
         let mut cpu: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
+        let mut app: HashMap<(usize, usize), Vec<f64>> = HashMap::new();
         let sandboxd = self.server_pid()?;
         let proxy_pid: Vec<Option<u32>> = targets
             .iter()
@@ -131,18 +139,25 @@ impl Ctx {
         for round in 0..self.n.rounds {
             self.step(&format!("proxy: round {} of {}", round + 1, self.n.rounds));
             for (si, (_, path, _)) in sizes.iter().enumerate() {
-                // Each round starts the load runs one path later: a path's run is not always
-                // the one after the same other path (a run inherits the app's garbage and the
-                // machine's state from the one before it).
-                for ti in rotated(targets.len(), round) {
+                // sandboxd's run and nginx's for the same scheme run back to back, so that a
+                // slow spell of the machine (it can halve a run's requests/s on a shared VM)
+                // weighs on both; each round starts one group later and swaps who goes first
+                // in each pair (a run inherits the app's garbage and the machine's state from
+                // the one before it).
+                for ti in run_order(round) {
                     let (_, _, base) = &targets[ti];
                     let url = format!("{base}{path}");
                     let pid = proxy_pid[ti];
                     let cpu0 = pid.map(sys::tree_cpu_ms);
+                    let app0 = sys::cgroup_cpu(id).map(|(used, _)| (used, Instant::now()));
                     let l = wrk.run(&url, LOAD_CONNS, self.n.load_secs).await?;
                     if let (Some(pid), Some(c0)) = (pid, cpu0) {
                         let per = (sys::tree_cpu_ms(pid) - c0) * 1000.0 / l.requests.max(1) as f64;
                         cpu.entry((si, ti)).or_default().push(per);
+                    }
+                    if let (Some((u0, t0)), Some((u1, _))) = (app0, sys::cgroup_cpu(id)) {
+                        let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                        app.entry((si, ti)).or_default().push((u1 - u0) / wall_ms);
                     }
                     load.entry((si, ti)).or_default().push(l);
                 }
@@ -152,7 +167,7 @@ impl Ctx {
                 // small VM, so each path gets several runs, spread over the round, and their
                 // median.
                 for pass in 0..self.n.single_passes {
-                    for ti in rotated(targets.len(), round * self.n.single_passes + pass) {
+                    for ti in run_order(round * self.n.single_passes + pass) {
                         let (_, _, base) = &targets[ti];
                         let s = wrk
                             .run(&format!("{base}{path}"), 1, self.n.single_secs)
@@ -189,6 +204,8 @@ impl Ctx {
                     load: med(&load[&(si, ti)]),
                     single: med(&single[&(si, ti)]),
                     cpu_us: cpu.get(&(si, ti)).map(|v| median(v)),
+                    app_cores: app.get(&(si, ti)).map(|v| median(v)),
+                    rounds: load[&(si, ti)].iter().map(|r| r.rps).collect(),
                 });
             }
         }
@@ -203,7 +220,7 @@ impl Ctx {
         self.report.settings.push((
             "proxy".into(),
             format!(
-                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, each starting one path later, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that the app is not the bottleneck; nginx: {} workers, upstream keepalive 64, proxy buffers in memory, the same headers to the app as sandboxd (Host, X-Forwarded-For/-Proto/-Host, X-Request-Id, the id also in the response); configurable-http-proxy: defaults (keep-alive agent), one Node process",
+                "wrk -t1, {LOAD_CONNS} connections for {} s (load) and 1 connection in runs of {} s ({} per path and round, taking turns across the paths after the round's load runs), {} round(s) interleaved across paths, sandboxd's and nginx's runs of a scheme back to back (who goes first alternates), each round starting one group later, medians; warm-up {} s per path; the sandbox unthrottled (2 CPUs) so that no CPU quota limits the app (its Node server is single-threaded: the app CPU column shows when it is the bottleneck); nginx: {} workers, upstream keepalive 64, proxy buffers in memory, the same headers to the app as sandboxd (Host, X-Forwarded-For/-Proto/-Host, X-Request-Id, the id also in the response); configurable-http-proxy: defaults (keep-alive agent), one Node process",
                 self.n.load_secs,
                 self.n.single_secs,
                 self.n.single_passes,
@@ -229,20 +246,45 @@ fn med(v: &[WrkResult]) -> WrkResult {
     }
 }
 
-/// The indices `0..n`, starting at `k % n` and wrapping around (none when `n` is 0).
-fn rotated(n: usize, k: usize) -> impl Iterator<Item = usize> {
-    (0..n).map(move |i| (i + k) % n)
+/// The paths' indices (in `targets`) in groups that run back to back: the direct path; sandboxd
+/// and nginx over HTTP; the same over HTTPS; configurable-http-proxy.
+const GROUPS: [&[usize]; 4] = [&[0], &[1, 3], &[2, 4], &[5]];
+
+/// The order of the paths' runs in turn `k`: the groups starting at `k % 4` and wrapping around,
+/// each pair in its order when `k` is even and swapped when odd.
+fn run_order(k: usize) -> Vec<usize> {
+    (0..GROUPS.len())
+        .flat_map(|i| {
+            let g = GROUPS[(i + k) % GROUPS.len()];
+            let swap = k % 2 == 1;
+            (0..g.len()).map(move |j| if swap { g[g.len() - 1 - j] } else { g[j] })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::rotated;
+    use super::run_order;
 
     #[test]
-    fn every_round_visits_every_path_once_starting_one_later() {
-        assert_eq!(rotated(6, 0).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
-        assert_eq!(rotated(6, 1).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 0]);
-        assert_eq!(rotated(6, 8).collect::<Vec<_>>(), [2, 3, 4, 5, 0, 1]);
-        assert_eq!(rotated(0, 3).count(), 0);
+    fn compared_paths_run_back_to_back_and_take_turns_going_first() {
+        assert_eq!(run_order(0), [0, 1, 3, 2, 4, 5]);
+        assert_eq!(run_order(1), [3, 1, 4, 2, 5, 0]);
+        assert_eq!(run_order(2), [2, 4, 5, 0, 1, 3]);
+        assert_eq!(run_order(7), [5, 0, 3, 1, 4, 2]);
+        for k in 0..12 {
+            let mut o = run_order(k);
+            // sandboxd's run and nginx's are neighbours in every turn.
+            for (b, c) in [(1, 3), (2, 4)] {
+                let (x, y) = (
+                    o.iter().position(|&t| t == b).unwrap(),
+                    o.iter().position(|&t| t == c).unwrap(),
+                );
+                assert_eq!(x.abs_diff(y), 1, "turn {k}: {o:?}");
+            }
+            // Every path runs once per turn.
+            o.sort_unstable();
+            assert_eq!(o, [0, 1, 2, 3, 4, 5]);
+        }
     }
 }
