@@ -175,8 +175,8 @@ impl Report {
         }
     }
 
-    /// `a`'s requests/s over `b`'s, round by round (runs of the same round are minutes apart
-    /// at most, so a slow spell of the machine weighs on both).
+    /// `a`'s requests/s over `b`'s, round by round (the two runs of a round are back to back,
+    /// so a slow spell of the machine weighs on both).
     fn round_ratios(&self, size: &str, a: &str, b: &str) -> Vec<f64> {
         match (self.proxy_row(size, a), self.proxy_row(size, b)) {
             (Some(x), Some(y)) => x

@@ -1171,14 +1171,13 @@ mod tests {
 
     #[test]
     fn a_host_other_than_the_server_name_is_misdirected() {
-        let conn = conn_with;
-        let tls = conn(Some("user-1.preview.test"));
+        let tls = conn_with(Some("user-1.preview.test"));
         assert!(!misdirected(b"user-1.preview.test", &tls));
         assert!(!misdirected(b"USER-1.preview.test:8443", &tls));
         assert!(misdirected(b"user-2.preview.test", &tls));
         assert!(misdirected(b"\xff", &tls));
         // Without a server name (plain, or TLS without SNI) there is nothing to differ from.
-        assert!(!misdirected(b"anything", &conn(None)));
+        assert!(!misdirected(b"anything", &conn_with(None)));
     }
 
     /// A stream that holds what is written until it is flushed, as a TLS stream holds records.

@@ -87,10 +87,9 @@ impl Ctx {
                 format!("http://{name}:{}", ch.port()),
             ),
         ];
-        // `GROUPS` pairs these by index.
         let keys: Vec<&str> = targets.iter().map(|t| t.0).collect();
-        if keys != ["a", "b_http", "b_https", "c_http", "c_https", "d"] {
-            bail!("the proxy paths changed order ({keys:?}): update GROUPS");
+        if run_order(&keys, 0).len() != keys.len() {
+            bail!("a proxy path is in no group of GROUPS ({keys:?})");
         }
         let sizes = [("small", "/", SMALL_BODY), ("1 MiB", "/1m", BIG_BODY)];
         // Every plain-HTTP path answers with the right body before anything is timed.
@@ -144,7 +143,7 @@ impl Ctx {
                 // weighs on both; each round starts one group later and swaps who goes first
                 // in each pair (a run inherits the app's garbage and the machine's state from
                 // the one before it).
-                for ti in run_order(round) {
+                for ti in run_order(&keys, round) {
                     let (_, _, base) = &targets[ti];
                     let url = format!("{base}{path}");
                     let pid = proxy_pid[ti];
@@ -167,7 +166,7 @@ impl Ctx {
                 // small VM, so each path gets several runs, spread over the round, and their
                 // median.
                 for pass in 0..self.n.single_passes {
-                    for ti in run_order(round * self.n.single_passes + pass) {
+                    for ti in run_order(&keys, round * self.n.single_passes + pass) {
                         let (_, _, base) = &targets[ti];
                         let s = wrk
                             .run(&format!("{base}{path}"), 1, self.n.single_secs)
@@ -246,19 +245,26 @@ fn med(v: &[WrkResult]) -> WrkResult {
     }
 }
 
-/// The paths' indices (in `targets`) in groups that run back to back: the direct path; sandboxd
-/// and nginx over HTTP; the same over HTTPS; configurable-http-proxy.
-const GROUPS: [&[usize]; 4] = [&[0], &[1, 3], &[2, 4], &[5]];
+/// The paths (by key) in groups that run back to back: the direct path; sandboxd and nginx over
+/// HTTP; the same over HTTPS; configurable-http-proxy.
+const GROUPS: [&[&str]; 4] = [
+    &["a"],
+    &["b_http", "c_http"],
+    &["b_https", "c_https"],
+    &["d"],
+];
 
-/// The order of the paths' runs in turn `k`: the groups starting at `k % 4` and wrapping around,
-/// each pair in its order when `k` is even and swapped when odd.
-fn run_order(k: usize) -> Vec<usize> {
+/// The order of the paths' runs in turn `k`, as indices into `keys`: the groups starting at
+/// `k % 4` and wrapping around, each pair in its order when `k` is even and swapped when odd.
+/// A key in no group is left out.
+fn run_order(keys: &[&str], k: usize) -> Vec<usize> {
+    let swap = k % 2 == 1;
     (0..GROUPS.len())
         .flat_map(|i| {
             let g = GROUPS[(i + k) % GROUPS.len()];
-            let swap = k % 2 == 1;
             (0..g.len()).map(move |j| if swap { g[g.len() - 1 - j] } else { g[j] })
         })
+        .filter_map(|key| keys.iter().position(|k| *k == key))
         .collect()
 }
 
@@ -266,14 +272,16 @@ fn run_order(k: usize) -> Vec<usize> {
 mod tests {
     use super::run_order;
 
+    const KEYS: [&str; 6] = ["a", "b_http", "b_https", "c_http", "c_https", "d"];
+
     #[test]
     fn compared_paths_run_back_to_back_and_take_turns_going_first() {
-        assert_eq!(run_order(0), [0, 1, 3, 2, 4, 5]);
-        assert_eq!(run_order(1), [3, 1, 4, 2, 5, 0]);
-        assert_eq!(run_order(2), [2, 4, 5, 0, 1, 3]);
-        assert_eq!(run_order(7), [5, 0, 3, 1, 4, 2]);
+        assert_eq!(run_order(&KEYS, 0), [0, 1, 3, 2, 4, 5]);
+        assert_eq!(run_order(&KEYS, 1), [3, 1, 4, 2, 5, 0]);
+        assert_eq!(run_order(&KEYS, 2), [2, 4, 5, 0, 1, 3]);
+        assert_eq!(run_order(&KEYS, 7), [5, 0, 3, 1, 4, 2]);
         for k in 0..12 {
-            let mut o = run_order(k);
+            let mut o = run_order(&KEYS, k);
             // sandboxd's run and nginx's are neighbours in every turn.
             for (b, c) in [(1, 3), (2, 4)] {
                 let (x, y) = (
